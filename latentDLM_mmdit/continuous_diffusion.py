@@ -1,0 +1,186 @@
+"""Gaussian (DDPM-style) diffusion for the latent vector.
+
+Names follow Ho et al. (2020) and Nichol & Dhariwal (2021): `betas`, `alphas_cumprod`,
+`sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod`. Timesteps are either continuous in [0, 1]
+(a tensor whose max is <= 1, mapped to index floor(t * (T - 1))) or integer indices in [0, T).
+The schedule tables are float32, as upstream, whatever the dtype of the data.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+PARAMETERIZATIONS = ("epsilon", "x0", "v_param")
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Improved-DDPM cosine schedule, betas clipped to [1e-4, 0.9999]."""
+    x = torch.linspace(0, num_timesteps, num_timesteps + 1)
+    alphas_cumprod = torch.cos(((x / num_timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return torch.clip(betas, 0.0001, 0.9999)
+
+
+def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    return torch.sigmoid(torch.linspace(-6, 6, num_timesteps)) * (beta_end - beta_start) + beta_start
+
+
+def _expand_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1] with as many axes as x."""
+    while values.dim() < x.dim():
+        values = values.unsqueeze(-1)
+    return values
+
+
+class ContinuousDiffusion:
+    """Forward process q(x_t | x_0) and the conversions between x0, eps and v.
+
+    Args:
+        num_timesteps: number of discrete steps T (>= 2).
+        beta_schedule: one of "linear", "cosine", "sigmoid".
+        beta_start: first beta of the linear and sigmoid schedules.
+        beta_end: last beta of the linear and sigmoid schedules.
+        parameterization: what the model predicts: "epsilon" (the noise), "x0" (the clean
+            latent) or "v_param" (v = sqrt(ab) * eps - sqrt(1 - ab) * x0).
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "cosine",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        parameterization: str = "epsilon",
+    ):
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}"
+            )
+        if int(num_timesteps) != num_timesteps or num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+        self.num_timesteps = int(num_timesteps)
+        self.beta_schedule = beta_schedule
+        self.parameterization = parameterization
+        if beta_schedule == "linear":
+            self.betas = torch.linspace(beta_start, beta_end, self.num_timesteps)
+        elif beta_schedule == "cosine":
+            self.betas = cosine_betas(self.num_timesteps)
+        else:
+            self.betas = sigmoid_betas(self.num_timesteps, beta_start, beta_end)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- timesteps ------------------------------------------------------------------------------
+    def timestep_indices(self, t: torch.Tensor) -> torch.Tensor:
+        """Continuous t (max <= 1) -> floor(t * (T - 1)); otherwise t is an index. Clamped to [0, T)."""
+        if t.dim() != 1:
+            raise ValueError(f"timesteps must be a [B] tensor, got shape {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("timesteps contain NaN or Inf")
+        if t.numel() > 0 and t.max() <= 1.0:
+            return (t * (self.num_timesteps - 1)).long().clamp(0, self.num_timesteps - 1)
+        return t.long().clamp(0, self.num_timesteps - 1)
+
+    def schedule_values(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alphas_cumprod[t]), sqrt(1 - alphas_cumprod[t])), each [B] float32 on t's device."""
+        device = t.device
+        if device not in self._tables:
+            self._tables[device] = (
+                self.sqrt_alphas_cumprod.to(device),
+                self.sqrt_one_minus_alphas_cumprod.to(device),
+            )
+        sqrt_ab, sqrt_1m_ab = self._tables[device]
+        idx = self.timestep_indices(t)
+        return sqrt_ab[idx], sqrt_1m_ab[idx]
+
+    def x0_amplification(self, t: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(alphas_cumprod[t]): how much an eps error is amplified in x0_from_eps."""
+        sqrt_ab, _ = self.schedule_values(t)
+        return 1.0 / sqrt_ab
+
+    # -- forward process ------------------------------------------------------------------------
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None):
+        """Returns (xt, target): xt = sqrt(ab) x0 + sqrt(1 - ab) noise; target per parameterization.
+
+        Args:
+            x0: clean latents [B, ...].
+            t: timesteps [B] (continuous in [0, 1] or indices).
+            noise: standard normal noise shaped like x0; drawn from `generator` when None.
+            generator: torch.Generator for the noise draw when `noise` is None.
+        """
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                                device=generator.device if generator is not None else x0.device).to(x0.device)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+        if t.shape[0] != x0.shape[0]:
+            raise ValueError(f"timesteps have batch {t.shape[0]}, x0 has batch {x0.shape[0]}")
+        sqrt_ab, sqrt_1m_ab = self.schedule_values(t)
+        sqrt_ab, sqrt_1m_ab = _expand_like(sqrt_ab, x0), _expand_like(sqrt_1m_ab, x0)
+        xt = sqrt_ab * x0 + sqrt_1m_ab * noise
+        return xt, self.target(x0, noise, sqrt_ab, sqrt_1m_ab)
+
+    def target(self, x0, noise, sqrt_ab, sqrt_1m_ab) -> torch.Tensor:
+        if self.parameterization == "epsilon":
+            return noise
+        if self.parameterization == "x0":
+            return x0
+        if self.parameterization == "v_param":
+            return sqrt_ab * noise - sqrt_1m_ab * x0
+        raise ValueError(f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+
+    # -- conversions ----------------------------------------------------------------------------
+    def _coeffs(self, t: torch.Tensor, like: torch.Tensor):
+        sqrt_ab, sqrt_1m_ab = self.schedule_values(t)
+        return _expand_like(sqrt_ab, like), _expand_like(sqrt_1m_ab, like)
+
+    def x0_from_eps(self, xt, t, eps):
+        sqrt_ab, sqrt_1m_ab = self._coeffs(t, xt)
+        return (xt - sqrt_1m_ab * eps) / sqrt_ab
+
+    def eps_from_x0(self, xt, t, x0):
+        sqrt_ab, sqrt_1m_ab = self._coeffs(t, xt)
+        return (xt - sqrt_ab * x0) / sqrt_1m_ab
+
+    def x0_from_v(self, xt, t, v):
+        sqrt_ab, sqrt_1m_ab = self._coeffs(t, xt)
+        return sqrt_ab * xt - sqrt_1m_ab * v
+
+    def eps_from_v(self, xt, t, v):
+        sqrt_ab, sqrt_1m_ab = self._coeffs(t, xt)
+        return sqrt_ab * v + sqrt_1m_ab * xt
+
+    def v_from_x0_eps(self, x0, eps, t):
+        sqrt_ab, sqrt_1m_ab = self._coeffs(t, x0)
+        return sqrt_ab * eps - sqrt_1m_ab * x0
+
+    def x0_from_prediction(self, xt, t, prediction):
+        """x0 from a model output under this parameterization."""
+        if self.parameterization == "epsilon":
+            return self.x0_from_eps(xt, t, prediction)
+        if self.parameterization == "x0":
+            return prediction
+        if self.parameterization == "v_param":
+            return self.x0_from_v(xt, t, prediction)
+        raise ValueError(f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+
+    # Upstream spellings, for code ported from it.
+    predict_x0_from_eps = x0_from_eps
+    predict_eps_from_x0 = eps_from_x0
+    predict_x0_from_v = x0_from_v
+    predict_eps_from_v = eps_from_v
+
+    def predict_v_from_x0_eps(self, x0, eps, t):
+        return self.v_from_x0_eps(x0, eps, t)

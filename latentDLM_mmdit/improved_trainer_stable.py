@@ -1,0 +1,306 @@
+"""The stable L2T / T2L / unconditional trainer (upstream's `MultimodalDiffusionTrainer_new`).
+
+On finite inputs its losses equal upstream's. Differences, all deliberate:
+- every random draw comes from the trainer's own generator or from the caller (`draws=`);
+- latent diffusion settings resolve from `model.*` (root accepted; disagreement is an error);
+- a cluster-head model (three outputs) works (upstream defect 3);
+- a non-finite term is reported in the metrics, and `loss.on_nonfinite: raise` raises.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
+from latentDLM_mmdit.draws import DrawSource, make_generator
+from latentDLM_mmdit.latent_settings import resolve_latent_settings
+from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse, token_accuracy
+
+logger = logging.getLogger(__name__)
+
+TEXT_GROUP_KEYS = ("text_embed", "text_head", "vocab", "token_embed", "text_proj", "text_norm",
+                   "text_out", "text_encoder")
+LATENT_GROUP_KEYS = ("latent_proj", "latent_head", "latent_embed", "latent_norm", "latent_out",
+                     "latent_linear", "latent_encoder")
+BASE_MODES = ("l2t", "t2l", "unconditional")
+LOSS_TYPES = BASE_MODES + ("sequential", "random")
+NONFINITE_POLICIES = ("upstream", "raise")
+FALLBACK_TOTAL_LOSS = 0.01
+
+
+def as_config(config: Any) -> DictConfig:
+    if isinstance(config, DictConfig):
+        return config
+    if isinstance(config, Mapping):
+        return OmegaConf.create(dict(config))
+    raise TypeError(f"config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+
+
+def parameter_group(name: str) -> str:
+    """'text', 'latent' or 'shared', by upstream's name substrings."""
+    lowered = name.lower()
+    if any(key in lowered for key in TEXT_GROUP_KEYS):
+        return "text"
+    if any(key in lowered for key in LATENT_GROUP_KEYS):
+        return "latent"
+    return "shared"
+
+
+def frozen_groups(mode: str) -> tuple[str, ...]:
+    """Parameter groups a stable mode freezes."""
+    if mode == "l2t":
+        return ("latent",)
+    if mode == "t2l":
+        return ("text",)
+    if mode == "unconditional":
+        return ()
+    raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(BASE_MODES)}")
+
+
+def split_model_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_logits, latent_pred) from a 2-tuple or a cluster-head 3-tuple."""
+    if not isinstance(outputs, (tuple, list)) or len(outputs) not in (2, 3):
+        raise ValueError(
+            "model must return (text_logits, latent_pred) or (text_logits, latent_pred, "
+            f"text_cluster_logits), got {type(outputs).__name__} of length {len(outputs) if isinstance(outputs, (tuple, list)) else '-'}"
+        )
+    return outputs[0], outputs[1]
+
+
+def prepare_batch(batch: Mapping[str, torch.Tensor], dtype: torch.dtype, owner: str):
+    """Validated (input_ids [B,S], attention_mask bool [B,S] or None, latents [B,D] in dtype)."""
+    for key in ("input_ids", "latent"):
+        if key not in batch or batch[key] is None:
+            raise KeyError(f"{owner}: batch is missing {key!r} (keys: {sorted(batch)})")
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"{owner}: batch['input_ids'] must be [B, S], got {tuple(input_ids.shape)}")
+    batch_size, seq_len = input_ids.shape
+    device = input_ids.device
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch_size, seq_len):
+            raise ValueError(
+                f"{owner}: batch['attention_mask'] must be [B, S]={[batch_size, seq_len]}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        attention_mask = attention_mask.to(device).bool()
+    latents = batch["latent"]
+    if latents.dim() == 3 and latents.shape[1] == 1:
+        latents = latents.squeeze(1)
+    if latents.dim() != 2 or latents.shape[0] != batch_size:
+        raise ValueError(
+            f"{owner}: batch['latent'] must be [B, D] or [B, 1, D] with B={batch_size}, got {tuple(batch['latent'].shape)}"
+        )
+    latents = latents.to(device=device, dtype=dtype)
+    return input_ids, attention_mask, latents
+
+
+class MultimodalDiffusionTrainer(nn.Module):
+    """Stable trainer.
+
+    Args:
+        model: a `MultimodalMMDiT` (or anything with its forward contract).
+        tokenizer: anything with `mask_token_id`, `pad_token_id`, `__len__`.
+        text_noise_schedule: a `MaskedDiffusion` (its buffers are saved as `text_noise_schedule.*`).
+        dtype: dtype of latents and timesteps fed to the model.
+        config: the run config; reads `loss.loss_type` (l2t | t2l | unconditional | sequential |
+            random), `loss.latent_loss_weight` (0.1), `loss.on_nonfinite` (upstream | raise),
+            `training.seed` (42), `training.sequential_schedule`, `training.mode_weights` and the
+            latent diffusion keys (see `latent_settings`).
+    """
+
+    DRAW_NAMES = ("text_t", "latent_t", "mask_uniform", "latent_noise")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
+                 dtype: torch.dtype, config: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.text_noise_schedule = text_noise_schedule
+        self.dtype = dtype
+        self.config = as_config(config)
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.latent_settings = resolve_latent_settings(self.config)
+        self.latent_diffusion = ContinuousDiffusion(
+            num_timesteps=self.latent_settings.num_timesteps,
+            beta_schedule=self.latent_settings.beta_schedule,
+            parameterization=self.latent_settings.parameterization,
+        )
+        loss_cfg = self.config.get("loss", {}) or {}
+        train_cfg = self.config.get("training", {}) or {}
+        self.loss_type = str(loss_cfg.get("loss_type", "l2t"))
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss.loss_type={self.loss_type!r} is not a stable mode; valid: {', '.join(LOSS_TYPES)}")
+        self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
+        self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
+        self.sequential_schedule = list(train_cfg.get("sequential_schedule", []) or [])
+        self.mode_weights = [float(w) for w in (train_cfg.get("mode_weights", [1.0, 1.0, 1.0]) or [])]
+        self._check_mode_config()
+        self.generator = make_generator(int(train_cfg.get("seed", 42)))
+        self.current_step = 0
+        self.current_epoch = 0
+        self.last_draws: dict[str, torch.Tensor] = {}
+        self.param_groups = {name: parameter_group(name) for name, _ in model.named_parameters()}
+
+    def _check_mode_config(self) -> None:
+        if self.loss_type == "sequential":
+            for i, item in enumerate(self.sequential_schedule):
+                if item.get("type") not in BASE_MODES:
+                    raise ValueError(
+                        f"training.sequential_schedule[{i}].type={item.get('type')!r}; valid: {', '.join(BASE_MODES)}"
+                    )
+        if self.loss_type == "random":
+            if len(self.mode_weights) != 3 or min(self.mode_weights) < 0 or sum(self.mode_weights) <= 0:
+                raise ValueError(
+                    f"training.mode_weights={self.mode_weights} must be 3 non-negative weights "
+                    "(unconditional, l2t, t2l) with a positive sum"
+                )
+
+    # -- mode selection and freezing ------------------------------------------------------------
+    def training_mode(self, step: int | None = None) -> str:
+        if self.loss_type in BASE_MODES:
+            return self.loss_type
+        if self.loss_type == "sequential":
+            schedule = self.sequential_schedule
+            if not schedule:
+                return "unconditional"
+            if step is not None:
+                lengths = [int(item.get("steps", 1000)) for item in schedule]
+                position = step % sum(lengths)
+            else:
+                lengths = [int(item.get("epochs", 1)) for item in schedule]
+                position = self.current_epoch % sum(lengths)
+            cumulative = 0
+            for item, length in zip(schedule, lengths):
+                cumulative += length
+                if position < cumulative:
+                    return str(item["type"])
+            return "unconditional"
+        weights = torch.tensor(self.mode_weights, dtype=torch.float64)
+        choice = int(torch.multinomial(weights / weights.sum(), 1, generator=self.generator))
+        return ("unconditional", "l2t", "t2l")[choice]
+
+    def apply_freezing(self, mode: str) -> None:
+        """requires_grad per upstream's groups; frozen parameters lose their .grad."""
+        frozen = frozen_groups(mode)
+        for name, param in self.model.named_parameters():
+            trainable = self.param_groups.get(name, parameter_group(name)) not in frozen
+            param.requires_grad_(trainable)
+            if not trainable:
+                param.grad = None
+
+    def trainable_parameter_names(self, mode: str) -> list[str]:
+        frozen = frozen_groups(mode)
+        return sorted(n for n, g in self.param_groups.items() if g not in frozen)
+
+    # -- the step -------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int | None = None,
+                draws: Mapping[str, torch.Tensor] | None = None):
+        """One stable step. Returns (loss, metrics).
+
+        Args:
+            batch: `input_ids` [B,S] int, `latent` [B,D] or [B,1,D], optional `attention_mask` [B,S].
+            step: the global step (selects the sequential mode; stored as `current_step`).
+            draws: optional injected random draws: `text_t` [B], `latent_t` [B],
+                `mask_uniform` [B,S], `latent_noise` [B,D]; missing ones come from the generator.
+        """
+        self.current_step = step if step is not None else self.current_step
+        mode = self.training_mode(step)
+        self.apply_freezing(mode)
+        source = DrawSource(self.generator, draws, self.DRAW_NAMES, "stable trainer")
+        input_ids, attention_mask, latents = prepare_batch(batch, self.dtype, "stable trainer")
+        batch_size, seq_len = input_ids.shape
+        device = input_ids.device
+
+        text_target = text_mask = latent_target = None
+        if mode == "unconditional":
+            text_t = source.uniform("text_t", (batch_size,), device)
+            latent_t = source.uniform("latent_t", (batch_size,), device)
+            uniform = source.uniform("mask_uniform", (batch_size, seq_len), device)
+            noisy_ids = self.text_noise_schedule.sample_zt(input_ids, text_t, uniform=uniform)
+            text_target, text_mask = input_ids, noisy_ids == self.mask_token_id
+            noise = source.normal("latent_noise", tuple(latents.shape), device).to(latents.dtype)
+            model_latents, latent_target = self.latent_diffusion.add_noise(latents, latent_t, noise)
+        elif mode == "l2t":
+            text_t = torch.ones(batch_size, device=device)
+            latent_t = torch.zeros(batch_size, device=device)
+            noisy_ids = torch.full_like(input_ids, self.mask_token_id)
+            text_target, text_mask = input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+            model_latents = latents
+        else:  # t2l
+            text_t = torch.zeros(batch_size, device=device)
+            latent_t = torch.ones(batch_size, device=device)
+            noisy_ids = input_ids
+            noise = source.normal("latent_noise", tuple(latents.shape), device).to(latents.dtype)
+            model_latents, latent_target = self.latent_diffusion.add_noise(latents, latent_t, noise)
+        self.last_draws = source.used
+
+        text_logits, latent_pred = split_model_outputs(self.model(
+            text_tokens=noisy_ids,
+            latents=model_latents.unsqueeze(1),  # [B, 1, D]
+            text_timesteps=text_t.to(self.dtype),
+            latent_timesteps=latent_t.to(self.dtype),
+            attention_mask=attention_mask,
+        ))
+        return self._loss_and_metrics(mode, text_logits, latent_pred, text_target, text_mask,
+                                      latent_target, latents, device)
+
+    def _loss_and_metrics(self, mode, text_logits, latent_pred, text_target, text_mask,
+                          latent_target, latents, device):
+        zero = torch.tensor(0.0, device=device, dtype=self.dtype)
+        total = zero
+        nonfinite: list[str] = []
+
+        text_loss = zero
+        if text_target is not None and bool(text_mask.any()):
+            text_loss = masked_text_ce(text_logits, text_target, text_mask)
+            if is_finite(text_loss):
+                total = total + text_loss
+            else:
+                nonfinite.append("text_loss")
+                text_loss = zero
+
+        latent_loss = zero
+        if latent_target is not None:
+            if not is_finite(latent_pred):
+                nonfinite.append("latent_pred")
+            elif not is_finite(latent_target):
+                nonfinite.append("latent_target")
+            else:
+                latent_loss = normalized_latent_mse(latent_pred, latent_target)
+                if is_finite(latent_loss):
+                    total = total + latent_loss * self.latent_loss_weight
+                else:
+                    nonfinite.append("latent_loss")
+                    latent_loss = zero
+
+        if not is_finite(total):
+            nonfinite.append("loss")
+            total = torch.tensor(FALLBACK_TOTAL_LOSS, device=device, dtype=self.dtype)
+        if nonfinite:
+            message = f"stable trainer ({mode}): non-finite {', '.join(nonfinite)}"
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(message)
+            logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
+
+        with torch.no_grad():
+            metrics: dict[str, Any] = {
+                "loss": float(total.item()),
+                "text_loss": float(text_loss.item()),
+                "latent_loss": float(latent_loss.item()),
+                "text_accuracy": token_accuracy(text_logits, text_target, text_mask) if text_target is not None else 0.0,
+                "training_mode": mode,
+                "latent_norm": float(latents.norm(dim=-1).mean().item()),
+            }
+            if latent_target is not None:
+                metrics["latent_pred_norm"] = float(latent_pred.norm(dim=-1).mean().item())
+            if nonfinite:
+                metrics["nonfinite"] = list(nonfinite)
+        return total, metrics
