@@ -48,6 +48,15 @@ class DrawSource:
         self.used[name] = value
         return value
 
+    def check_all_used(self) -> None:
+        """An injected draw the step did not consume is an error, never silently ignored."""
+        unused = sorted(set(self.injected) - set(self.used))
+        if unused:
+            raise ValueError(
+                f"{self.owner}: injected draw(s) {unused} were not used by this step "
+                f"(it drew {sorted(self.used)}); inject only what the configured terms draw"
+            )
+
     def uniform(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
         """U[0, 1) float32 draws."""
         return self._take(name, shape, device, "uniform")

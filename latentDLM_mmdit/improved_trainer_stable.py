@@ -240,6 +240,7 @@ class MultimodalDiffusionTrainer(nn.Module):
             noisy_ids = input_ids
             noise = source.normal("latent_noise", tuple(latents.shape), device).to(latents.dtype)
             model_latents, latent_target = self.latent_diffusion.add_noise(latents, latent_t, noise)
+        source.check_all_used()
         self.last_draws = source.used
 
         text_logits, latent_pred = split_model_outputs(self.model(

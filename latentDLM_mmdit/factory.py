@@ -1,0 +1,37 @@
+"""Building the model, the vocabulary and the text noise process from a run config."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
+from latentDLM_mmdit.seeding import seed_everything
+from latentDLM_mmdit.tokenizer import SyntheticVocab, vocab_from_config
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def dtype_from_config(config: Any) -> torch.dtype:
+    name = str((config.get("training", {}) or {}).get("dtype", "fp32"))
+    if name not in DTYPES:
+        raise ValueError(f"training.dtype={name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
+    """MultimodalMMDiT from `model.*` (hidden_size, n_blocks, cond_dim, max_seq_len, latent_dim,
+    cluster_size, ...) and `tokenizer.vocab_size`. Seeds Python, NumPy and torch first when `seed`
+    is given (the residual-stream init draws from Python's `random`)."""
+    if seed is not None:
+        seed_everything(seed)
+    model_cfg = config.model
+    return MultimodalMMDiT(model_cfg, vocab_size=int(config.tokenizer.vocab_size),
+                           latent_dim=int(model_cfg.latent_dim), cluster_size=int(model_cfg.get("cluster_size", 0) or 0))
+
+
+def build_text_side(config: Any) -> tuple[SyntheticVocab, MaskedDiffusion]:
+    vocab = vocab_from_config(config)
+    return vocab, MaskedDiffusion(vocab)
