@@ -104,10 +104,18 @@ class ContinuousDiffusion:
         idx = self.timestep_indices(t)
         return sqrt_ab[idx], sqrt_1m_ab[idx]
 
-    def x0_amplification(self, t: torch.Tensor) -> torch.Tensor:
-        """1 / sqrt(alphas_cumprod[t]): how much an eps error is amplified in x0_from_eps."""
-        sqrt_ab, _ = self.schedule_values(t)
-        return 1.0 / sqrt_ab
+    def x0_error_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """|d x0 / d prediction| of `x0_from_prediction` at t, [B]: how much an error in the model's
+        output is amplified in the reconstructed x0. epsilon: sqrt(1 - ab) / sqrt(ab) (about 6.4e4
+        at t = 1 under the cosine schedule); v_param: sqrt(1 - ab); x0: 1."""
+        sqrt_ab, sqrt_1m_ab = self.schedule_values(t)
+        if self.parameterization == "epsilon":
+            return sqrt_1m_ab / sqrt_ab
+        if self.parameterization == "v_param":
+            return sqrt_1m_ab
+        if self.parameterization == "x0":
+            return torch.ones_like(sqrt_ab)
+        raise ValueError(f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
 
     # -- forward process ------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,

@@ -116,10 +116,12 @@ class CycleVAETrainer(nn.Module):
             base = float(loss.get(f"{term}_weight", default))
             warmup = int(loss.get(f"{term}_warmup_steps", 0))
             ramp = int(loss.get(f"{term}_ramp_steps", 0))
-            if base < 0 or warmup < 0 or ramp < 0:
+            # `not 0 <= base < inf` also refuses NaN, which would otherwise skip the term and
+            # turn every total into the 0.01 fallback without an error.
+            if not 0.0 <= base < float("inf") or warmup < 0 or ramp < 0:
                 raise ValueError(
                     f"loss.{term}_weight={base}, loss.{term}_warmup_steps={warmup} and "
-                    f"loss.{term}_ramp_steps={ramp} must all be >= 0"
+                    f"loss.{term}_ramp_steps={ramp} must all be >= 0 (the weight finite)"
                 )
             self.weights[term] = (base, warmup, ramp)
         self.pseudo_token_sampling = str(loss.get("cycle_latent_sampling", "argmax")).lower()
@@ -147,6 +149,11 @@ class CycleVAETrainer(nn.Module):
         u = source.uniform(name, (batch_size,), device)
         t = self.latent_t_min + (self.latent_t_max - self.latent_t_min) * u
         return torch.clamp(t, max=LATENT_T_CAP)
+
+    def l2t_text_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2T as the stable trainer does it: every token [MASK] ([B,S]) and the CE over every
+        position, padding included ([B,S] bool)."""
+        return torch.full_like(input_ids, self.mask_token_id), torch.ones_like(input_ids, dtype=torch.bool)
 
     def _run(self, text_tokens, latents_2d, text_t, latent_t, attention_mask):
         self.last_model_passes += 1
@@ -188,8 +195,7 @@ class CycleVAETrainer(nn.Module):
         t_text_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
         t_text_full = torch.ones(batch_size, device=device, dtype=self.dtype)
         t_latent_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
-        all_masked = torch.full_like(input_ids, self.mask_token_id)
-        every_position = torch.ones_like(input_ids, dtype=torch.bool)
+        all_masked, every_position = self.l2t_text_inputs(input_ids)
 
         # Base T2L: clean text, latent noised at t_lat.
         t_lat = self.sample_latent_t(source, "latent_t", batch_size, device).to(self.dtype)
@@ -248,7 +254,7 @@ class CycleVAETrainer(nn.Module):
             logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
 
         with torch.no_grad():
-            amplification = self.latent_diffusion.x0_amplification(t_lat)
+            x0_gain = self.latent_diffusion.x0_error_gain(t_lat)
             metrics: dict[str, Any] = {
                 "loss": float(total.item()),
                 "base_t2l_latent_loss": float(t2l_loss.item()),
@@ -261,7 +267,7 @@ class CycleVAETrainer(nn.Module):
                 "t_lat_mean": float(t_lat.float().mean().item()),
                 "latent_pred_norm": float(latent_pred.float().norm(dim=-1).mean().item()),
                 "x0_pred_norm": float(x0_pred.float().norm(dim=-1).mean().item()),
-                "x0_amplification_max": float(amplification.max().item()),
+                "x0_error_gain_max": float(x0_gain.max().item()),
                 "model_passes": self.last_model_passes,
             }
             if nonfinite:

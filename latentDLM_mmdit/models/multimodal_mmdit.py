@@ -226,6 +226,12 @@ class MultimodalMMDiT(nn.Module):
                 f"attention_mask must have shape [B, S]=[{batch}, {seq_len}], got {tuple(attention_mask.shape)}"
             )
 
+    def timesteps_or_zeros(self, t: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """A timestep given as None means zeros(B) in the model's dtype (upstream's convention)."""
+        if t is not None:
+            return t
+        return torch.zeros(batch, device=device, dtype=self.conditioning.combine[0].weight.dtype)
+
     def forward(
         self,
         text_tokens: torch.Tensor,
@@ -248,11 +254,8 @@ class MultimodalMMDiT(nn.Module):
             latents = latents.mean(dim=1, keepdim=True)  # [B, 1, D]
         latent_emb = self.latent_encoder(latents)  # [B, 1, H]
 
-        cond_dtype = self.conditioning.combine[0].weight.dtype
-        if text_timesteps is None:
-            text_timesteps = torch.zeros(batch, device=device, dtype=cond_dtype)
-        if latent_timesteps is None:
-            latent_timesteps = torch.zeros(batch, device=device, dtype=cond_dtype)
+        text_timesteps = self.timesteps_or_zeros(text_timesteps, batch, device)
+        latent_timesteps = self.timesteps_or_zeros(latent_timesteps, batch, device)
         c = self.conditioning(text_timesteps, latent_timesteps).to(text_emb.dtype)  # [B, C]
 
         if attention_mask is None:

@@ -1,0 +1,5 @@
+import sys
+
+from compat.gate import main
+
+sys.exit(main())

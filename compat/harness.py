@@ -1,0 +1,260 @@
+"""The fixture layer every row shares: ONE model instance, both trainers over it, seeded batches
+with padding, and the random draws both trainers are given.
+
+With no options it runs on the embedded default: the packaged tiny stable and cycle configs and a
+checkpoint written by the stable training entry point (a few dozen synthetic steps, made once per
+session). With options it runs on the user's checkpoint, configs and upstream-format data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from latentDLM_mmdit.checkpoints import CheckpointError, LoadReport, load_checkpoint_into, model_sizes_from
+from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.factory import dtype_from_config
+from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
+from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
+from latentDLM_mmdit.seeding import seed_everything
+from latentDLM_mmdit.synthetic import synthetic_batch
+from latentDLM_mmdit.tokenizer import vocab_from_config
+from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PRETRAIN_STEPS = 30
+# Model keys that decide the parameter layout; both configs must agree on them.
+LAYOUT_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams", "latent_dim", "cluster_size")
+
+
+@dataclass
+class CompatOptions:
+    """What the user passes (pytest `--compat-*` options or the gate's flags)."""
+
+    checkpoint: str | None = None
+    stable_config: str | None = None
+    cycle_config: str | None = None
+    data_tokens: str | None = None
+    data_latents: str | None = None
+    device: str = "cpu"
+    report: str | None = None
+    batch_size: int = 4
+    seq_len: int = 16
+
+    @property
+    def embedded(self) -> bool:
+        return self.checkpoint is None
+
+
+def _load_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
+    from latentDLM_mmdit.config import default_config_path, load_config
+
+    resolved = Path(path) if path else Path(default_config_path(kind))
+    return load_config(resolved), str(resolved)
+
+
+def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: int = EMBEDDED_PRETRAIN_STEPS) -> Path:
+    """Trains the stable trainer `steps` steps on synthetic data with the stable entry point's loop
+    and returns the checkpoint it wrote."""
+    from latentDLM_mmdit.training import run_training
+
+    config = OmegaConf.create(OmegaConf.to_container(stable_config, resolve=True))
+    config.training.num_train_steps = steps
+    config.logging.save_every = steps
+    out = workdir / "embedded_stable_pretrain"
+    run_training(config, trainer_kind="stable", output_dir=out, synthetic=True, progress=False)
+    written = sorted(out.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not written:
+        raise RuntimeError(f"the stable training loop wrote no checkpoint under {out}")
+    return written[-1]
+
+
+@dataclass
+class CompatContext:
+    """Everything a row needs. Build it with `CompatContext.create(options, workdir)`."""
+
+    options: CompatOptions
+    workdir: Path
+    stable_config: DictConfig
+    cycle_config: DictConfig
+    stable_config_path: str
+    cycle_config_path: str
+    checkpoint_path: Path
+    model: MultimodalMMDiT | None
+    load_report: LoadReport | None
+    load_error: str | None
+    device: torch.device
+    _data_samples: list | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
+        stable_config, stable_path = _load_config(options.stable_config, "stable")
+        cycle_config, cycle_path = _load_config(options.cycle_config, "cycle")
+        device = torch.device(options.device)
+        checkpoint = Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
+        ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint,
+                  None, None, None, device)
+        try:
+            ctx.model = ctx.build_model(load=True)
+        except CheckpointError as exc:
+            ctx.load_error = str(exc)
+        return ctx
+
+    # -- model ----------------------------------------------------------------------------------
+    def model_sizes(self) -> dict[str, int]:
+        """vocab_size / latent_dim / cluster_size: recorded in the checkpoint, else the configs."""
+        recorded = model_sizes_from(self.checkpoint_path) if self.checkpoint_path.suffix == ".safetensors" else None
+        cfg = self.cycle_config
+        return recorded or {"vocab_size": int(cfg.tokenizer.vocab_size), "latent_dim": int(cfg.model.latent_dim),
+                            "cluster_size": int(cfg.model.get("cluster_size", 0) or 0)}
+
+    def build_model(self, load: bool = True, path: Path | None = None) -> MultimodalMMDiT:
+        """A fresh model of the configured layout, strictly loaded from `path` (default: the
+        checkpoint under test), in eval mode (dropout off) on the compat device."""
+        sizes = self.model_sizes()
+        seed_everything(int(self.cycle_config.training.get("seed", 42)))
+        model = MultimodalMMDiT(self.cycle_config.model, vocab_size=sizes["vocab_size"],
+                                latent_dim=sizes["latent_dim"], cluster_size=sizes.get("cluster_size", 0))
+        if load:
+            self.load_report = load_checkpoint_into(model, path or self.checkpoint_path)
+        return model.eval().to(self.device)
+
+    def require_model(self) -> MultimodalMMDiT:
+        """The shared model; rows that need it are skipped (NOT RUN) when it failed to load."""
+        import pytest
+
+        if self.model is None:
+            pytest.skip(f"the checkpoint did not load, so this row cannot run: {self.load_error}")
+        return self.model
+
+    # -- trainers -------------------------------------------------------------------------------
+    @property
+    def vocab(self):
+        return vocab_from_config(self.cycle_config)
+
+    def _with_loss(self, config: DictConfig, overrides: dict[str, Any]) -> DictConfig:
+        config = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+        for key, value in overrides.items():
+            key = key if "." in key else f"loss.{key}"
+            OmegaConf.update(config, key, value, force_add=True)
+            root_key = key.removeprefix("model.")
+            if key.startswith("model.latent_") and root_key in config:  # keep a root spelling in step
+                config[root_key] = value
+        return config
+
+    def stable(self, mode: str, model: torch.nn.Module | None = None, base: DictConfig | None = None,
+               **overrides: Any) -> MultimodalDiffusionTrainer:
+        """A fresh stable trainer in `mode` over the shared model (or `model`), from the stable
+        config (or `base`). Overrides are `loss.*` keys unless dotted."""
+        config = self._with_loss(self.stable_config if base is None else base, {"loss_type": mode, **overrides})
+        vocab = self.vocab
+        return MultimodalDiffusionTrainer(model or self.require_model(), vocab, MaskedDiffusion(vocab),
+                                          dtype_from_config(config), config)
+
+    def cycle(self, model: torch.nn.Module | None = None, base: DictConfig | None = None,
+              **overrides: Any) -> CycleVAETrainer:
+        """A fresh cycle trainer over the shared model (or `model`), from the cycle config (or
+        `base`, whose loss_type is then set to cycle_vae), with `loss.*` overrides."""
+        if base is not None:
+            overrides = {"loss_type": "cycle_vae", **overrides}
+        config = self._with_loss(self.cycle_config if base is None else base, overrides)
+        vocab = self.vocab
+        trainer = CycleVAETrainer(model or self.require_model(), vocab, MaskedDiffusion(vocab),
+                                  dtype_from_config(config), config)
+        unfreeze(trainer.model)  # a stable trainer over the same model may have frozen groups
+        return trainer
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return min(int(self.options.seq_len), int(self.cycle_config.model.max_seq_len))
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.model_sizes()["latent_dim"])
+
+    def batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A batch of `batch_size` samples with padding (each sample's tail is masked out), from
+        synthetic data or the user's upstream-format data, on the compat device."""
+        if self.options.data_tokens:
+            return self._data_batch(batch_size, seed)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        batch = synthetic_batch(self.vocab, batch_size, self.seq_len, self.latent_dim, gen)
+        S = self.seq_len
+        lengths = [max(1, S - (i + 1) * S // (2 * batch_size)) for i in range(batch_size)]  # all < S: padded
+        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batch["attention_mask"] = mask
+        batch["input_ids"] = torch.where(mask.bool(), batch["input_ids"],
+                                         torch.full_like(batch["input_ids"], self.vocab.pad_token_id))
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _data_batch(self, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        from latentDLM_mmdit.data import UpstreamLatentDataset
+
+        if self._data_samples is None:
+            if not self.options.data_latents:
+                raise ValueError("--compat-data-tokens needs --compat-data-latents too")
+            dataset = UpstreamLatentDataset(self.options.data_tokens, self.options.data_latents,
+                                            int(self.cycle_config.model.max_seq_len), self.vocab)
+            self._data_samples = [dataset[i] for i in range(min(len(dataset), 64))]
+        samples = self._data_samples
+        picks = [samples[(seed * batch_size + i) % len(samples)] for i in range(batch_size)]
+        S = self.seq_len
+        batch = {
+            "input_ids": torch.stack([torch.as_tensor(s["input_ids"])[:S] for s in picks]),
+            "attention_mask": torch.stack([torch.as_tensor(s["attention_mask"])[:S] for s in picks]),
+            "latent": torch.stack([torch.as_tensor(s["latent"]).reshape(1, -1) for s in picks]).float(),
+        }
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def noise(self, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
+        """Standard normal latent noise [B, D] from a seeded generator: the draw both trainers get."""
+        gen = torch.Generator().manual_seed(20_000 + seed)
+        B = batch["input_ids"].shape[0]
+        return torch.randn(B, self.latent_dim, generator=gen).to(self.device)
+
+    def uniforms(self, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(30_000 + seed)
+        return torch.rand(shape, generator=gen).to(self.device)
+
+
+def unfreeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def slice_batch(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Sample i of a batch, as a batch of one."""
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def grads_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_checks(checks: dict, ctx: CompatContext, measure=None) -> None:
+    """Runs every check of a row (the mutant tests and the gate's kill table use this)."""
+    measure = measure or (lambda *args, **kwargs: None)
+    for check in checks.values():
+        check(ctx, measure)
+
+
+class CallRecorder(torch.nn.Module):
+    """Wraps a model and records how a trainer calls it (positional args, keywords, shapes)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[tuple, dict]] = []
+        self.outputs: list[tuple] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        out = self.inner(*args, **kwargs)
+        self.outputs.append(tuple(o.detach() for o in out))
+        return out

@@ -1,0 +1,213 @@
+"""Planted defects: the suite's proof of teeth.
+
+Each mutant patches one thing in the reference, the cycle trainer or the checkpoint loader for the
+duration of a `with mutant.apply():` block, and names the row that must catch it. Three are the
+upstream defects seen when the upstream code ran on the real mmdit library (UPSTREAM_FACTS 1, 3, 4);
+the rest are the mistakes a port of these trainers is likely to make.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import cycle_vae_impl.trainers.cycle_vae_trainer as cycle_module
+import latentDLM_mmdit.checkpoints as checkpoints_module
+import latentDLM_mmdit.draws as draws_module
+import latentDLM_mmdit.improved_trainer_stable as stable_module
+import latentDLM_mmdit.models.multimodal_mmdit as model_module
+from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
+from latentDLM_mmdit.latent_settings import LatentSettings, upstream_stable_reading
+from latentDLM_mmdit.losses import NORMALIZE_EPS
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    row: str
+    description: str
+    patches: Callable[[], list]
+
+    @contextlib.contextmanager
+    def apply(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for patch in self.patches():
+                stack.enter_context(patch)
+            yield
+
+
+# -- the defects -------------------------------------------------------------------------------------
+def _broadcast_latent_mse(latent_pred, latent_target):
+    # Upstream cycle trainer: [B,1,D] prediction against a [B,D] target, no reshape.
+    pred = F.normalize(latent_pred, p=2, dim=-1, eps=NORMALIZE_EPS)
+    target = F.normalize(latent_target, p=2, dim=-1, eps=NORMALIZE_EPS)
+    return torch.clamp(F.mse_loss(pred, target), 0.0, 10.0)
+
+
+def _x0_without_reshape(original):
+    def x0_from_prediction(self, xt, t, prediction):
+        # Upstream: latent_pred kept as [B,1,D] against xt [B,D]: broadcasts to [B,B,D].
+        return original(self, xt, t, prediction.reshape(prediction.shape[0], 1, -1))
+    return x0_from_prediction
+
+
+def _two_output_unpack(outputs):
+    text_logits, latent_pred = outputs  # upstream stable trainer: fails on the cluster 3-tuple
+    return text_logits, latent_pred
+
+
+def _root_key_reading(config):
+    values = upstream_stable_reading(config)
+    return LatentSettings(int(values["latent_timesteps"]), str(values["latent_beta_schedule"]),
+                          str(values["latent_parameterization"]), {k: "root" for k in values})
+
+
+def _always_random_t(self, source, name, batch_size, device):
+    u = source.uniform(name, (batch_size,), device)
+    return torch.clamp(self.latent_t_min + (self.latent_t_max - self.latent_t_min) * u, max=0.9999)
+
+
+def _unnormalised_mse(latent_pred, latent_target):
+    return torch.clamp(F.mse_loss(latent_pred, latent_target.reshape(latent_pred.shape)), 0.0, 10.0)
+
+
+def _half_masked_l2t(self, input_ids):
+    every_other = (torch.arange(input_ids.shape[1], device=input_ids.device) % 2 == 0).expand_as(input_ids)
+    ids = torch.where(every_other, torch.full_like(input_ids, self.mask_token_id), input_ids)
+    return ids, torch.ones_like(input_ids, dtype=torch.bool)
+
+
+def _none_to_ones(self, t, batch, device):
+    if t is not None:
+        return t
+    return torch.ones(batch, device=device, dtype=self.conditioning.combine[0].weight.dtype)
+
+
+def _stop_grad_off(original_init):
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.stop_grad_latent = False
+    return __init__
+
+
+def _wrong_x0_from_v(self, xt, t, v):
+    sqrt_ab, sqrt_1m_ab = self._coeffs(t, xt)
+    return sqrt_ab * xt + sqrt_1m_ab * v  # sign error: x0 = sqrt(ab) xt - sqrt(1-ab) v
+
+
+def _mask_dropped(original_forward):
+    def forward(self, text_tokens, latents, text_timesteps, latent_timesteps, attention_mask=None):
+        return original_forward(self, text_tokens, latents, text_timesteps, latent_timesteps, None)
+    return forward
+
+
+def _prefix_kept(key):
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):  # forgets the trainer's "model." prefix
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return None if key.startswith("text_noise_schedule.") else key
+
+
+def _ramp_ignores_warmup(step, base, warmup_steps, ramp_steps):
+    if step is None:
+        return base
+    if ramp_steps <= 0:
+        return base
+    return base * min(1.0, step / float(ramp_steps))
+
+
+def _global_rng_take(self, name, shape, device, kind):
+    if name in self.injected:
+        value = self.injected[name].to(device=device, dtype=torch.float32)
+    else:
+        value = (torch.rand if kind == "uniform" else torch.randn)(shape).to(device)  # global RNG
+    self.used[name] = value
+    return value
+
+
+def _cycle_freezes_text(original_forward):
+    def forward(self, batch, step=None, draws=None):
+        for name, param in self.model.named_parameters():
+            if stable_module.parameter_group(name) == "text":
+                param.requires_grad_(False)
+        return original_forward(self, batch, step=step, draws=draws)
+    return forward
+
+
+def _mmdit_default_streams(original_cls):
+    def build(*args, **kwargs):
+        kwargs["num_residual_streams"] = 4  # the library default, not upstream's 2
+        return original_cls(*args, **kwargs)
+    return build
+
+
+_real_installed_versions = checkpoints_module.installed_versions
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant("upstream_defect_1_latent_broadcast", "forward_contract",
+           "cycle latent MSE of [B,1,D] against [B,D] (averages B*B pairs)",
+           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _broadcast_latent_mse)]),
+    Mutant("upstream_defect_1_x0_broadcast", "forward_contract",
+           "x0 reconstructed from a [B,1,D] prediction against [B,D] x_t",
+           lambda: [mock.patch.object(ContinuousDiffusion, "x0_from_prediction",
+                                      _x0_without_reshape(ContinuousDiffusion.x0_from_prediction))]),
+    Mutant("upstream_defect_3_cluster_unpack", "forward_contract",
+           "stable trainer unpacks two outputs from a cluster-head model",
+           lambda: [mock.patch.object(stable_module, "split_model_outputs", _two_output_unpack)]),
+    Mutant("upstream_defect_4_root_keys", "config_resolution",
+           "stable trainer reads latent diffusion keys from the config root",
+           lambda: [mock.patch.object(stable_module, "resolve_latent_settings", _root_key_reading)]),
+    Mutant("random_latent_t", "t2l_latent_timestep",
+           "cycle T2L samples t in [t_min, t_max] whatever latent_t_mode says",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "sample_latent_t", _always_random_t)]),
+    Mutant("unnormalised_mse", "latent_loss_form",
+           "cycle latent loss is a plain MSE without L2 normalisation",
+           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _unnormalised_mse)]),
+    Mutant("partial_l2t_mask", "l2t_masking",
+           "cycle L2T masks every other token instead of all",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "l2t_text_inputs", _half_masked_l2t)]),
+    Mutant("none_to_ones", "none_timesteps",
+           "model maps a None timestep to ones instead of zeros",
+           lambda: [mock.patch.object(model_module.MultimodalMMDiT, "timesteps_or_zeros", _none_to_ones)]),
+    Mutant("stop_grad_off", "cycle_terms",
+           "cycle trainer ignores loss.cycle_stop_grad_latent=true",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",
+                                      _stop_grad_off(cycle_module.CycleVAETrainer.__init__))]),
+    Mutant("wrong_v_formula", "x0_reconstruction",
+           "x0 from v with the wrong sign: sqrt(ab) x_t + sqrt(1-ab) v",
+           lambda: [mock.patch.object(ContinuousDiffusion, "x0_from_v", _wrong_x0_from_v)]),
+    Mutant("dropped_attention_mask", "forward_contract",
+           "model ignores the attention mask (padding attended)",
+           lambda: [mock.patch.object(model_module.MultimodalMMDiT, "forward",
+                                      _mask_dropped(model_module.MultimodalMMDiT.forward))]),
+    Mutant("checkpoint_prefix_left_on", "pretrained_checkpoint",
+           "loader strips module./_orig_mod. but leaves the trainer's model. prefix",
+           lambda: [mock.patch.object(checkpoints_module, "normalize_key", _prefix_kept)]),
+    Mutant("ramp_ignores_warmup", "cycle_terms",
+           "cycle weight ramp starts at step 0 regardless of *_warmup_steps",
+           lambda: [mock.patch.object(cycle_module, "ramp_weight", _ramp_ignores_warmup)]),
+    Mutant("global_rng_draws", "determinism",
+           "trainer draws come from the global torch RNG instead of the trainer's generator",
+           lambda: [mock.patch.object(draws_module.DrawSource, "_take", _global_rng_take)]),
+    Mutant("cycle_freezes_text_group", "gradient_flow",
+           "cycle trainer freezes the text group (stable t2l style) for its whole step",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "forward",
+                                      _cycle_freezes_text(cycle_module.CycleVAETrainer.forward))]),
+    Mutant("mmdit_default_residual_streams", "pretrained_checkpoint",
+           "model built with mmdit's default 4 residual streams instead of the configured 2",
+           lambda: [mock.patch.object(model_module, "MMDiT", _mmdit_default_streams(model_module.MMDiT))]),
+    Mutant("hyper_connections_version_drift", "dependency_versions",
+           "installed hyper-connections differs from the one recorded in the checkpoint",
+           lambda: [mock.patch.object(checkpoints_module, "installed_versions",
+                                      lambda: dict(_real_installed_versions(), **{"hyper-connections": "0.3.9"}))]),
+)
+
+MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}

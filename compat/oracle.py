@@ -1,0 +1,106 @@
+"""Independent re-derivations of what the trainers compute, written from the papers and the
+upstream facts, not from this project's library code. The rows compare the trainers against
+these, so a defect planted in a shared library function cannot hide by being on both sides.
+
+Everything here runs in float64 where it can; comparisons use the tolerances in `TOLERANCES`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# One table of tolerances (rtol, atol) for every comparison the suite makes.
+TOLERANCES = {
+    "bit_exact": (0.0, 0.0),
+    "float32_loss": (1e-5, 1e-5),          # the same computation, reordered
+    "float32_batching": (1e-5, 1e-5),      # batched vs one-at-a-time matmuls (TESTING_FACTS)
+    "float32_oracle": (1e-4, 1e-5),        # float64 oracle vs float32 trainer
+    "bfloat16": (1.6e-2, 1e-2),            # bfloat16 vs float32 losses
+    "cuda_float32": (1e-4, 1e-4),          # CUDA kernels vs CPU
+}
+
+
+def tol(name: str) -> dict[str, float]:
+    rtol, atol = TOLERANCES[name]
+    return {"rtol": rtol, "atol": atol}
+
+
+def alphas_cumprod(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """alphas_cumprod in float64 for the linear, cosine (Nichol & Dhariwal 2021, s=0.008, betas
+    clipped to [1e-4, 0.9999]) and sigmoid schedules."""
+    T = num_timesteps
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    elif schedule == "cosine":
+        s = 0.008
+        x = torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos(((x / T) + s) / (1 + s) * math.pi / 2) ** 2
+        f = f / f[0]
+        betas = (1 - f[1:] / f[:-1]).clamp(1e-4, 0.9999)
+    elif schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    else:
+        raise ValueError(f"oracle: unknown schedule {schedule!r}")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def timestep_index(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Continuous t in [0, 1] -> floor(t * (T - 1))."""
+    return (t.double() * (num_timesteps - 1)).floor().long().clamp(0, num_timesteps - 1)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, ab [B] broadcast over [B, D]."""
+    ab = ab.reshape(-1, *([1] * (x0.dim() - 1)))
+    return ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()
+
+
+def target(x0: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor, parameterization: str) -> torch.Tensor:
+    ab = ab.reshape(-1, *([1] * (x0.dim() - 1)))
+    if parameterization == "epsilon":
+        return noise.double()
+    if parameterization == "x0":
+        return x0.double()
+    if parameterization == "v_param":
+        return ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()
+    raise ValueError(f"oracle: unknown parameterization {parameterization!r}")
+
+
+def x0_from_prediction(xt: torch.Tensor, prediction: torch.Tensor, ab: torch.Tensor, parameterization: str) -> torch.Tensor:
+    """Solves x_t = sqrt(ab) x0 + sqrt(1-ab) eps for x0 given eps, v (= sqrt(ab) eps - sqrt(1-ab) x0)
+    or x0 itself."""
+    ab = ab.reshape(-1, *([1] * (xt.dim() - 1)))
+    xt, prediction = xt.double(), prediction.double()
+    if parameterization == "epsilon":
+        return (xt - (1 - ab).sqrt() * prediction) / ab.sqrt()
+    if parameterization == "v_param":
+        return ab.sqrt() * xt - (1 - ab).sqrt() * prediction
+    if parameterization == "x0":
+        return prediction
+    raise ValueError(f"oracle: unknown parameterization {parameterization!r}")
+
+
+def normalized_mse(prediction: torch.Tensor, target_: torch.Tensor) -> torch.Tensor:
+    """mean((p/|p| - y/|y|)^2) per upstream (eps 1e-8), each sample's [D] vector on its own:
+    prediction [B,1,D] or [B,D], target [B,D] or [B,1,D]."""
+    p = prediction.double().reshape(prediction.shape[0], -1)
+    y = target_.double().reshape(target_.shape[0], -1)
+    p = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return ((p - y) ** 2).mean().clamp(0, 10)
+
+
+def ce_every_position(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross entropy over all B*S positions (padding included), clamped to [0, 100]."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, S]
+    return nll.mean().clamp(0, 100)
+
+
+def ramp(step: int, base: float, warmup: int, ramp_steps: int) -> float:
+    if base <= 0 or step < warmup:
+        return 0.0
+    if ramp_steps <= 0:
+        return base
+    return base * min(1.0, (step - warmup) / ramp_steps)
