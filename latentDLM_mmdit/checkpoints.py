@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -151,7 +152,7 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
         mapping = normalize_keys(keys, str(path))
         shapes = {mk: tuple(handle.get_slice(sk).get_shape()) for mk, sk in mapping.items()}
         return CheckpointSource(path, mapping, shapes, _decode_metadata(handle.metadata()),
-                                _getter=handle.get_tensor, _closer=lambda: None)
+                                _getter=handle.get_tensor, _closer=lambda: handle.__exit__(None, None, None))
     try:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -241,6 +242,51 @@ def layout_mismatch_message(model: torch.nn.Module, source: CheckpointSource) ->
     return "\n".join(lines)
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _check_dtype(path, key: str, dtype: torch.dtype, target: torch.Tensor) -> None:
+    if dtype.is_floating_point != target.is_floating_point():
+        raise CheckpointError(f"{path}: {key} has dtype {dtype}, the model's has {target.dtype}")
+
+
+def _read_safetensors_into(path: Path, mapping: dict[str, str], targets: dict[str, torch.Tensor]) -> None:
+    """Reads each tensor's bytes straight into the model's parameter memory when dtype and device
+    allow (no second copy of the weights in memory, no mmap of the whole file); otherwise through a
+    per-tensor temporary."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data_start = 8 + header_len
+        for model_key, source_key in mapping.items():
+            entry = header[source_key]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: {source_key} has unsupported dtype {entry['dtype']}")
+            target = targets[model_key]
+            _check_dtype(path, model_key, dtype, target)
+            begin, end = entry["data_offsets"]
+            f.seek(data_start + begin)
+            direct = (target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous()
+                      and target.numel() * target.element_size() == end - begin)
+            if direct:
+                buffer = target.detach().reshape(-1).view(torch.uint8).numpy()
+                read = f.readinto(memoryview(buffer))
+                if read != end - begin:
+                    raise CheckpointError(f"{path}: truncated data for {source_key}")
+            else:
+                raw = bytearray(end - begin)
+                if f.readinto(raw) != end - begin:
+                    raise CheckpointError(f"{path}: truncated data for {source_key}")
+                value = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+                target.copy_(value)
+                del value, raw
+
+
 def load_checkpoint_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
     """Strictly loads a checkpoint into `model`, one tensor at a time (no second full copy).
 
@@ -254,12 +300,14 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path) -> LoadReport
             raise CheckpointError(problem)
         targets = model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for key in source.mapping:
-                value = source.tensor(key)
-                if not value.is_floating_point() and targets[key].is_floating_point():
-                    raise CheckpointError(f"{source.path}: {key} has dtype {value.dtype}, model has {targets[key].dtype}")
-                targets[key].copy_(value)
-                del value
+            if source.path.suffix == ".safetensors":
+                _read_safetensors_into(source.path, source.mapping, targets)
+            else:
+                for key in source.mapping:
+                    value = source.tensor(key)
+                    _check_dtype(source.path, key, value.dtype, targets[key])
+                    targets[key].copy_(value)
+                    del value
         recorded = source.metadata.get("versions") if isinstance(source.metadata.get("versions"), dict) else None
         differences = compare_versions(recorded)
         if differences:

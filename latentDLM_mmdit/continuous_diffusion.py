@@ -83,12 +83,14 @@ class ContinuousDiffusion:
 
     # -- timesteps ------------------------------------------------------------------------------
     def timestep_indices(self, t: torch.Tensor) -> torch.Tensor:
-        """Continuous t (max <= 1) -> floor(t * (T - 1)); otherwise t is an index. Clamped to [0, T)."""
+        """Continuous t (floating, max <= 1) -> floor(t * (T - 1)); otherwise t is an index. Clamped to [0, T)."""
         if t.dim() != 1:
             raise ValueError(f"timesteps must be a [B] tensor, got shape {tuple(t.shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError("timesteps contain NaN or Inf")
-        if t.numel() > 0 and t.max() <= 1.0:
+        # Floating t with max <= 1 is continuous (as upstream); an integer tensor is always an index
+        # (upstream read an index tensor like [0, 1] as continuous: 1 -> T - 1).
+        if t.is_floating_point() and t.numel() > 0 and t.max() <= 1.0:
             return (t * (self.num_timesteps - 1)).long().clamp(0, self.num_timesteps - 1)
         return t.long().clamp(0, self.num_timesteps - 1)
 

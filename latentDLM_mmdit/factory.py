@@ -35,3 +35,20 @@ def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
 def build_text_side(config: Any) -> tuple[SyntheticVocab, MaskedDiffusion]:
     vocab = vocab_from_config(config)
     return vocab, MaskedDiffusion(vocab)
+
+
+def build_model_uninitialized(model_config: Any, vocab_size: int, latent_dim: int, cluster_size: int = 0,
+                              device: str | torch.device = "cpu") -> MultimodalMMDiT:
+    """A model whose parameters are allocated but not initialised (built on the meta device), for
+    loading a checkpoint into: no time spent on random init, no second copy of the weights.
+    Every parameter and persistent buffer must then be loaded (a strict load does that); the
+    non-persistent buffers (the backbone's `dummy` device markers) are zeroed."""
+    with torch.device("meta"):
+        model = MultimodalMMDiT(model_config, vocab_size=vocab_size, latent_dim=latent_dim, cluster_size=cluster_size)
+    model = model.to_empty(device=device)
+    persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in persistent:
+                buffer.zero_()
+    return model
