@@ -137,6 +137,8 @@ class MultimodalDiffusionTrainer(nn.Module):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type={self.loss_type!r} is not a stable mode; valid: {', '.join(LOSS_TYPES)}")
         self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
+        if not 0.0 <= self.latent_loss_weight < float("inf"):
+            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
         self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")

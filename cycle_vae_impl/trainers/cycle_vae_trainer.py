@@ -100,6 +100,8 @@ class CycleVAETrainer(nn.Module):
         if loss_type != "cycle_vae":
             raise ValueError(f"CycleVAETrainer needs loss.loss_type=cycle_vae, got {loss_type!r}")
         self.latent_loss_weight = float(loss.get("latent_loss_weight", 0.1))
+        if not 0.0 <= self.latent_loss_weight < float("inf"):
+            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
         mode = str(loss.get("latent_t_mode", "random")).lower()
         if mode not in LATENT_T_MODES:
             raise ValueError(f"unknown loss.latent_t_mode {mode!r}; valid: full, random")
