@@ -44,7 +44,10 @@ def normalized_latent_mse(latent_pred: torch.Tensor, latent_target: torch.Tensor
         latent_target = latent_target.reshape(latent_pred.shape)
     pred = F.normalize(latent_pred, p=2, dim=-1, eps=NORMALIZE_EPS)
     target = F.normalize(latent_target, p=2, dim=-1, eps=NORMALIZE_EPS)
-    return torch.clamp(F.mse_loss(pred, target), min=0.0, max=LATENT_LOSS_MAX)
+    # The promoted dtype for both, as mse_loss's forward computes anyway: before torch 2.13 its
+    # backward refuses a float32 prediction against a bfloat16 target (training.dtype: bf16).
+    common = torch.promote_types(pred.dtype, target.dtype)
+    return torch.clamp(F.mse_loss(pred.to(common), target.to(common)), min=0.0, max=LATENT_LOSS_MAX)
 
 
 def token_accuracy(text_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> float:

@@ -411,9 +411,15 @@ def test_nonfinite_terms_are_replaced_as_upstream(batch, caplog, nan_text, nan_l
     assert "nonfinite" not in reference
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -0.1], ids=["nan", "inf", "negative"])
+def test_bad_latent_loss_weight_is_rejected(weight):
+    with pytest.raises(ValueError, match="latent_loss_weight"):
+        make_trainer(loss={"latent_loss_weight": weight})
+
+
 def test_nonfinite_total_becomes_upstream_constant(batch):
-    """Finite terms but a non-finite total (here: a NaN latent_loss_weight) -> the constant 0.01."""
-    trainer = make_trainer(loss={"latent_loss_weight": float("nan")})
+    """Finite terms but a non-finite total (a finite weight that overflows float32) -> the constant 0.01."""
+    trainer = make_trainer(loss_type="t2l", loss={"latent_loss_weight": 1e39})
     loss, metrics = trainer(batch)
     assert metrics["nonfinite"] == ["loss"]
     torch.testing.assert_close(loss, torch.tensor(0.01), rtol=0, atol=0)

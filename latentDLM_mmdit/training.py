@@ -1,0 +1,676 @@
+"""The training loop shared by the stable and the cycle entry points.
+
+`run_training(config, trainer_kind=..., ...)` builds the model (`factory.build_model`, after
+seeding every RNG from `training.seed`), optionally loads a pretrained checkpoint strictly
+(`init_from`) or resumes a run of this loop (`resume`), builds the trainer
+(`MultimodalDiffusionTrainer` or `CycleVAETrainer`), and runs AdamW with linear warmup and a
+cosine (or constant) learning rate, gradient accumulation and clipping. Every optimizer step
+appends one JSON line to `<output_dir>/metrics.jsonl`; checkpoints (safetensors plus
+`.train_state.pt` beside it) go to `<output_dir>/checkpoints/` every `logging.save_every` steps
+and at the end.
+
+Determinism: a run resumed from the checkpoint of step k continues bit-exactly like the
+uninterrupted run on CPU: the checkpoint holds the model, the optimizer state, the step, the global
+RNG states (Python, NumPy, torch), the trainer's own generator and the data order.
+
+Under torchrun (WORLD_SIZE > 1) the trainer's model is wrapped in DistributedDataParallel (gloo on
+CPU, nccl on CUDA), every rank reads its own slice of each global batch (the data order is shared,
+`training.train_batch_size` samples per rank), the trainer generator of rank r is seeded with
+`training.seed + r`, and rank 0 writes the metrics and the checkpoints.
+
+Config keys read here: training.{seed, dtype, train_batch_size, num_train_steps,
+gradient_accumulation_steps, lr_schedule, warmup_steps}, optimizer.{name, lr, weight_decay, beta1,
+beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, synthetic_seq_len,
+synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
+and loss sections are read by the factory and the trainers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.nn.parallel import DistributedDataParallel
+
+from latentDLM_mmdit.checkpoints import (
+    CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, save_checkpoint,
+)
+from latentDLM_mmdit.config import ConfigError, default_config_path, load_config
+from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
+from latentDLM_mmdit.draws import make_generator
+from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
+from latentDLM_mmdit.improved_trainer_stable import as_config
+from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+TRAINER_KINDS = ("stable", "cycle")
+LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw",)
+TRAIN_STATE_FORMAT = "mmdit-compat-train/1"
+DIST_TIMEOUT = timedelta(minutes=30)
+# Streams derived from training.seed, kept apart from the trainer generator (seed + rank).
+DATA_ORDER_SEED_OFFSET = 1_000_003
+SYNTHETIC_DATA_SEED_OFFSET = 2_000_003
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue as asked (the message says why)."""
+
+
+# -- settings --------------------------------------------------------------------------------------
+def _read(config: DictConfig, key: str, kind: type) -> Any:
+    """config[key] (dotted), type-checked; TrainingError naming the key otherwise."""
+    node: Any = config
+    for part in key.split("."):
+        try:
+            present = part in node
+        except TypeError:
+            present = False
+        if not present:
+            raise TrainingError(f"config lacks {key}")
+        node = node[part]
+    if kind is float and isinstance(node, int) and not isinstance(node, bool):
+        node = float(node)
+    if kind is int and isinstance(node, bool) or not isinstance(node, kind):
+        raise TrainingError(f"config {key}={node!r}: expected {kind.__name__}")
+    return node
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's own config keys, read and checked once."""
+
+    seed: int
+    batch_size: int
+    num_train_steps: int
+    grad_accum: int
+    lr_schedule: str
+    warmup_steps: int
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip_norm: float
+    token_dir: str
+    latent_dir: str
+    synthetic_seq_len: int
+    synthetic_num_samples: int
+    run_name: str
+    log_dir: str
+    log_every: int
+    save_every: int
+
+    @classmethod
+    def from_config(cls, config: DictConfig) -> "LoopSettings":
+        optimizer = _read(config, "optimizer.name", str).lower()
+        if optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer.name={optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        dtype_from_config(config)  # training.dtype: checked here, used by the trainers
+        s = cls(
+            seed=_read(config, "training.seed", int),
+            batch_size=_read(config, "training.train_batch_size", int),
+            num_train_steps=_read(config, "training.num_train_steps", int),
+            grad_accum=_read(config, "training.gradient_accumulation_steps", int),
+            lr_schedule=_read(config, "training.lr_schedule", str),
+            warmup_steps=_read(config, "training.warmup_steps", int),
+            lr=_read(config, "optimizer.lr", float),
+            weight_decay=_read(config, "optimizer.weight_decay", float),
+            betas=(_read(config, "optimizer.beta1", float), _read(config, "optimizer.beta2", float)),
+            eps=_read(config, "optimizer.eps", float),
+            grad_clip_norm=_read(config, "optimizer.grad_clip_norm", float),
+            token_dir=_read(config, "data.token_dir", str),
+            latent_dir=_read(config, "data.latent_dir", str),
+            synthetic_seq_len=_read(config, "data.synthetic_seq_len", int),
+            synthetic_num_samples=_read(config, "data.synthetic_num_samples", int),
+            run_name=_read(config, "logging.run_name", str),
+            log_dir=_read(config, "logging.log_dir", str),
+            log_every=_read(config, "logging.log_every", int),
+            save_every=_read(config, "logging.save_every", int),
+        )
+        positive = {"training.train_batch_size": s.batch_size, "training.num_train_steps": s.num_train_steps,
+                    "training.gradient_accumulation_steps": s.grad_accum, "logging.log_every": s.log_every,
+                    "logging.save_every": s.save_every, "data.synthetic_seq_len": s.synthetic_seq_len,
+                    "data.synthetic_num_samples": s.synthetic_num_samples}
+        for key, value in positive.items():
+            if value < 1:
+                raise TrainingError(f"config {key}={value}: must be >= 1")
+        non_negative = {"training.warmup_steps": s.warmup_steps, "optimizer.lr": s.lr,
+                        "optimizer.weight_decay": s.weight_decay, "optimizer.grad_clip_norm": s.grad_clip_norm}
+        for key, value in non_negative.items():
+            if value < 0:
+                raise TrainingError(f"config {key}={value}: must be >= 0")
+        if s.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"config training.lr_schedule={s.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        for key, value in (("optimizer.beta1", s.betas[0]), ("optimizer.beta2", s.betas[1])):
+            if not 0.0 <= value < 1.0:
+                raise TrainingError(f"config {key}={value}: must be in [0, 1)")
+        if s.eps <= 0:
+            raise TrainingError(f"config optimizer.eps={s.eps}: must be > 0")
+        return s
+
+
+def learning_rate(step: int, settings: LoopSettings) -> float:
+    """LR of the optimizer step with 0-based index `step`: linear warmup over `warmup_steps`
+    ((step+1)/warmup of the base), then cosine decay reaching 0 at `num_train_steps` (or constant)."""
+    base = settings.lr
+    if step < settings.warmup_steps:
+        return base * (step + 1) / settings.warmup_steps
+    if settings.lr_schedule == "constant":
+        return base
+    span = max(1, settings.num_train_steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- distributed -----------------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("device cuda was asked for but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    raise TrainingError(f"device {device!r}; valid: auto, cpu, cuda")
+
+
+def init_distributed(device: str | None = None, timeout: timedelta = DIST_TIMEOUT) -> DistContext:
+    """A DistContext from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); joins the process group (gloo on CPU, nccl on CUDA) unless one exists."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=_pick_device(device, 0))
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing and not dist.is_initialized():
+        raise TrainingError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; start with torchrun")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    target = _pick_device(device, local_rank)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    initialized_here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, timeout=timeout)
+        initialized_here = True
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise TrainingError(f"process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
+                            f"environment says {rank} of {world_size}")
+    return DistContext(rank, world_size, local_rank, target, initialized_here)
+
+
+def wrap_model_for_ddp(trainer: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """Wraps `trainer.model` in DDP in place and returns the wrapper.
+
+    find_unused_parameters=True: the stable trainer freezes a parameter group per mode and the
+    cycle trainer skips terms whose weight is 0, so the used parameters change between steps.
+    Call before the first step, while every parameter still requires grad."""
+    model = trainer.model
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("trainer.model is already wrapped in DistributedDataParallel")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"wrap before freezing: DDP would never synchronise {frozen[:3]}")
+    kwargs: dict[str, Any] = {"find_unused_parameters": True}
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index]
+    wrapped = DistributedDataParallel(model, **kwargs)
+    trainer.model = wrapped
+    return wrapped
+
+
+def bare_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# -- data order ------------------------------------------------------------------------------------
+class BatchOrder:
+    """Deterministic, resumable sample order shared by every rank.
+
+    Each epoch is one permutation drawn from its own generator; the epoch is cut into global
+    batches of `batch_size * world_size` (the remainder is dropped) and rank r takes the r-th
+    slice of `batch_size` of each global batch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int):
+        global_batch = batch_size * world_size
+        if num_samples < global_batch:
+            raise TrainingError(f"the data has {num_samples} sample(s), fewer than one global batch of "
+                                f"{batch_size} x {world_size} process(es) = {global_batch}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank = world_size, rank
+        self.batches_per_epoch = num_samples // global_batch
+        self.generator = make_generator(seed)
+        self.epoch, self.position = 0, 0
+        self.permutation: torch.Tensor | None = None
+
+    def next_indices(self) -> list[int]:
+        if self.permutation is None or self.position >= self.batches_per_epoch:
+            if self.permutation is not None:
+                self.epoch += 1
+            self.permutation = torch.randperm(self.num_samples, generator=self.generator)
+            self.position = 0
+        start = self.position * self.batch_size * self.world_size + self.rank * self.batch_size
+        self.position += 1
+        return self.permutation[start:start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "epoch": self.epoch, "position": self.position,
+                "permutation": self.permutation, "num_samples": self.num_samples,
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("num_samples", "batch_size", "world_size"):
+            if state[key] != getattr(self, key):
+                raise TrainingError(f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
+                                    f"this run {getattr(self, key)} (resume with the same data, "
+                                    "training.train_batch_size and number of processes)")
+        self.generator.set_state(state["generator"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.permutation = state["permutation"]
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def build_trainer(config: DictConfig, trainer_kind: str, model: nn.Module) -> nn.Module:
+    """The stable or cycle trainer over `model`, as upstream builds it:
+    Trainer(model, vocab, MaskedDiffusion(vocab), dtype, config)."""
+    vocab, text_noise = build_text_side(config)
+    dtype = dtype_from_config(config)
+    if trainer_kind == "stable":
+        from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer as trainer_cls
+    elif trainer_kind == "cycle":
+        from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer as trainer_cls
+    else:
+        raise ValueError(f"trainer_kind={trainer_kind!r}; valid: {', '.join(TRAINER_KINDS)}")
+    return trainer_cls(model, vocab, text_noise, dtype, config)
+
+
+def build_dataset(config: DictConfig, settings: LoopSettings, *, synthetic: bool, token_dir, latent_dir):
+    vocab, _ = build_text_side(config)
+    max_seq_len = int(config.model.max_seq_len)
+    latent_dim = int(config.model.latent_dim)
+    if synthetic:
+        if token_dir is not None or latent_dir is not None:
+            raise TrainingError("pass either synthetic data or token/latent directories, not both")
+        if settings.synthetic_seq_len > max_seq_len:
+            raise TrainingError(f"data.synthetic_seq_len={settings.synthetic_seq_len} exceeds "
+                                f"model.max_seq_len={max_seq_len}")
+        return SyntheticDataset(vocab, settings.synthetic_num_samples, settings.synthetic_seq_len, latent_dim,
+                                settings.seed + SYNTHETIC_DATA_SEED_OFFSET), "synthetic"
+    token_dir = token_dir if token_dir is not None else (settings.token_dir or None)
+    latent_dir = latent_dir if latent_dir is not None else (settings.latent_dir or None)
+    if token_dir is None or latent_dir is None:
+        raise TrainingError("no training data: pass --synthetic, or --data-tokens DIR and --data-latents DIR "
+                            "(or set data.token_dir and data.latent_dir)")
+    dataset = UpstreamLatentDataset(token_dir, latent_dir, max_seq_len, vocab)
+    if dataset.latent_dim != latent_dim:
+        raise TrainingError(f"latents in {latent_dir} have width {dataset.latent_dim}, model.latent_dim is {latent_dim}")
+    return dataset, f"{token_dir} + {latent_dir} ({len(dataset)} samples)"
+
+
+def _merge_metrics(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Numbers averaged over the micro-batches, strings from the last one, lists united."""
+    merged: dict[str, Any] = {}
+    for key in parts[-1]:
+        values = [p[key] for p in parts if key in p]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(float(v) for v in values) / len(values)
+        elif all(isinstance(v, list) for v in values):
+            merged[key] = sorted({x for v in values for x in v})
+        else:
+            merged[key] = values[-1]
+    for part in parts[:-1]:  # keys only an earlier micro-batch had (e.g. nonfinite)
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def _config_differences(current: DictConfig, recorded: Any) -> list[str]:
+    def flatten(node, prefix=""):
+        if isinstance(node, Mapping):
+            out = {}
+            for k, v in node.items():
+                out.update(flatten(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    now = flatten(OmegaConf.to_container(current, resolve=True))
+    then = flatten(recorded if isinstance(recorded, Mapping) else {})
+    return sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+
+
+@dataclass
+class TrainResult:
+    """What a run wrote and measured (every rank returns one; only rank 0 writes files)."""
+
+    output_dir: Path
+    metrics_path: Path
+    checkpoints: list[Path]
+    metrics: list[dict[str, Any]]
+    final_step: int
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def run_training(config: Any, *, trainer_kind: str, output_dir: str | Path, synthetic: bool,
+                 token_dir: str | Path | None = None, latent_dir: str | Path | None = None,
+                 init_from: str | Path | None = None, resume: str | Path | None = None,
+                 progress: bool = True, stop_at_step: int | None = None, device: str | None = None,
+                 dist_timeout: timedelta = DIST_TIMEOUT) -> TrainResult:
+    """Trains the stable or the cycle trainer; see the module docstring.
+
+    Args:
+        config: the run config (OmegaConf or mapping); only read.
+        trainer_kind: "stable" or "cycle".
+        output_dir: where metrics.jsonl, config.yaml and checkpoints/ go (rank 0).
+        synthetic: train on seeded synthetic samples (data.synthetic_*).
+        token_dir, latent_dir: upstream-format data (default: data.token_dir / data.latent_dir).
+        init_from: a pretrained checkpoint to start from (strict load; any format `checkpoints` reads).
+        resume: a checkpoint written by this loop to continue (model, optimizer, step, RNG, data order).
+        progress: show a tqdm bar (only on a terminal, only on rank 0).
+        stop_at_step: stop after this global step (the LR schedule still spans
+            training.num_train_steps); a checkpoint is written there, to resume later.
+        device: auto (CUDA when available), cpu or cuda.
+        dist_timeout: timeout given to init_process_group under torchrun.
+    """
+    if trainer_kind not in TRAINER_KINDS:
+        raise ValueError(f"trainer_kind={trainer_kind!r}; valid: {', '.join(TRAINER_KINDS)}")
+    if init_from is not None and resume is not None:
+        raise TrainingError("pass --init-from (start from pretrained weights) or --resume (continue a run), not both")
+    if stop_at_step is not None and stop_at_step < 1:
+        raise TrainingError(f"stop_at_step={stop_at_step}: must be >= 1")
+    config = as_config(config)
+    settings = LoopSettings.from_config(config)
+    ctx = init_distributed(device, dist_timeout)
+    try:
+        return _train(config, settings, ctx, trainer_kind, Path(output_dir), synthetic, token_dir, latent_dir,
+                      init_from, resume, progress, stop_at_step)
+    finally:
+        if ctx.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir, latent_dir,
+           init_from, resume, progress, stop_at_step) -> TrainResult:
+    metrics_path = output_dir / "metrics.jsonl"
+    if ctx.is_main and resume is None and metrics_path.exists():
+        raise TrainingError(f"{output_dir} already holds a run ({metrics_path.name}); choose another output "
+                            "directory, or --resume a checkpoint")
+    resume_state = None
+    if resume is not None:
+        resume_state = _read_resume_state(resume, trainer_kind, ctx, config)
+
+    # Model: every RNG seeded first (the residual-stream init draws from Python's `random`).
+    seed_everything(settings.seed)
+    try:
+        model = build_model(config)
+    except ValueError as exc:
+        raise TrainingError(f"cannot build the model from the config: {exc}") from exc
+    if init_from is not None:
+        report = load_checkpoint_into(model, init_from)
+        logger.info("initialised from %s (%d tensors)", report.path, report.n_tensors)
+    if resume is not None:
+        load_checkpoint_into(model, resume)
+    try:
+        trainer = build_trainer(config, trainer_kind, model)
+    except ValueError as exc:
+        raise TrainingError(f"cannot build the {trainer_kind} trainer from the config: {exc}") from exc
+    trainer.generator.manual_seed(settings.seed + ctx.rank)
+    dataset, data_description = build_dataset(config, settings, synthetic=synthetic, token_dir=token_dir,
+                                              latent_dir=latent_dir)
+    order = BatchOrder(len(dataset), settings.batch_size, ctx.world_size, ctx.rank,
+                       settings.seed + DATA_ORDER_SEED_OFFSET)
+    model.to(ctx.device)
+    trainer.to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    # Per-rank global streams (dropout) from here on.
+    seed_everything(settings.seed + ctx.rank)
+    step = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        order.load_state_dict(resume_state["data_order"])
+        rank_state = resume_state["ranks"][ctx.rank]
+        set_rng_state(rank_state["rng"])
+        trainer.generator.set_state(rank_state["trainer_generator"])
+        step = int(resume_state["step"])
+    ddp = wrap_model_for_ddp(trainer, ctx.device) if ctx.distributed else None
+
+    end = settings.num_train_steps if stop_at_step is None else min(stop_at_step, settings.num_train_steps)
+    if step >= end:
+        raise TrainingError(f"the checkpoint is at step {step}; nothing to do up to step {end} "
+                            "(raise training.num_train_steps)")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("%s trainer: %d parameters on %s, %d process(es), data: %s, steps %d -> %d",
+                trainer_kind, n_params, ctx.device, ctx.world_size, data_description, step, end)
+
+    checkpoints: list[Path] = []
+    history: list[dict[str, Any]] = []
+    metrics_file = None
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, output_dir / "config.yaml")
+        metrics_file = open(metrics_path, "a", encoding="utf-8")
+    show_bar = progress and ctx.is_main and sys.stderr.isatty()
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    bar = tqdm(total=settings.num_train_steps, initial=step, disable=not show_bar, desc=f"{trainer_kind}",
+               dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
+            while step < end:
+                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx)
+                step += 1
+                record = {"step": step, **record}
+                history.append(record)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if step % settings.log_every == 0 or step == end:
+                    logger.info("step %d: %s", step, ", ".join(
+                        f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step"))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % settings.save_every == 0 or step == end:
+                    path = _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx)
+                    if path is not None:
+                        checkpoints.append(path)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if ddp is not None:
+            trainer.model = ddp.module
+    return TrainResult(output_dir, metrics_path, checkpoints, history, step)
+
+
+def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx) -> dict[str, Any]:
+    lr = learning_rate(step, settings)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    parts = []
+    for micro in range(settings.grad_accum):
+        batch = collate([dataset[i] for i in order.next_indices()])
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        last = micro == settings.grad_accum - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            loss, metrics = trainer(batch, step=step)
+            (loss / settings.grad_accum).backward()
+        parts.append(metrics)
+    params = [p for p in bare_model(trainer.model).parameters() if p.grad is not None]
+    grad_norm = None
+    if settings.grad_clip_norm > 0 and params:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm))
+    optimizer.step()
+    record = _merge_metrics(parts)
+    if ctx.distributed:  # the logged loss is the mean over ranks; other metrics are this rank's
+        loss_mean = torch.tensor([record["loss"]], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(loss_mean)
+        record["loss"] = float(loss_mean.item()) / ctx.world_size
+    record["lr"] = lr
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    return record
+
+
+def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx) -> Path | None:
+    local = {"rng": rng_state(), "trainer_generator": trainer.generator.get_state()}
+    if ctx.distributed:
+        ranks: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(ranks, local)
+    else:
+        ranks = [local]
+    path = None
+    if ctx.is_main:
+        path = output_dir / "checkpoints" / f"step_{step:08d}.safetensors"
+        train_state = {
+            "format": TRAIN_STATE_FORMAT,
+            "trainer_kind": trainer_kind,
+            "step": step,
+            "world_size": ctx.world_size,
+            "optimizer": optimizer.state_dict(),
+            "data_order": order.state_dict(),
+            "ranks": ranks,
+        }
+        save_checkpoint(path, bare_model(model), config=config, trainer_kind=trainer_kind, step=step,
+                        train_state=train_state)
+        logger.info("checkpoint %s", path)
+    if ctx.distributed:
+        dist.barrier()
+    return path
+
+
+def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
+    with open_checkpoint(resume) as source:
+        metadata = dict(source.metadata)
+    recorded_kind = metadata.get("trainer_kind")
+    if recorded_kind is not None and recorded_kind != trainer_kind:
+        raise TrainingError(f"{resume} was written by the {recorded_kind} trainer; resume it with that trainer's "
+                            f"entry point, or start the {trainer_kind} trainer from it with --init-from")
+    state = load_train_state(resume)
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainingError(f"{resume}: its train state has format {state.get('format')!r}, "
+                            f"expected {TRAIN_STATE_FORMAT!r} (written by this training loop)")
+    if state["trainer_kind"] != trainer_kind:
+        raise TrainingError(f"{resume} was written by the {state['trainer_kind']} trainer, this is the {trainer_kind} trainer")
+    if state["world_size"] != ctx.world_size:
+        raise TrainingError(f"{resume} was written by {state['world_size']} process(es), this run has "
+                            f"{ctx.world_size}; resume with the same number of processes")
+    differences = _config_differences(config, metadata.get("config"))
+    if differences:
+        logger.warning("resuming %s with a config that differs from its own in: %s", resume, ", ".join(differences))
+    return state
+
+
+# -- command line ----------------------------------------------------------------------------------
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, OmegaConfBaseException)
+
+ENTRY_POINTS = {
+    "stable": ("latentDLM_mmdit.train_stable", "stable", "the stable L2T / T2L trainer"),
+    "cycle": ("cycle_vae_impl.entrypoints.train_cycle_vae", "cycle", "the cycle trainer (T2L + L2T + cycle terms)"),
+}
+
+
+def build_parser(trainer_kind: str) -> argparse.ArgumentParser:
+    module, config_kind, what = ENTRY_POINTS[trainer_kind]
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=f"Train {what}. Config overrides are positional key.path=value arguments, e.g. "
+                    "training.num_train_steps=100 optimizer.lr=5e-5 model.n_blocks=1; an unknown key or a "
+                    "value of the wrong type is an error.",
+        epilog="Multi-process: torchrun --nproc_per_node=N -m " + module + " ... (gloo on CPU, nccl on CUDA).",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. training.num_train_steps=10 loss.cycle_text_weight=0.2")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config (default: the packaged {default_config_path(config_kind).name})")
+    data = parser.add_argument_group("data (one of)")
+    data.add_argument("--synthetic", action="store_true", help="seeded synthetic samples (data.synthetic_*)")
+    data.add_argument("--data-tokens", metavar="DIR", help="upstream token dir of <stem>_tokens.npz files")
+    data.add_argument("--data-latents", metavar="DIR", help="upstream latent dir of <stem>.npy files")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--init-from", metavar="CKPT", help="start from pretrained weights (strict load; "
+                       ".safetensors written here or an upstream .pt)")
+    start.add_argument("--resume", metavar="CKPT", help="continue a run from a checkpoint this loop wrote")
+    parser.add_argument("--output-dir", metavar="DIR", help="default: <logging.log_dir>/<logging.run_name>")
+    parser.add_argument("--stop-at-step", type=int, metavar="N",
+                        help="stop after step N (the LR schedule still spans training.num_train_steps)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def cli_main(trainer_kind: str, argv: Sequence[str] | None = None) -> int:
+    """The entry points' main: parses arguments, trains, prints a summary. Returns the exit code."""
+    parser = build_parser(trainer_kind)
+    args = parser.parse_args(argv)
+    if args.synthetic and (args.data_tokens or args.data_latents):
+        parser.error("--synthetic and --data-tokens / --data-latents exclude each other")
+    if bool(args.data_tokens) != bool(args.data_latents):
+        parser.error("--data-tokens and --data-latents go together")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config_path = args.config or default_config_path(ENTRY_POINTS[trainer_kind][1])
+        config = load_config(config_path, args.overrides)
+        output_dir = Path(args.output_dir) if args.output_dir else (
+            Path(_read(config, "logging.log_dir", str)) / _read(config, "logging.run_name", str))
+        result = run_training(config, trainer_kind=trainer_kind, output_dir=output_dir, synthetic=args.synthetic,
+                              token_dir=args.data_tokens, latent_dir=args.data_latents, init_from=args.init_from,
+                              resume=args.resume, progress=not args.no_progress, stop_at_step=args.stop_at_step,
+                              device=args.device)
+    except USER_ERRORS as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    if is_main:
+        last = result.metrics[-1] if result.metrics else {}
+        print(f"{trainer_kind} trainer: step {result.final_step}, final loss {last.get('loss', float('nan')):.6g}; "
+              f"metrics {result.metrics_path}; "
+              f"last checkpoint {result.checkpoints[-1] if result.checkpoints else 'none'}")
+    return 0
