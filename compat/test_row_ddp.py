@@ -1,0 +1,191 @@
+"""Row: DDP (2 gloo processes).
+
+Both trainers are run under DistributedDataParallel on clusters (torchrun). Two processes that each
+run half of a batch through DDP must give what one process gives on the whole batch: the mean of
+the two ranks' losses equals the full-batch loss, and the DDP-averaged gradients equal the full-batch
+gradients (every term is a mean over equally sized halves), within `tol('float32_batching')`.
+Checked for the stable trainer (t2l, which freezes the text group) and the cycle trainer (full mode,
+both cycle weights > 0, all four terms), through the training loop's own DDP plumbing
+(`latentDLM_mmdit.training.init_distributed` and `wrap_model_for_ddp`, find_unused_parameters=True),
+with the draws injected and sliced per rank so both ranks and the single process see identical
+numbers. Parameters without a gradient in the single process (the frozen text group) must get none
+under DDP either: a zero gradient there would let AdamW's weight decay move frozen weights.
+
+Each worker is a forked process (fork was reliable here, spawn aborted at teardown now and then)
+that rebuilds the model from the checkpoint under test, joins a gloo group on a probed free port
+with a 60 s timeout, and writes its losses and gradients to a file; every worker's exit code is
+checked and the group is torn down.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from compat.harness import grads_by_name, run_checks
+from compat.oracle import tol
+
+pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
+
+WORLD = 2
+SEED = 130
+TIMEOUT_S = 60
+CYCLE = dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
+             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0)
+SETTINGS = ("stable_t2l", "cycle")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_trainer(ctx, setting: str, model):
+    if setting == "stable_t2l":
+        return ctx.stable("t2l", model=model)
+    return ctx.cycle(model=model, **CYCLE)
+
+
+def inputs(ctx) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The full batch (even size) and each setting's draws for it."""
+    batch = ctx.batch(WORLD * max(1, ctx.options.batch_size // WORLD), seed=SEED)
+    noise, noise2 = ctx.noise(batch, seed=SEED), ctx.noise(batch, seed=SEED + 1)
+    return batch, {"stable_t2l": {"latent_noise": noise},
+                   "cycle": {"latent_noise": noise, "cycle_latent_noise": noise2}}
+
+
+def shard(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        half = value.shape[0] // WORLD
+        out[key] = value[rank * half:(rank + 1) * half]
+    return out
+
+
+def step(ctx, setting: str, batch, draws, model):
+    """One trainer step and backward; (loss, gradients by bare parameter name)."""
+    trainer = make_trainer(ctx, setting, model)
+    loss, _ = trainer(batch, step=None, draws=draws)
+    loss.backward()
+    return loss.detach(), trainer
+
+
+def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
+    """Runs in a forked child: joins the group, runs both settings on its shard, saves the results."""
+    from latentDLM_mmdit import training
+
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dctx = training.init_distributed("cpu", timeout=timedelta(seconds=TIMEOUT_S))
+        try:
+            batch, draws = inputs(ctx)
+            results = {}
+            for setting in SETTINGS:
+                model = ctx.build_model(load=True)  # rebuilt from ctx.checkpoint_path in this process
+                trainer = make_trainer(ctx, setting, model)
+                training.wrap_model_for_ddp(trainer, dctx.device)
+                loss, _ = trainer(shard(batch, rank), step=None, draws=shard(draws[setting], rank))
+                loss.backward()
+                results[setting] = {"loss": loss.detach().clone(),
+                                    "grads": grads_by_name(training.bare_model(trainer.model))}
+            torch.save(results, out_dir / f"rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        (out_dir / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def run_ddp(ctx) -> list[dict]:
+    """Starts WORLD forked workers, waits for all, checks every exit code, returns their results."""
+    import torch.multiprocessing as mp
+
+    out_dir = Path(ctx.workdir) / f"ddp_{os.getpid()}_{time.monotonic_ns()}"
+    out_dir.mkdir(parents=True)
+    port = free_port()
+    mp_ctx = mp.get_context("fork")
+    workers = [mp_ctx.Process(target=_worker, args=(ctx, rank, port, out_dir), daemon=True) for rank in range(WORLD)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + TIMEOUT_S + 10
+    try:
+        while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+            if any(w.exitcode not in (None, 0) for w in workers):
+                break  # one failed: the other would wait for it until the group's timeout
+            time.sleep(0.05)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+            w.join(5)
+    problems = []
+    for rank, w in enumerate(workers):
+        error = out_dir / f"rank{rank}.error"
+        if error.exists():
+            problems.append(f"rank {rank} raised:\n{error.read_text().strip().splitlines()[-1]}")
+        elif w.exitcode != 0:
+            problems.append(f"rank {rank} exited with code {w.exitcode}"
+                            + (" (stopped: it did not finish in time)" if w.exitcode and w.exitcode < 0 else ""))
+    assert not problems, "DDP workers failed: " + "; ".join(problems)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def check_ddp_matches_single_process(ctx, measure):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    if ctx.device.type != "cpu":
+        pytest.skip(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
+    ctx.require_model()
+    ranks = run_ddp(ctx)
+    batch, draws = inputs(ctx)
+    for setting in SETTINGS:
+        model = ctx.build_model(load=True)
+        loss, trainer = step(ctx, setting, batch, draws[setting], model)
+        want = grads_by_name(model)
+        losses = torch.stack([r[setting]["loss"] for r in ranks])
+        torch.testing.assert_close(losses.mean(), loss, **tol("float32_batching"),
+                                   msg=lambda m, s=setting: f"{s}: the mean of the {WORLD} ranks' losses differs from "
+                                                            f"the single-process full-batch loss\n{m}")
+        got = ranks[0][setting]["grads"]
+        for rank in range(1, WORLD):
+            other = ranks[rank][setting]["grads"]
+            assert other.keys() == got.keys() and all(torch.equal(other[n], got[n]) for n in got), (
+                f"{setting}: rank {rank}'s gradients after DDP's all-reduce differ from rank 0's")
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got))
+        assert not extra, (f"{setting}: under DDP {len(extra)} parameter(s) get a gradient that the single process "
+                           f"leaves None ({', '.join(extra[:3])}): frozen weights would move (weight decay)")
+        assert not missing, (f"{setting}: under DDP {len(missing)} parameter(s) get no gradient "
+                             f"({', '.join(missing[:3])}): DDP did not synchronise them")
+        worst = 0.0
+        for name, g in want.items():
+            worst = max(worst, float((got[name] - g).abs().max()))
+            torch.testing.assert_close(got[name], g, **tol("float32_batching"),
+                                       msg=lambda m, n=name, s=setting: f"{s}: DDP-averaged gradient of {n} differs "
+                                                                        f"from the single-process full batch\n{m}")
+        measure(f"{setting}_loss_abs_diff", float((losses.mean() - loss).abs()))
+        measure(f"{setting}_grad_max_abs_diff", worst)
+
+
+CHECKS = {
+    "ddp_matches_single_process": check_ddp_matches_single_process,
+}
+
+
+def run_row(ctx, measure=None):
+    run_checks(CHECKS, ctx, measure)
+
+
+@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
+def test_ddp(ctx, measure, check):
+    check(ctx, measure)

@@ -1,0 +1,125 @@
+"""Row: dtype (bfloat16).
+
+Cluster runs feed the model in bfloat16 (`training.dtype: bf16`) while the stable checkpoint and the
+compat reference are float32. Both trainers must give the float32 losses within bfloat16 tolerance
+(`tol('bfloat16')`) on the same batch and noise, term by term: stable l2t, stable t2l and the cycle
+trainer in full mode with both cycle weights > 0 (all four terms). The bfloat16 run uses a
+bfloat16 copy of the pretrained model and the trainers' own dtype setting; it must really run in
+bfloat16 (the model is fed bfloat16 latents and timesteps, and the losses are not the float32 ones).
+
+A `gpu` test in this module (skipped without CUDA) compares CUDA float32 against CPU float32 within
+`tol('cuda_float32')`, and CUDA bfloat16 against CPU float32 within `tol('bfloat16')`, for the same
+losses. The draws are made on the CPU and injected, so every device sees the same numbers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compat.harness import CallRecorder, run_checks
+from compat.oracle import tol
+
+pytestmark = pytest.mark.compat_row("dtype")
+
+SEED = 100
+CYCLE = dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
+             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0)
+TERMS = {
+    "stable_l2t": ("loss", "text_loss"),
+    "stable_t2l": ("loss", "latent_loss"),
+    "cycle": ("loss", "base_t2l_latent_loss", "base_l2t_text_loss", "cycle_text_loss", "cycle_latent_loss"),
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def losses(ctx, model, dtype: torch.dtype, device: torch.device, spy: bool = False) -> dict[str, float]:
+    """Every loss term of the three settings, with the trainers' dtype set to `dtype`, on `device`.
+    Same batch and CPU-drawn noise whatever the device."""
+    batch = {k: v.to(device) for k, v in ctx.batch(ctx.options.batch_size, seed=SEED).items()}
+    noise = ctx.noise(batch, seed=SEED).to(device)
+    noise2 = ctx.noise(batch, seed=SEED + 1).to(device)
+    override = {"training.dtype": DTYPE_NAMES[dtype]}
+    recorder = CallRecorder(model) if spy else model
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        _, m = ctx.stable("l2t", model=recorder, **override)(batch)
+        out.update({f"stable_l2t.{t}": m[t] for t in TERMS["stable_l2t"]})
+        _, m = ctx.stable("t2l", model=recorder, **override)(batch, draws={"latent_noise": noise})
+        out.update({f"stable_t2l.{t}": m[t] for t in TERMS["stable_t2l"]})
+        _, m = ctx.cycle(model=recorder, **CYCLE, **override)(
+            batch, step=None, draws={"latent_noise": noise, "cycle_latent_noise": noise2})
+        out.update({f"cycle.{t}": m[t] for t in TERMS["cycle"]})
+    if spy:
+        fed = {str(kw[k].dtype) for _, kw in recorder.calls for k in ("text_timesteps", "latent_timesteps")}
+        assert fed == {str(dtype)}, (f"trainers with training.dtype={DTYPE_NAMES[dtype]} fed the model timesteps "
+                                     f"in {sorted(fed)}")
+        # The stable t2l noises in the schedule's float32 (as upstream) and the model casts the latents.
+        out["latents_fed"] = ",".join(sorted({str(kw["latents"].dtype).removeprefix("torch.")
+                                              for _, kw in recorder.calls}))
+    return out
+
+
+def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what: str, measure) -> None:
+    rtol_atol = tol(tolerance)
+    worst: dict[str, float] = {}
+    bad = []
+    for key, ref in want.items():
+        if not isinstance(ref, float):
+            continue
+        value = got[key]
+        rel = abs(value - ref) / max(abs(ref), 1e-12)
+        setting = key.split(".")[0]
+        worst[setting] = max(worst.get(setting, 0.0), rel)
+        if not abs(value - ref) <= rtol_atol["atol"] + rtol_atol["rtol"] * abs(ref):
+            bad.append(f"{key}: {value:.6g} vs float32 {ref:.6g} (rel {rel:.2e})")
+    for setting, rel in worst.items():
+        measure(f"{what}_{setting}_max_rel", rel)
+    assert not bad, (f"{what} differs from the float32 reference beyond tol('{tolerance}') "
+                     f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']}): " + "; ".join(bad))
+
+
+def check_bf16_matches_fp32(ctx, measure):
+    reference = ctx.require_model()
+    fp32 = losses(ctx, reference, torch.float32, ctx.device)
+    bf16_model = ctx.build_model(load=True).to(torch.bfloat16)
+    bf16 = losses(ctx, bf16_model, torch.bfloat16, ctx.device, spy=True)
+    measure("bf16_latents_fed", bf16.pop("latents_fed"))
+    assert bf16 != fp32, "the bfloat16 run gave exactly the float32 losses: bfloat16 was not exercised"
+    compare(bf16, fp32, "bfloat16", "bf16", measure)
+
+
+CHECKS = {
+    "bf16_matches_fp32": check_bf16_matches_fp32,
+}
+
+
+def check_cuda_matches_cpu(ctx, measure):
+    """CUDA float32 and bfloat16 against CPU float32 (the `gpu` test)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    want = losses(ctx, ctx.build_model(load=True).to(cpu), torch.float32, cpu)
+    got32 = losses(ctx, ctx.build_model(load=True).to(cuda), torch.float32, cuda, spy=True)
+    got32.pop("latents_fed")
+    compare(got32, want, "cuda_float32", "cuda_fp32", measure)
+    got16 = losses(ctx, ctx.build_model(load=True).to(cuda, torch.bfloat16), torch.bfloat16, cuda, spy=True)
+    got16.pop("latents_fed")
+    compare(got16, want, "bfloat16", "cuda_bf16", measure)
+
+
+GPU_CHECKS = {
+    "cuda_matches_cpu": check_cuda_matches_cpu,
+}
+
+
+def run_row(ctx, measure=None):
+    run_checks(CHECKS, ctx, measure)
+
+
+@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
+def test_dtype(ctx, measure, check):
+    check(ctx, measure)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("check", list(GPU_CHECKS.values()), ids=list(GPU_CHECKS))
+def test_dtype_gpu(ctx, measure, check):
+    check(ctx, measure)

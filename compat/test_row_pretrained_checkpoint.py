@@ -1,0 +1,216 @@
+"""Row: pretrained checkpoint.
+
+Users reuse checkpoints written by the stable trainer (upstream's `.pt` files, or this project's
+safetensors) to start the cycle trainer. That is only compatible if the weights load strictly
+(every key, every shape, nothing left at its initial value) and give the numbers the stable trainer
+gave. Checked on the checkpoint under test (embedded default: written by the stable training loop):
+
+(a) it loads strictly into the configured model;
+(b) two fresh model instances loaded from it, one driven by a stable trainer and one by a cycle
+    trainer, give bit-identical base losses (stable l2t text loss == cycle base L2T, stable t2l
+    latent loss == cycle base T2L) on the same batch and noise, and model outputs bit-identical to
+    the shared model's; the checkpoint file is unchanged by loading;
+(c) the same weights in upstream's layouts load strictly through
+    `latentDLM_mmdit.checkpoints.load_checkpoint_into` (a fresh call each time, into a model whose
+    every tensor was set to NaN first, so a tensor left unloaded shows) and give bit-identical
+    outputs: upstream's trainer dict (`model_state_dict` with `model.` keys and the text noise
+    schedule's buffers), DDP + torch.compile prefixes (`module._orig_mod.model.`, and the other
+    nesting order), and a bare state dict; the source files' sha256 are unchanged;
+(d) a real checkpoint written under mmdit 0.2.2 (other residual-stream layout) is refused with a
+    CheckpointError that says it comes from another mmdit version;
+(e) measured: number of tensors, file size, writer and step.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from compat.harness import run_checks
+from compat.oracle import tol
+from latentDLM_mmdit import checkpoints
+from latentDLM_mmdit.checkpoints import CheckpointError
+from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
+
+pytestmark = pytest.mark.compat_row("pretrained_checkpoint")
+
+MMDIT02_FIXTURE = Path(__file__).resolve().parent / "data" / "mmdit02_layout_h16.safetensors"
+SEED = 95
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_outputs(ctx, model, batch) -> tuple[torch.Tensor, ...]:
+    """Every output of one forward pass at non-trivial timesteps (no randomness: eval mode)."""
+    B = batch["input_ids"].shape[0]
+    text_t = torch.linspace(0.1, 0.9, B, device=ctx.device)
+    latent_t = torch.linspace(0.8, 0.2, B, device=ctx.device)
+    with torch.no_grad():
+        out = model(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=text_t,
+                    latent_timesteps=latent_t, attention_mask=batch["attention_mask"])
+    return tuple(o.detach() for o in out)
+
+
+def assert_same_outputs(got, want, what: str) -> None:
+    assert len(got) == len(want), f"{what}: {len(got)} outputs, the shared model gives {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, **tol("bit_exact"),
+                                   msg=lambda m, i=i: f"{what}: output {i} differs from the shared model's\n{m}")
+
+
+def poisoned_model(ctx) -> MultimodalMMDiT:
+    """A fresh model of the configured layout whose every floating tensor is NaN: whatever a load
+    leaves out shows up in the outputs."""
+    model = ctx.build_model(load=False)
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.fill_(math.nan)
+    return model
+
+
+def check_loads_strictly(ctx, measure):
+    """(a) + (e): the checkpoint under test loads strictly; its size and provenance."""
+    path = Path(ctx.checkpoint_path)
+    measure("file_bytes", path.stat().st_size)
+    if ctx.load_error is not None:
+        raise AssertionError(f"the checkpoint under test does not load strictly into the configured model: "
+                             f"{ctx.load_error}")
+    model = poisoned_model(ctx)
+    try:
+        report = checkpoints.load_checkpoint_into(model, path)
+    except CheckpointError as exc:
+        raise AssertionError(f"the checkpoint does not load strictly into a fresh model of the configured "
+                             f"layout: {exc}") from None
+    expected = len(model.state_dict())
+    measure("n_tensors", report.n_tensors)
+    kind, step = report.metadata.get("trainer_kind"), report.metadata.get("step")
+    measure("written_by", (f"{kind} trainer" if kind else "writer not recorded")
+            + (f", step {step}" if step is not None else ""))
+    assert report.n_tensors == expected, (f"the checkpoint provides {report.n_tensors} tensors, the model has "
+                                          f"{expected}: a strict load must provide every one")
+    assert_same_outputs(model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
+                        model_outputs(ctx, ctx.require_model(), ctx.batch(2, seed=SEED)),
+                        "a fresh load of the checkpoint")
+
+
+def check_fresh_instances_identical(ctx, measure):
+    """(b): stable and cycle trainers, each on its own fresh load, give bit-identical base losses."""
+    shared = ctx.require_model()
+    path = Path(ctx.checkpoint_path)
+    before = sha256(path)
+    for_stable, for_cycle = ctx.build_model(load=True), ctx.build_model(load=True)
+    batch = ctx.batch(ctx.options.batch_size, seed=SEED + 1)
+    noise = ctx.noise(batch, seed=SEED + 1)
+    want = model_outputs(ctx, shared, batch)
+    assert_same_outputs(model_outputs(ctx, for_stable, batch), want, "the stable trainer's fresh instance")
+    assert_same_outputs(model_outputs(ctx, for_cycle, batch), want, "the cycle trainer's fresh instance")
+    with torch.no_grad():
+        _, l2t = ctx.stable("l2t", model=for_stable)(batch)
+        _, t2l = ctx.stable("t2l", model=for_stable)(batch, draws={"latent_noise": noise})
+        _, cyc = ctx.cycle(model=for_cycle, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
+            batch, step=None, draws={"latent_noise": noise})
+    for name, stable_value, cycle_value in (("L2T text loss", l2t["text_loss"], cyc["base_l2t_text_loss"]),
+                                            ("T2L latent loss", t2l["latent_loss"], cyc["base_t2l_latent_loss"])):
+        torch.testing.assert_close(torch.tensor(cycle_value, dtype=torch.float64),
+                                   torch.tensor(stable_value, dtype=torch.float64), **tol("bit_exact"),
+                                   msg=lambda m, n=name: f"{n}: the cycle trainer on the pretrained weights does "
+                                                         f"not reproduce the stable trainer's value\n{m}")
+    measure("l2t_text_loss", l2t["text_loss"])
+    measure("t2l_latent_loss", t2l["latent_loss"])
+    assert sha256(path) == before, f"loading {path} changed the file"
+
+
+def upstream_layouts(ctx) -> dict[str, object]:
+    """The shared model's weights as upstream wrote them (see the module docstring)."""
+    state = {k: v.detach().cpu().clone() for k, v in ctx.require_model().state_dict().items()}
+    text_noise = {f"text_noise_schedule.{k}": v.clone() for k, v in MaskedDiffusion(ctx.vocab).state_dict().items()}
+
+    def trainer_dict(prefix: str) -> dict:
+        inner = {f"{prefix}model.{k}": v for k, v in state.items()}
+        inner.update({f"{prefix}{k}": v for k, v in text_noise.items()})
+        return {"model_state_dict": inner, "step": 30, "epoch": 0}
+
+    return {
+        "upstream_trainer_dict": trainer_dict(""),
+        "ddp_compile": trainer_dict("module._orig_mod."),
+        "compile_ddp": trainer_dict("_orig_mod.module."),
+        "bare_state_dict": dict(state),
+    }
+
+
+def check_upstream_layouts(ctx, measure):
+    """(c): each upstream layout loads strictly, outputs bit-identical, source file untouched."""
+    shared = ctx.require_model()
+    batch = ctx.batch(2, seed=SEED + 2)
+    want = model_outputs(ctx, shared, batch)
+    folder = Path(ctx.workdir) / "variants"
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = []
+    for name, obj in upstream_layouts(ctx).items():
+        path = folder / f"{name}.pt"
+        torch.save(obj, path)
+        before = sha256(path)
+        model = poisoned_model(ctx)
+        try:
+            report = checkpoints.load_checkpoint_into(model, path)
+        except CheckpointError as exc:
+            raise AssertionError(f"upstream layout {name} does not load strictly: {exc}") from None
+        assert report.n_tensors == len(model.state_dict()), (
+            f"upstream layout {name}: {report.n_tensors} tensors loaded, the model has {len(model.state_dict())}")
+        assert_same_outputs(model_outputs(ctx, model, batch), want, f"upstream layout {name}")
+        assert sha256(path) == before, f"loading upstream layout {name} changed the source file {path}"
+        path.unlink()
+        loaded.append(name)
+    measure("upstream_layouts_loaded", ",".join(loaded))
+
+
+def check_other_mmdit_layout(ctx, measure):
+    """(d): an mmdit 0.2.x checkpoint is refused with a message naming the version mismatch."""
+    with checkpoints.open_checkpoint(MMDIT02_FIXTURE) as source:
+        meta = source.metadata
+    recorded = (meta.get("versions") or {}).get("mmdit", "not recorded")
+    installed = checkpoints.installed_versions()["mmdit"]
+    if installed.split(".")[:2] == str(recorded).split(".")[:2]:
+        pytest.skip(f"the installed mmdit {installed} has the fixture's layout ({recorded}): nothing to refuse")
+    sizes, config = meta["model_sizes"], meta["config"]
+    model = MultimodalMMDiT(config["model"], vocab_size=int(sizes["vocab_size"]), latent_dim=int(sizes["latent_dim"]),
+                            cluster_size=int(sizes.get("cluster_size", 0) or 0))
+    try:
+        checkpoints.load_checkpoint_into(model, MMDIT02_FIXTURE)
+    except CheckpointError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"a checkpoint written with mmdit {recorded} loaded into a model built with mmdit "
+                             f"{installed}: the residual-stream layouts differ, the load must be refused")
+    assert "another mmdit version" in message, (
+        f"loading an mmdit {recorded} checkpoint under mmdit {installed} failed without saying why "
+        f"(no 'another mmdit version' in the message): {message}")
+    measure("mmdit_0.2_checkpoint", "refused: another mmdit version")
+
+
+CHECKS = {
+    "loads_strictly": check_loads_strictly,
+    "fresh_instances_identical": check_fresh_instances_identical,
+    "upstream_layouts": check_upstream_layouts,
+    "other_mmdit_layout": check_other_mmdit_layout,
+}
+
+
+def run_row(ctx, measure=None):
+    run_checks(CHECKS, ctx, measure)
+
+
+@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
+def test_pretrained_checkpoint(ctx, measure, check):
+    check(ctx, measure)
