@@ -210,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compat gate: pytest stopped with exit code {int(rc)}", file=sys.stderr)
         return 2
     rows = collector.rows()
+    from compat import harness
+
     context = {
         "checkpoint": args.checkpoint or "embedded default (stable trainer, synthetic pretrain)",
         "stable config": args.stable_config or "packaged tiny default",
         "cycle config": args.cycle_config or "packaged tiny default",
         "device": args.device,
+        "model": harness.LAST_CONTEXT.model_note if harness.LAST_CONTEXT is not None else "not built",
         "wall seconds": f"{seconds:.1f}",
     }
     print()
     print(render_text(rows))
+    print(f"\nmodel: {context['model']}")
     if args.kill_table:
         print()
         print(render_kill_table(collector.kills))

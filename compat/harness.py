@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.checkpoints import CheckpointError, LoadReport, load_checkpoint_into, model_sizes_from
+from latentDLM_mmdit.checkpoints import (
+    CheckpointError, LoadReport, load_checkpoint_into, model_sizes_from, open_checkpoint,
+)
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
-from latentDLM_mmdit.factory import dtype_from_config
+from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.seeding import seed_everything
@@ -28,6 +30,10 @@ from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PRETRAIN_STEPS = 30
+LARGE_MODEL_PARAMS = 20_000_000
+LAST_CONTEXT = None  # the context of the last session (the gate reports its model note)
+PROXY_SEED = 1234
+PROXY_SIZES = {"hidden_size": 32, "cond_dim": 32, "n_blocks": 1, "max_seq_len": 32, "dropout": 0.0}
 # Model keys that decide the parameter layout; both configs must agree on them.
 LAYOUT_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams", "latent_dim", "cluster_size")
 
@@ -90,6 +96,8 @@ class CompatContext:
     load_error: str | None
     device: torch.device
     _data_samples: list | None = field(default=None, repr=False)
+    _n_params: int | None = field(default=None, repr=False)
+    _proxy: MultimodalMMDiT | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
@@ -99,6 +107,8 @@ class CompatContext:
         checkpoint = Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
         ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint,
                   None, None, None, device)
+        global LAST_CONTEXT
+        LAST_CONTEXT = ctx
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
@@ -118,11 +128,65 @@ class CompatContext:
         checkpoint under test), in eval mode (dropout off) on the compat device."""
         sizes = self.model_sizes()
         seed_everything(int(self.cycle_config.training.get("seed", 42)))
-        model = MultimodalMMDiT(self.cycle_config.model, vocab_size=sizes["vocab_size"],
-                                latent_dim=sizes["latent_dim"], cluster_size=sizes.get("cluster_size", 0))
-        if load:
+        args = dict(vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"],
+                    cluster_size=sizes.get("cluster_size", 0))
+        if load:  # allocated, not initialised: every tensor comes from the checkpoint
+            model = build_model_uninitialized(self.cycle_config.model, **args)
             self.load_report = load_checkpoint_into(model, path or self.checkpoint_path)
+        else:
+            model = MultimodalMMDiT(self.cycle_config.model, **args)
         return model.eval().to(self.device)
+
+    # -- scale: a full-size checkpoint -----------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        """Parameter count of the checkpoint under test (from its header, without loading it)."""
+        if self._n_params is None:
+            with open_checkpoint(self.checkpoint_path) as source:
+                self._n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
+        return self._n_params
+
+    @property
+    def large(self) -> bool:
+        """A checkpoint too large for checks that need backward passes, many passes or copies of
+        the model (about 2e7 parameters and up): those run on `proxy_model()`."""
+        return self.n_params > LARGE_MODEL_PARAMS
+
+    def proxy_model(self, cluster_size: int | None = None) -> MultimodalMMDiT:
+        """A tiny model with the checkpoint's vocabulary, latent width, cluster head and residual
+        streams (1 block, width 32), seeded random weights: it exercises the trainers' code, which
+        is what the semantics checks are about, at a cost independent of the checkpoint's size."""
+        seed_everything(PROXY_SEED)
+        sizes = self.model_sizes()
+        config = OmegaConf.merge(self.cycle_config.model, PROXY_SIZES,
+                                 {"max_seq_len": max(self.seq_len, int(PROXY_SIZES["max_seq_len"]))})
+        cluster = sizes.get("cluster_size", 0) if cluster_size is None else cluster_size
+        return MultimodalMMDiT(config, vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"],
+                               cluster_size=cluster).eval().to(self.device)
+
+    def semantic_model(self) -> MultimodalMMDiT:
+        """The model for checks of the trainers' semantics: the checkpoint's model, or for a large
+        checkpoint the proxy (cached)."""
+        if not self.large:
+            return self.require_model()
+        if self._proxy is None:
+            self._proxy = self.proxy_model()
+        return self._proxy
+
+    def fresh_semantic_model(self) -> MultimodalMMDiT:
+        """A new instance equal to `semantic_model()` (a fresh load, or a fresh proxy)."""
+        if not self.large:
+            self.require_model()
+            return self.build_model(load=True)
+        return self.proxy_model()
+
+    @property
+    def model_note(self) -> str:
+        if not self.large:
+            return "checkpoint model"
+        return (f"checkpoint of {self.n_params / 1e6:.0f}M parameters: rows that check the trainers' "
+                "semantics with many passes, backward passes or model copies ran on a tiny proxy built "
+                "from the same config; loading, outputs and both trainers' losses ran on the checkpoint")
 
     def require_model(self) -> MultimodalMMDiT:
         """The shared model; rows that need it are skipped (NOT RUN) when it failed to load."""
@@ -149,22 +213,22 @@ class CompatContext:
 
     def stable(self, mode: str, model: torch.nn.Module | None = None, base: DictConfig | None = None,
                **overrides: Any) -> MultimodalDiffusionTrainer:
-        """A fresh stable trainer in `mode` over the shared model (or `model`), from the stable
+        """A fresh stable trainer in `mode` over the semantic model (or `model`), from the stable
         config (or `base`). Overrides are `loss.*` keys unless dotted."""
         config = self._with_loss(self.stable_config if base is None else base, {"loss_type": mode, **overrides})
         vocab = self.vocab
-        return MultimodalDiffusionTrainer(model or self.require_model(), vocab, MaskedDiffusion(vocab),
+        return MultimodalDiffusionTrainer(model or self.semantic_model(), vocab, MaskedDiffusion(vocab),
                                           dtype_from_config(config), config)
 
     def cycle(self, model: torch.nn.Module | None = None, base: DictConfig | None = None,
               **overrides: Any) -> CycleVAETrainer:
-        """A fresh cycle trainer over the shared model (or `model`), from the cycle config (or
+        """A fresh cycle trainer over the semantic model (or `model`), from the cycle config (or
         `base`, whose loss_type is then set to cycle_vae), with `loss.*` overrides."""
         if base is not None:
             overrides = {"loss_type": "cycle_vae", **overrides}
         config = self._with_loss(self.cycle_config if base is None else base, overrides)
         vocab = self.vocab
-        trainer = CycleVAETrainer(model or self.require_model(), vocab, MaskedDiffusion(vocab),
+        trainer = CycleVAETrainer(model or self.semantic_model(), vocab, MaskedDiffusion(vocab),
                                   dtype_from_config(config), config)
         unfreeze(trainer.model)  # a stable trainer over the same model may have frozen groups
         return trainer

@@ -19,11 +19,12 @@ pytestmark = pytest.mark.compat_row("cycle_terms")
 
 
 def check_weights_zero_equal_stable(ctx, measure, batch_size):
+    model = ctx.require_model()  # the checkpoint's own model: these are the losses a user continues from
     batch = ctx.batch(batch_size, seed=60 + batch_size)
     noise = ctx.noise(batch, seed=60 + batch_size)
-    l2t, _ = ctx.stable("l2t")(batch)
-    _, t2l = ctx.stable("t2l")(batch, draws={"latent_noise": noise})
-    trainer = ctx.cycle(latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)
+    l2t, _ = ctx.stable("l2t", model=model)(batch)
+    _, t2l = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
+    trainer = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)
     cycle, metrics = trainer(batch, step=0, draws={"latent_noise": noise})
     want = l2t.detach() + trainer.latent_loss_weight * t2l["latent_loss"]
     torch.testing.assert_close(cycle.detach(), want, **tol("float32_loss"),
@@ -33,7 +34,7 @@ def check_weights_zero_equal_stable(ctx, measure, batch_size):
 
 
 def check_terms_recomputed(ctx, measure):
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch = ctx.batch(ctx.options.batch_size, seed=65)
     noise, noise2 = ctx.noise(batch, seed=65), ctx.noise(batch, seed=66)
     w_text, w_latent = 0.3, 0.2
@@ -87,7 +88,7 @@ def check_ramp(ctx, measure):
 
 
 def _latent_head_grad_from_cycle_text(ctx, stop_grad: bool) -> float:
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     unfreeze(model)
     model.zero_grad(set_to_none=True)
     trainer = ctx.cycle(latent_t_mode="full", latent_loss_weight=0.0, cycle_text_weight=1.0, cycle_latent_weight=0.0,

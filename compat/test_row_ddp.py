@@ -91,7 +91,7 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
             batch, draws = inputs(ctx)
             results = {}
             for setting in SETTINGS:
-                model = ctx.build_model(load=True)  # rebuilt from ctx.checkpoint_path in this process
+                model = ctx.fresh_semantic_model()  # a fresh load (or proxy) in this process
                 trainer = make_trainer(ctx, setting, model)
                 training.wrap_model_for_ddp(trainer, dctx.device)
                 loss, _ = trainer(shard(batch, rank), step=None, draws=shard(draws[setting], rank))
@@ -145,11 +145,11 @@ def check_ddp_matches_single_process(ctx, measure):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     if ctx.device.type != "cpu":
         pytest.skip(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
-    ctx.require_model()
+    ctx.semantic_model()
     ranks = run_ddp(ctx)
     batch, draws = inputs(ctx)
     for setting in SETTINGS:
-        model = ctx.build_model(load=True)
+        model = ctx.fresh_semantic_model()
         loss, trainer = step(ctx, setting, batch, draws[setting], model)
         want = grads_by_name(model)
         losses = torch.stack([r[setting]["loss"] for r in ranks])

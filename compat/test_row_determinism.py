@@ -95,24 +95,24 @@ def twice(ctx, measure, label: str, make_trainer, expected_draws: tuple[str, ...
 
 
 def check_stable_unconditional(ctx, measure):
-    ctx.require_model()
+    ctx.semantic_model()
     twice(ctx, measure, "stable_unconditional", lambda: ctx.stable("unconditional"),
           ("text_t", "latent_t", "mask_uniform", "latent_noise"))
 
 
 def check_cycle_random_categorical(ctx, measure):
-    ctx.require_model()
+    ctx.semantic_model()
     twice(ctx, measure, "cycle_random", lambda: ctx.cycle(**CYCLE_RANDOM),
           ("latent_t", "latent_noise", "cycle_latent_t", "cycle_latent_noise", "pseudo_token_uniform"))
 
 
 def check_cycle_full(ctx, measure):
-    ctx.require_model()
+    ctx.semantic_model()
     twice(ctx, measure, "cycle_full", lambda: ctx.cycle(**CYCLE_FULL), ("latent_noise", "cycle_latent_noise"))
 
 
 def check_seed_matters(ctx, measure):
-    ctx.require_model()
+    ctx.semantic_model()
     seed = int(ctx.cycle_config.training.get("seed", 42))
     other = {"training.seed": seed + 1}
     for label, make, make_other in (

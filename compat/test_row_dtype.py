@@ -79,9 +79,9 @@ def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what:
 
 
 def check_bf16_matches_fp32(ctx, measure):
-    reference = ctx.require_model()
+    reference = ctx.semantic_model()
     fp32 = losses(ctx, reference, torch.float32, ctx.device)
-    bf16_model = ctx.build_model(load=True).to(torch.bfloat16)
+    bf16_model = ctx.fresh_semantic_model().to(torch.bfloat16)
     bf16 = losses(ctx, bf16_model, torch.bfloat16, ctx.device, spy=True)
     measure("bf16_latents_fed", bf16.pop("latents_fed"))
     assert bf16 != fp32, "the bfloat16 run gave exactly the float32 losses: bfloat16 was not exercised"
@@ -96,11 +96,11 @@ CHECKS = {
 def check_cuda_matches_cpu(ctx, measure):
     """CUDA float32 and bfloat16 against CPU float32 (the `gpu` test)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    want = losses(ctx, ctx.build_model(load=True).to(cpu), torch.float32, cpu)
-    got32 = losses(ctx, ctx.build_model(load=True).to(cuda), torch.float32, cuda, spy=True)
+    want = losses(ctx, ctx.fresh_semantic_model().to(cpu), torch.float32, cpu)
+    got32 = losses(ctx, ctx.fresh_semantic_model().to(cuda), torch.float32, cuda, spy=True)
     got32.pop("latents_fed")
     compare(got32, want, "cuda_float32", "cuda_fp32", measure)
-    got16 = losses(ctx, ctx.build_model(load=True).to(cuda, torch.bfloat16), torch.bfloat16, cuda, spy=True)
+    got16 = losses(ctx, ctx.fresh_semantic_model().to(cuda, torch.bfloat16), torch.bfloat16, cuda, spy=True)
     got16.pop("latents_fed")
     compare(got16, want, "bfloat16", "cuda_bf16", measure)
 

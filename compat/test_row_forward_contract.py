@@ -13,8 +13,6 @@ import torch
 
 from compat.harness import CallRecorder, run_checks, slice_batch
 from compat.oracle import tol
-from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
-from latentDLM_mmdit.seeding import seed_everything
 
 pytestmark = pytest.mark.compat_row("forward_contract")
 
@@ -44,7 +42,7 @@ def check_keywords_and_shapes(ctx, measure):
     B, S = batch["input_ids"].shape
     noise = ctx.noise(batch, seed=1)
     for setting in TERMS:
-        spy = CallRecorder(model)
+        spy = CallRecorder(ctx.semantic_model())
         _step(ctx, setting, batch, noise, model=spy)
         assert spy.calls, f"{setting}: the model was never called"
         for args, kwargs in spy.calls:
@@ -65,9 +63,7 @@ def check_keywords_and_shapes(ctx, measure):
 
 def check_cluster_head(ctx, measure):
     """A cluster-head model returns three outputs; both trainers run on it (upstream defect 3)."""
-    seed_everything(0)
-    cluster = MultimodalMMDiT(ctx.cycle_config.model, vocab_size=ctx.vocab.vocab_size, latent_dim=ctx.latent_dim,
-                              cluster_size=4).eval().to(ctx.device)
+    cluster = ctx.proxy_model(cluster_size=4)  # the trainers' handling of three outputs, at any scale
     batch = ctx.batch(2, seed=2)
     with torch.no_grad():
         out = cluster(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None,

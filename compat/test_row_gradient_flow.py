@@ -101,7 +101,7 @@ def _inputs(ctx):
 
 
 def stable_reach(ctx, mode: str) -> tuple[set[str], dict]:
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch, noise, _ = _inputs(ctx)
     trainer = ctx.stable(mode)
     draws = {"latent_noise": noise} if mode == "t2l" else None
@@ -112,7 +112,7 @@ def stable_reach(ctx, mode: str) -> tuple[set[str], dict]:
 def cycle_term_grads(ctx, latent_loss_weight: float, w_text: float, w_latent: float,
                      stop_grad: bool = True) -> dict:
     """Gradients of the cycle loss with these weights (full mode, argmax pseudo tokens, no ramp)."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch, noise, noise2 = _inputs(ctx)
     trainer = ctx.cycle(latent_t_mode="full", cycle_latent_sampling="argmax", latent_loss_weight=latent_loss_weight,
                         cycle_text_weight=w_text, cycle_latent_weight=w_latent, cycle_text_warmup_steps=0,
@@ -135,7 +135,7 @@ def cycle_term_reach(ctx) -> dict[str, set[str]]:
 
 def check_stable_modes(ctx, measure):
     """Stable l2t trains {shared, text} and gives the latent group no gradient; t2l the mirror."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     expected = {"l2t": {"text", "shared"}, "t2l": {"latent", "shared"}}
     with _grad_scope(model):
         for mode, want in expected.items():
@@ -151,7 +151,7 @@ def check_stable_modes(ctx, measure):
 
 def check_cycle_terms(ctx, measure):
     """Each cycle term's reach, against what it must never reach and against the stable modes."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     with _grad_scope(model):
         reach = cycle_term_reach(ctx)
     for term, names in reach.items():
@@ -178,7 +178,7 @@ def check_cycle_terms(ctx, measure):
 
 def check_cycle_total(ctx, measure):
     """The configured cycle step reaches every group and top-level module the stable modes train."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch = ctx.batch(BATCH, seed=SEED)
     with _grad_scope(model):
         stable = set().union(*(stable_reach(ctx, mode)[0] for mode in ("l2t", "t2l")))

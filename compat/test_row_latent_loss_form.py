@@ -21,7 +21,7 @@ WEIGHT = 0.25  # not the default 0.1, so a hard-coded weight shows
 
 
 def check_loss_form(ctx, measure, parameterization: str, schedule: str):
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch = ctx.batch(ctx.options.batch_size, seed=50)
     noise = ctx.noise(batch, seed=50)
     settings = {"model.latent_parameterization": parameterization, "model.latent_beta_schedule": schedule,

@@ -22,6 +22,7 @@ gave. Checked on the checkpoint under test (embedded default: written by the sta
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from pathlib import Path
@@ -68,10 +69,10 @@ def assert_same_outputs(got, want, what: str) -> None:
                                    msg=lambda m, i=i: f"{what}: output {i} differs from the shared model's\n{m}")
 
 
-def poisoned_model(ctx) -> MultimodalMMDiT:
-    """A fresh model of the configured layout whose every floating tensor is NaN: whatever a load
-    leaves out shows up in the outputs."""
-    model = ctx.build_model(load=False)
+def poisoned_model(ctx, like: MultimodalMMDiT | None = None) -> MultimodalMMDiT:
+    """A fresh model of the configured layout (or a deep copy of `like`) whose every floating
+    tensor is NaN: whatever a load leaves out shows up in the outputs."""
+    model = ctx.build_model(load=False) if like is None or not ctx.large else copy.deepcopy(like)
     with torch.no_grad():
         for value in model.state_dict().values():
             if value.is_floating_point():
@@ -86,12 +87,15 @@ def check_loads_strictly(ctx, measure):
     if ctx.load_error is not None:
         raise AssertionError(f"the checkpoint under test does not load strictly into the configured model: "
                              f"{ctx.load_error}")
-    model = poisoned_model(ctx)
-    try:
-        report = checkpoints.load_checkpoint_into(model, path)
-    except CheckpointError as exc:
-        raise AssertionError(f"the checkpoint does not load strictly into a fresh model of the configured "
-                             f"layout: {exc}") from None
+    if ctx.large:  # no second copy of a full-size model: the shared model's own strict load is the evidence
+        model, report = ctx.require_model(), ctx.load_report
+    else:
+        model = poisoned_model(ctx)
+        try:
+            report = checkpoints.load_checkpoint_into(model, path)
+        except CheckpointError as exc:
+            raise AssertionError(f"the checkpoint does not load strictly into a fresh model of the configured "
+                                 f"layout: {exc}") from None
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
     kind, step = report.metadata.get("trainer_kind"), report.metadata.get("step")
@@ -109,12 +113,16 @@ def check_fresh_instances_identical(ctx, measure):
     shared = ctx.require_model()
     path = Path(ctx.checkpoint_path)
     before = sha256(path)
-    for_stable, for_cycle = ctx.build_model(load=True), ctx.build_model(load=True)
     batch = ctx.batch(ctx.options.batch_size, seed=SEED + 1)
     noise = ctx.noise(batch, seed=SEED + 1)
-    want = model_outputs(ctx, shared, batch)
-    assert_same_outputs(model_outputs(ctx, for_stable, batch), want, "the stable trainer's fresh instance")
-    assert_same_outputs(model_outputs(ctx, for_cycle, batch), want, "the cycle trainer's fresh instance")
+    if ctx.large:  # one instance shared by both trainers: a full-size model is not loaded twice more
+        for_stable = for_cycle = shared
+        measure("instances", "one shared instance (large checkpoint)")
+    else:
+        for_stable, for_cycle = ctx.build_model(load=True), ctx.build_model(load=True)
+        want = model_outputs(ctx, shared, batch)
+        assert_same_outputs(model_outputs(ctx, for_stable, batch), want, "the stable trainer's fresh instance")
+        assert_same_outputs(model_outputs(ctx, for_cycle, batch), want, "the cycle trainer's fresh instance")
     with torch.no_grad():
         _, l2t = ctx.stable("l2t", model=for_stable)(batch)
         _, t2l = ctx.stable("t2l", model=for_stable)(batch, draws={"latent_noise": noise})
@@ -131,9 +139,9 @@ def check_fresh_instances_identical(ctx, measure):
     assert sha256(path) == before, f"loading {path} changed the file"
 
 
-def upstream_layouts(ctx) -> dict[str, object]:
-    """The shared model's weights as upstream wrote them (see the module docstring)."""
-    state = {k: v.detach().cpu().clone() for k, v in ctx.require_model().state_dict().items()}
+def upstream_layouts(ctx, model) -> dict[str, object]:
+    """`model`'s weights as upstream wrote them (see the module docstring)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     text_noise = {f"text_noise_schedule.{k}": v.clone() for k, v in MaskedDiffusion(ctx.vocab).state_dict().items()}
 
     def trainer_dict(prefix: str) -> dict:
@@ -152,16 +160,26 @@ def upstream_layouts(ctx) -> dict[str, object]:
 def check_upstream_layouts(ctx, measure):
     """(c): each upstream layout loads strictly, outputs bit-identical, source file untouched."""
     shared = ctx.require_model()
+    if ctx.large:
+        # Writing three more copies of a full-size model is what this row must not cost: the
+        # checkpoint's own key names are mapped through each layout, and the full round trip runs
+        # on the proxy's weights (same loader code).
+        names = {k: tuple(v.shape) for k, v in shared.state_dict().items()}
+        for prefix in ("model.", "module._orig_mod.model.", "_orig_mod.module.model."):
+            mapping = checkpoints.normalize_keys([prefix + k for k in names] + ["text_noise_schedule.log_B"], prefix)
+            assert sorted(mapping) == sorted(names), f"keys prefixed {prefix!r} do not map back onto the model's keys"
+        measure("upstream_layouts_keys", "mapped (large checkpoint: round trip on the proxy)")
+        shared = ctx.semantic_model()
     batch = ctx.batch(2, seed=SEED + 2)
     want = model_outputs(ctx, shared, batch)
     folder = Path(ctx.workdir) / "variants"
     folder.mkdir(parents=True, exist_ok=True)
     loaded = []
-    for name, obj in upstream_layouts(ctx).items():
+    for name, obj in upstream_layouts(ctx, shared).items():
         path = folder / f"{name}.pt"
         torch.save(obj, path)
         before = sha256(path)
-        model = poisoned_model(ctx)
+        model = poisoned_model(ctx, like=shared)
         try:
             report = checkpoints.load_checkpoint_into(model, path)
         except CheckpointError as exc:

@@ -31,7 +31,7 @@ TERMS = ("cycle_text", "cycle_latent")
 def cycle_trainer(ctx):
     """The cycle trainer from the config under test. The settings need no pretrained weights: when
     the checkpoint did not load, the trainer drives a fresh model of the configured layout."""
-    return ctx.cycle(model=ctx.model if ctx.model is not None else ctx.build_model(load=False))
+    return ctx.cycle(model=ctx.model if ctx.model is not None else ctx.proxy_model())
 
 
 def loss_config(ctx) -> dict:

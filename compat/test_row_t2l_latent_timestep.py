@@ -21,7 +21,7 @@ STEPS = 8
 def cycle_t2l_timesteps(ctx, steps: int = STEPS, **overrides) -> torch.Tensor:
     """Every latent timestep the cycle trainer's T2L passes used over `steps` steps, drawn from
     its own generator as in training."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     spy = CallRecorder(model)
     trainer = ctx.cycle(model=spy, **overrides)
     for step in range(steps):
@@ -36,7 +36,7 @@ def distribution(ts: torch.Tensor) -> dict[str, float]:
 
 
 def check_stable_uses_t1(ctx, measure):
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     spy = CallRecorder(model)
     batch = ctx.batch(ctx.options.batch_size, seed=41)
     ctx.stable("t2l", model=spy)(batch, draws={"latent_noise": ctx.noise(batch, seed=41)})
@@ -70,8 +70,9 @@ def check_random_mode_is_a_shift(ctx, measure):
 def check_full_matches_stable_loss(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=42)
     noise = ctx.noise(batch, seed=42)
-    _, stable = ctx.stable("t2l")(batch, draws={"latent_noise": noise})
-    _, cycle = ctx.cycle(latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
+    model = ctx.require_model()  # the checkpoint's T2L path
+    _, stable = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
+    _, cycle = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
         batch, draws={"latent_noise": noise})
     torch.testing.assert_close(torch.tensor(cycle["base_t2l_latent_loss"]), torch.tensor(stable["latent_loss"]),
                                **tol("float32_loss"), msg=lambda m: f"full-mode T2L latent loss differs from stable\n{m}")

@@ -48,7 +48,7 @@ class PerfectDenoiser(torch.nn.Module):
 
 def reconstruct(ctx, parameterization, mode_overrides, draws_t=None, perturbation=None):
     """(reconstructed x0 [B,D], clean x0 [B,D], trainer metrics) through the trainer's cycle_text path."""
-    model = ctx.require_model()
+    model = ctx.semantic_model()
     batch = ctx.batch(ctx.options.batch_size, seed=70)
     B = batch["input_ids"].shape[0]
     noise = ctx.noise(batch, seed=70)

@@ -1,0 +1,189 @@
+"""Benchmark: one line per figure, each a ratio measured in this run against its target.
+
+    python -m bench            # full sizes: the gate on a random cluster-size checkpoint (~3.6 GB)
+    python -m bench --small    # small sizes, for CI (under two minutes on 2 cores)
+
+Figures:
+  gate_memory      peak RSS of the gate process / checkpoint bytes   (target <= 1.5)
+  gate_wall        gate wall seconds / 300                            (target <= 1.0)
+  cycle_step_cost  median cycle step (both cycle terms on) / (median stable l2t step + median
+                   stable t2l step), same batch, forward + backward   (floor 2.0, target <= 2.1)
+  cycle_step_w0    the same with both cycle weights 0                 (floor 1.0)
+  compat_suite     `pytest compat/` wall seconds on the embedded default / 60 (target <= 1.0)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def line(name: str, ratio: float, target: str, detail: str, ok: bool | None) -> str:
+    verdict = "-" if ok is None else ("meets target" if ok else "MISSES target")
+    return f"{name:<16} ratio {ratio:8.3f}   {target:<22} {verdict:<14} {detail}"
+
+
+# A launcher process whose only child is the measured command, so that RUSAGE_CHILDREN is that
+# command's peak RSS (the largest of it and its own children), not also this process's other runs.
+_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:])\n"
+    "print('\\n@@peak_rss_kib=' + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def run_measured(cmd: list[str]):
+    """(completed process, wall seconds, peak RSS bytes) of `cmd`."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    marker = [l for l in proc.stdout.splitlines() if l.startswith("@@peak_rss_kib=")]
+    if not marker:
+        raise RuntimeError(f"no RSS measurement from {cmd}: {proc.stderr[-2000:]}")
+    return proc, wall, int(marker[-1].split("=", 1)[1]) * 1024  # Linux reports KiB
+
+
+# -- gate memory and wall time -----------------------------------------------------------------------
+def gate_figures(small: bool, workdir: Path) -> list[str]:
+    from bench.random_checkpoint import write_random_checkpoint
+    from latentDLM_mmdit.config import default_config_path, load_config
+
+    config_path = default_config_path("cycle_cluster")
+    overrides = ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4"] if small else []
+    config = load_config(config_path, overrides)
+    cfg_file = workdir / "gate_config.yaml"
+    OmegaConf.save(config, cfg_file)
+    checkpoint, n_params = write_random_checkpoint(config, workdir / "random_cluster.safetensors")
+    size = checkpoint.stat().st_size
+    cmd = [sys.executable, "-m", "compat", "--checkpoint", str(checkpoint), "--stable-config", str(cfg_file),
+           "--cycle-config", str(cfg_file), "--batch-size", "2", "--seq-len", "128",
+           "--report", str(workdir / "gate-report"), "--quiet"]
+    proc, wall, peak = run_measured(cmd)
+    (workdir / "gate.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"the gate failed to run (exit {proc.returncode}); log: {workdir / 'gate.log'}")
+    label = "small" if small else "cluster"
+    detail = (f"{label} config, {n_params / 1e6:.0f}M params, checkpoint {size / 2**30:.2f} GiB, peak RSS "
+              f"{peak / 2**30:.2f} GiB, gate exit {proc.returncode}")
+    full = not small
+    return [
+        line("gate_memory", peak / size, "target <= 1.5" + ("" if full else " (full)"), detail,
+             peak / size <= 1.5 if full else None),
+        line("gate_wall", wall / 300, "target <= 1.0" + ("" if full else " (full)"), f"{wall:.1f} s on {os.cpu_count()} cores",
+             wall <= 300 if full else None),
+    ]
+
+
+# -- cycle step cost ---------------------------------------------------------------------------------
+def _median_step_seconds(trainer, batch, draws, repeats: int) -> float:
+    times = []
+    for i in range(repeats + 2):
+        trainer.model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        loss, _ = trainer(batch, step=10_000, draws=draws)
+        loss.backward()
+        elapsed = time.perf_counter() - started
+        if i >= 2:  # warm-up
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def step_cost_figures(small: bool) -> list[str]:
+    from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
+    from latentDLM_mmdit.config import default_config_path, load_config
+    from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+    from latentDLM_mmdit.factory import build_model
+    from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
+    from latentDLM_mmdit.synthetic import synthetic_batch
+    from latentDLM_mmdit.tokenizer import vocab_from_config
+
+    sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"] if small else
+             ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"])
+    config = load_config(default_config_path("cycle"), sizes)
+    B, S = (4, 16) if small else (4, 96)
+    repeats = 5 if small else 7
+    model = build_model(config, seed=0).train()
+    vocab = vocab_from_config(config)
+    batch = synthetic_batch(vocab, B, S, int(config.model.latent_dim), torch.Generator().manual_seed(0))
+    noise = torch.randn(B, int(config.model.latent_dim), generator=torch.Generator().manual_seed(1))
+
+    def stable(mode):
+        cfg = OmegaConf.merge(config, {"loss": {"loss_type": mode}})
+        return MultimodalDiffusionTrainer(model, vocab, MaskedDiffusion(vocab), torch.float32, cfg)
+
+    def cycle(weight):
+        cfg = OmegaConf.merge(config, {"loss": {"cycle_text_weight": weight, "cycle_latent_weight": weight,
+                                                "cycle_text_ramp_steps": 0, "cycle_latent_ramp_steps": 0}})
+        return CycleVAETrainer(model, vocab, MaskedDiffusion(vocab), torch.float32, cfg)
+
+    def unfrozen(fn):
+        def run(*args):
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return fn(*args)
+        return run
+
+    l2t = _median_step_seconds(stable("l2t"), batch, None, repeats)
+    t2l = _median_step_seconds(stable("t2l"), batch, {"latent_noise": noise}, repeats)
+    both = unfrozen(_median_step_seconds)(cycle(0.1), batch, {"latent_noise": noise, "cycle_latent_noise": noise}, repeats)
+    zero = unfrozen(_median_step_seconds)(cycle(0.0), batch, {"latent_noise": noise}, repeats)
+    denominator = l2t + t2l
+    params = sum(p.numel() for p in model.parameters())
+    detail = (f"{params / 1e6:.1f}M params, B={B} S={S}, {torch.get_num_threads()} threads; "
+              f"l2t {l2t * 1e3:.1f} ms + t2l {t2l * 1e3:.1f} ms")
+    return [
+        line("cycle_step_cost", both / denominator, "floor 2.0, target <= 2.1",
+             f"cycle {both * 1e3:.1f} ms; {detail}", both / denominator <= 2.1),
+        line("cycle_step_w0", zero / denominator, "floor 1.0", f"cycle(w=0) {zero * 1e3:.1f} ms; {detail}", None),
+    ]
+
+
+# -- compat suite wall time --------------------------------------------------------------------------
+def suite_figure() -> list[str]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "compat", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return [line("compat_suite", wall / 60, "target <= 1.0", f"{wall:.1f} s; {summary}",
+                 wall <= 60 and proc.returncode == 0)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
+    parser.add_argument("--only", choices=["gate", "step", "suite"], action="append",
+                        help="run only these figures (repeatable)")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    selected = set(args.only or ["gate", "step", "suite"])
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
+          f"{os.cpu_count()} cores, workdir {workdir}", flush=True)
+    lines = []
+    if "step" in selected:
+        lines += step_cost_figures(args.small)
+        print(*lines[-2:], sep="\n", flush=True)
+    if "suite" in selected:
+        lines += suite_figure()
+        print(lines[-1], flush=True)
+    if "gate" in selected:
+        lines += gate_figures(args.small, workdir)
+        print(*lines[-2:], sep="\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
