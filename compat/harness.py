@@ -239,6 +239,21 @@ class CompatContext:
         return min(int(self.options.seq_len), int(self.cycle_config.model.max_seq_len))
 
     @property
+    def trainer_dtype(self) -> torch.dtype:
+        """The dtype the trainers feed latents and timesteps in (`training.dtype` of the cycle config)."""
+        return dtype_from_config(self.cycle_config)
+
+    def as_fed(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as a trainer casts it before use (rounded to the trainer dtype), in float32 on the CPU."""
+        return x.detach().to(self.trainer_dtype).float().cpu()
+
+    @property
+    def oracle_tolerance(self) -> str:
+        """Tolerance name for trainer vs float64 oracle: float32, or bfloat16 when the trainers run
+        their inputs in a 16-bit dtype."""
+        return "float32_oracle" if self.trainer_dtype == torch.float32 else "bfloat16"
+
+    @property
     def latent_dim(self) -> int:
         return int(self.model_sizes()["latent_dim"])
 
@@ -311,14 +326,16 @@ def run_checks(checks: dict, ctx: CompatContext, measure=None) -> None:
 class CallRecorder(torch.nn.Module):
     """Wraps a model and records how a trainer calls it (positional args, keywords, shapes)."""
 
-    def __init__(self, inner: torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, keep_outputs: bool = True):
         super().__init__()
         self.inner = inner
+        self.keep_outputs = keep_outputs  # logits are [B,S,V]: many calls at a large V add up
         self.calls: list[tuple[tuple, dict]] = []
         self.outputs: list[tuple] = []
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         out = self.inner(*args, **kwargs)
-        self.outputs.append(tuple(o.detach() for o in out))
+        if self.keep_outputs:
+            self.outputs.append(tuple(o.detach() for o in out))
         return out

@@ -36,22 +36,22 @@ def check_loss_form(ctx, measure, parameterization: str, schedule: str):
 
     T = int(ctx.cycle_config.model.get("latent_timesteps", 1000))
     ab = oracle.alphas_cumprod(schedule, T)[oracle.timestep_index(torch.ones(batch["latent"].shape[0]), T)]
-    x0 = batch["latent"].reshape(batch["latent"].shape[0], -1).cpu()
-    target = oracle.target(x0, noise.cpu(), ab, parameterization)
+    x0 = ctx.as_fed(batch["latent"].reshape(batch["latent"].shape[0], -1))
+    target = oracle.target(x0, ctx.as_fed(noise), ab, parameterization)
     want_stable = oracle.normalized_mse(stable_pred.cpu(), target)
     want_cycle = oracle.normalized_mse(cycle_pred.cpu(), target)
     label = f"{parameterization}/{schedule}"
     for name, got, want in (("stable latent_loss", stable["latent_loss"], want_stable),
                             ("cycle base_t2l_latent_loss", cycle["base_t2l_latent_loss"], want_cycle)):
-        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, **tol("float32_oracle"),
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, **tol(ctx.oracle_tolerance),
                                    msg=lambda m, n=name: f"{label}: {n} is not the normalised MSE to the target\n{m}")
     torch.testing.assert_close(torch.tensor(cycle["base_t2l_latent_loss"]), torch.tensor(stable["latent_loss"]),
                                **tol("float32_loss"), msg=lambda m: f"{label}: latent loss differs between trainers\n{m}")
     # The weight: stable t2l total = w * latent; cycle total = w * T2L + L2T (cycle terms off).
-    torch.testing.assert_close(stable_loss.detach().double().cpu(), WEIGHT * want_stable, **tol("float32_oracle"),
+    torch.testing.assert_close(stable_loss.detach().double().cpu(), WEIGHT * want_stable, **tol(ctx.oracle_tolerance),
                                msg=lambda m: f"{label}: stable total is not latent_loss_weight x latent loss\n{m}")
     torch.testing.assert_close(cycle_loss.detach().double().cpu() - cycle["base_l2t_text_loss"], WEIGHT * want_cycle,
-                               **tol("float32_oracle"),
+                               **tol(ctx.oracle_tolerance),
                                msg=lambda m: f"{label}: cycle total is not latent_loss_weight x T2L + L2T\n{m}")
     measure(f"{parameterization}_{schedule}", stable["latent_loss"])
 

@@ -22,10 +22,11 @@ def cycle_t2l_timesteps(ctx, steps: int = STEPS, **overrides) -> torch.Tensor:
     """Every latent timestep the cycle trainer's T2L passes used over `steps` steps, drawn from
     its own generator as in training."""
     model = ctx.semantic_model()
-    spy = CallRecorder(model)
+    spy = CallRecorder(model, keep_outputs=False)
     trainer = ctx.cycle(model=spy, **overrides)
     for step in range(steps):
-        trainer(ctx.batch(ctx.options.batch_size, seed=40 + step), step=10_000 + step)
+        with torch.no_grad():
+            trainer(ctx.batch(ctx.options.batch_size, seed=40 + step), step=10_000 + step)
     # T2L passes condition on text (t_text = 0); L2T-like passes have t_text = 1.
     ts = [kw["latent_timesteps"].float().cpu() for _, kw in spy.calls if not bool((kw["text_timesteps"] == 1).all())]
     return torch.cat(ts)
@@ -71,9 +72,10 @@ def check_full_matches_stable_loss(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=42)
     noise = ctx.noise(batch, seed=42)
     model = ctx.require_model()  # the checkpoint's T2L path
-    _, stable = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
-    _, cycle = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
-        batch, draws={"latent_noise": noise})
+    with torch.no_grad():  # values only: no autograd graph of a full-size model kept alive
+        _, stable = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
+        _, cycle = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
+            batch, draws={"latent_noise": noise})
     torch.testing.assert_close(torch.tensor(cycle["base_t2l_latent_loss"]), torch.tensor(stable["latent_loss"]),
                                **tol("float32_loss"), msg=lambda m: f"full-mode T2L latent loss differs from stable\n{m}")
     measure("t2l_latent_loss", stable["latent_loss"])

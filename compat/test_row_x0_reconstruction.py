@@ -52,10 +52,10 @@ def reconstruct(ctx, parameterization, mode_overrides, draws_t=None, perturbatio
     batch = ctx.batch(ctx.options.batch_size, seed=70)
     B = batch["input_ids"].shape[0]
     noise = ctx.noise(batch, seed=70)
-    x0 = batch["latent"].reshape(B, -1).cpu()
+    x0 = ctx.as_fed(batch["latent"].reshape(B, -1))
     probe = ctx.cycle(**{"model.latent_parameterization": parameterization})
     schedule, T = probe.latent_diffusion.beta_schedule, probe.latent_diffusion.num_timesteps
-    spy = CallRecorder(PerfectDenoiser(model, x0, noise.cpu(), schedule, T, parameterization, perturbation))
+    spy = CallRecorder(PerfectDenoiser(model, x0, ctx.as_fed(noise), schedule, T, parameterization, perturbation))
     trainer = ctx.cycle(model=spy, cycle_text_weight=1.0, cycle_latent_weight=0.0, cycle_text_warmup_steps=0,
                         cycle_text_ramp_steps=0, **{"model.latent_parameterization": parameterization}, **mode_overrides)
     draws = {"latent_noise": noise}
@@ -71,7 +71,7 @@ def check_exact_at_small_t(ctx, measure, parameterization):
     u = ctx.uniforms((B,), seed=71)
     rec, x0, _ = reconstruct(ctx, parameterization, {"latent_t_mode": "random", "cycle_latent_t_min": 0.0,
                                                      "cycle_latent_t_max": 0.05}, draws_t=u)
-    torch.testing.assert_close(rec, x0.float(), **tol("float32_oracle"),
+    torch.testing.assert_close(rec, x0.float(), **tol(ctx.oracle_tolerance),
                                msg=lambda m: f"{parameterization}: x0 reconstructed at small t is not the clean latent\n{m}")
     measure(f"{parameterization}_small_t_max_abs_err", float((rec - x0).abs().max()))
 

@@ -100,7 +100,47 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], dtype: torch.dtype, owner: 
     return input_ids, attention_mask, latents
 
 
-class MultimodalDiffusionTrainer(nn.Module):
+class DiffusionTrainerBase(nn.Module):
+    """What both trainers share: the model and text side, the latent diffusion resolved from the
+    config, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own generator
+    (seeded from `training.seed`)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
+                 dtype: torch.dtype, config: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.text_noise_schedule = text_noise_schedule
+        self.dtype = dtype
+        self.config = as_config(config)
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.latent_settings = resolve_latent_settings(self.config)
+        self.latent_diffusion = ContinuousDiffusion(
+            num_timesteps=self.latent_settings.num_timesteps,
+            beta_schedule=self.latent_settings.beta_schedule,
+            parameterization=self.latent_settings.parameterization,
+        )
+        loss_cfg = self.config.get("loss", {}) or {}
+        self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
+        if not 0.0 <= self.latent_loss_weight < float("inf"):
+            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
+        self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
+        self.generator = make_generator(int((self.config.get("training", {}) or {}).get("seed", 42)))
+        self.last_draws: dict[str, torch.Tensor] = {}
+
+    def report_nonfinite(self, owner: str, nonfinite: list[str]) -> None:
+        """Raises under `loss.on_nonfinite: raise`; otherwise logs upstream's replacement."""
+        if not nonfinite:
+            return
+        message = f"{owner}: non-finite {', '.join(nonfinite)}"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
+
+
+class MultimodalDiffusionTrainer(DiffusionTrainerBase):
     """Stable trainer.
 
     Args:
@@ -118,19 +158,7 @@ class MultimodalDiffusionTrainer(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
                  dtype: torch.dtype, config: Any):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.text_noise_schedule = text_noise_schedule
-        self.dtype = dtype
-        self.config = as_config(config)
-        self.mask_token_id = int(tokenizer.mask_token_id)
-        self.latent_settings = resolve_latent_settings(self.config)
-        self.latent_diffusion = ContinuousDiffusion(
-            num_timesteps=self.latent_settings.num_timesteps,
-            beta_schedule=self.latent_settings.beta_schedule,
-            parameterization=self.latent_settings.parameterization,
-        )
+        super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
         loss_cfg = self.config.get("loss", {}) or {}
         train_cfg = self.config.get("training", {}) or {}
         self.loss_type = str(loss_cfg.get("loss_type", "l2t"))

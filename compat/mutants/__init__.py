@@ -60,10 +60,16 @@ def _two_output_unpack(outputs):
     return text_logits, latent_pred
 
 
-def _root_key_reading(config):
-    values = upstream_stable_reading(config)
-    return LatentSettings(int(values["latent_timesteps"]), str(values["latent_beta_schedule"]),
-                          str(values["latent_parameterization"]), {k: "root" for k in values})
+def _stable_reads_root_keys(original_init):
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        values = upstream_stable_reading(self.config)  # upstream's stable trainer: root keys or defaults
+        self.latent_settings = LatentSettings(int(values["latent_timesteps"]), str(values["latent_beta_schedule"]),
+                                              str(values["latent_parameterization"]), {k: "root" for k in values})
+        self.latent_diffusion = ContinuousDiffusion(self.latent_settings.num_timesteps,
+                                                    self.latent_settings.beta_schedule,
+                                                    parameterization=self.latent_settings.parameterization)
+    return __init__
 
 
 def _always_random_t(self, source, name, batch_size, device):
@@ -164,7 +170,8 @@ MUTANTS: tuple[Mutant, ...] = (
            lambda: [mock.patch.object(stable_module, "split_model_outputs", _two_output_unpack)]),
     Mutant("upstream_defect_4_root_keys", "config_resolution",
            "stable trainer reads latent diffusion keys from the config root",
-           lambda: [mock.patch.object(stable_module, "resolve_latent_settings", _root_key_reading)]),
+           lambda: [mock.patch.object(stable_module.MultimodalDiffusionTrainer, "__init__",
+                                      _stable_reads_root_keys(stable_module.MultimodalDiffusionTrainer.__init__))]),
     Mutant("random_latent_t", "t2l_latent_timestep",
            "cycle T2L samples t in [t_min, t_max] whatever latent_t_mode says",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "sample_latent_t", _always_random_t)]),

@@ -15,21 +15,17 @@ A term whose weight is 0 at this step costs no model pass.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
-from latentDLM_mmdit.draws import DrawSource, make_generator
+from latentDLM_mmdit.draws import DrawSource
 from latentDLM_mmdit.improved_trainer_stable import (
-    FALLBACK_TOTAL_LOSS, NONFINITE_POLICIES, as_config, prepare_batch, split_model_outputs,
+    FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, prepare_batch, split_model_outputs,
 )
-from latentDLM_mmdit.latent_settings import resolve_latent_settings
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse
 
-logger = logging.getLogger(__name__)
 
 LATENT_T_MODES = {"full": "full", "ones": "full", "t1": "full", "random": "random"}
 PSEUDO_TOKEN_SAMPLINGS = ("argmax", "categorical")
@@ -62,7 +58,7 @@ def pseudo_tokens_from_logits(logits: torch.Tensor, sampling: str, uniform: torc
     raise ValueError(f"unknown loss.cycle_latent_sampling {sampling!r}; valid: {', '.join(PSEUDO_TOKEN_SAMPLINGS)}")
 
 
-class CycleVAETrainer(nn.Module):
+class CycleVAETrainer(DiffusionTrainerBase):
     """Cycle trainer.
 
     Args:
@@ -82,26 +78,11 @@ class CycleVAETrainer(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
                  dtype: torch.dtype, config: Any):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.text_noise_schedule = text_noise_schedule
-        self.dtype = dtype
-        self.config = as_config(config)
-        self.mask_token_id = int(tokenizer.mask_token_id)
-        self.latent_settings = resolve_latent_settings(self.config)
-        self.latent_diffusion = ContinuousDiffusion(
-            num_timesteps=self.latent_settings.num_timesteps,
-            beta_schedule=self.latent_settings.beta_schedule,
-            parameterization=self.latent_settings.parameterization,
-        )
+        super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
         loss = self.config.get("loss", {}) or {}
         loss_type = str(loss.get("loss_type", "cycle_vae"))
         if loss_type != "cycle_vae":
             raise ValueError(f"CycleVAETrainer needs loss.loss_type=cycle_vae, got {loss_type!r}")
-        self.latent_loss_weight = float(loss.get("latent_loss_weight", 0.1))
-        if not 0.0 <= self.latent_loss_weight < float("inf"):
-            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
         mode = str(loss.get("latent_t_mode", "random")).lower()
         if mode not in LATENT_T_MODES:
             raise ValueError(f"unknown loss.latent_t_mode {mode!r}; valid: full, random")
@@ -132,12 +113,6 @@ class CycleVAETrainer(nn.Module):
                 f"unknown loss.cycle_latent_sampling {self.pseudo_token_sampling!r}; valid: {', '.join(PSEUDO_TOKEN_SAMPLINGS)}"
             )
         self.stop_grad_latent = bool(loss.get("cycle_stop_grad_latent", True))
-        self.on_nonfinite = str(loss.get("on_nonfinite", "upstream"))
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
-        train_cfg = self.config.get("training", {}) or {}
-        self.generator = make_generator(int(train_cfg.get("seed", 42)))
-        self.last_draws: dict[str, torch.Tensor] = {}
         self.last_model_passes = 0
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -161,7 +136,7 @@ class CycleVAETrainer(nn.Module):
         self.last_model_passes += 1
         return split_model_outputs(self.model(
             text_tokens=text_tokens,
-            latents=latents_2d.to(self.dtype).unsqueeze(1),  # [B, 1, D]
+            latents=latents_2d.unsqueeze(1),  # [B, 1, D]; x_t stays in the schedule's float32, as in stable T2L
             text_timesteps=text_t,
             latent_timesteps=latent_t,
             attention_mask=attention_mask,
@@ -222,7 +197,8 @@ class CycleVAETrainer(nn.Module):
         cycle_text_loss = zero
         if w_text > 0.0:
             x0_cycle = x0_pred.detach() if self.stop_grad_latent else x0_pred
-            text_logits_cycle, _ = self._run(all_masked, x0_cycle, t_text_full, t_latent_clean, attention_mask)
+            text_logits_cycle, _ = self._run(all_masked, x0_cycle.to(self.dtype), t_text_full, t_latent_clean,
+                                             attention_mask)
             cycle_text_loss = self._finite_or_zero(masked_text_ce(text_logits_cycle, input_ids, every_position),
                                                    "cycle_text_loss", nonfinite, zero)
 
@@ -249,11 +225,7 @@ class CycleVAETrainer(nn.Module):
         if not is_finite(total):
             nonfinite.append("loss")
             total = torch.tensor(FALLBACK_TOTAL_LOSS, device=device, dtype=self.dtype)
-        if nonfinite:
-            message = f"cycle trainer: non-finite {', '.join(nonfinite)}"
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(message)
-            logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
+        self.report_nonfinite("cycle trainer", nonfinite)
 
         with torch.no_grad():
             x0_gain = self.latent_diffusion.x0_error_gain(t_lat)
