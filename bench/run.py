@@ -142,9 +142,10 @@ def step_cost_figures(small: bool) -> list[str]:
     params = sum(p.numel() for p in model.parameters())
     detail = (f"{params / 1e6:.1f}M params, B={B} S={S}, {torch.get_num_threads()} threads; "
               f"l2t {l2t * 1e3:.1f} ms + t2l {t2l * 1e3:.1f} ms")
+    # At the small sizes per-call Python overhead, not model passes, dominates: informational only.
     return [
-        line("cycle_step_cost", both / denominator, "floor 2.0, target <= 2.1",
-             f"cycle {both * 1e3:.1f} ms; {detail}", both / denominator <= 2.1),
+        line("cycle_step_cost", both / denominator, "floor 2.0, target <= 2.1" + (" (full)" if small else ""),
+             f"cycle {both * 1e3:.1f} ms; {detail}", None if small else both / denominator <= 2.1),
         line("cycle_step_w0", zero / denominator, "floor 1.0", f"cycle(w=0) {zero * 1e3:.1f} ms; {detail}", None),
     ]
 

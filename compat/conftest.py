@@ -2,6 +2,8 @@
 the `measure` fixture through which rows report what they measured."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from compat.harness import CompatContext, CompatOptions
@@ -25,10 +27,35 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if config.getoption("--compat-report"):
+        # `pytest compat/ --compat-report DIR` writes the matrix too (the gate does it itself).
+        from compat.gate import MatrixCollector
+
+        config._compat_started = time.perf_counter()
+        config.pluginmanager.register(MatrixCollector(), "compat-matrix-report")
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")
     config.addinivalue_line("markers", "mutants: runs rows against planted defects (teeth)")
     # Everywhere, also when the suite runs from an installed package without pyproject.toml.
     config.addinivalue_line("filterwarnings", TARGET_SIZE_WARNING)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    collector = session.config.pluginmanager.get_plugin("compat-matrix-report")
+    if collector is None:
+        return
+    from compat.gate import render_text, run_context, write_report
+
+    options = {name.replace("-", "_"): session.config.getoption(f"--compat-{name}")
+               for name in ("checkpoint", "stable-config", "cycle-config", "device")}
+    rows = collector.rows()
+    context = run_context(options, time.perf_counter() - session.config._compat_started)
+    path = write_report(session.config.getoption("--compat-report"), rows, context, collector)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for line in render_text(rows).splitlines():
+            reporter.write_line(line)
+        reporter.write_line(f"compat matrix written to {path}")
 
 
 def pytest_collection_modifyitems(config, items):

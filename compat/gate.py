@@ -166,6 +166,30 @@ def render_kill_table(kills: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_report(folder: str | Path, rows: list[RowResult], context: dict, collector: "MatrixCollector") -> Path:
+    """compat-matrix.md and compat-matrix.json in `folder`; returns the Markdown path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compat-matrix.md").write_text(render_markdown(rows, context))
+    (folder / "compat-matrix.json").write_text(json.dumps(
+        {"context": context, "rows": [asdict(r) for r in rows], "kills": collector.kills,
+         "other_failures": collector.other_failures}, indent=2, default=str))
+    return folder / "compat-matrix.md"
+
+
+def run_context(options: dict, seconds: float) -> dict:
+    from compat import harness
+
+    return {
+        "checkpoint": options.get("checkpoint") or "embedded default (stable trainer, synthetic pretrain)",
+        "stable config": options.get("stable_config") or "packaged tiny default",
+        "cycle config": options.get("cycle_config") or "packaged tiny default",
+        "device": options.get("device") or "cpu",
+        "model": harness.LAST_CONTEXT.model_note if harness.LAST_CONTEXT is not None else "not built",
+        "wall seconds": f"{seconds:.1f}",
+    }
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compat", description=__doc__.split("\n\n")[0],
@@ -210,30 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compat gate: pytest stopped with exit code {int(rc)}", file=sys.stderr)
         return 2
     rows = collector.rows()
-    from compat import harness
-
-    context = {
-        "checkpoint": args.checkpoint or "embedded default (stable trainer, synthetic pretrain)",
-        "stable config": args.stable_config or "packaged tiny default",
-        "cycle config": args.cycle_config or "packaged tiny default",
-        "device": args.device,
-        "model": harness.LAST_CONTEXT.model_note if harness.LAST_CONTEXT is not None else "not built",
-        "wall seconds": f"{seconds:.1f}",
-    }
+    context = run_context(vars(args), seconds)
     print()
     print(render_text(rows))
     print(f"\nmodel: {context['model']}")
     if args.kill_table:
         print()
         print(render_kill_table(collector.kills))
-    report = Path(args.report)
-    report.mkdir(parents=True, exist_ok=True)
-    (report / "compat-matrix.md").write_text(render_markdown(rows, context))
-    (report / "compat-matrix.json").write_text(json.dumps(
-        {"context": context, "rows": [asdict(r) for r in rows], "kills": collector.kills,
-         "other_failures": collector.other_failures}, indent=2, default=str))
+    markdown = write_report(args.report, rows, context, collector)
     incompatible = [r.id for r in rows if r.verdict == INCOMPATIBLE]
-    print(f"\nwrote {report / 'compat-matrix.md'} and {report / 'compat-matrix.json'}")
+    print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
     if incompatible or collector.other_failures:
         print(f"compat gate: INCOMPATIBLE rows: {', '.join(incompatible) or '-'}; "
               f"other failures: {', '.join(collector.other_failures) or '-'}")
