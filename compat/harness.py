@@ -323,6 +323,23 @@ def run_checks(checks: dict, ctx: CompatContext, measure=None) -> None:
         check(ctx, measure)
 
 
+def row_runner(checks: dict):
+    """A row module's `run_row(ctx, measure=None)`: all its checks, raising on the first failure."""
+    def run_row(ctx: CompatContext, measure=None) -> None:
+        run_checks(checks, ctx, measure)
+    return run_row
+
+
+def row_test(checks: dict):
+    """A row module's test: one parametrized case per check, ids from the CHECKS keys."""
+    import pytest
+
+    @pytest.mark.parametrize("check", list(checks.values()), ids=list(checks))
+    def test_row(ctx, measure, check):
+        check(ctx, measure)
+    return test_row
+
+
 class CallRecorder(torch.nn.Module):
     """Wraps a model and records how a trainer calls it (positional args, keywords, shapes)."""
 

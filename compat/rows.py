@@ -53,7 +53,7 @@ ROWS = (
         "float32 reference", "bfloat16 within bfloat16 tolerance"),
     Row("determinism", "Determinism",
         "same seed, same losses", "same seed, same losses"),
-    Row("recommended_settings", "Recommended settings (review section 5)",
+    Row("recommended_settings", "Recommended settings (section 5)",
         "-", "latent_t_mode full, small cycle weights with a ramp, stop-grad on"),
     Row("ddp", "DDP (2 gloo processes)",
         "single-process loss and gradients", "single-process loss and gradients"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import LAYOUT_KEYS, run_checks
+from compat.harness import LAYOUT_KEYS, row_runner, row_test
 from compat.oracle import tol
 from latentDLM_mmdit.checkpoints import open_checkpoint
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
@@ -90,10 +90,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_config_resolution(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_config_resolution = row_test(CHECKS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import CallRecorder, run_checks, unfreeze
+from compat.harness import CallRecorder, row_runner, row_test, unfreeze
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("cycle_terms")
@@ -123,10 +123,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_cycle_terms(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_cycle_terms = row_test(CHECKS)

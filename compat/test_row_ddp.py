@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from compat.harness import grads_by_name, run_checks
+from compat.harness import grads_by_name, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
@@ -182,10 +182,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_ddp(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_ddp = row_test(CHECKS)

@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from compat.harness import run_checks
+from compat.harness import row_runner, row_test
 from latentDLM_mmdit import checkpoints
 
 pytestmark = pytest.mark.compat_row("dependency_versions")
@@ -119,10 +119,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_dependency_versions(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_dependency_versions = row_test(CHECKS)

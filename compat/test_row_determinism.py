@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from compat.harness import run_checks
+from compat.harness import row_runner, row_test
 
 pytestmark = pytest.mark.compat_row("determinism")
 
@@ -133,10 +133,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_determinism(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_determinism = row_test(CHECKS)

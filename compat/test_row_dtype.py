@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("dtype")
@@ -110,16 +110,8 @@ GPU_CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
+run_row = row_runner(CHECKS)
+test_dtype = row_test(CHECKS)
 
 
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_dtype(ctx, measure, check):
-    check(ctx, measure)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("check", list(GPU_CHECKS.values()), ids=list(GPU_CHECKS))
-def test_dtype_gpu(ctx, measure, check):
-    check(ctx, measure)
+test_dtype_gpu = pytest.mark.gpu(row_test(GPU_CHECKS))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, run_checks, slice_batch
+from compat.harness import CallRecorder, row_runner, row_test, slice_batch
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("forward_contract")
@@ -133,10 +133,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_forward_contract(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_forward_contract = row_test(CHECKS)

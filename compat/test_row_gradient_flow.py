@@ -31,7 +31,7 @@ import contextlib
 import pytest
 import torch
 
-from compat.harness import run_checks, unfreeze
+from compat.harness import row_runner, row_test, unfreeze
 from latentDLM_mmdit.improved_trainer_stable import frozen_groups, parameter_group
 
 pytestmark = pytest.mark.compat_row("gradient_flow")
@@ -202,10 +202,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_gradient_flow(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_gradient_flow = row_test(CHECKS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import ce_every_position, tol
 
 pytestmark = pytest.mark.compat_row("l2t_masking")
@@ -63,10 +63,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_l2t_masking(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_l2t_masking = row_test(CHECKS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("latent_loss_form")
@@ -60,10 +60,5 @@ CHECKS = {f"{p}-{s}": (lambda ctx, measure, p=p, s=s: check_loss_form(ctx, measu
           for p in PARAMETERIZATIONS for s in SCHEDULES}
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_latent_loss_form(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_latent_loss_form = row_test(CHECKS)

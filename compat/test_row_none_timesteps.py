@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("none_timesteps")
@@ -66,10 +66,5 @@ def check_clean_modalities_get_zero(ctx, measure):
 CHECKS = {"none_equals_zeros": check_none_equals_zeros, "clean_modalities_get_zero": check_clean_modalities_get_zero}
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_none_timesteps(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_none_timesteps = row_test(CHECKS)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compat.harness import run_checks
+from compat.harness import row_runner, row_test
 from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.checkpoints import CheckpointError
@@ -225,10 +225,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_pretrained_checkpoint(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_pretrained_checkpoint = row_test(CHECKS)

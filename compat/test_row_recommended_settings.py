@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import run_checks
+from compat.harness import row_runner, row_test
 
 pytestmark = pytest.mark.compat_row("recommended_settings")
 
@@ -121,10 +121,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_recommended_settings(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_recommended_settings = row_test(CHECKS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("t2l_latent_timestep")
@@ -89,10 +89,5 @@ CHECKS = {
 }
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_t2l_latent_timestep(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_t2l_latent_timestep = row_test(CHECKS)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import CallRecorder, run_checks
+from compat.harness import CallRecorder, row_runner, row_test
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("x0_reconstruction")
@@ -105,10 +105,5 @@ CHECKS = {f"exact_small_t_{p}": (lambda ctx, measure, p=p: check_exact_at_small_
 CHECKS["gain_at_t1"] = check_gain_at_t1
 
 
-def run_row(ctx, measure=None):
-    run_checks(CHECKS, ctx, measure)
-
-
-@pytest.mark.parametrize("check", list(CHECKS.values()), ids=list(CHECKS))
-def test_x0_reconstruction(ctx, measure, check):
-    check(ctx, measure)
+run_row = row_runner(CHECKS)
+test_x0_reconstruction = row_test(CHECKS)
