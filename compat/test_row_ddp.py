@@ -145,6 +145,9 @@ def check_ddp_matches_single_process(ctx, measure):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     if ctx.device.type != "cpu":
         pytest.skip(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("this process has already used CUDA, and forked workers cannot (run the DDP row in a "
+                    "session that has not touched CUDA, e.g. without -m gpu)")
     ctx.semantic_model()
     ranks = run_ddp(ctx)
     batch, draws = inputs(ctx)
