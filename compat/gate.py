@@ -28,7 +28,7 @@ COMPAT_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
-class TestOutcome:
+class CheckOutcome:
     nodeid: str
     outcome: str  # passed | failed | skipped | error
     message: str = ""
@@ -52,7 +52,7 @@ class MatrixCollector:
 
     def __init__(self):
         self.row_of: dict[str, str] = {}
-        self.outcomes: dict[str, TestOutcome] = {}
+        self.outcomes: dict[str, CheckOutcome] = {}
         self.kills: list[dict] = []
         self.other_failures: list[str] = []
 
@@ -68,7 +68,7 @@ class MatrixCollector:
 
     def pytest_runtest_logreport(self, report):
         props = list(report.user_properties)
-        outcome = self.outcomes.setdefault(report.nodeid, TestOutcome(report.nodeid, "passed"))
+        outcome = self.outcomes.setdefault(report.nodeid, CheckOutcome(report.nodeid, "passed"))
         if report.when == "call" or report.outcome != "passed":
             if report.outcome == "failed":
                 outcome.outcome = "failed" if report.when == "call" else "error"
@@ -83,7 +83,7 @@ class MatrixCollector:
             self.other_failures.append(report.nodeid)
 
     def rows(self) -> list[RowResult]:
-        by_row: dict[str, list[TestOutcome]] = defaultdict(list)
+        by_row: dict[str, list[CheckOutcome]] = defaultdict(list)
         for nodeid, row in self.row_of.items():
             if nodeid in self.outcomes:
                 by_row[row].append(self.outcomes[nodeid])
@@ -111,7 +111,7 @@ def _format_value(value) -> str:
     return str(value)
 
 
-def _row_result(row, tests: list[TestOutcome]) -> RowResult:
+def _row_result(row, tests: list[CheckOutcome]) -> RowResult:
     ran = [t for t in tests if t.outcome != "skipped"]
     failed = [t for t in tests if t.outcome in ("failed", "error")]
     measured = []

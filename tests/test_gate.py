@@ -1,0 +1,62 @@
+"""The gate end to end: verdicts, the report files and the exit code."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from compat.gate import CheckOutcome, _row_result
+from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS, ROWS_BY_ID
+from latentDLM_mmdit.config import default_config_path, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = ROWS_BY_ID["t2l_latent_timestep"]
+
+
+@pytest.mark.parametrize("outcomes, verdict", [
+    ([], NOT_RUN),
+    ([CheckOutcome("a", "skipped", "no CUDA")], NOT_RUN),
+    ([CheckOutcome("a", "passed"), CheckOutcome("b", "skipped")], OK),
+    ([CheckOutcome("a", "passed", review=["x"])], REVIEW),
+    ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE),
+    ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE),
+], ids=["nothing-ran", "all-skipped", "pass-and-skip", "review", "failure-wins", "setup-error"])
+def test_row_verdicts(outcomes, verdict):
+    result = _row_result(ROW, outcomes)
+    assert result.verdict == verdict
+    if verdict == NOT_RUN:
+        assert result.measured, "a row that did not run must say why"
+
+
+def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    matrix = json.loads((report / "compat-matrix.json").read_text())
+    assert (report / "compat-matrix.md").read_text().startswith("# Compatibility matrix")
+    return proc.returncode, {r["id"]: r for r in matrix["rows"]}, proc.stdout
+
+
+@pytest.mark.slow
+def test_gate_fails_on_random_latent_t_and_marks_unrun_rows(tmp_path):
+    config = load_config(default_config_path("cycle"), ["loss.latent_t_mode=random"])
+    cycle_yaml = tmp_path / "cycle_random.yaml"
+    OmegaConf.save(config, cycle_yaml)
+    code, rows, stdout = run_gate(tmp_path, "--cycle-config", str(cycle_yaml), "--", "-k", "t2l_latent_timestep")
+    assert code == 1, stdout[-2000:]
+    assert rows["t2l_latent_timestep"]["verdict"] == INCOMPATIBLE
+    assert "distribution shift" in rows["t2l_latent_timestep"]["measured"]
+    others = [r for r in ROWS if r.id != "t2l_latent_timestep"]
+    assert all(rows[r.id]["verdict"] == NOT_RUN for r in others), {r.id: rows[r.id]["verdict"] for r in others}
+
+
+@pytest.mark.slow
+def test_gate_passes_the_embedded_default_row(tmp_path):
+    code, rows, stdout = run_gate(tmp_path, "--", "-k", "l2t_masking")
+    assert code == 0, stdout[-2000:]
+    assert rows["l2t_masking"]["verdict"] == OK
+    assert "l2t_loss_stable" in rows["l2t_masking"]["measured"]
