@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class DrawSource:
@@ -48,14 +52,15 @@ class DrawSource:
         self.used[name] = value
         return value
 
-    def check_all_used(self) -> None:
-        """An injected draw the step did not consume is an error, never silently ignored."""
-        unused = sorted(set(self.injected) - set(self.used))
-        if unused:
-            raise ValueError(
-                f"{self.owner}: injected draw(s) {unused} were not used by this step "
-                f"(it drew {sorted(self.used)}); inject only what the configured terms draw"
-            )
+    def unused(self) -> list[str]:
+        """Injected draws this step did not consume (a term whose weight is 0, t = 1 in full mode,
+        a mode that draws nothing): allowed, so one set of draws can serve every setting, and
+        reported so that a caller can tell."""
+        names = sorted(set(self.injected) - set(self.used))
+        if names:
+            logger.info("%s: injected draw(s) %s not used by this step (it drew %s)", self.owner, names,
+                        sorted(self.used))
+        return names
 
     def uniform(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
         """U[0, 1) float32 draws."""

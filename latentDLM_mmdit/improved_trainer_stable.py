@@ -128,7 +128,8 @@ class DiffusionTrainerBase(nn.Module):
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         self.generator = make_generator(int((self.config.get("training", {}) or {}).get("seed", 42)))
-        self.last_draws: dict[str, torch.Tensor] = {}
+        self.last_draws: dict[str, torch.Tensor] = {}  # every draw the last step used
+        self.unused_draws: list[str] = []  # injected draws the last step did not use
 
     def report_nonfinite(self, owner: str, nonfinite: list[str]) -> None:
         """Raises under `loss.on_nonfinite: raise`; otherwise logs upstream's replacement."""
@@ -270,7 +271,7 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
             noisy_ids = input_ids
             noise = source.normal("latent_noise", tuple(latents.shape), device).to(latents.dtype)
             model_latents, latent_target = self.latent_diffusion.add_noise(latents, latent_t, noise)
-        source.check_all_used()
+        self.unused_draws = source.unused()
         self.last_draws = source.used
 
         text_logits, latent_pred = split_model_outputs(self.model(

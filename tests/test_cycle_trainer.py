@@ -581,19 +581,29 @@ def test_unknown_sampling_and_nonfinite_policy():
         ({"pseudo_token_uniform": torch.zeros(2, SEQ_LEN - 1)},
          {"cycle_latent_weight": 1.0, "cycle_latent_sampling": "categorical"}, ValueError, "pseudo_token_uniform"),
         ({"text_t": torch.zeros(2)}, {}, KeyError, "text_t"),
-        ({"latent_t": torch.zeros(2)}, {"latent_t_mode": "full"}, ValueError, "latent_t"),
-        ({"cycle_latent_noise": torch.zeros(2, LATENT_DIM)}, {"cycle_latent_weight": 0.0}, ValueError,
-         "cycle_latent_noise"),
-        ({"pseudo_token_uniform": torch.zeros(2, SEQ_LEN)}, {"cycle_latent_weight": 1.0}, ValueError,
-         "pseudo_token_uniform"),
     ],
-    ids=["wrong-shape-noise", "wrong-shape-t", "wrong-shape-uniform", "unknown-name", "unused-t-in-full-mode",
-         "unused-cycle-noise", "unused-uniform-with-argmax"],
+    ids=["wrong-shape-noise", "wrong-shape-t", "wrong-shape-uniform", "unknown-name"],
 )
 def test_bad_injected_draws_name_the_draw(draws, kw, exc, name):
     trainer = cycle_trainer(build_model(), **kw)
     with pytest.raises(exc, match=name):
         trainer(make_batch(2), draws=draws)
+
+
+@pytest.mark.parametrize(
+    "draws,kw,name",
+    [
+        ({"latent_t": torch.zeros(2)}, {"latent_t_mode": "full"}, "latent_t"),
+        ({"cycle_latent_noise": torch.zeros(2, LATENT_DIM)}, {"cycle_latent_weight": 0.0}, "cycle_latent_noise"),
+        ({"pseudo_token_uniform": torch.zeros(2, SEQ_LEN)}, {"cycle_latent_weight": 1.0}, "pseudo_token_uniform"),
+    ],
+    ids=["t-in-full-mode", "cycle-noise-with-weight-0", "uniform-with-argmax"],
+)
+def test_unused_injected_draws_are_reported(draws, kw, name):
+    trainer = cycle_trainer(build_model(), **kw)
+    trainer(make_batch(2), draws=draws)
+    assert trainer.unused_draws == [name]
+    assert name not in trainer.last_draws
 
 
 # =================================================================================================

@@ -218,7 +218,7 @@ class CycleVAETrainer(DiffusionTrainerBase):
                                                          "cycle_latent_loss", nonfinite, zero)
             else:
                 nonfinite.append("latent_pred2")
-        source.check_all_used()
+        self.unused_draws = source.unused()
         self.last_draws = source.used
 
         total = self.latent_loss_weight * t2l_loss + l2t_loss + w_text * cycle_text_loss + w_latent * cycle_latent_loss
