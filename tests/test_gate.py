@@ -60,3 +60,21 @@ def test_gate_passes_the_embedded_default_row(tmp_path):
     assert code == 0, stdout[-2000:]
     assert rows["l2t_masking"]["verdict"] == OK
     assert "l2t_loss_stable" in rows["l2t_masking"]["measured"]
+
+
+@pytest.mark.slow
+def test_gate_draws_batches_from_upstream_format_data(tmp_path):
+    from latentDLM_mmdit.data import write_upstream_format
+    from latentDLM_mmdit.synthetic import synthetic_batch
+    from latentDLM_mmdit.tokenizer import vocab_from_config
+
+    import torch
+
+    config = load_config(default_config_path("cycle"))
+    samples = synthetic_batch(vocab_from_config(config), 6, 20, int(config.model.latent_dim),
+                              torch.Generator().manual_seed(5))
+    tokens, latents = write_upstream_format(tmp_path / "data", samples)
+    code, rows, stdout = run_gate(tmp_path, "--data-tokens", str(tokens), "--data-latents", str(latents),
+                                  "--", "-k", "l2t_masking or cycle_terms")
+    assert code == 0, stdout[-3000:]
+    assert rows["l2t_masking"]["verdict"] == OK and rows["cycle_terms"]["verdict"] == OK
