@@ -165,19 +165,11 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         self.loss_type = str(loss_cfg.get("loss_type", "l2t"))
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type={self.loss_type!r} is not a stable mode; valid: {', '.join(LOSS_TYPES)}")
-        self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
-        if not 0.0 <= self.latent_loss_weight < float("inf"):
-            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
-        self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         self.sequential_schedule = list(train_cfg.get("sequential_schedule", []) or [])
         self.mode_weights = [float(w) for w in (train_cfg.get("mode_weights", [1.0, 1.0, 1.0]) or [])]
         self._check_mode_config()
-        self.generator = make_generator(int(train_cfg.get("seed", 42)))
         self.current_step = 0
         self.current_epoch = 0
-        self.last_draws: dict[str, torch.Tensor] = {}
         self.param_groups = {name: parameter_group(name) for name, _ in model.named_parameters()}
 
     def _check_mode_config(self) -> None:
