@@ -57,9 +57,10 @@ def run_measured(cmd: list[str]):
 # -- gate memory and wall time -----------------------------------------------------------------------
 def gate_figures(small: bool, workdir: Path) -> list[str]:
     from bench.random_checkpoint import write_random_checkpoint
-    from latentDLM_mmdit.config import default_config_path, load_config
+    from cycle_vae_impl.configs import config_path
+    from latentDLM_mmdit.config import load_config
 
-    config_path = default_config_path("cycle_cluster")
+    config_path = config_path("cycle_cluster")
     overrides = ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4"] if small else []
     config = load_config(config_path, overrides)
     cfg_file = workdir / "gate_config.yaml"
@@ -101,7 +102,8 @@ def _median_step_seconds(trainer, batch, draws, repeats: int) -> float:
 
 def step_cost_figures(small: bool) -> list[str]:
     from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
-    from latentDLM_mmdit.config import default_config_path, load_config
+    from cycle_vae_impl.configs import config_path
+    from latentDLM_mmdit.config import load_config
     from latentDLM_mmdit.diffusion_process import MaskedDiffusion
     from latentDLM_mmdit.factory import build_model
     from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
@@ -110,7 +112,7 @@ def step_cost_figures(small: bool) -> list[str]:
 
     sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"] if small else
              ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"])
-    config = load_config(default_config_path("cycle"), sizes)
+    config = load_config(config_path("cycle"), sizes)
     B, S = (4, 16) if small else (4, 96)
     repeats = 5 if small else 7
     model = build_model(config, seed=0).train()

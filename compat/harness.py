@@ -58,22 +58,24 @@ class CompatOptions:
 
 
 def _load_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
-    from latentDLM_mmdit.config import default_config_path, load_config
+    from cycle_vae_impl.configs import config_path
+    from latentDLM_mmdit.config import load_config
 
-    resolved = Path(path) if path else Path(default_config_path(kind))
+    resolved = Path(path) if path else Path(config_path(kind))
     return load_config(resolved), str(resolved)
 
 
 def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: int = EMBEDDED_PRETRAIN_STEPS) -> Path:
     """Trains the stable trainer `steps` steps on synthetic data with the stable entry point's loop
     and returns the checkpoint it wrote."""
+    from latentDLM_mmdit.train_stable import STABLE
     from latentDLM_mmdit.training import run_training
 
     config = OmegaConf.create(OmegaConf.to_container(stable_config, resolve=True))
     config.training.num_train_steps = steps
     config.logging.save_every = steps
     out = workdir / "embedded_stable_pretrain"
-    run_training(config, trainer_kind="stable", output_dir=out, synthetic=True, progress=False)
+    run_training(config, trainer=STABLE, output_dir=out, synthetic=True, progress=False)
     written = sorted(out.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     if not written:
         raise RuntimeError(f"the stable training loop wrote no checkpoint under {out}")

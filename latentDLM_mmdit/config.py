@@ -28,8 +28,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PACKAGED_CONFIGS = {
     "stable": ("latentDLM_mmdit", "configs/mmdit_stable.yaml"),
-    "cycle": ("cycle_vae_impl", "configs/mmdit_cycle_vae.yaml"),
-    "cycle_cluster": ("cycle_vae_impl", "configs/mmdit_cycle_vae_cluster.yaml"),
 }
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -41,11 +39,8 @@ class ConfigError(ValueError):
     """A config file or an override that cannot be used (names the key and the file)."""
 
 
-def default_config_path(kind: str) -> Path:
-    """Path of a packaged config: "stable", "cycle" or "cycle_cluster"."""
-    if kind not in PACKAGED_CONFIGS:
-        raise ConfigError(f"unknown packaged config {kind!r}; valid: {', '.join(PACKAGED_CONFIGS)}")
-    package, relative = PACKAGED_CONFIGS[kind]
+def packaged_config_path(package: str, relative: str) -> Path:
+    """Path of the config file `relative` shipped inside `package`."""
     # The package's own directories (also right for a namespace package, e.g. a stale editable
     # install, where importlib.resources.files() fails).
     module = importlib.import_module(package)
@@ -55,6 +50,14 @@ def default_config_path(kind: str) -> Path:
             return base / relative
     raise ConfigError(f"packaged config {relative} of {package} is missing (searched {', '.join(map(str, searched))}); "
                       "reinstall the package")
+
+
+def default_config_path(kind: str = "stable") -> Path:
+    """Path of a packaged config of the reference: "stable" (the cycle trainer's configs live in
+    `cycle_vae_impl.configs`)."""
+    if kind not in PACKAGED_CONFIGS:
+        raise ConfigError(f"unknown packaged config {kind!r}; valid: {', '.join(PACKAGED_CONFIGS)}")
+    return packaged_config_path(*PACKAGED_CONFIGS[kind])
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:

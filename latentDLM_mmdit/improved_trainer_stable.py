@@ -13,12 +13,12 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
-from latentDLM_mmdit.draws import DrawSource, make_generator
-from latentDLM_mmdit.latent_settings import resolve_latent_settings
+from latentDLM_mmdit.draws import DrawSource
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse, token_accuracy
+from latentDLM_mmdit.trainer_base import (  # noqa: F401  (as_config, prepare_batch: upstream's names)
+    FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, as_config, prepare_batch, split_model_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +28,6 @@ LATENT_GROUP_KEYS = ("latent_proj", "latent_head", "latent_embed", "latent_norm"
                      "latent_linear", "latent_encoder")
 BASE_MODES = ("l2t", "t2l", "unconditional")
 LOSS_TYPES = BASE_MODES + ("sequential", "random")
-NONFINITE_POLICIES = ("upstream", "raise")
-FALLBACK_TOTAL_LOSS = 0.01
-
-
-def as_config(config: Any) -> DictConfig:
-    if isinstance(config, DictConfig):
-        return config
-    if isinstance(config, Mapping):
-        return OmegaConf.create(dict(config))
-    raise TypeError(f"config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
 
 
 def parameter_group(name: str) -> str:
@@ -59,86 +49,6 @@ def frozen_groups(mode: str) -> tuple[str, ...]:
     if mode == "unconditional":
         return ()
     raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(BASE_MODES)}")
-
-
-def split_model_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text_logits, latent_pred) from a 2-tuple or a cluster-head 3-tuple."""
-    if not isinstance(outputs, (tuple, list)) or len(outputs) not in (2, 3):
-        raise ValueError(
-            "model must return (text_logits, latent_pred) or (text_logits, latent_pred, "
-            f"text_cluster_logits), got {type(outputs).__name__} of length {len(outputs) if isinstance(outputs, (tuple, list)) else '-'}"
-        )
-    return outputs[0], outputs[1]
-
-
-def prepare_batch(batch: Mapping[str, torch.Tensor], dtype: torch.dtype, owner: str):
-    """Validated (input_ids [B,S], attention_mask bool [B,S] or None, latents [B,D] in dtype)."""
-    for key in ("input_ids", "latent"):
-        if key not in batch or batch[key] is None:
-            raise KeyError(f"{owner}: batch is missing {key!r} (keys: {sorted(batch)})")
-    input_ids = batch["input_ids"]
-    if input_ids.dim() != 2:
-        raise ValueError(f"{owner}: batch['input_ids'] must be [B, S], got {tuple(input_ids.shape)}")
-    batch_size, seq_len = input_ids.shape
-    device = input_ids.device
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (batch_size, seq_len):
-            raise ValueError(
-                f"{owner}: batch['attention_mask'] must be [B, S]={[batch_size, seq_len]}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        attention_mask = attention_mask.to(device).bool()
-    latents = batch["latent"]
-    if latents.dim() == 3 and latents.shape[1] == 1:
-        latents = latents.squeeze(1)
-    if latents.dim() != 2 or latents.shape[0] != batch_size:
-        raise ValueError(
-            f"{owner}: batch['latent'] must be [B, D] or [B, 1, D] with B={batch_size}, got {tuple(batch['latent'].shape)}"
-        )
-    latents = latents.to(device=device, dtype=dtype)
-    return input_ids, attention_mask, latents
-
-
-class DiffusionTrainerBase(nn.Module):
-    """What both trainers share: the model and text side, the latent diffusion resolved from the
-    config, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own generator
-    (seeded from `training.seed`)."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
-                 dtype: torch.dtype, config: Any):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.text_noise_schedule = text_noise_schedule
-        self.dtype = dtype
-        self.config = as_config(config)
-        self.mask_token_id = int(tokenizer.mask_token_id)
-        self.latent_settings = resolve_latent_settings(self.config)
-        self.latent_diffusion = ContinuousDiffusion(
-            num_timesteps=self.latent_settings.num_timesteps,
-            beta_schedule=self.latent_settings.beta_schedule,
-            parameterization=self.latent_settings.parameterization,
-        )
-        loss_cfg = self.config.get("loss", {}) or {}
-        self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
-        if not 0.0 <= self.latent_loss_weight < float("inf"):
-            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
-        self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
-        self.generator = make_generator(int((self.config.get("training", {}) or {}).get("seed", 42)))
-        self.last_draws: dict[str, torch.Tensor] = {}  # every draw the last step used
-        self.unused_draws: list[str] = []  # injected draws the last step did not use
-
-    def report_nonfinite(self, owner: str, nonfinite: list[str]) -> None:
-        """Raises under `loss.on_nonfinite: raise`; otherwise logs upstream's replacement."""
-        if not nonfinite:
-            return
-        message = f"{owner}: non-finite {', '.join(nonfinite)}"
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(message)
-        logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
 
 
 class MultimodalDiffusionTrainer(DiffusionTrainerBase):

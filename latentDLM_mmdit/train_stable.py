@@ -18,11 +18,16 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_root))
 
-from latentDLM_mmdit.training import cli_main  # noqa: E402
+from latentDLM_mmdit.config import default_config_path  # noqa: E402
+from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer  # noqa: E402
+from latentDLM_mmdit.training import TrainerEntry, cli_main  # noqa: E402
+
+STABLE = TrainerEntry("stable", MultimodalDiffusionTrainer, default_config_path("stable"),
+                      "latentDLM_mmdit.train_stable", "the stable L2T / T2L trainer")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("stable", argv)
+    return cli_main(STABLE, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The training loop shared by the stable and the cycle entry points.
 
-`run_training(config, trainer_kind=..., ...)` builds the model (`factory.build_model`, after
+`run_training(config, trainer=ENTRY, ...)` builds the model (`factory.build_model`, after
 seeding every RNG from `training.seed`), optionally loads a pretrained checkpoint strictly
 (`init_from`) or resumes a run of this loop (`resume`), builds the trainer
 (`MultimodalDiffusionTrainer` or `CycleVAETrainer`), and runs AdamW with linear warmup and a
@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from latentDLM_mmdit.checkpoints import (
     CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, save_checkpoint,
 )
-from latentDLM_mmdit.config import ConfigError, default_config_path, load_config
+from latentDLM_mmdit.config import ConfigError, load_config
 from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
@@ -57,7 +57,6 @@ from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-TRAINER_KINDS = ("stable", "cycle")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw",)
 TRAIN_STATE_FORMAT = "mmdit-compat-train/1"
@@ -310,18 +309,29 @@ class BatchOrder:
 
 
 # -- pieces ----------------------------------------------------------------------------------------
-def build_trainer(config: DictConfig, trainer_kind: str, model: nn.Module) -> nn.Module:
-    """The stable or cycle trainer over `model`, as upstream builds it:
-    Trainer(model, vocab, MaskedDiffusion(vocab), dtype, config)."""
+@dataclass(frozen=True)
+class TrainerEntry:
+    """What an entry point hands the shared loop: the trainer class and how to name it.
+
+    Args:
+        kind: the trainer's name, written into checkpoints ("stable", "cycle"); resume checks it.
+        trainer_cls: built as upstream builds it: trainer_cls(model, vocab, MaskedDiffusion(vocab), dtype, config).
+        default_config: the packaged YAML the entry point uses without --config.
+        module: the entry point's module (`python -m <module>`), for --help.
+        description: what it trains, for --help.
+    """
+
+    kind: str
+    trainer_cls: type
+    default_config: Path
+    module: str
+    description: str
+
+
+def build_trainer(config: DictConfig, trainer_cls: type, model: nn.Module) -> nn.Module:
+    """`trainer_cls` over `model`, as upstream builds it: Trainer(model, vocab, MaskedDiffusion(vocab), dtype, config)."""
     vocab, text_noise = build_text_side(config)
-    dtype = dtype_from_config(config)
-    if trainer_kind == "stable":
-        from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer as trainer_cls
-    elif trainer_kind == "cycle":
-        from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer as trainer_cls
-    else:
-        raise ValueError(f"trainer_kind={trainer_kind!r}; valid: {', '.join(TRAINER_KINDS)}")
-    return trainer_cls(model, vocab, text_noise, dtype, config)
+    return trainer_cls(model, vocab, text_noise, dtype_from_config(config), config)
 
 
 def build_dataset(config: DictConfig, settings: LoopSettings, *, synthetic: bool, token_dir, latent_dir):
@@ -390,7 +400,7 @@ class TrainResult:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def run_training(config: Any, *, trainer_kind: str, output_dir: str | Path, synthetic: bool,
+def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, synthetic: bool,
                  token_dir: str | Path | None = None, latent_dir: str | Path | None = None,
                  init_from: str | Path | None = None, resume: str | Path | None = None,
                  progress: bool = True, stop_at_step: int | None = None, device: str | None = None,
@@ -399,7 +409,7 @@ def run_training(config: Any, *, trainer_kind: str, output_dir: str | Path, synt
 
     Args:
         config: the run config (OmegaConf or mapping); only read.
-        trainer_kind: "stable" or "cycle".
+        trainer: the entry point's TrainerEntry (the reference's is `train_stable.STABLE`).
         output_dir: where metrics.jsonl, config.yaml and checkpoints/ go (rank 0).
         synthetic: train on seeded synthetic samples (data.synthetic_*).
         token_dir, latent_dir: upstream-format data (default: data.token_dir / data.latent_dir).
@@ -411,8 +421,8 @@ def run_training(config: Any, *, trainer_kind: str, output_dir: str | Path, synt
         device: auto (CUDA when available), cpu or cuda.
         dist_timeout: timeout given to init_process_group under torchrun.
     """
-    if trainer_kind not in TRAINER_KINDS:
-        raise ValueError(f"trainer_kind={trainer_kind!r}; valid: {', '.join(TRAINER_KINDS)}")
+    if not isinstance(trainer, TrainerEntry):
+        raise TypeError(f"trainer must be a TrainerEntry, got {type(trainer).__name__}")
     if init_from is not None and resume is not None:
         raise TrainingError("pass --init-from (start from pretrained weights) or --resume (continue a run), not both")
     if stop_at_step is not None and stop_at_step < 1:
@@ -421,14 +431,14 @@ def run_training(config: Any, *, trainer_kind: str, output_dir: str | Path, synt
     settings = LoopSettings.from_config(config)
     ctx = init_distributed(device, dist_timeout)
     try:
-        return _train(config, settings, ctx, trainer_kind, Path(output_dir), synthetic, token_dir, latent_dir,
+        return _train(config, settings, ctx, trainer, Path(output_dir), synthetic, token_dir, latent_dir,
                       init_from, resume, progress, stop_at_step)
     finally:
         if ctx.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir, latent_dir,
+def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, latent_dir,
            init_from, resume, progress, stop_at_step) -> TrainResult:
     metrics_path = output_dir / "metrics.jsonl"
     if ctx.is_main and resume is None and metrics_path.exists():
@@ -436,7 +446,7 @@ def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir
                             "directory, or --resume a checkpoint")
     resume_state = None
     if resume is not None:
-        resume_state = _read_resume_state(resume, trainer_kind, ctx, config)
+        resume_state = _read_resume_state(resume, entry.kind, ctx, config)
 
     # Model: every RNG seeded first (the residual-stream init draws from Python's `random`).
     seed_everything(settings.seed)
@@ -450,9 +460,9 @@ def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir
     if resume is not None:
         load_checkpoint_into(model, resume)
     try:
-        trainer = build_trainer(config, trainer_kind, model)
+        trainer = build_trainer(config, entry.trainer_cls, model)
     except ValueError as exc:
-        raise TrainingError(f"cannot build the {trainer_kind} trainer from the config: {exc}") from exc
+        raise TrainingError(f"cannot build the {entry.kind} trainer from the config: {exc}") from exc
     trainer.generator.manual_seed(settings.seed + ctx.rank)
     dataset, data_description = build_dataset(config, settings, synthetic=synthetic, token_dir=token_dir,
                                               latent_dir=latent_dir)
@@ -480,7 +490,7 @@ def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir
                             "(raise training.num_train_steps)")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%s trainer: %d parameters on %s, %d process(es), data: %s, steps %d -> %d",
-                trainer_kind, n_params, ctx.device, ctx.world_size, data_description, step, end)
+                entry.kind, n_params, ctx.device, ctx.world_size, data_description, step, end)
 
     checkpoints: list[Path] = []
     history: list[dict[str, Any]] = []
@@ -493,7 +503,7 @@ def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=settings.num_train_steps, initial=step, disable=not show_bar, desc=f"{trainer_kind}",
+    bar = tqdm(total=settings.num_train_steps, initial=step, disable=not show_bar, desc=entry.kind,
                dynamic_ncols=True)
     try:
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
@@ -511,7 +521,7 @@ def _train(config, settings, ctx, trainer_kind, output_dir, synthetic, token_dir
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if step % settings.save_every == 0 or step == end:
-                    path = _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx)
+                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx)
                     if path is not None:
                         checkpoints.append(path)
     finally:
@@ -606,14 +616,8 @@ def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError,
                NotADirectoryError, OmegaConfBaseException)
 
-ENTRY_POINTS = {
-    "stable": ("latentDLM_mmdit.train_stable", "stable", "the stable L2T / T2L trainer"),
-    "cycle": ("cycle_vae_impl.entrypoints.train_cycle_vae", "cycle", "the cycle trainer (T2L + L2T + cycle terms)"),
-}
-
-
-def build_parser(trainer_kind: str) -> argparse.ArgumentParser:
-    module, config_kind, what = ENTRY_POINTS[trainer_kind]
+def build_parser(entry: TrainerEntry) -> argparse.ArgumentParser:
+    module, what = entry.module, entry.description
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=f"Train {what}. Config overrides are positional key.path=value arguments, e.g. "
@@ -624,7 +628,7 @@ def build_parser(trainer_kind: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. training.num_train_steps=10 loss.cycle_text_weight=0.2")
     parser.add_argument("--config", default=None,
-                        help=f"YAML config (default: the packaged {default_config_path(config_kind).name})")
+                        help=f"YAML config (default: the packaged {entry.default_config.name})")
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--synthetic", action="store_true", help="seeded synthetic samples (data.synthetic_*)")
     data.add_argument("--data-tokens", metavar="DIR", help="upstream token dir of <stem>_tokens.npz files")
@@ -645,9 +649,9 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def cli_main(trainer_kind: str, argv: Sequence[str] | None = None) -> int:
+def cli_main(entry: TrainerEntry, argv: Sequence[str] | None = None) -> int:
     """The entry points' main: parses arguments, trains, prints a summary. Returns the exit code."""
-    parser = build_parser(trainer_kind)
+    parser = build_parser(entry)
     args = parser.parse_args(argv)
     if args.synthetic and (args.data_tokens or args.data_latents):
         parser.error("--synthetic and --data-tokens / --data-latents exclude each other")
@@ -657,11 +661,11 @@ def cli_main(trainer_kind: str, argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config_path = args.config or default_config_path(ENTRY_POINTS[trainer_kind][1])
+        config_path = args.config or entry.default_config
         config = load_config(config_path, args.overrides)
         output_dir = Path(args.output_dir) if args.output_dir else (
             Path(_read(config, "logging.log_dir", str)) / _read(config, "logging.run_name", str))
-        result = run_training(config, trainer_kind=trainer_kind, output_dir=output_dir, synthetic=args.synthetic,
+        result = run_training(config, trainer=entry, output_dir=output_dir, synthetic=args.synthetic,
                               token_dir=args.data_tokens, latent_dir=args.data_latents, init_from=args.init_from,
                               resume=args.resume, progress=not args.no_progress, stop_at_step=args.stop_at_step,
                               device=args.device)
@@ -670,7 +674,7 @@ def cli_main(trainer_kind: str, argv: Sequence[str] | None = None) -> int:
         return 1
     if is_main:
         last = result.metrics[-1] if result.metrics else {}
-        print(f"{trainer_kind} trainer: step {result.final_step}, final loss {last.get('loss', float('nan')):.6g}; "
+        print(f"{entry.kind} trainer: step {result.final_step}, final loss {last.get('loss', float('nan')):.6g}; "
               f"metrics {result.metrics_path}; "
               f"last checkpoint {result.checkpoints[-1] if result.checkpoints else 'none'}")
     return 0

@@ -9,16 +9,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
-from latentDLM_mmdit.config import ConfigError, default_config_path, load_config
+from cycle_vae_impl.configs import config_path
+from latentDLM_mmdit.config import ConfigError, load_config
 from latentDLM_mmdit.factory import build_model
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.training import TrainingError, build_trainer, run_training
+from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
+from latentDLM_mmdit.train_stable import STABLE
+
+ENTRIES = {"stable": STABLE, "cycle": CYCLE}
 
 TINY = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32"]
 
 
 def test_packaged_configs_load():
-    stable, cycle, cluster = (load_config(default_config_path(k)) for k in ("stable", "cycle", "cycle_cluster"))
+    stable, cycle, cluster = (load_config(config_path(k)) for k in ("stable", "cycle", "cycle_cluster"))
     assert stable.loss.loss_type == "sequential"
     assert [dict(x) for x in stable.training.sequential_schedule] == [{"type": "l2t", "steps": 1}, {"type": "t2l", "steps": 1}]
     assert cycle.loss.loss_type == "cycle_vae" and cycle.loss.latent_t_mode == "full"
@@ -40,7 +45,7 @@ def test_overrides_are_typed():
                  "logging.run_name=007", "data.token_dir=", "training.sequential_schedule=[{type: t2l, steps: 2}]",
                  "training.sequential_schedule.0.steps=3"]
     given = list(overrides)
-    cfg = load_config(default_config_path("stable"), overrides)
+    cfg = load_config(config_path("stable"), overrides)
     assert overrides == given  # not modified
     assert cfg.training.num_train_steps == 7 and isinstance(cfg.training.num_train_steps, int)
     assert cfg.optimizer.lr == 2.0 and isinstance(cfg.optimizer.lr, float)
@@ -48,11 +53,11 @@ def test_overrides_are_typed():
     assert cfg.model.qk_rmsnorm is False
     assert cfg.logging.run_name == "007" and cfg.data.token_dir == ""
     assert OmegaConf.to_container(cfg.training.sequential_schedule) == [{"type": "t2l", "steps": 3}]
-    assert load_config(default_config_path("stable")).training.num_train_steps == 40  # file untouched
+    assert load_config(config_path("stable")).training.num_train_steps == 40  # file untouched
 
 
 def test_unknown_key_names_key_and_file():
-    path = default_config_path("cycle")
+    path = config_path("cycle")
     with pytest.raises(ConfigError) as info:
         load_config(path, ["loss.cycle_txt_weight=0.2"])
     assert "loss.cycle_txt_weight" in str(info.value) and str(path) in str(info.value)
@@ -77,7 +82,7 @@ def test_unknown_key_names_key_and_file():
 ])
 def test_wrong_type_names_key_type_and_value(override, expected):
     with pytest.raises(ConfigError, match=expected) as info:
-        load_config(default_config_path("stable"), [override])
+        load_config(config_path("stable"), [override])
     assert override.split("=")[0] in str(info.value)
 
 
@@ -97,17 +102,17 @@ def test_missing_or_bad_file(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="unknown packaged config"):
-        default_config_path("huge")
+    with pytest.raises(ConfigError, match="unknown packaged cycle config"):
+        config_path("huge")
 
 
 def test_trainer_classes_follow_the_config(tmp_path):
-    stable = load_config(default_config_path("stable"), TINY)
-    cycle = load_config(default_config_path("cycle"), TINY)
-    assert type(build_trainer(stable, "stable", build_model(stable, seed=0))) is MultimodalDiffusionTrainer
-    assert type(build_trainer(cycle, "cycle", build_model(cycle, seed=0))) is CycleVAETrainer
+    stable = load_config(config_path("stable"), TINY)
+    cycle = load_config(config_path("cycle"), TINY)
+    assert type(build_trainer(stable, MultimodalDiffusionTrainer, build_model(stable, seed=0))) is MultimodalDiffusionTrainer
+    assert type(build_trainer(cycle, CycleVAETrainer, build_model(cycle, seed=0))) is CycleVAETrainer
     with pytest.raises(TrainingError, match="cycle_vae"):
-        run_training(stable, trainer_kind="cycle", output_dir=tmp_path, synthetic=True, progress=False, device="cpu")
+        run_training(stable, trainer=CYCLE, output_dir=tmp_path, synthetic=True, progress=False, device="cpu")
 
 
 # -- every key is read ---------------------------------------------------------------------------
@@ -151,10 +156,10 @@ def recorded_reads():
     ("cycle_cluster", "cycle", ["model.max_seq_len=32", "data.synthetic_seq_len=16", "data.synthetic_num_samples=8"]),
 ])
 def test_every_packaged_key_is_read(tmp_path, kind, trainer_kind, extra):
-    config = load_config(default_config_path(kind), TINY + ["training.num_train_steps=1"] + extra)
+    config = load_config(config_path(kind), TINY + ["training.num_train_steps=1"] + extra)
     leaves = _leaves(config)
     with recorded_reads() as reads:
-        result = run_training(config, trainer_kind=trainer_kind, output_dir=tmp_path, synthetic=True,
+        result = run_training(config, trainer=ENTRIES[trainer_kind], output_dir=tmp_path, synthetic=True,
                               progress=False, device="cpu")
     assert result.final_step == 1 and torch.isfinite(torch.tensor(result.metrics[0]["loss"]))
     # model.n_heads is read by nothing, as upstream (documented in the YAML).

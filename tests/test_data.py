@@ -12,6 +12,7 @@ from latentDLM_mmdit.data import (
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import SyntheticVocab
+from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
 
 VOCAB = SyntheticVocab(vocab_size=64, mask_token_id=63, pad_token_id=0)
 B, S, D, MAX_LEN = 5, 12, 8, 32
@@ -208,30 +209,31 @@ def test_synthetic_dataset_is_deterministic_and_leaves_global_rng_alone():
 def test_training_reads_upstream_data(tmp_path):
     """The training loop on upstream-format files: from the flags or from data.*; a latent width
     that is not model.latent_dim and a bad file met mid-run are errors naming them."""
-    from latentDLM_mmdit.config import default_config_path, load_config
+    from cycle_vae_impl.configs import config_path
+    from latentDLM_mmdit.config import load_config
     from latentDLM_mmdit.training import TrainingError, run_training
 
     tiny = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32", "training.num_train_steps=2",
             "training.train_batch_size=2"]
     batch = synthetic_batch(VOCAB, 4, S, 16, make_generator(3))
     token_dir, latent_dir = write_upstream_format(tmp_path / "data", batch, flat_latents=True)
-    config = load_config(default_config_path("cycle"), tiny)
-    result = run_training(config, trainer_kind="cycle", output_dir=tmp_path / "a", synthetic=False,
+    config = load_config(config_path("cycle"), tiny)
+    result = run_training(config, trainer=CYCLE, output_dir=tmp_path / "a", synthetic=False,
                           token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
     assert [m["step"] for m in result.metrics] == [1, 2]
-    from_config = load_config(default_config_path("cycle"), tiny + [f"data.token_dir={token_dir}",
+    from_config = load_config(config_path("cycle"), tiny + [f"data.token_dir={token_dir}",
                                                                      f"data.latent_dir={latent_dir}"])
-    again = run_training(from_config, trainer_kind="cycle", output_dir=tmp_path / "b", synthetic=False,
+    again = run_training(from_config, trainer=CYCLE, output_dir=tmp_path / "b", synthetic=False,
                          progress=False, device="cpu")
     assert [m["loss"] for m in again.metrics] == [m["loss"] for m in result.metrics]
 
-    narrow = load_config(default_config_path("cycle"), tiny + ["model.latent_dim=8"])
+    narrow = load_config(config_path("cycle"), tiny + ["model.latent_dim=8"])
     with pytest.raises(TrainingError, match="width 16, model.latent_dim is 8"):
-        run_training(narrow, trainer_kind="cycle", output_dir=tmp_path / "c", synthetic=False,
+        run_training(narrow, trainer=CYCLE, output_dir=tmp_path / "c", synthetic=False,
                      token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
 
     _garbage(latent_dir / "sample_000003.npy")  # met in the first two steps (4 samples, 2 per step)
     with pytest.raises(DataError, match="cannot be read") as info:
-        run_training(config, trainer_kind="cycle", output_dir=tmp_path / "d", synthetic=False,
+        run_training(config, trainer=CYCLE, output_dir=tmp_path / "d", synthetic=False,
                      token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
     assert "sample_000003.npy" in str(info.value)

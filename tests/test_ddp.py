@@ -14,12 +14,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from latentDLM_mmdit.config import default_config_path, load_config
+from cycle_vae_impl.configs import config_path
+from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.factory import build_model
 from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import vocab_from_config
 from latentDLM_mmdit.training import BatchOrder, bare_model, build_trainer, run_training, wrap_model_for_ddp
+from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
+from latentDLM_mmdit.train_stable import STABLE
+
+ENTRIES = {"stable": STABLE, "cycle": CYCLE}
 
 WORLD = 2
 BATCH = 4  # full batch; each rank takes BATCH // WORLD
@@ -41,9 +46,9 @@ def _free_port() -> int:
 
 def _setup(case: str):
     kind, overrides = CASES[case]
-    config = load_config(default_config_path("cycle" if kind == "cycle" else "stable"), overrides)
+    config = load_config(config_path("cycle" if kind == "cycle" else "stable"), overrides)
     model = build_model(config, seed=int(config.training.seed))
-    trainer = build_trainer(config, kind, model)
+    trainer = build_trainer(config, ENTRIES[kind].trainer_cls, model)
     gen = make_generator(11)
     dim = int(config.model.latent_dim)
     batch = synthetic_batch(vocab_from_config(config), BATCH, 16, dim, gen)
@@ -137,10 +142,10 @@ def _loop_worker(rank: int, port: int, kind: str, out_dir: str) -> None:
         torch.set_num_threads(1)
         os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        config = load_config(default_config_path(kind), TINY + [
+        config = load_config(config_path(kind), TINY + [
             "training.num_train_steps=4", "logging.save_every=2", "training.train_batch_size=2",
             "data.synthetic_num_samples=8", "loss.cycle_text_ramp_steps=1" if kind == "cycle" else "loss.latent_loss_weight=0.1"])
-        result = run_training(config, trainer_kind=kind, output_dir=os.path.join(out_dir, "run"), synthetic=True,
+        result = run_training(config, trainer=ENTRIES[kind], output_dir=os.path.join(out_dir, "run"), synthetic=True,
                               progress=False, device="cpu", dist_timeout=TIMEOUT)
         torch.save({"losses": [m["loss"] for m in result.metrics], "checkpoints": [str(p) for p in result.checkpoints],
                     "initialized": dist.is_initialized()}, os.path.join(out_dir, f"loop{rank}.pt"))

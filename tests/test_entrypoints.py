@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from cycle_vae_impl.entrypoints import train_cycle_vae
 from latentDLM_mmdit import train_stable
-from latentDLM_mmdit.config import default_config_path, load_config
+from latentDLM_mmdit.train_stable import STABLE
+from cycle_vae_impl.configs import config_path
+from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +121,7 @@ def test_cycle_init_from_stable_checkpoint(runs):
     with safe_open(str(_ckpt(dirs["cycle"], 2)), "pt") as handle:
         assert handle.metadata()["trainer_kind"] == "cycle"
     # Without --init-from the cycle run would start from the seeded initialisation instead.
-    config = load_config(default_config_path("cycle"), TINY)
+    config = load_config(config_path("cycle"), TINY)
     scratch = build_model(config, seed=int(config.training.seed)).state_dict()
     assert not torch.equal(scratch["text_head.weight"], stable["text_head.weight"])
 
@@ -153,13 +155,13 @@ def test_resume_with_the_other_trainer_is_refused(runs, tmp_path, capsys):
 def test_learning_rate_schedule():
     from latentDLM_mmdit.training import LoopSettings, learning_rate
 
-    settings = LoopSettings.from_config(load_config(default_config_path("stable"), [
+    settings = LoopSettings.from_config(load_config(config_path("stable"), [
         "training.num_train_steps=10", "training.warmup_steps=2", "optimizer.lr=1.0"]))
     lrs = [learning_rate(step, settings) for step in range(11)]
     assert lrs[:3] == [0.5, 1.0, 1.0]  # warmup (step+1)/2, then the cosine starts at the base
     assert all(a > b for a, b in zip(lrs[2:10], lrs[3:11]))
     assert lrs[10] == pytest.approx(0.0, rel=0.0, abs=1e-12) and lrs[6] == pytest.approx(0.5, rel=1e-12, abs=0.0)
-    constant = LoopSettings.from_config(load_config(default_config_path("stable"), [
+    constant = LoopSettings.from_config(load_config(config_path("stable"), [
         "training.lr_schedule=constant", "training.warmup_steps=0", "optimizer.lr=0.3"]))
     assert {learning_rate(step, constant) for step in range(50)} == {0.3}
 
@@ -172,16 +174,16 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     results = []
     for name, overrides in (("big", ["training.train_batch_size=4", "training.gradient_accumulation_steps=1"]),
                             ("accum", ["training.train_batch_size=2", "training.gradient_accumulation_steps=2"])):
-        config = load_config(default_config_path("stable"), TINY + overrides + [
+        config = load_config(config_path("stable"), TINY + overrides + [
             "loss.loss_type=l2t", "training.num_train_steps=1", "optimizer.grad_clip_norm=1000.0"])
-        results.append(run_training(config, trainer_kind="stable", output_dir=tmp_path / name, synthetic=True,
+        results.append(run_training(config, trainer=STABLE, output_dir=tmp_path / name, synthetic=True,
                                     progress=False, device="cpu").metrics[0])
     big, accum = results
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(accum[key]), torch.tensor(big[key]), rtol=1e-5, atol=1e-6)
     # A different batch gives a different loss: the comparison above can fail.
-    config = load_config(default_config_path("stable"), TINY + ["loss.loss_type=l2t", "training.num_train_steps=1",
+    config = load_config(config_path("stable"), TINY + ["loss.loss_type=l2t", "training.num_train_steps=1",
                                                                   "training.train_batch_size=2"])
-    half = run_training(config, trainer_kind="stable", output_dir=tmp_path / "half", synthetic=True,
+    half = run_training(config, trainer=STABLE, output_dir=tmp_path / "half", synthetic=True,
                         progress=False, device="cpu").metrics[0]
     assert half["loss"] != pytest.approx(big["loss"], rel=1e-4, abs=0.0)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from compat.gate import CheckOutcome, _row_result
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS, ROWS_BY_ID
-from latentDLM_mmdit.config import default_config_path, load_config
+from cycle_vae_impl.configs import config_path
+from latentDLM_mmdit.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = ROWS_BY_ID["t2l_latent_timestep"]
@@ -43,7 +44,7 @@ def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
 
 @pytest.mark.slow
 def test_gate_fails_on_random_latent_t_and_marks_unrun_rows(tmp_path):
-    config = load_config(default_config_path("cycle"), ["loss.latent_t_mode=random"])
+    config = load_config(config_path("cycle"), ["loss.latent_t_mode=random"])
     cycle_yaml = tmp_path / "cycle_random.yaml"
     OmegaConf.save(config, cycle_yaml)
     code, rows, stdout = run_gate(tmp_path, "--cycle-config", str(cycle_yaml), "--", "-k", "t2l_latent_timestep")
@@ -70,7 +71,7 @@ def test_gate_draws_batches_from_upstream_format_data(tmp_path):
 
     import torch
 
-    config = load_config(default_config_path("cycle"))
+    config = load_config(config_path("cycle"))
     samples = synthetic_batch(vocab_from_config(config), 6, 20, int(config.model.latent_dim),
                               torch.Generator().manual_seed(5))
     tokens, latents = write_upstream_format(tmp_path / "data", samples)

@@ -18,11 +18,16 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_root))
 
-from latentDLM_mmdit.training import cli_main  # noqa: E402
+from cycle_vae_impl.configs import default_config_path  # noqa: E402
+from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer  # noqa: E402
+from latentDLM_mmdit.training import TrainerEntry, cli_main  # noqa: E402
+
+CYCLE = TrainerEntry("cycle", CycleVAETrainer, default_config_path("cycle"),
+                     "cycle_vae_impl.entrypoints.train_cycle_vae", "the cycle trainer (T2L + L2T + cycle terms)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("cycle", argv)
+    return cli_main(CYCLE, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from latentDLM_mmdit.draws import DrawSource
-from latentDLM_mmdit.improved_trainer_stable import (
+from latentDLM_mmdit.trainer_base import (
     FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, prepare_batch, split_model_outputs,
 )
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse
