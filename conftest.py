@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="gpu test: CUDA is not available on this machine")
+    skip = pytest.mark.skip(reason="not applicable: a gpu test, and CUDA is not available on this machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -1,29 +1,33 @@
-"""pytest wiring of the compatibility suite: the `--compat-*` options, the shared context, and
-the `measure` fixture through which rows report what they measured."""
+"""pytest wiring of the compatibility suite: the `--compat-*` options (declared once, in
+`compat.options`), the shared context, and the `measure` fixture through which rows report what
+they measured.
+
+`pytest compat/` follows the gate's exit codes: 1 when a check fails (a row INCOMPATIBLE), 2 when
+the inputs could not be used (the reason is printed at the end), else pytest's own code.
+"""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
-from compat.harness import CompatContext, CompatOptions
+from compat.options import OPTIONS, CompatOptions
+from compat.outcomes import EXIT_CANNOT_CHECK, GateInputError, cannot_check
 from compat.rows import REVIEW, ROWS_BY_ID
 
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
+CONTEXT_KEY = pytest.StashKey[dict]()        # what the session checked (the matrix header)
+INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("compat", "mmdit-compat: run the matrix on your own checkpoint and configs")
-    group.addoption("--compat-checkpoint", default=None,
-                    help="checkpoint to check (.safetensors or upstream .pt); default: embedded stable pretrain")
-    group.addoption("--compat-stable-config", default=None, help="stable trainer YAML (default: packaged tiny)")
-    group.addoption("--compat-cycle-config", default=None, help="cycle trainer YAML (default: packaged tiny)")
-    group.addoption("--compat-data-tokens", default=None, help="upstream-format token dir (*.npz) for real batches")
-    group.addoption("--compat-data-latents", default=None, help="upstream-format latent dir (*.npy) for real batches")
-    group.addoption("--compat-device", default="cpu", help="device for the rows (cpu, cuda, cuda:1, ...)")
-    group.addoption("--compat-report", default=None, help="folder for the matrix as Markdown and JSON")
-    group.addoption("--compat-batch-size", default=4, type=int, help="batch size of the rows' batches (>= 2)")
-    group.addoption("--compat-seq-len", default=16, type=int, help="sequence length of the rows' batches")
+    for option in OPTIONS:
+        group.addoption(f"--compat-{option.name}", default=option.default, type=option.type,
+                        metavar=option.metavar, help=option.help)
+    group.addoption("--compat-report", default=None, metavar="DIR",
+                    help="also write the matrix as Markdown and JSON to DIR")
 
 
 def pytest_configure(config):
@@ -31,31 +35,12 @@ def pytest_configure(config):
         # `pytest compat/ --compat-report DIR` writes the matrix too (the gate does it itself).
         from compat.gate import MatrixCollector
 
-        config._compat_started = time.perf_counter()
-        config.pluginmanager.register(MatrixCollector(), "compat-matrix-report")
+        config.pluginmanager.register(MatrixCollector(report_folder=config.getoption("--compat-report")),
+                                      "compat-matrix-report")
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")
     config.addinivalue_line("markers", "mutants: runs rows against planted defects (teeth)")
     # Everywhere, also when the suite runs from an installed package without pyproject.toml.
     config.addinivalue_line("filterwarnings", TARGET_SIZE_WARNING)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    collector = session.config.pluginmanager.get_plugin("compat-matrix-report")
-    if collector is None:
-        return
-    from compat.gate import render_text, run_context, write_report
-
-    options = {name.replace("-", "_"): session.config.getoption(f"--compat-{name}")
-               for name in ("checkpoint", "stable-config", "cycle-config", "device")}
-    rows = collector.rows()
-    context = run_context(options, time.perf_counter() - session.config._compat_started)
-    path = write_report(session.config.getoption("--compat-report"), rows, context, collector)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for line in render_text(rows).splitlines():
-            reporter.write_line(line)
-        reporter.write_line(f"compat matrix written to {path}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,16 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def options_from(config) -> CompatOptions:
-    get = config.getoption
-    batch_size = int(get("--compat-batch-size"))
-    if batch_size < 2:
-        raise pytest.UsageError("--compat-batch-size must be >= 2 (rows compare batches with single samples)")
-    return CompatOptions(
-        checkpoint=get("--compat-checkpoint"), stable_config=get("--compat-stable-config"),
-        cycle_config=get("--compat-cycle-config"), data_tokens=get("--compat-data-tokens"),
-        data_latents=get("--compat-data-latents"), device=get("--compat-device"),
-        report=get("--compat-report"), batch_size=batch_size, seq_len=int(get("--compat-seq-len")),
-    )
+    return CompatOptions(**{o.dest: config.getoption(f"--compat-{o.name}") for o in OPTIONS})
 
 
 @pytest.fixture(scope="session")
@@ -84,14 +60,19 @@ def compat_options(pytestconfig) -> CompatOptions:
 
 
 @pytest.fixture(scope="session")
-def ctx(compat_options, tmp_path_factory) -> CompatContext:
-    """The shared context: configs, the checkpoint under test and ONE model instance."""
-    if compat_options.device.startswith("cuda"):
-        import torch
+def ctx(compat_options, tmp_path_factory, pytestconfig):
+    """The shared context: configs, the checkpoint under test and ONE model instance. When an input
+    cannot be used, every row that needs it is NOT RUN ("could not check") for that one reason."""
+    from compat.harness import CompatContext
 
-        if not torch.cuda.is_available():
-            pytest.skip(f"--compat-device {compat_options.device}: CUDA is not available")
-    return CompatContext.create(compat_options, tmp_path_factory.mktemp("compat"))
+    started = time.perf_counter()
+    try:
+        context = CompatContext.create(compat_options, tmp_path_factory.mktemp("compat"))
+    except GateInputError as error:
+        pytestconfig.stash[INPUT_ERROR_KEY] = error
+        cannot_check(error.one_line())
+    pytestconfig.stash[CONTEXT_KEY] = dict(context.describe(), **{"setup seconds": f"{time.perf_counter() - started:.1f}"})
+    return context
 
 
 @pytest.fixture
@@ -99,14 +80,36 @@ def model(ctx):
     return ctx.require_model()
 
 
+def _plain(value):
+    """A property value junitxml and xdist can carry: numbers and strings as they are, the rest as JSON."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return json.dumps(value, default=str, sort_keys=True)
+
+
 @pytest.fixture
 def measure(request):
-    """measure(name, value, review=False): a measured value for the matrix; review=True marks a
-    measured risk that does not break compatibility (verdict REVIEW)."""
+    """measure(name, value, review=False): a measured value for the matrix (a junitxml property
+    `measured.<name>`); review=True marks a measured risk that does not break compatibility
+    (verdict REVIEW)."""
 
     def record(name: str, value, review: bool = False) -> None:
-        request.node.user_properties.append(("measured", name, value))
+        request.node.user_properties.append((f"measured.{name}", _plain(value)))
         if review:
-            request.node.user_properties.append(("verdict_hint", REVIEW, name))
+            request.node.user_properties.append((REVIEW.lower(), name))
 
     return record
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    error = session.config.stash.get(INPUT_ERROR_KEY, None)
+    if error is None:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(f"compat: could not check: {error.problem}", red=True)
+        reporter.write_line(f"compat: fix: {error.fix}")
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = EXIT_CANNOT_CHECK

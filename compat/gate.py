@@ -4,10 +4,13 @@
                      [--data-tokens DIR --data-latents DIR] [--device cpu|cuda]
                      [--report DIR] [--kill-table] [-- extra pytest args]
 
-Prints topic / stable / cycle / measured / verdict for every row, writes the matrix as Markdown
-and JSON (default folder `compat-report/`), and exits 1 when any row is INCOMPATIBLE (or a test
-outside the rows failed), 2 on a usage or internal error, 0 otherwise. A row none of whose tests
-ran is NOT RUN, never OK.
+Exit codes (the same for `pytest compat/`):
+  0  every applicable row ran and none is INCOMPATIBLE
+  1  at least one row is INCOMPATIBLE
+  2  the gate could not check: a usage error, an unreadable or unsafe checkpoint, a bad config or
+     bad data, a device that is not there, or a row that should have run did not
+The matrix (Markdown and JSON, default folder `compat-report/`) is written in every case; rows that
+could not run are NOT RUN with the reason, and a short block at the end says what to do.
 """
 from __future__ import annotations
 
@@ -22,18 +25,33 @@ from pathlib import Path
 
 import pytest
 
+from compat.options import OPTIONS, CompatOptions
+from compat.outcomes import (
+    BLOCKED, CANNOT_CHECK, EXIT_CANNOT_CHECK, EXIT_INCOMPATIBLE, EXIT_OK, NOT_APPLICABLE, GateInputError, skip_kind,
+)
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
 
 COMPAT_DIR = Path(__file__).resolve().parent
+DEFAULT_REPORT = "compat-report"
+NOT_SELECTED = "not selected"
+# Which NOT RUN kinds make the gate exit 2 (when no row is INCOMPATIBLE): all but these.
+HARMLESS_NOT_RUN = (NOT_APPLICABLE, NOT_SELECTED)
 
 
 @dataclass
 class CheckOutcome:
     nodeid: str
-    outcome: str  # passed | failed | skipped | error
+    outcome: str  # passed | failed | error | skipped
     message: str = ""
+    skip_kind: str | None = None  # for skipped: not applicable | could not check | blocked | skipped
     measured: list = field(default_factory=list)
     review: list = field(default_factory=list)
+
+    @property
+    def check(self) -> str:
+        """The check's id: the parametrize id, else the test name."""
+        name = self.nodeid.split("::")[-1]
+        return name[name.index("[") + 1:-1] if "[" in name else name
 
 
 @dataclass
@@ -44,17 +62,23 @@ class RowResult:
     cycle: str
     measured: str
     verdict: str
+    not_run_kind: str | None
     tests: list
 
 
 class MatrixCollector:
-    """pytest plugin: gathers each test's outcome and measured values by row."""
+    """pytest plugin: gathers each test's outcome and measured values by row; with `report_folder`
+    (plain `pytest compat/ --compat-report DIR`) it also writes and prints the matrix at the end."""
 
-    def __init__(self):
+    def __init__(self, report_folder: str | None = None):
         self.row_of: dict[str, str] = {}
         self.outcomes: dict[str, CheckOutcome] = {}
         self.kills: list[dict] = []
         self.other_failures: list[str] = []
+        self.context: dict[str, str] = {}
+        self.input_error: GateInputError | None = None
+        self.report_folder = report_folder
+        self.started = time.perf_counter()
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
@@ -67,7 +91,6 @@ class MatrixCollector:
             self.row_of.pop(item.nodeid, None)
 
     def pytest_runtest_logreport(self, report):
-        props = list(report.user_properties)
         outcome = self.outcomes.setdefault(report.nodeid, CheckOutcome(report.nodeid, "passed"))
         if report.when == "call" or report.outcome != "passed":
             if report.outcome == "failed":
@@ -75,19 +98,60 @@ class MatrixCollector:
                 outcome.message = _first_line(report.longreprtext)
             elif report.outcome == "skipped" and outcome.outcome == "passed":
                 outcome.outcome = "skipped"
-                outcome.message = _skip_reason(report)
-        outcome.measured = [(p[1], p[2]) for p in props if p[0] == "measured"]
-        outcome.review = [p[2] for p in props if p[0] == "verdict_hint"]
-        self.kills.extend(p[1] for p in props if p[0] == "kill" and p[1] not in self.kills)
-        if report.outcome == "failed" and report.nodeid not in self.row_of:
+                outcome.skip_kind, outcome.message = skip_kind(_skip_reason(report))
+        props = list(report.user_properties)
+        outcome.measured = [(name.removeprefix("measured."), value) for name, value in props
+                            if name.startswith("measured.")]
+        outcome.review = [value for name, value in props if name == REVIEW.lower()]
+        for name, value in props:
+            if name == "kill":
+                kill = json.loads(value)
+                if kill not in self.kills:
+                    self.kills.append(kill)
+        if report.outcome == "failed" and report.nodeid not in self.row_of and report.nodeid not in self.other_failures:
             self.other_failures.append(report.nodeid)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY
+
+        self.context = dict(session.config.stash.get(CONTEXT_KEY, {}))
+        self.input_error = session.config.stash.get(INPUT_ERROR_KEY, None)
+        rows = self.rows()
+        add_junit_suite_properties(session.config, rows)
+        if self.report_folder is None:
+            return
+        context = run_context(self, time.perf_counter() - self.started)
+        path = write_report(self.report_folder, rows, context, self)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("")
+            for line in render_text(rows).splitlines():
+                reporter.write_line(line)
+            reporter.write_line(f"compat matrix written to {path}")
 
     def rows(self) -> list[RowResult]:
         by_row: dict[str, list[CheckOutcome]] = defaultdict(list)
         for nodeid, row in self.row_of.items():
             if nodeid in self.outcomes:
                 by_row[row].append(self.outcomes[nodeid])
-        return [_row_result(row, by_row.get(row.id, [])) for row in ROWS]
+        return [row_result(row, by_row.get(row.id, [])) for row in ROWS]
+
+
+def add_junit_suite_properties(config, rows: list[RowResult]) -> None:
+    """With --junitxml, each row's verdict and measured values as suite properties
+    (`compat.<row>.verdict`, `compat.<row>.measured`): valid in every junit family (xunit2 allows
+    no properties on test cases; those carry `measured.<name>` for the legacy families)."""
+    try:
+        from _pytest.junitxml import xml_key
+    except ImportError:  # pytest moved its internals: the per-test properties remain
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    for r in rows:
+        xml.add_global_property(f"compat.{r.id}.verdict", r.verdict)
+        xml.add_global_property(f"compat.{r.id}.measured", r.measured)
 
 
 def _first_line(text: str) -> str:
@@ -111,49 +175,88 @@ def _format_value(value) -> str:
     return str(value)
 
 
-def _row_result(row, tests: list[CheckOutcome]) -> RowResult:
+# Of a row none of whose checks ran, the kind that says most about why (the gate's exit follows it).
+_KIND_PRIORITY = (CANNOT_CHECK, "skipped", BLOCKED, NOT_APPLICABLE)
+
+
+def row_result(row, tests: list[CheckOutcome]) -> RowResult:
+    """A row's verdict from its checks: any failure -> INCOMPATIBLE; none ran -> NOT RUN with the
+    reason; some skipped -> REVIEW listing them; a measured risk -> REVIEW; otherwise OK (every
+    check of the row that applies to this setup ran and passed; checks not applicable by design,
+    e.g. a CUDA comparison on a CPU run, are listed as n/a)."""
     ran = [t for t in tests if t.outcome != "skipped"]
     failed = [t for t in tests if t.outcome in ("failed", "error")]
+    skipped = [t for t in tests if t.outcome == "skipped"]
+    inapplicable = [t for t in skipped if t.skip_kind == NOT_APPLICABLE]  # not a check of this setup
     measured = []
     for t in tests:
         measured.extend(f"{name}={_format_value(value)}" for name, value in t.measured)
+    kind = None
     if not tests:
-        verdict, note = NOT_RUN, "no test selected"
+        verdict, kind, note = NOT_RUN, NOT_SELECTED, "not selected (no check of this row was collected)"
     elif failed:
-        verdict, note = INCOMPATIBLE, "; ".join(f"FAILED {t.nodeid.split('::')[-1]}: {t.message}" for t in failed)
+        verdict = INCOMPATIBLE
+        note = "; ".join(f"FAILED {t.check}: {t.message}" for t in failed)
     elif not ran:
-        verdict, note = NOT_RUN, tests[0].message
+        verdict = NOT_RUN
+        kind = min((t.skip_kind for t in skipped), key=_KIND_PRIORITY.index)
+        reason = next(t.message for t in skipped if t.skip_kind == kind)
+        note = f"{kind}: {reason}"
+    elif len(skipped) > len(inapplicable):
+        verdict = REVIEW
+        note = "; ".join(f"skipped {t.check} ({t.skip_kind}: {t.message})" for t in skipped if t not in inapplicable)
     elif any(t.review for t in ran):
-        verdict, note = REVIEW, "review: " + ", ".join(sorted({r for t in ran for r in t.review}))
+        verdict, note = REVIEW, "review: " + ", ".join(sorted({str(r) for t in ran for r in t.review}))
     else:
         verdict, note = OK, ""
-    skipped = len(tests) - len(ran)
-    if skipped and verdict in (OK, REVIEW, INCOMPATIBLE):
-        note = (note + "; " if note else "") + f"{skipped} of {len(tests)} checks skipped"
+    if skipped and verdict == INCOMPATIBLE:
+        note += "; " + "; ".join(f"skipped {t.check} ({t.skip_kind})" for t in skipped)
+    elif inapplicable and verdict != NOT_RUN:
+        note = "; ".join(filter(None, [note, *(f"n/a {t.check}: {t.message}" for t in inapplicable)]))
     text = "; ".join(dict.fromkeys(measured))
     if note:
         text = f"{note} | {text}" if text else note
-    return RowResult(row.id, row.topic, row.stable, row.cycle, text, verdict, [asdict(t) for t in tests])
+    return RowResult(row.id, row.topic, row.stable, row.cycle, text, verdict, kind, [asdict(t) for t in tests])
+
+
+def exit_code(rows: list[RowResult], input_error: GateInputError | None, other_failures: list[str]) -> int:
+    """The gate's exit code (see the module docstring); INCOMPATIBLE wins over could-not-check."""
+    if any(r.verdict == INCOMPATIBLE for r in rows):
+        return EXIT_INCOMPATIBLE
+    if input_error is not None or other_failures:
+        return EXIT_CANNOT_CHECK
+    if all(r.verdict == NOT_RUN for r in rows):
+        return EXIT_CANNOT_CHECK  # nothing was checked: never a pass
+    if any(r.verdict == NOT_RUN and r.not_run_kind not in HARMLESS_NOT_RUN for r in rows):
+        return EXIT_CANNOT_CHECK
+    return EXIT_OK
+
+
+def not_run_rows(reason: str) -> list[RowResult]:
+    """Every row NOT RUN for one reason (the gate stopped before running any check)."""
+    return [RowResult(row.id, row.topic, row.stable, row.cycle, f"{CANNOT_CHECK}: {reason}", NOT_RUN,
+                      CANNOT_CHECK, []) for row in ROWS]
 
 
 # -- rendering -------------------------------------------------------------------------------------
 def render_text(rows: list[RowResult], width: int = 60) -> str:
-    header = f"{'topic':<34} {'verdict':<13} measured"
+    header = f"{'row':<22} {'topic':<34} {'verdict':<13} measured"
     lines = [header, "-" * len(header)]
     for r in rows:
         wrapped = textwrap.wrap(r.measured or "-", width) or ["-"]
-        lines.append(f"{r.topic:<34} {r.verdict:<13} {wrapped[0]}")
-        lines.extend(f"{'':<34} {'':<13} {more}" for more in wrapped[1:])
+        lines.append(f"{r.id:<22} {r.topic:<34} {r.verdict:<13} {wrapped[0]}")
+        lines.extend(f"{'':<22} {'':<34} {'':<13} {more}" for more in wrapped[1:])
     return "\n".join(lines)
 
 
 def render_markdown(rows: list[RowResult], context: dict) -> str:
     out = ["# Compatibility matrix: stable vs cycle trainer", ""]
     out += [f"- {k}: {v}" for k, v in context.items()]
-    out += ["", "| Topic | Stable | Cycle | Measured | Verdict |", "|---|---|---|---|---|"]
+    out += ["", "Each row's checks are in `compat/test_row_<row>.py`.", "",
+            "| Row | Topic | Stable | Cycle | Measured | Verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r.topic, r.stable, r.cycle, r.measured or "-", f"**{r.verdict}**"]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        cells = [f"`{r.id}`", r.topic, r.stable, r.cycle, r.measured or "-", f"**{r.verdict}**"]
+        out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -166,43 +269,56 @@ def render_kill_table(kills: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str | Path, rows: list[RowResult], context: dict, collector: "MatrixCollector") -> Path:
+def render_error_block(error: GateInputError) -> str:
+    return "\n".join(["compat gate: could not check (exit 2)",
+                      *textwrap.wrap(f"problem: {error.problem}", 100, subsequent_indent="  "),
+                      *textwrap.wrap(f"fix: {error.fix}", 100, subsequent_indent="  ")])
+
+
+def write_report(folder: str | Path, rows: list[RowResult], context: dict,
+                 collector: "MatrixCollector | None" = None, code: int | None = None) -> Path:
     """compat-matrix.md and compat-matrix.json in `folder`; returns the Markdown path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    error = collector.input_error if collector is not None else None
     (folder / "compat-matrix.md").write_text(render_markdown(rows, context))
     (folder / "compat-matrix.json").write_text(json.dumps(
-        {"context": context, "rows": [asdict(r) for r in rows], "kills": collector.kills,
-         "other_failures": collector.other_failures}, indent=2, default=str))
+        {"context": context, "exit_code": code, "rows": [asdict(r) for r in rows],
+         "input_error": {"problem": error.problem, "fix": error.fix} if error else None,
+         "kills": collector.kills if collector else [],
+         "other_failures": collector.other_failures if collector else []}, indent=2, default=str))
     return folder / "compat-matrix.md"
 
 
-def run_context(options: dict, seconds: float) -> dict:
-    from compat import harness
-
-    return {
-        "checkpoint": options.get("checkpoint") or "embedded default (stable trainer, synthetic pretrain)",
-        "stable config": options.get("stable_config") or "packaged tiny default",
-        "cycle config": options.get("cycle_config") or "packaged tiny default",
-        "device": options.get("device") or "cpu",
-        "model": harness.LAST_CONTEXT.model_note if harness.LAST_CONTEXT is not None else "not built",
-        "wall seconds": f"{seconds:.1f}",
-    }
+def run_context(collector: MatrixCollector | None, seconds: float, options: CompatOptions | None = None) -> dict:
+    """The matrix header: what the session checked (from the shared context), else the options."""
+    context = dict(collector.context) if collector is not None and collector.context else {}
+    if not context and options is not None:
+        context = {"checkpoint": options.checkpoint or "embedded default",
+                   "stable config": options.stable_config or "packaged tiny default",
+                   "cycle config": options.cycle_config or "packaged tiny default",
+                   "device": options.device}
+    context["wall seconds"] = f"{seconds:.1f}"
+    return context
 
 
 # -- entry point -----------------------------------------------------------------------------------
+class GateUsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a usage error still writes the matrix and exits 2
+        raise GateUsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compat", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint to check (.safetensors or upstream .pt)")
-    p.add_argument("--stable-config", help="the stable trainer's YAML")
-    p.add_argument("--cycle-config", help="the cycle trainer's YAML")
-    p.add_argument("--data-tokens", help="upstream-format token dir (*.npz)")
-    p.add_argument("--data-latents", help="upstream-format latent dir (*.npy)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--report", default="compat-report", help="folder for compat-matrix.md / .json")
+    p = _Parser(prog="python -m compat", description=__doc__.split("\n\n")[0],
+                epilog=__doc__[__doc__.index("Exit codes"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for option in OPTIONS:
+        p.add_argument(f"--{option.name}", type=option.type, default=option.default, metavar=option.metavar,
+                       help=option.help)
+    p.add_argument("--report", default=DEFAULT_REPORT, metavar="DIR", help="folder for compat-matrix.md / .json")
     p.add_argument("--kill-table", action="store_true", help="also run every planted defect and print the kill table")
     p.add_argument("--quiet", action="store_true", help="pass -q -q to pytest")
     p.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments (e.g. -k, -x)")
@@ -213,43 +329,89 @@ def pytest_arguments(args) -> list[str]:
     argv = [str(COMPAT_DIR), "-p", "no:cacheprovider", "-q", "--no-header", "-rN"]
     if args.quiet:
         argv.append("-q")
-    for flag in ("checkpoint", "stable_config", "cycle_config", "data_tokens", "data_latents"):
-        value = getattr(args, flag)
-        if value:
-            argv.append(f"--compat-{flag.replace('_', '-')}={Path(value).resolve()}")
-    argv += [f"--compat-device={args.device}", f"--compat-batch-size={args.batch_size}",
-             f"--compat-seq-len={args.seq_len}"]
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        if value is None:
+            continue
+        if option.metavar in ("CKPT", "YAML", "DIR"):
+            value = Path(value).resolve()
+        argv.append(f"--compat-{option.name}={value}")
     if not args.kill_table:
         argv += ["-m", "not mutants"]
     return argv + list(args.pytest_args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _report_folder(argv: list[str] | None) -> str:
+    """--report from an argument list that may not parse as a whole."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report", default=DEFAULT_REPORT)
+    known, _ = pre.parse_known_args(argv)
+    return known.report
+
+
+def _stop(folder: str, error: GateInputError, started: float, options: CompatOptions | None = None) -> int:
+    rows = not_run_rows(error.one_line())
+    print(render_text(rows))
     collector = MatrixCollector()
+    collector.input_error = error
+    markdown = write_report(folder, rows, run_context(None, time.perf_counter() - started, options), collector,
+                            EXIT_CANNOT_CHECK)
+    print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
+    print(render_error_block(error), file=sys.stderr)
+    return EXIT_CANNOT_CHECK
+
+
+def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except GateUsageError as exc:
+        return _stop(_report_folder(argv), GateInputError(f"usage: {exc}", "see `python -m compat --help`"), started)
+    options = CompatOptions(**{o.dest: getattr(args, o.dest) for o in OPTIONS})
+    from compat.inputs import check_options
+
+    try:
+        check_options(options)
+    except GateInputError as error:
+        return _stop(args.report, error, started, options)
+    collector = MatrixCollector()
     rc = pytest.main(pytest_arguments(args), plugins=[collector])
-    seconds = time.perf_counter() - started
     if rc in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERRUPTED):
-        print(f"compat gate: pytest stopped with exit code {int(rc)}", file=sys.stderr)
-        return 2
+        collector.input_error = collector.input_error or GateInputError(
+            f"pytest stopped with exit code {int(rc)} ({rc.name.lower().replace('_', ' ')}) before the matrix was complete",
+            "read pytest's message above; extra pytest arguments after -- must be valid")
     rows = collector.rows()
-    context = run_context(vars(args), seconds)
+    code = exit_code(rows, collector.input_error, collector.other_failures)
+    context = run_context(collector, time.perf_counter() - started, options)
     print()
     print(render_text(rows))
-    print(f"\nmodel: {context['model']}")
+    print(f"\nmodel: {context.get('model', 'not built')}")
     if args.kill_table:
         print()
         print(render_kill_table(collector.kills))
-    markdown = write_report(args.report, rows, context, collector)
-    incompatible = [r.id for r in rows if r.verdict == INCOMPATIBLE]
+    markdown = write_report(args.report, rows, context, collector, code)
     print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
-    if incompatible or collector.other_failures:
-        print(f"compat gate: INCOMPATIBLE rows: {', '.join(incompatible) or '-'}; "
-              f"other failures: {', '.join(collector.other_failures) or '-'}")
-        return 1
-    print("compat gate: no incompatible row")
-    return 0
+    if code == EXIT_INCOMPATIBLE:
+        print(f"compat gate: INCOMPATIBLE rows: {', '.join(r.id for r in rows if r.verdict == INCOMPATIBLE)} (exit 1)")
+    elif code == EXIT_CANNOT_CHECK:
+        error = collector.input_error or GateInputError(_cannot_check_summary(rows, collector.other_failures),
+                                                        "see the NOT RUN rows' reasons in the matrix")
+        print(render_error_block(error), file=sys.stderr)
+    else:
+        print("compat gate: every applicable row ran; no incompatible row (exit 0)")
+    if collector.input_error is not None and code == EXIT_INCOMPATIBLE:
+        print(render_error_block(collector.input_error), file=sys.stderr)
+    return code
+
+
+def _cannot_check_summary(rows: list[RowResult], other_failures: list[str]) -> str:
+    if other_failures:
+        return f"the suite's own checks failed: {', '.join(other_failures[:5])}"
+    if all(r.verdict == NOT_RUN for r in rows):
+        return "no row ran (nothing was checked)"
+    unrun = [r for r in rows if r.verdict == NOT_RUN and r.not_run_kind not in HARMLESS_NOT_RUN]
+    return "rows that should have run did not: " + "; ".join(f"{r.id} ({r.measured})" for r in unrun[:5])
 
 
 if __name__ == "__main__":

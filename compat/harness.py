@@ -15,54 +15,31 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.checkpoints import (
-    CheckpointError, LoadReport, load_checkpoint_into, model_sizes_from, open_checkpoint,
-)
+from latentDLM_mmdit.checkpoints import CheckpointError, LoadReport, load_checkpoint_into
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.seeding import seed_everything
 from latentDLM_mmdit.synthetic import synthetic_batch
-from latentDLM_mmdit.tokenizer import vocab_from_config
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
+from compat.inputs import (
+    check_options, default_seq_len, load_user_config, open_user_checkpoint, read_data_samples, resolve_device, vocab_for,
+)
+from compat.options import CompatOptions
+from compat.outcomes import GateInputError, blocked
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PRETRAIN_STEPS = 30
 LARGE_MODEL_PARAMS = 20_000_000
-LAST_CONTEXT = None  # the context of the last session (the gate reports its model note)
 PROXY_SEED = 1234
 PROXY_SIZES = {"hidden_size": 32, "cond_dim": 32, "n_blocks": 1, "max_seq_len": 32, "dropout": 0.0}
 # Model keys that decide the parameter layout; both configs must agree on them.
 LAYOUT_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams", "latent_dim", "cluster_size")
-
-
-@dataclass
-class CompatOptions:
-    """What the user passes (pytest `--compat-*` options or the gate's flags)."""
-
-    checkpoint: str | None = None
-    stable_config: str | None = None
-    cycle_config: str | None = None
-    data_tokens: str | None = None
-    data_latents: str | None = None
-    device: str = "cpu"
-    report: str | None = None
-    batch_size: int = 4
-    seq_len: int = 16
-
-    @property
-    def embedded(self) -> bool:
-        return self.checkpoint is None
-
-
-def _load_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
-    from cycle_vae_impl.configs import config_path
-    from latentDLM_mmdit.config import load_config
-
-    resolved = Path(path) if path else Path(config_path(kind))
-    return load_config(resolved), str(resolved)
+# Where the checkpoint's names and shapes give the sizes a config may not hold.
+EMBEDDING_KEY = "text_encoder.token_embed.weight"        # [V, H]
+LATENT_PROJECTION_KEY = "latent_encoder.projection.0.weight"  # [2H, D]
 
 
 def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: int = EMBEDDED_PRETRAIN_STEPS) -> Path:
@@ -82,6 +59,31 @@ def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: in
     return written[-1]
 
 
+def sizes_from_checkpoint(shapes: dict[str, tuple[int, ...]], config: DictConfig, path: Path) -> dict[str, int]:
+    """vocab_size and latent_dim from the checkpoint's tensor shapes (what the weights are), the
+    cluster head from the config (what the user will train; a mismatch fails the strict load)."""
+    if EMBEDDING_KEY not in shapes or LATENT_PROJECTION_KEY not in shapes:
+        missing = [k for k in (EMBEDDING_KEY, LATENT_PROJECTION_KEY) if k not in shapes]
+        raise GateInputError(
+            f"--checkpoint {path} holds no {' or '.join(missing)} ({len(shapes)} tensors, e.g. "
+            f"{', '.join(sorted(shapes)[:3]) or 'none'}): it is not a MultimodalMMDiT checkpoint",
+            "pass a checkpoint written by the stable trainer (upstream's or this project's)")
+    return {"vocab_size": int(shapes[EMBEDDING_KEY][0]), "latent_dim": int(shapes[LATENT_PROJECTION_KEY][1]),
+            "cluster_size": int(config.model.get("cluster_size", 0) or 0)}
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names (with counts) of the model's tensors that hold NaN or Inf."""
+    found = []
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    found.append(f"{name} ({bad} of {value.numel()} non-finite)")
+    return found
+
+
 @dataclass
 class CompatContext:
     """Everything a row needs. Build it with `CompatContext.create(options, workdir)`."""
@@ -93,37 +95,63 @@ class CompatContext:
     stable_config_path: str
     cycle_config_path: str
     checkpoint_path: Path
-    model: MultimodalMMDiT | None
-    load_report: LoadReport | None
-    load_error: str | None
     device: torch.device
-    _data_samples: list | None = field(default=None, repr=False)
-    _n_params: int | None = field(default=None, repr=False)
+    sizes: dict[str, int]
+    n_params: int
+    seq_len: int
+    seq_len_source: str
+    data_samples: list | None = field(default=None, repr=False)
+    model: MultimodalMMDiT | None = None
+    load_report: LoadReport | None = None
+    load_error: str | None = None
+    nonfinite: list[str] = field(default_factory=list)
     _proxy: MultimodalMMDiT | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
-        stable_config, stable_path = _load_config(options.stable_config, "stable")
-        cycle_config, cycle_path = _load_config(options.cycle_config, "cycle")
-        device = torch.device(options.device)
+        """Reads every input (GateInputError naming the problem when one cannot be used), then
+        builds the shared model from the checkpoint (a load failure is the pretrained row's
+        verdict, kept in `load_error`)."""
+        check_options(options)
+        device = resolve_device(options.device)
+        stable_config, stable_path = load_user_config(options.stable_config, "stable")
+        cycle_config, cycle_path = load_user_config(options.cycle_config, "cycle")
         checkpoint = Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
-        ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint,
-                  None, None, None, device)
-        global LAST_CONTEXT
-        LAST_CONTEXT = ctx
+        with open_user_checkpoint(checkpoint) as source:
+            sizes = sizes_from_checkpoint(source.shapes, cycle_config, checkpoint)
+            n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
+        max_seq_len = int(cycle_config.model.max_seq_len)
+        vocab = vocab_for(cycle_config, sizes["vocab_size"])
+        samples = read_data_samples(options, vocab, max_seq_len, sizes["latent_dim"]) if options.data else None
+        seq_len, seq_len_source = default_seq_len(options, samples, max_seq_len)
+        ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint, device,
+                  sizes, n_params, seq_len, seq_len_source, samples)
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
             ctx.load_error = str(exc)
+        else:
+            ctx.nonfinite = nonfinite_parameters(ctx.model)
         return ctx
+
+    def describe(self) -> dict[str, str]:
+        """What was checked, for the matrix's header."""
+        return {
+            "checkpoint": str(self.checkpoint_path) if self.options.checkpoint
+            else f"embedded default (stable trainer, {EMBEDDED_PRETRAIN_STEPS} synthetic steps)",
+            "stable config": self.stable_config_path,
+            "cycle config": self.cycle_config_path,
+            "data": (f"{self.options.data_tokens} + {self.options.data_latents} "
+                     f"({len(self.data_samples or [])} samples read)") if self.options.data else "synthetic",
+            "batch": f"{self.options.batch_size} x {self.seq_len} tokens ({self.seq_len_source})",
+            "device": str(self.device),
+            "model": self.model_note,
+        }
 
     # -- model ----------------------------------------------------------------------------------
     def model_sizes(self) -> dict[str, int]:
-        """vocab_size / latent_dim / cluster_size: recorded in the checkpoint, else the configs."""
-        recorded = model_sizes_from(self.checkpoint_path) if self.checkpoint_path.suffix == ".safetensors" else None
-        cfg = self.cycle_config
-        return recorded or {"vocab_size": int(cfg.tokenizer.vocab_size), "latent_dim": int(cfg.model.latent_dim),
-                            "cluster_size": int(cfg.model.get("cluster_size", 0) or 0)}
+        """vocab_size / latent_dim from the checkpoint's shapes, cluster_size from the cycle config."""
+        return dict(self.sizes)
 
     def build_model(self, load: bool = True, path: Path | None = None) -> MultimodalMMDiT:
         """A fresh model of the configured layout, strictly loaded from `path` (default: the
@@ -140,14 +168,6 @@ class CompatContext:
         return model.eval().to(self.device)
 
     # -- scale: a full-size checkpoint -----------------------------------------------------------
-    @property
-    def n_params(self) -> int:
-        """Parameter count of the checkpoint under test (from its header, without loading it)."""
-        if self._n_params is None:
-            with open_checkpoint(self.checkpoint_path) as source:
-                self._n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
-        return self._n_params
-
     @property
     def large(self) -> bool:
         """A checkpoint too large for checks that need backward passes, many passes or copies of
@@ -185,23 +205,26 @@ class CompatContext:
     @property
     def model_note(self) -> str:
         if not self.large:
-            return "checkpoint model"
+            return f"checkpoint model ({self.n_params / 1e6:.2f}M parameters)"
         return (f"checkpoint of {self.n_params / 1e6:.0f}M parameters: rows that check the trainers' "
                 "semantics with many passes, backward passes or model copies ran on a tiny proxy built "
                 "from the same config; loading, outputs and both trainers' losses ran on the checkpoint")
 
     def require_model(self) -> MultimodalMMDiT:
-        """The shared model; rows that need it are skipped (NOT RUN) when it failed to load."""
-        import pytest
-
+        """The shared model. A row that needs it is NOT RUN (blocked by the pretrained-checkpoint
+        row, which is then INCOMPATIBLE) when it did not load or holds non-finite weights."""
         if self.model is None:
-            pytest.skip(f"the checkpoint did not load, so this row cannot run: {self.load_error}")
+            blocked(f"the checkpoint does not load into the configured model (see the pretrained checkpoint "
+                    f"row): {self.load_error}")
+        if self.nonfinite:
+            blocked(f"the checkpoint holds non-finite weights (see the pretrained checkpoint row): "
+                    f"{', '.join(self.nonfinite[:3])}")
         return self.model
 
     # -- trainers -------------------------------------------------------------------------------
     @property
     def vocab(self):
-        return vocab_from_config(self.cycle_config)
+        return vocab_for(self.cycle_config, self.sizes["vocab_size"])
 
     def _with_loss(self, config: DictConfig, overrides: dict[str, Any]) -> DictConfig:
         config = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
@@ -237,10 +260,6 @@ class CompatContext:
 
     # -- inputs ---------------------------------------------------------------------------------
     @property
-    def seq_len(self) -> int:
-        return min(int(self.options.seq_len), int(self.cycle_config.model.max_seq_len))
-
-    @property
     def trainer_dtype(self) -> torch.dtype:
         """The dtype the trainers feed latents and timesteps in (`training.dtype` of the cycle config)."""
         return dtype_from_config(self.cycle_config)
@@ -262,7 +281,7 @@ class CompatContext:
     def batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """A batch of `batch_size` samples with padding (each sample's tail is masked out), from
         synthetic data or the user's upstream-format data, on the compat device."""
-        if self.options.data_tokens:
+        if self.data_samples is not None:
             return self._data_batch(batch_size, seed)
         gen = torch.Generator().manual_seed(10_000 + seed)
         batch = synthetic_batch(self.vocab, batch_size, self.seq_len, self.latent_dim, gen)
@@ -275,15 +294,7 @@ class CompatContext:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _data_batch(self, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        from latentDLM_mmdit.data import UpstreamLatentDataset
-
-        if self._data_samples is None:
-            if not self.options.data_latents:
-                raise ValueError("--compat-data-tokens needs --compat-data-latents too")
-            dataset = UpstreamLatentDataset(self.options.data_tokens, self.options.data_latents,
-                                            int(self.cycle_config.model.max_seq_len), self.vocab)
-            self._data_samples = [dataset[i] for i in range(min(len(dataset), 64))]
-        samples = self._data_samples
+        samples = self.data_samples
         picks = [samples[(seed * batch_size + i) % len(samples)] for i in range(batch_size)]
         S = self.seq_len
         batch = {

@@ -7,6 +7,7 @@ not caught it. The results form the kill table the gate prints with `--kill-tabl
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
 
 import pytest
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.mutants
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_mutant_is_caught(ctx, mutant, record_property):
+def test_mutant_is_caught(ctx, mutant, request):
     row = importlib.import_module(f"compat.test_row_{mutant.row}")
     caught, detail = False, "the row passed"
     with mutant.apply(), warnings.catch_warnings():
@@ -30,5 +31,5 @@ def test_mutant_is_caught(ctx, mutant, record_property):
             caught = True
             lines = str(exc).strip().splitlines()
             detail = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-    record_property("kill", {"mutant": mutant.name, "row": mutant.row, "caught": caught, "detail": detail})
+    request.node.user_properties.append(("kill", json.dumps({"mutant": mutant.name, "row": mutant.row, "caught": caught, "detail": detail})))
     assert caught, f"mutant {mutant.name} ({mutant.description}) was not caught by row {mutant.row}: {detail}"

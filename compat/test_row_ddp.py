@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from compat.harness import grads_by_name, row_runner, row_test
+from compat.outcomes import not_applicable
 from compat.oracle import tol
 
 pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
@@ -142,11 +143,11 @@ def run_ddp(ctx) -> list[dict]:
 
 def check_ddp_matches_single_process(ctx, measure):
     if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+        not_applicable("torch.distributed with the gloo backend is not available in this torch build")
     if ctx.device.type != "cpu":
-        pytest.skip(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
+        not_applicable(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        pytest.skip("this process has already used CUDA, and forked workers cannot (run the DDP row in a "
+        not_applicable("this process has already used CUDA, and forked workers cannot (run the DDP row in a "
                     "session that has not touched CUDA, e.g. without -m gpu)")
     ctx.semantic_model()
     ranks = run_ddp(ctx)

@@ -26,6 +26,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from compat.harness import row_runner, row_test
+from compat.outcomes import cannot_check
 from latentDLM_mmdit import checkpoints
 
 pytestmark = pytest.mark.compat_row("dependency_versions")
@@ -54,7 +55,7 @@ def project_requirements() -> tuple[list[Requirement], str]:
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
-            pytest.skip(f"{DISTRIBUTION} is not installed and this Python cannot read {PYPROJECT}")
+            cannot_check(f"{DISTRIBUTION} is not installed and this Python cannot read {PYPROJECT}")
 
         raw = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
         where = str(PYPROJECT)

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from compat.harness import row_runner, row_test
+from compat.outcomes import not_applicable
 from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.checkpoints import CheckpointError
@@ -200,7 +201,7 @@ def check_other_mmdit_layout(ctx, measure):
     recorded = (meta.get("versions") or {}).get("mmdit", "not recorded")
     installed = checkpoints.installed_versions()["mmdit"]
     if installed.split(".")[:2] == str(recorded).split(".")[:2]:
-        pytest.skip(f"the installed mmdit {installed} has the fixture's layout ({recorded}): nothing to refuse")
+        not_applicable(f"the installed mmdit {installed} has the fixture's layout ({recorded}): nothing to refuse")
     sizes, config = meta["model_sizes"], meta["config"]
     model = MultimodalMMDiT(config["model"], vocab_size=int(sizes["vocab_size"]), latent_dim=int(sizes["latent_dim"]),
                             cluster_size=int(sizes.get("cluster_size", 0) or 0))

@@ -58,7 +58,17 @@ def _read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
             if missing:
                 raise DataError(f"token file {path} lacks {', '.join(missing)} "
                                 f"(it holds: {', '.join(archive.files) or 'nothing'})")
-            return archive["input_ids"], archive["attention_mask"]
+            arrays = []
+            for key in TOKEN_KEYS:
+                try:
+                    arrays.append(archive[key])
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+                    raise DataError(f"token file {path}: {key} is an object array (pickled Python objects), which "
+                                    "is never unpickled here; re-save it as an integer array, e.g. np.savez(path, "
+                                    f"{key}=np.asarray(values, dtype=np.int64), ...)") from None
+            return arrays[0], arrays[1]
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

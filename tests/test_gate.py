@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from compat.gate import CheckOutcome, _row_result
+from compat.gate import CheckOutcome, RowResult, exit_code, row_result
+from compat.outcomes import GateInputError
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS, ROWS_BY_ID
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.config import load_config
@@ -18,19 +19,47 @@ REPO = Path(__file__).resolve().parents[1]
 ROW = ROWS_BY_ID["t2l_latent_timestep"]
 
 
-@pytest.mark.parametrize("outcomes, verdict", [
-    ([], NOT_RUN),
-    ([CheckOutcome("a", "skipped", "no CUDA")], NOT_RUN),
-    ([CheckOutcome("a", "passed"), CheckOutcome("b", "skipped")], OK),
-    ([CheckOutcome("a", "passed", review=["x"])], REVIEW),
-    ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE),
-    ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE),
-], ids=["nothing-ran", "all-skipped", "pass-and-skip", "review", "failure-wins", "setup-error"])
-def test_row_verdicts(outcomes, verdict):
-    result = _row_result(ROW, outcomes)
-    assert result.verdict == verdict
-    if verdict == NOT_RUN:
-        assert result.measured, "a row that did not run must say why"
+def skipped(kind: str, reason: str = "why") -> CheckOutcome:
+    return CheckOutcome("row::test[x]", "skipped", reason, skip_kind=kind)
+
+
+@pytest.mark.parametrize("outcomes, verdict, kind", [
+    ([], NOT_RUN, "not selected"),
+    ([skipped("could not check", "no data")], NOT_RUN, "could not check"),
+    ([skipped("not applicable", "DDP on CUDA")], NOT_RUN, "not applicable"),
+    ([skipped("not applicable"), skipped("blocked")], NOT_RUN, "blocked"),
+    ([CheckOutcome("a", "passed"), skipped("could not check")], REVIEW, None),
+    ([CheckOutcome("a", "passed"), skipped("not applicable", "CUDA missing")], OK, None),
+    ([CheckOutcome("a", "passed", review=["x"])], REVIEW, None),
+    ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE, None),
+    ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE, None),
+], ids=["nothing-selected", "could-not-check", "by-design", "blocked-wins", "pass-and-skip-is-review",
+        "pass-and-not-applicable-is-ok", "review", "failure-wins", "setup-error"])
+def test_row_verdicts(outcomes, verdict, kind):
+    result = row_result(ROW, outcomes)
+    assert (result.verdict, result.not_run_kind) == (verdict, kind)
+    if verdict in (NOT_RUN, REVIEW) or any(o.outcome == "skipped" for o in outcomes):
+        assert result.measured, "a row that did not run, or skipped a check, must say why"
+
+
+def _row(verdict: str, kind: str | None = None) -> RowResult:
+    return RowResult("r", "topic", "-", "-", "why", verdict, kind, [])
+
+
+@pytest.mark.parametrize("verdicts, input_error, other, code", [
+    ([(OK, None), (REVIEW, None)], None, [], 0),
+    ([(OK, None), (NOT_RUN, "not applicable"), (NOT_RUN, "not selected")], None, [], 0),
+    ([(OK, None), (INCOMPATIBLE, None), (NOT_RUN, "blocked")], None, [], 1),
+    ([(INCOMPATIBLE, None), (NOT_RUN, "could not check")], GateInputError("p", "f"), [], 1),
+    ([(NOT_RUN, "could not check")] * 3, GateInputError("p", "f"), [], 2),
+    ([(OK, None), (NOT_RUN, "could not check")], None, [], 2),
+    ([(OK, None), (NOT_RUN, "blocked")], None, [], 2),
+    ([(NOT_RUN, "not selected"), (NOT_RUN, "not applicable")], None, [], 2),
+    ([(OK, None)], None, ["compat/test_mutants.py::x"], 2),
+], ids=["ok-and-review", "harmless-not-run", "incompatible", "incompatible-beats-input-error", "input-error",
+        "unrun-row", "blocked-without-failure", "nothing-checked", "suite-self-check-failed"])
+def test_exit_code_contract(verdicts, input_error, other, code):
+    assert exit_code([_row(v, k) for v, k in verdicts], input_error, other) == code
 
 
 def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:

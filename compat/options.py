@@ -1,0 +1,58 @@
+"""The gate's options, declared once: the command line (`python -m compat --checkpoint ...`) and
+the pytest plugin (`pytest compat/ --compat-checkpoint ...`) are both built from `OPTIONS`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateOption:
+    """One option: `--<name>` on the gate, `--compat-<name>` in pytest, `<name with _>` on CompatOptions."""
+
+    name: str
+    help: str
+    type: type = str
+    default: Any = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+OPTIONS: tuple[GateOption, ...] = (
+    GateOption("checkpoint", "checkpoint under test: this project's .safetensors, upstream's .pt/.pth, or upstream's "
+               "checkpoint folder; default: the embedded stable pretrain", metavar="CKPT"),
+    GateOption("stable-config", "the stable trainer's YAML (plain, or upstream's Hydra file with a defaults list); "
+               "default: the packaged tiny config", metavar="YAML"),
+    GateOption("cycle-config", "the cycle trainer's YAML; default: the packaged tiny config", metavar="YAML"),
+    GateOption("data-tokens", "upstream-format token folder (<stem>_tokens.npz); needs --data-latents", metavar="DIR"),
+    GateOption("data-latents", "upstream-format latent folder (<stem>.npy); needs --data-tokens", metavar="DIR"),
+    GateOption("device", "cpu, cuda or cuda:N", default="cpu"),
+    GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, default=4, metavar="N"),
+    GateOption("seq-len", "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
+               "(capped by model.max_seq_len)", type=int, default=None, metavar="N"),
+)
+
+
+@dataclass
+class CompatOptions:
+    """What the user passed (the gate's flags or pytest's `--compat-*` options)."""
+
+    checkpoint: str | None = None
+    stable_config: str | None = None
+    cycle_config: str | None = None
+    data_tokens: str | None = None
+    data_latents: str | None = None
+    device: str = "cpu"
+    batch_size: int = 4
+    seq_len: int | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.checkpoint is None
+
+    @property
+    def data(self) -> bool:
+        return bool(self.data_tokens or self.data_latents)

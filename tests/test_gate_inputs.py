@@ -1,0 +1,203 @@
+"""The gate on inputs a user really passes, good and bad: one exit-code contract, a written
+matrix, one short error block, no traceback, nothing executed, every input file unchanged.
+
+Each case runs `python -m compat` in a subprocess, as a user would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compat.rows import NOT_RUN, ROWS
+from cycle_vae_impl.configs import config_path
+from latentDLM_mmdit.checkpoints import save_checkpoint
+from latentDLM_mmdit.config import load_config
+from latentDLM_mmdit.data import write_upstream_format
+from latentDLM_mmdit.factory import build_model
+from latentDLM_mmdit.synthetic import synthetic_batch
+from latentDLM_mmdit.tokenizer import vocab_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sha256_tree(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def run_gate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[int, dict, str, str]:
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    matrix = json.loads((report / "compat-matrix.json").read_text())
+    assert (report / "compat-matrix.md").read_text().startswith("# Compatibility matrix")
+    return proc.returncode, matrix, proc.stdout, proc.stderr
+
+
+def assert_could_not_check(code, matrix, stdout, stderr, *needles: str) -> None:
+    assert code == 2, f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stdout + stderr, (stdout + stderr)[-4000:]
+    rows = {r["id"]: r for r in matrix["rows"]}
+    assert set(rows) == {r.id for r in ROWS}
+    assert all(r["verdict"] == NOT_RUN for r in rows.values()), {k: r["verdict"] for k, r in rows.items()}
+    assert all(r["not_run_kind"] == "could not check" for r in rows.values())
+    error = matrix["input_error"]
+    assert error and error["problem"] and error["fix"], matrix
+    block = stderr[stderr.index("compat gate: could not check"):]
+    for needle in needles:
+        assert needle in " ".join(block.split()), f"{needle!r} not in the error block:\n{block}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A checkpoint of the packaged tiny model and upstream-format data that fit it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    config = load_config(config_path("cycle"))
+    model = build_model(config, seed=0)
+    checkpoint = save_checkpoint(folder / "tiny.safetensors", model, config=config, trainer_kind="stable", step=1)
+    samples = synthetic_batch(vocab_from_config(config), 6, 20, int(config.model.latent_dim),
+                              torch.Generator().manual_seed(3))
+    for i in range(6):  # padded tails of different lengths, the longest real sample 15 tokens
+        samples["attention_mask"][i, 15 - i:] = 0
+    tokens, latents = write_upstream_format(folder / "data", samples)
+    return {"checkpoint": checkpoint, "tokens": tokens, "latents": latents, "config": config}
+
+
+def _evil_pickle(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "state": Payload()}, path)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda d, t: d / "nope.pt", ("nope.pt",)),
+    "empty": (lambda d, t: _write(d / "empty.safetensors", b""), ("empty.safetensors",)),
+    "truncated": (lambda d, t: _write(d / "cut.safetensors", t["checkpoint"].read_bytes()[:5000]), ("cut.safetensors",)),
+    "header_bomb": (lambda d, t: _write(d / "bomb.safetensors", (10 ** 15).to_bytes(8, "little") + b"{}"),
+                    ("bomb.safetensors",)),
+    "random_bytes": (lambda d, t: _write(d / "noise.pt", os.urandom(4096)), ("noise.pt",)),
+    "plain_directory": (lambda d, t: (d / "folder").mkdir() or d / "folder", ("folder",)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS), ids=list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_exits_2_and_names_the_file(tmp_path, tiny, case):
+    make, needles = BAD_CHECKPOINTS[case]
+    path = make(tmp_path, tiny)
+    before = sha256_tree([path]) if path.exists() else {}
+    assert_could_not_check(*run_gate(tmp_path, "--checkpoint", str(path)), *needles)
+    assert (sha256_tree([path]) if path.exists() else {}) == before
+
+
+@pytest.mark.slow
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    path = tmp_path / "evil.pt"
+    _evil_pickle(path, marker)
+    before = sha256_tree([path])
+    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(path))
+    assert_could_not_check(code, matrix, stdout, stderr, "evil.pt")
+    assert not marker.exists(), "the pickle's payload ran"
+    assert "weights_only=False" not in stdout + stderr, "never advise loading a foreign file with weights_only=False"
+    assert sha256_tree([path]) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, needles", [
+    (["--data-latents", "{latents}"], ["--data-latents", "--data-tokens"]),
+    (["--batch-size", "1"], ["--batch-size"]),
+    (["--no-such-option"], ["--no-such-option"]),
+    (["--cycle-config", "{missing}"], ["--cycle-config", "missing.yaml"]),
+], ids=["half-data-options", "batch-of-one", "unknown-option", "missing-config"])
+def test_usage_errors_exit_2_with_the_matrix_written(tmp_path, tiny, args, needles):
+    args = [a.format(latents=tiny["latents"], missing=tmp_path / "missing.yaml") for a in args]
+    assert_could_not_check(*run_gate(tmp_path, *args), *needles)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_exits_2(tmp_path):
+    assert_could_not_check(*run_gate(tmp_path, "--device", "cuda"), "CUDA is not available", "--device cpu")
+
+
+def _corrupt_npz(tokens: Path) -> Path:
+    bad = sorted(tokens.glob("*.npz"))[1]
+    bad.write_bytes(b"not a zip archive")
+    return bad
+
+
+def _object_npz(tokens: Path) -> Path:
+    bad = sorted(tokens.glob("*.npz"))[2]
+    ids = np.empty(20, dtype=object)
+    ids[:] = [1] * 20
+    np.savez(bad, input_ids=ids, attention_mask=np.ones(20, dtype=np.int64))
+    return bad
+
+
+def _zero_mask(tokens: Path) -> Path:
+    bad = sorted(tokens.glob("*.npz"))[0]
+    with np.load(bad) as archive:
+        ids = archive["input_ids"]
+    np.savez(bad, input_ids=ids, attention_mask=np.zeros_like(ids))
+    return bad
+
+
+def _out_of_vocab(tokens: Path) -> Path:
+    bad = sorted(tokens.glob("*.npz"))[3]
+    with np.load(bad) as archive:
+        mask = archive["attention_mask"]
+    np.savez(bad, input_ids=np.full_like(mask, 30439), attention_mask=mask)
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spoil, needle", [
+    (_corrupt_npz, "cannot be read"), (_object_npz, "input_ids"), (_zero_mask, "all-zero attention_mask"),
+    (_out_of_vocab, "30439"),
+], ids=["corrupt-npz", "object-array", "all-zero-mask", "id-outside-vocab"])
+def test_bad_data_exits_2_naming_the_file(tmp_path, tiny, spoil, needle):
+    data = tmp_path / "data"
+    tokens, latents = data / "tokens", data / "latents"
+    import shutil
+
+    shutil.copytree(tiny["tokens"], tokens)
+    shutil.copytree(tiny["latents"], latents)
+    bad = spoil(tokens)
+    before = sha256_tree([data, tiny["checkpoint"]])
+    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(tiny["checkpoint"]),
+                                            "--data-tokens", str(tokens), "--data-latents", str(latents))
+    assert_could_not_check(code, matrix, stdout, stderr, bad.name, needle)
+    assert sha256_tree([data, tiny["checkpoint"]]) == before
+
+
+@pytest.mark.slow
+def test_seq_len_follows_the_data_so_padding_is_checked(tmp_path, tiny):
+    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(tiny["checkpoint"]),
+                                            "--data-tokens", str(tiny["tokens"]), "--data-latents",
+                                            str(tiny["latents"]), "--", "-k", "forward_contract")
+    assert code == 0, stdout[-3000:] + stderr[-2000:]
+    assert "15 tokens (the longest real length" in matrix["context"]["batch"], matrix["context"]
+    row = next(r for r in matrix["rows"] if r["id"] == "forward_contract")
+    assert row["verdict"] == "OK", row
+    assert "padding_leak=none" in row["measured"]
