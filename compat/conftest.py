@@ -31,10 +31,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.getoption("--compat-report"):
-        # `pytest compat/ --compat-report DIR` writes the matrix too (the gate does it itself).
-        from compat.gate import MatrixCollector
+    from compat.gate import MatrixCollector
 
+    if not any(isinstance(p, MatrixCollector) for p in config.pluginmanager.get_plugins()):
+        # Plain `pytest compat/`: the matrix goes into --junitxml as suite properties, and with
+        # --compat-report DIR it is written and printed too (the gate registers its own collector).
         config.pluginmanager.register(MatrixCollector(report_folder=config.getoption("--compat-report")),
                                       "compat-matrix-report")
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")

@@ -239,8 +239,11 @@ class CompatContext:
     def stable(self, mode: str, model: torch.nn.Module | None = None, base: DictConfig | None = None,
                **overrides: Any) -> MultimodalDiffusionTrainer:
         """A fresh stable trainer in `mode` over the semantic model (or `model`), from the stable
-        config (or `base`). Overrides are `loss.*` keys unless dotted."""
-        config = self._with_loss(self.stable_config if base is None else base, {"loss_type": mode, **overrides})
+        config (or `base`), in the comparison dtype (`trainer_dtype`, so that both trainers' losses
+        are compared in one dtype even when the two configs differ in training.dtype). Overrides
+        are `loss.*` keys unless dotted."""
+        overrides = {"loss_type": mode, "training.dtype": self.trainer_dtype_name, **overrides}
+        config = self._with_loss(self.stable_config if base is None else base, overrides)
         vocab = self.vocab
         return MultimodalDiffusionTrainer(model or self.semantic_model(), vocab, MaskedDiffusion(vocab),
                                           dtype_from_config(config), config)
@@ -261,8 +264,13 @@ class CompatContext:
     # -- inputs ---------------------------------------------------------------------------------
     @property
     def trainer_dtype(self) -> torch.dtype:
-        """The dtype the trainers feed latents and timesteps in (`training.dtype` of the cycle config)."""
+        """The dtype both trainers feed latents and timesteps in: `training.dtype` of the cycle
+        config (what the cluster run will use); the stable trainer is run in it too."""
         return dtype_from_config(self.cycle_config)
+
+    @property
+    def trainer_dtype_name(self) -> str:
+        return str(self.cycle_config.training.dtype)
 
     def as_fed(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as a trainer casts it before use (rounded to the trainer dtype), in float32 on the CPU."""

@@ -4,8 +4,11 @@ Upstream's stable trainer read the latent diffusion keys from the config root (d
 cosine / epsilon when absent) while its configs and the cycle trainer put them under `model.*`
 (upstream defect 4). Checked: the same YAML gives the same schedule, parameterization and
 timesteps (and the same alphas_cumprod, bit for bit) in both trainers; the settings the checkpoint
-was trained with equal those the cycle trainer will use; both configs build the same model layout;
-a config that upstream's stable trainer would have read differently is flagged.
+was trained with equal those the cycle trainer will use; both configs build the same model layout,
+one that fits the checkpoint's vocabulary; a config that upstream's stable trainer would have read
+differently is flagged. Other settings that change the losses (the latent loss weight, the dtype)
+are reported for what they are, not as incompatibilities; the loss rows compare both trainers in the
+cycle config's dtype.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from compat.harness import LAYOUT_KEYS, row_runner, row_test
 from compat.oracle import tol
 from latentDLM_mmdit.checkpoints import open_checkpoint
+from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
 
 pytestmark = pytest.mark.compat_row("config_resolution")
@@ -69,17 +73,43 @@ def check_upstream_reading_flagged(ctx, measure):
 
 
 def check_model_layout_keys_agree(ctx, measure):
+    """The two configs build the same model, and one that fits the checkpoint's vocabulary."""
     diff = {}
     for key in LAYOUT_KEYS:
         a, b = ctx.stable_config.model.get(key), ctx.cycle_config.model.get(key)
         if a != b:
-            diff[key] = (a, b)
-    for key in ("vocab_size", "mask_token_id"):
+            diff[f"model.{key}"] = (a, b)
+    for key in ("vocab_size", "mask_token_id", "pad_token_id"):
         a, b = ctx.stable_config.tokenizer.get(key), ctx.cycle_config.tokenizer.get(key)
         if a != b:
             diff[f"tokenizer.{key}"] = (a, b)
-    assert not diff, f"the stable and cycle configs build different models (stable, cycle): {diff}"
+    assert not diff, f"the stable and cycle configs build different models or mask differently (stable, cycle): {diff}"
+    checkpoint_vocab = ctx.sizes["vocab_size"]
+    for label, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config)):
+        configured = config.tokenizer.get("vocab_size")
+        assert configured is None or int(configured) == checkpoint_vocab, (
+            f"the {label} config's tokenizer.vocab_size={configured} but the checkpoint's embedding has "
+            f"{checkpoint_vocab} rows: that config builds a model the checkpoint does not fit")
     measure("layout_keys", "equal")
+
+
+def check_loss_settings(ctx, measure):
+    """What changes the losses besides the latent diffusion keys: `loss.latent_loss_weight` (the
+    T2L term's weight in both trainers) and `training.dtype` (what the model is fed). A difference
+    is reported as what it is (REVIEW), never as an incompatibility of the losses: the loss rows
+    compare both trainers in the cycle config's dtype."""
+    weights = [float(c.loss.get("latent_loss_weight", 0.1)) for c in (ctx.stable_config, ctx.cycle_config)]
+    measure("latent_loss_weight", f"stable {weights[0]:g}, cycle {weights[1]:g}", review=weights[0] != weights[1])
+    stable_dtype = dtype_from_config(ctx.stable_config)
+    cycle_dtype = dtype_from_config(ctx.cycle_config)
+    if stable_dtype != cycle_dtype:
+        measure("training.dtype", f"differs: stable {ctx.stable_config.training.dtype}, cycle "
+                f"{ctx.cycle_config.training.dtype}; the loss rows compare both trainers in "
+                f"{ctx.trainer_dtype_name} (the cycle config's)", review=True)
+    else:
+        measure("training.dtype", f"{ctx.trainer_dtype_name} in both")
+    assert ctx.stable("t2l").dtype == ctx.cycle().dtype == cycle_dtype, (
+        "the stable and cycle trainers of the loss rows do not run in one dtype")
 
 
 CHECKS = {
@@ -87,6 +117,7 @@ CHECKS = {
     "checkpoint_settings_match_cycle": check_checkpoint_settings_match_cycle,
     "upstream_reading_flagged": check_upstream_reading_flagged,
     "model_layout_keys_agree": check_model_layout_keys_agree,
+    "loss_settings": check_loss_settings,
 }
 
 

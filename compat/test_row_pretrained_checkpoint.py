@@ -5,7 +5,8 @@ safetensors) to start the cycle trainer. That is only compatible if the weights 
 (every key, every shape, nothing left at its initial value) and give the numbers the stable trainer
 gave. Checked on the checkpoint under test (embedded default: written by the stable training loop):
 
-(a) it loads strictly into the configured model;
+(a) it loads strictly into the configured model, and every weight is finite (the rows that use the
+    model are NOT RUN, blocked, when one is not);
 (b) two fresh model instances loaded from it, one driven by a stable trainer and one by a cycle
     trainer, give bit-identical base losses (stable l2t text loss == cycle base L2T, stable t2l
     latent loss == cycle base T2L) on the same batch and noise, and model outputs bit-identical to
@@ -88,6 +89,10 @@ def check_loads_strictly(ctx, measure):
     if ctx.load_error is not None:
         raise AssertionError(f"the checkpoint under test does not load strictly into the configured model: "
                              f"{ctx.load_error}")
+    measure("nonfinite_tensors", len(ctx.nonfinite))
+    assert not ctx.nonfinite, (f"the checkpoint holds non-finite weights in {len(ctx.nonfinite)} tensor(s): "
+                               f"{'; '.join(ctx.nonfinite[:8])}{' ...' if len(ctx.nonfinite) > 8 else ''} "
+                               "(fine-tuning from it trains on NaN; use an earlier checkpoint)")
     if ctx.large:  # no second copy of a full-size model: the shared model's own strict load is the evidence
         model, report = ctx.require_model(), ctx.load_report
     else:

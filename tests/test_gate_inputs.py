@@ -201,3 +201,67 @@ def test_seq_len_follows_the_data_so_padding_is_checked(tmp_path, tiny):
     row = next(r for r in matrix["rows"] if r["id"] == "forward_contract")
     assert row["verdict"] == "OK", row
     assert "padding_leak=none" in row["measured"]
+
+
+@pytest.mark.slow
+def test_configs_differing_only_in_dtype_are_reported_as_that(tmp_path, tiny):
+    from omegaconf import OmegaConf
+
+    stable = tmp_path / "stable_bf16.yaml"
+    OmegaConf.save(load_config(config_path("stable"), ["training.dtype=bf16"]), stable)
+    code, matrix, stdout, stderr = run_gate(tmp_path, "--stable-config", str(stable), "--", "-k",
+                                            "config_resolution or latent_loss_form or t2l_latent_timestep or "
+                                            "pretrained_checkpoint")
+    rows = {r["id"]: r for r in matrix["rows"]}
+    assert code == 0, stdout[-3000:] + stderr[-2000:]
+    assert not [r for r in rows.values() if r["verdict"] == "INCOMPATIBLE"]
+    assert rows["config_resolution"]["verdict"] == "REVIEW"
+    assert "training.dtype=differs: stable bf16, cycle fp32" in rows["config_resolution"]["measured"]
+
+
+@pytest.mark.slow
+def test_nonfinite_weights_are_named_and_block_the_rows_that_use_them(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(tiny["checkpoint"]), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(tiny["checkpoint"]))
+    tensors["latent_head.0.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(path))
+    rows = {r["id"]: r for r in matrix["rows"]}
+    assert code == 1, stdout[-3000:] + stderr[-2000:]
+    assert "Traceback" not in stdout + stderr
+    assert rows["pretrained_checkpoint"]["verdict"] == "INCOMPATIBLE"
+    assert "latent_head.0.weight (1 of" in rows["pretrained_checkpoint"]["measured"]
+    incompatible = sorted(r for r, v in rows.items() if v["verdict"] == "INCOMPATIBLE")
+    assert incompatible == ["pretrained_checkpoint"], {r: v["measured"][:200] for r, v in rows.items()
+                                                      if v["verdict"] == "INCOMPATIBLE"}
+    blocked = [r for r, v in rows.items() if v["verdict"] == "NOT RUN"]
+    assert "l2t_masking" in blocked and all(rows[r]["not_run_kind"] == "blocked" for r in blocked)
+    assert all("non-finite" in rows[r]["measured"] for r in blocked)
+
+
+@pytest.mark.slow
+def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    xml_path = tmp_path / "report.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "compat"), "-p", "no:cacheprovider", "-q",
+                           "-k", "l2t_masking or none_timesteps", f"--junitxml={xml_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr
+    root = ET.parse(xml_path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    suite_props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert suite_props["compat.l2t_masking.verdict"] == "OK"
+    assert suite_props["compat.none_timesteps.verdict"] == "OK"
+    assert suite_props["compat.ddp.verdict"] == "NOT RUN"
+    assert "B4_l2t_loss_stable=" in suite_props["compat.l2t_masking.measured"]
+    case_props = {p.get("name"): p.get("value") for case in suite.iter("testcase")
+                  if "l2t_masking" in case.get("classname", "") + case.get("name", "")
+                  for p in case.iter("property")}
+    assert "measured.B4_l2t_loss_stable" in case_props, case_props
