@@ -1,0 +1,153 @@
+"""The observation layer of the suite: model passes named by what they are given, random draws
+captured from torch / Python / NumPy and replayed, trainer classes loaded from a SPEC."""
+from __future__ import annotations
+
+import random
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from compat.draw_capture import DrawCapture, DrawReplayError
+from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, MASKED, T2L, PassRecorder, classify_passes
+from compat.outcomes import GateInputError
+from compat.trainer_spec import TrainerSpec
+from cycle_vae_impl.configs import config_path
+from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
+from latentDLM_mmdit.config import load_config
+from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.factory import build_model, dtype_from_config
+from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
+from latentDLM_mmdit.synthetic import synthetic_batch
+from latentDLM_mmdit.tokenizer import vocab_from_config
+
+TINY = ["model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=1"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = load_config(config_path("cycle"), TINY + ["loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"])
+    model = build_model(config, seed=0).eval()
+    vocab = vocab_from_config(config)
+    batch = synthetic_batch(vocab, 3, 12, int(config.model.latent_dim), torch.Generator().manual_seed(0))
+    return config, model, vocab, batch
+
+
+def test_cycle_passes_are_named_by_what_they_are_given(setup):
+    config, model, vocab, batch = setup
+    spy = PassRecorder(model)
+    trainer = CycleVAETrainer(spy, vocab, MaskedDiffusion(vocab), dtype_from_config(config), config)
+    trainer(batch, step=None)
+    kinds = [p.kind for p in classify_passes(spy.passes, batch, vocab.mask_token_id)]
+    assert kinds == [T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]
+    assert all(p.positional == 0 and len(p.outputs) == 2 for p in spy.passes)
+    assert not spy.passes[2].latents_require_grad  # stop-grad on: x0 fed to cycle_text is detached
+
+
+def test_positional_calls_bind_like_keywords(setup):
+    config, model, vocab, batch = setup
+    spy = PassRecorder(model)
+    masked = torch.full_like(batch["input_ids"], vocab.mask_token_id)
+    spy(masked, batch["latent"], torch.ones(3), torch.zeros(3))
+    spy(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None, latent_timesteps=torch.ones(3))
+    partly = batch["input_ids"].clone()
+    partly[:, ::2] = vocab.mask_token_id
+    spy(partly, batch["latent"], torch.full((3,), 0.5), torch.zeros(3))
+    passes = classify_passes(spy.passes, batch, vocab.mask_token_id)
+    assert [p.kind for p in passes] == [L2T, T2L, MASKED]
+    assert passes[0].positional == 4 and passes[1].keywords == (
+        "latent_timesteps", "latents", "text_timesteps", "text_tokens")
+    assert torch.equal(passes[1].timestep("text"), torch.zeros(3))  # None means zeros
+
+
+def _global_rng_step(x: torch.Tensor) -> torch.Tensor:
+    noise = torch.randn_like(x)
+    t = torch.rand(x.shape[0])
+    u = torch.empty(x.shape[0]).uniform_()
+    return noise * t[:, None] + u[:, None] + random.random() + float(np.random.rand())
+
+
+def test_capture_serves_seeded_draws_and_records_them():
+    x = torch.zeros(4, 3)
+    torch.manual_seed(0)
+    with DrawCapture(seed=7) as first:
+        a = _global_rng_step(x)
+    torch.manual_seed(123)  # the global state does not matter inside a capture
+    with DrawCapture(seed=7) as second:
+        b = _global_rng_step(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [d.function for d in first.draws] == ["randn_like", "rand", "Tensor.uniform_"]
+    assert [d.shape for d in first.draws] == [(4, 3), (4,), (4,)]
+    assert first.python_calls == ["random"] and first.numpy_calls == ["rand"]
+    with DrawCapture(seed=8) as other:
+        c = _global_rng_step(x)
+    assert not torch.equal(a, c), "another seed must give other draws"
+
+
+def test_replay_serves_the_recorded_draws_and_one_sample_slices_them():
+    x = torch.zeros(4, 3)
+    with DrawCapture(seed=1) as recorded:
+        noise = torch.randn_like(x)
+    with DrawCapture(seed=99, replay=recorded.draws):
+        again = torch.randn_like(x)
+    torch.testing.assert_close(again, noise, rtol=0, atol=0)
+    with DrawCapture(seed=99, replay=recorded.draws, sample=2):
+        one = torch.randn_like(x[2:3])
+    torch.testing.assert_close(one, noise[2:3], rtol=0, atol=0)
+    with pytest.raises(DrawReplayError, match="rand"):
+        with DrawCapture(seed=99, replay=recorded.draws):
+            torch.rand(4)
+
+
+def test_captured_global_rng_trainer_sees_the_injected_trainers_numbers(setup):
+    """The built-in stable t2l draws its latent noise from its generator unless injected; under a
+    capture, a global-RNG draw of the same shape gets the harness's stream: both are the same
+    numbers when the harness injects what it served."""
+    config, model, vocab, batch = setup
+    with DrawCapture(seed=5) as capture:
+        served = torch.randn(3, int(config.model.latent_dim))
+    stable_config = load_config(config_path("stable"), TINY + ["loss.loss_type=t2l"])
+    trainer = MultimodalDiffusionTrainer(model, vocab, MaskedDiffusion(vocab), torch.float32, stable_config)
+    trainer(batch, draws={"latent_noise": capture.draws[0].value})
+    torch.testing.assert_close(trainer.last_draws["latent_noise"], served, rtol=0, atol=0)
+
+
+def test_trainer_spec_inspects_instead_of_asking():
+    spec = TrainerSpec.of(CycleVAETrainer)
+    assert spec.accepts_step and spec.accepts_draws and "latent_noise" in spec.draw_names
+    assert spec.source_file is not None and spec.source_file.name == "cycle_vae_trainer.py"
+
+
+def test_trainer_spec_loads_a_file_outside_any_package(tmp_path):
+    repo = tmp_path / "their_repo"
+    (repo / "trainers").mkdir(parents=True)
+    (repo / "trainers" / "helpers.py").write_text("SCALE = 2.0\n")
+    (repo / "trainers" / "my_trainer.py").write_text(textwrap.dedent("""
+        import helpers
+
+        class MyTrainer:
+            def __init__(self, model, tokenizer, text_noise_schedule, dtype, config):
+                self.scale = helpers.SCALE
+
+            def forward(self, batch):
+                return batch, {}
+    """))
+    spec = TrainerSpec.load(f"{repo / 'trainers' / 'my_trainer.py'}:MyTrainer")
+    assert spec.cls.__name__ == "MyTrainer" and not spec.accepts_step and not spec.accepts_draws
+    assert spec.cls(None, None, None, None, None).scale == 2.0
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("no_colon_here", "not a SPEC"),
+    ("{missing}:Trainer", "does not exist"),
+    ("{broken}:Trainer", "ZeroDivisionError"),
+    ("{ok}:Nope", "no class 'Nope'"),
+    ("not_a_module_anywhere_xyz:Trainer", "ModuleNotFoundError"),
+], ids=["malformed", "missing-file", "import-raises", "missing-class", "missing-module"])
+def test_trainer_spec_errors_name_the_problem(tmp_path, spec, needle):
+    (tmp_path / "broken.py").write_text("1 / 0\n")
+    (tmp_path / "ok.py").write_text("class Trainer:\n    def forward(self, batch):\n        return 0, {}\n")
+    spec = spec.format(missing=tmp_path / "missing.py", broken=tmp_path / "broken.py", ok=tmp_path / "ok.py")
+    with pytest.raises(GateInputError, match=needle):
+        TrainerSpec.load(spec)
