@@ -5,7 +5,10 @@ draws from torch's random functions (`torch.randn_like`, `torch.rand`, `Tensor.u
 Python `random` module or `numpy.random`. `DrawCapture` intercepts those calls while a step runs
 (a `torch.overrides.TorchFunctionMode`, plus the module-level functions of `random` and
 `numpy.random`) and serves them from the harness's own seeded generators, recording every torch
-draw in call order. `DrawCapture(replay=draws)` serves a recorded sequence again, optionally the
+draw in call order. Standard normal and uniform draws can be served prepared values, keyed by kind
+and size (`served={("normal", B*D): [noise, noise2]}`): the k-th standard normal draw of B*D
+values gets the k-th prepared tensor, whatever other draws come between, so a trainer that takes no
+injected draws still sees the numbers the harness gives the other trainer. `DrawCapture(replay=draws)` serves a recorded sequence again, optionally the
 slice of one sample (`sample=i`), so that a batch and its samples run one at a time see the same
 numbers. The draws a step made are then attributed to what they were for by observing the model
 passes (see `compat.observe`).
@@ -67,15 +70,22 @@ class DrawCapture(TorchFunctionMode):
         replay: recorded draws to serve again, in call order, instead of new ones.
         sample: with `replay`, serve row `sample` of each recorded draw whose first axis is the
             batch (the step then runs one sample of the recorded batch).
+        served: ("normal" | "uniform", number of values) -> tensors served in order to standard
+            draws of that size (reshaped to the shape asked for; in-place uniform_(a, b) and
+            normal_(mean, std) get a + (b - a) u and mean + std n); other draws come from the
+            seeded generator.
     """
 
-    def __init__(self, seed: int, replay: list[Draw] | None = None, sample: int | None = None):
+    def __init__(self, seed: int, replay: list[Draw] | None = None, sample: int | None = None,
+                 served: dict[tuple[str, int], list[torch.Tensor]] | None = None):
         super().__init__()
         self.generator = torch.Generator().manual_seed(int(seed))
         self.python = python_random.Random(int(seed))
         self.numpy = np.random.RandomState(int(seed) % (2 ** 32))
         self.replay = replay
         self.sample = sample
+        # ("normal" | "uniform", numel) -> values served, in order, to standard draws of that size
+        self.served = {key: list(values) for key, values in (served or {}).items()}
         self.draws: list[Draw] = []
         self.python_calls: list[str] = []
         self.numpy_calls: list[str] = []
@@ -94,8 +104,12 @@ class DrawCapture(TorchFunctionMode):
         return result
 
     def _draw(self, func, args, kwargs):
-        """`func` with the harness's CPU generator (the result moved to the caller's device)."""
+        """A served value for a standard normal / uniform draw of a size the harness prepared;
+        otherwise `func` with the harness's CPU generator (the result moved to the caller's device)."""
         kwargs.pop("generator", None)
+        served = self._served(func, args, kwargs)
+        if served is not None:
+            return served
         if func in _IN_PLACE:
             target = args[0]
             scratch = torch.empty(target.shape, dtype=target.dtype)
@@ -115,6 +129,24 @@ class DrawCapture(TorchFunctionMode):
         else:
             value = func(*args, generator=self.generator, **kwargs)
         return value.to(device) if device is not None else value
+
+    def _served(self, func, args, kwargs):
+        kind = _standard_kind(func, args, kwargs)
+        shape = _wanted_shape(func, args, kwargs)
+        if kind is None or shape is None:
+            return None
+        queue = self.served.get((kind, int(torch.Size(shape).numel())))
+        if not queue:
+            return None
+        value = queue.pop(0).reshape(shape)
+        if func in _IN_PLACE:
+            low, high = _in_place_bounds(func, args, kwargs)
+            with torch.no_grad():
+                args[0].copy_((low + (high - low) * value).to(args[0].device, args[0].dtype))
+            return args[0]
+        like = args[0] if func in _LIKE else None
+        dtype = kwargs.get("dtype") or (like.dtype if like is not None else torch.get_default_dtype())
+        return value.to(device=_device_of(func, args, kwargs), dtype=dtype)
 
     def _serve_recorded(self, func, args, kwargs):
         position = len(self.draws)
@@ -195,10 +227,36 @@ def _wanted_shape(func, args, kwargs) -> tuple[int, ...] | None:
         return tuple(args[0].shape)
     if func in (torch.rand, torch.randn):
         size = kwargs.get("size", args)
+        if not size:
+            return None
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
             size = size[0]
         return tuple(int(s) for s in size)
     return None
+
+
+_NORMAL = {torch.randn, torch.randn_like, torch.Tensor.normal_}
+_UNIFORM = {torch.rand, torch.rand_like, torch.Tensor.uniform_}
+
+
+def _standard_kind(func, args, kwargs) -> str | None:
+    """"normal" / "uniform" for draws of N(0,1) / U[0,1) (in-place ones with any bounds), else None."""
+    if func in _NORMAL:
+        return "normal"
+    if func in _UNIFORM:
+        return "uniform"
+    return None
+
+
+def _in_place_bounds(func, args, kwargs) -> tuple[float, float]:
+    """(a, b) such that the in-place draw is a + (b - a) * standard draw: uniform_(from, to), normal_(mean, std)."""
+    if func is torch.Tensor.uniform_:
+        low = kwargs.get("from", args[1] if len(args) > 1 else 0.0)
+        high = kwargs.get("to", args[2] if len(args) > 2 else 1.0)
+        return float(low), float(high)
+    mean = float(kwargs.get("mean", args[1] if len(args) > 1 else 0.0))
+    std = float(kwargs.get("std", args[2] if len(args) > 2 else 1.0))
+    return mean, mean + std
 
 
 def _device_of(func, args, kwargs) -> Any:

@@ -100,6 +100,20 @@ def test_replay_serves_the_recorded_draws_and_one_sample_slices_them():
             torch.rand(4)
 
 
+def test_served_draws_go_to_standard_draws_of_their_size_in_order():
+    noise, noise2, u = torch.randn(3, 4), torch.randn(3, 4), torch.rand(3)
+    served = {("normal", 12): [noise, noise2], ("uniform", 3): [u]}
+    with DrawCapture(seed=0, served=served) as capture:
+        t = torch.rand(3)                                   # the uniform of size 3
+        other = torch.randn(5)                              # no prepared value: from the generator
+        first = torch.randn_like(torch.zeros(3, 1, 4))      # 12 values, another shape
+        second = torch.empty(3, 4).normal_(2.0, 0.5)        # in place, scaled
+    torch.testing.assert_close(t, u, rtol=0, atol=0)
+    torch.testing.assert_close(first, noise.reshape(3, 1, 4), rtol=0, atol=0)
+    torch.testing.assert_close(second, 2.0 + 0.5 * noise2, rtol=0, atol=0)
+    assert other.shape == (5,) and len(capture.draws) == 4
+
+
 def test_captured_global_rng_trainer_sees_the_injected_trainers_numbers(setup):
     """The built-in stable t2l draws its latent noise from its generator unless injected; under a
     capture, a global-RNG draw of the same shape gets the harness's stream: both are the same
