@@ -46,6 +46,7 @@ def test_constructor_as_upstream_trainers_call_it(schedule, parameterization):
     plain = ContinuousDiffusion(1000, schedule, parameterization=parameterization)
     expected_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert upstream_style.device.type == expected_device.type
+    assert upstream_style.sqrt_alphas_cumprod.device.type == expected_device.type
     assert plain.device == torch.device("cpu")
     for table in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
         torch.testing.assert_close(getattr(upstream_style, table).cpu(), getattr(plain, table), **EXACT,
