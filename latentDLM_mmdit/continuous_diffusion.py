@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 import torch
 
@@ -31,6 +32,30 @@ def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float) -> tor
     return torch.sigmoid(torch.linspace(-6, 6, num_timesteps)) * (beta_end - beta_start) + beta_start
 
 
+def _checked_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a ValueError naming the device when it cannot be used here."""
+    try:
+        checked = torch.device(device)
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise ValueError(
+            f"ContinuousDiffusion: device={str(device)!r} cannot be used on this machine ({exc}); "
+            "pass device='cpu' or a device torch can allocate on"
+        ) from exc
+    return checked
+
+
+def _checked_batch_size(batch_size) -> int:
+    """batch_size as an int, or a ValueError when it is not an integer >= 0."""
+    try:
+        size = operator.index(batch_size)
+    except TypeError:
+        size = -1
+    if isinstance(batch_size, bool) or size < 0:
+        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+    return size
+
+
 def _expand_like(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] with as many axes as x."""
     while values.dim() < x.dim():
@@ -48,6 +73,16 @@ class ContinuousDiffusion:
         beta_end: last beta of the linear and sigmoid schedules.
         parameterization: what the model predicts: "epsilon" (the noise), "x0" (the clean
             latent) or "v_param" (v = sqrt(ab) * eps - sqrt(1 - ab) * x0).
+        device: upstream alias (upstream's trainers pass `device="cuda" if available else "cpu"`):
+            where the schedule tables live and where `sample_timesteps` /
+            `sample_continuous_timesteps` draw by default. None keeps them on the CPU. Unlike
+            upstream, the tables are always computed on the CPU and then moved, so every device
+            sees the same float32 values.
+
+    Upstream names (what upstream's trainers call): the aliases `predict_x0_from_eps`,
+    `predict_eps_from_x0`, `predict_x0_from_v`, `predict_eps_from_v`, `predict_v_from_x0_eps`
+    and `get_schedule_values`; `sample_timesteps` and `sample_continuous_timesteps`; the `device`
+    argument and attribute.
     """
 
     def __init__(
@@ -57,6 +92,7 @@ class ContinuousDiffusion:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         parameterization: str = "epsilon",
+        device: str | torch.device | None = None,
     ):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
@@ -80,6 +116,10 @@ class ContinuousDiffusion:
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.device = torch.device("cpu") if device is None else _checked_device(device)
+        if self.device.type != "cpu":
+            for name in ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+                setattr(self, name, getattr(self, name).to(self.device))
 
     # -- timesteps ------------------------------------------------------------------------------
     def timestep_indices(self, t: torch.Tensor) -> torch.Tensor:
@@ -186,11 +226,57 @@ class ContinuousDiffusion:
             return self.x0_from_v(xt, t, prediction)
         raise ValueError(f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
 
-    # Upstream spellings, for code ported from it.
+    # Upstream aliases, for trainers written against upstream (tests/test_upstream_names.py).
     predict_x0_from_eps = x0_from_eps
     predict_eps_from_x0 = eps_from_x0
     predict_x0_from_v = x0_from_v
     predict_eps_from_v = eps_from_v
 
     def predict_v_from_x0_eps(self, x0, eps, t):
+        """Upstream alias of `v_from_x0_eps` (same argument order: x0, eps, t)."""
         return self.v_from_x0_eps(x0, eps, t)
+
+    def get_schedule_values(self, t: torch.Tensor, device: str | torch.device | None = None):
+        """Upstream alias of `schedule_values`: (sqrt(ab[t]), sqrt(1 - ab[t])), each [B] float32.
+
+        Args:
+            t: timesteps [B] (continuous in [0, 1] or indices).
+            device: where the two [B] tensors are returned (default: t's device).
+        """
+        sqrt_ab, sqrt_1m_ab = self.schedule_values(t)
+        if device is None:
+            return sqrt_ab, sqrt_1m_ab
+        return sqrt_ab.to(device), sqrt_1m_ab.to(device)
+
+    def _draw_device(self, device, generator: torch.Generator | None) -> tuple[torch.device, torch.device]:
+        """(device the draw is made on, device it is returned on)."""
+        target = self.device if device is None else _checked_device(device)
+        return (generator.device if generator is not None else target), target
+
+    def sample_timesteps(self, batch_size: int, device: str | torch.device | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Upstream name: integer timestep indices [B] uniform in [0, T).
+
+        Args:
+            batch_size: B.
+            device: where the indices are returned (default: this diffusion's `device`).
+            generator: torch.Generator for the draw. None draws from torch's global RNG, as
+                upstream's callers expect.
+        """
+        size = _checked_batch_size(batch_size)
+        draw_on, target = self._draw_device(device, generator)
+        return torch.randint(0, self.num_timesteps, (size,), generator=generator, device=draw_on).to(target)
+
+    def sample_continuous_timesteps(self, batch_size: int, device: str | torch.device | None = None,
+                                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Upstream name: continuous timesteps [B], U[0, 1) float32.
+
+        Args:
+            batch_size: B.
+            device: where the timesteps are returned (default: this diffusion's `device`).
+            generator: torch.Generator for the draw. None draws from torch's global RNG, as
+                upstream's callers expect.
+        """
+        size = _checked_batch_size(batch_size)
+        draw_on, target = self._draw_device(device, generator)
+        return torch.rand((size,), generator=generator, device=draw_on).to(target)

@@ -17,6 +17,11 @@ from latentDLM_mmdit.tokenizer import check_vocab
 class MaskedDiffusion(nn.Module):
     """Args:
         tokenizer: anything with `mask_token_id`, `pad_token_id` and `__len__` (the vocab size).
+        eps: clip and scale epsilon of sigma(t) (1e-4, as upstream).
+
+    Upstream names: the constructor `MaskedDiffusion(tokenizer)`, `sample_zt(input_ids, t)` (with
+    no generator it draws from torch's global RNG, as upstream's `torch.rand_like`), `mask_id`,
+    `vocab_size`, the `log_prior` / `log_gamma` / `log_B` buffers, and the alias `get_sigmas`.
     """
 
     def __init__(self, tokenizer, eps: float = 1e-4):
@@ -35,6 +40,22 @@ class MaskedDiffusion(nn.Module):
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return -torch.log1p(-(1 - self.eps) * t.clip(self.eps, 1))
+
+    def get_sigmas(self, t: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream alias: (dsigma/dt, sigma(t)), each shaped like t.
+
+        sigma is `sigma(t)`; dsigma = (1 - eps) / (1 - (1 - eps) * clip(t, eps, 1)), its derivative
+        inside the clip range (MDLM's loss weight).
+
+        Args:
+            t: diffusion times in [0, 1].
+            eps: the clip and scale epsilon; None uses this schedule's (1e-4, upstream's default).
+        """
+        eps = self.eps if eps is None else eps
+        clipped = t.clip(eps, 1)
+        dsigma = (1 - eps) / (1 - (1 - eps) * clipped)
+        sigma = -torch.log1p(-(1 - eps) * clipped)
+        return dsigma, sigma
 
     def move_chance(self, t: torch.Tensor) -> torch.Tensor:
         """Probability that a token is masked at time t, [B]."""
