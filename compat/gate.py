@@ -335,6 +335,9 @@ def pytest_arguments(args) -> list[str]:
             continue
         if option.metavar in ("CKPT", "YAML", "DIR"):
             value = Path(value).resolve()
+        elif option.metavar == "SPEC" and ".py:" in value:  # path/to/file.py:Class
+            path, name = value.rsplit(":", 1)
+            value = f"{Path(path).resolve()}:{name}"
         argv.append(f"--compat-{option.name}={value}")
     if not args.kill_table:
         argv += ["-m", "not mutants"]

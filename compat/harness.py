@@ -28,6 +28,8 @@ from compat.inputs import (
 )
 from compat.options import CompatOptions
 from compat.outcomes import GateInputError, blocked
+from compat.subjects import StepRecord, Subject
+from compat.trainer_spec import TrainerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class CompatContext:
     load_report: LoadReport | None = None
     load_error: str | None = None
     nonfinite: list[str] = field(default_factory=list)
+    stable_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(MultimodalDiffusionTrainer), "stable"))
+    cycle_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(CycleVAETrainer), "cycle"))
     _proxy: MultimodalMMDiT | None = field(default=None, repr=False)
 
     @classmethod
@@ -126,6 +130,10 @@ class CompatContext:
         seq_len, seq_len_source = default_seq_len(options, samples, max_seq_len)
         ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint, device,
                   sizes, n_params, seq_len, seq_len_source, samples)
+        if options.cycle_trainer:
+            ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
+        if options.stable_trainer:
+            ctx.stable_subject = Subject(TrainerSpec.load(options.stable_trainer, "--stable-trainer"), "stable")
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
@@ -146,6 +154,8 @@ class CompatContext:
             "batch": f"{self.options.batch_size} x {self.seq_len} tokens ({self.seq_len_source})",
             "device": str(self.device),
             "model": self.model_note,
+            "cycle trainer": self.cycle_subject.spec.describe(),
+            "stable trainer": self.stable_subject.spec.describe(),
         }
 
     # -- model ----------------------------------------------------------------------------------
@@ -260,6 +270,60 @@ class CompatContext:
                                   dtype_from_config(config), config)
         unfreeze(trainer.model)  # a stable trainer over the same model may have frozen groups
         return trainer
+
+    # -- trainers under test: observed, never asked ---------------------------------------------
+    def stable_config_for(self, mode: str, settings: dict[str, Any] | None = None,
+                          base: DictConfig | None = None) -> DictConfig:
+        """The stable config (or `base`) in `mode` and the comparison dtype, with `settings`
+        (`loss.*` keys unless dotted)."""
+        overrides = {"loss_type": mode, "training.dtype": self.trainer_dtype_name, **(settings or {})}
+        return self._with_loss(self.stable_config if base is None else base, overrides)
+
+    def cycle_config_for(self, settings: dict[str, Any] | None = None, base: DictConfig | None = None) -> DictConfig:
+        """The cycle config (or `base`, made a cycle config) with `settings` (`loss.*` keys unless dotted)."""
+        overrides = dict(settings or {})
+        if base is not None:
+            overrides = {"loss_type": "cycle_vae", **overrides}
+        return self._with_loss(self.cycle_config if base is None else base, overrides)
+
+    def run_cycle(self, batch: dict[str, torch.Tensor], *, settings: dict[str, Any] | None = None,
+                  step: int | None = None, draws: dict[str, torch.Tensor] | None = None,
+                  model: torch.nn.Module | None = None, seed: int = 0, grad: bool = True,
+                  config: DictConfig | None = None, after: StepRecord | None = None) -> StepRecord:
+        """One step of the cycle trainer under test (`--cycle-trainer`, default the built-in one) on
+        `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`)."""
+        config = config if config is not None else self.cycle_config_for(settings)
+        model = model if model is not None else self.semantic_model()
+        unfreeze(model)  # a stable trainer over the same model may have frozen groups
+        return self.cycle_subject.step(model, self.vocab, dtype_from_config(config), config, batch, step=step,
+                                       draws=draws, seed=seed, mask_token_id=self.vocab.mask_token_id, grad=grad,
+                                       after=after)
+
+    def run_stable(self, mode: str, batch: dict[str, torch.Tensor], *, settings: dict[str, Any] | None = None,
+                   step: int | None = None, draws: dict[str, torch.Tensor] | None = None,
+                   model: torch.nn.Module | None = None, seed: int = 0, grad: bool = True,
+                   config: DictConfig | None = None, after: StepRecord | None = None) -> StepRecord:
+        """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`."""
+        config = config if config is not None else self.stable_config_for(mode, settings)
+        model = model if model is not None else self.semantic_model()
+        return self.stable_subject.step(model, self.vocab, dtype_from_config(config), config, batch, step=step,
+                                        draws=draws, seed=seed, mask_token_id=self.vocab.mask_token_id, grad=grad,
+                                        after=after)
+
+    def draws(self, batch: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Every named draw a step of either trainer can use, from seeded generators: the latent
+        noises [B, D], the latent t uniforms [B], the pseudo-token uniforms [B, S], and the stable
+        unconditional mode's text t [B] and mask uniforms [B, S]."""
+        B, S = batch["input_ids"].shape
+        return {
+            "latent_noise": self.noise(batch, seed=seed),
+            "cycle_latent_noise": self.noise(batch, seed=seed + 50_000),
+            "latent_t": self.uniforms((B,), seed=seed),
+            "cycle_latent_t": self.uniforms((B,), seed=seed + 50_000),
+            "pseudo_token_uniform": self.uniforms((B, S), seed=seed + 60_000),
+            "text_t": self.uniforms((B,), seed=seed + 70_000),
+            "mask_uniform": self.uniforms((B, S), seed=seed + 80_000),
+        }
 
     # -- inputs ---------------------------------------------------------------------------------
     @property

@@ -29,6 +29,11 @@ OPTIONS: tuple[GateOption, ...] = (
     GateOption("cycle-config", "the cycle trainer's YAML; default: the packaged tiny config", metavar="YAML"),
     GateOption("data-tokens", "upstream-format token folder (<stem>_tokens.npz); needs --data-latents", metavar="DIR"),
     GateOption("data-latents", "upstream-format latent folder (<stem>.npy); needs --data-tokens", metavar="DIR"),
+    GateOption("cycle-trainer", "the cycle trainer class to judge: package.module:Class or path/to/file.py:Class "
+               "(upstream's protocol: Class(model, tokenizer, text_noise_schedule, dtype, config), "
+               "forward(batch) -> (loss, metrics)); default: this project's CycleVAETrainer", metavar="SPEC"),
+    GateOption("stable-trainer", "the stable reference class, as --cycle-trainer; default: this project's "
+               "MultimodalDiffusionTrainer (upstream parity)", metavar="SPEC"),
     GateOption("device", "cpu, cuda or cuda:N", default="cpu"),
     GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, default=4, metavar="N"),
     GateOption("seq-len", "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
@@ -45,6 +50,8 @@ class CompatOptions:
     cycle_config: str | None = None
     data_tokens: str | None = None
     data_latents: str | None = None
+    cycle_trainer: str | None = None
+    stable_trainer: str | None = None
     device: str = "cpu"
     batch_size: int = 4
     seq_len: int | None = None
