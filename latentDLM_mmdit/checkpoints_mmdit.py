@@ -32,6 +32,7 @@ import io
 import json
 import pickle
 import pickletools
+import re
 import shlex
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
@@ -586,10 +587,12 @@ def _unpickle(path: Path, plan: GlobalsPlan, container: str, mmap: bool) -> Torc
     # torch's reader raises UnpicklingError, RuntimeError, EOFError, struct.error, ... on a damaged or
     # hostile file; every one is reported as the file's problem.
     except Exception as exc:  # noqa: BLE001
+        reason = _torch_reason(exc)
         extra = (" Records (NEWOBJ + BUILD) are read from torch's zip format only (torch.save's default "
                  "since 1.6)." if container == "torch legacy" else "")
+        named = {name: "" for name in re.findall(r"GLOBAL ([\w.]+)", reason)}
         raise UnreadableTorchFile(f"{path}: torch's weights_only reader refused it ({type(exc).__name__}: "
-                                  f"{_torch_reason(exc)}).{extra} {_safe_way_forward(path, {})}") from None
+                                  f"{reason}).{extra} {_safe_way_forward(path, named)}") from None
     records, scalars = _map_records(obj)
     return TorchFile(obj, container, records, scalars)
 

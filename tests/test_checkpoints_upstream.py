@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -315,6 +316,25 @@ def test_other_records_stay_inert(tmp_path, source_model):
         type(info)("called", 1.0)
 
 
+def assert_no_unsafe_advice(message: str) -> None:
+    """torch's own error text advises turning the safe reader off; ours never does."""
+    assert not re.search(r"weights_only\W*(=|set to)\W*False", message), message
+
+
+def test_records_in_torchs_legacy_format_are_refused_without_unsafe_advice(tmp_path, source_model):
+    with registered_as("someone_elses_training", RunInfo=RunInfo):
+        path = tmp_path / "legacy.pt"
+        torch.save({"model_state_dict": source_model.state_dict(), "info": RunInfo("a", 1.0)}, path,
+                   _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "someone_elses_training.RunInfo" in message
+    assert "Records (NEWOBJ + BUILD) are read from torch's zip format only" in message
+    assert "from someone_elses_training import RunInfo; torch.serialization.add_safe_globals([RunInfo])" in message
+    assert_no_unsafe_advice(message)
+
+
 def test_training_state_with_other_fields_stays_inert(tmp_path, source_model):
     @dataclasses.dataclass
     class TrainingState:  # an upstream variant with one more field
@@ -379,7 +399,7 @@ def test_a_called_class_is_refused_before_unpickling(tmp_path, source_model, mon
     assert str(path) in message and "GLOBAL third_party_mod.Marker: the pickle calls it (REDUCE)" in message
     assert "only classes the pickle creates with NEWOBJ and fills with BUILD" in message
     assert "add_safe_globals([Marker])" in message and "from third_party_mod import Marker" in message
-    assert "weights_only=False" not in message
+    assert_no_unsafe_advice(message)
     assert not (tmp_path / "constructed").exists()
     assert digests(path) == before
 
@@ -407,7 +427,7 @@ def test_numpy_beyond_numeric_scalars_is_refused(tmp_path, source_model, payload
         open_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and expected in message.replace("numpy._core", "numpy.core"), message
-    assert "weights_only=False" not in message
+    assert_no_unsafe_advice(message)
 
 
 class ForgedScalar:
@@ -458,7 +478,7 @@ def test_system_call_payload_is_refused_with_nothing_run(tmp_path, source_model,
     assert f"GLOBAL {os.system.__module__}.system: the pickle calls it (REDUCE)" in message, message
     assert str(path) in message and "never imports or imitates it" in message
     assert "treat evil" in message and "get the weights again" in message
-    assert "weights_only=False" not in message
+    assert_no_unsafe_advice(message)
     assert not marker.exists(), "the payload ran"
     assert digests(path) == before
 
@@ -510,7 +530,7 @@ def test_damaged_torch_files_give_clear_errors(tmp_path, source_model, kind, exp
     with pytest.raises(CheckpointError) as info:
         open_checkpoint(path)
     assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
-    assert "weights_only=False" not in str(info.value)
+    assert_no_unsafe_advice(str(info.value))
     assert digests(path) == before
 
 
@@ -521,7 +541,8 @@ def test_pickled_whole_model_is_refused_with_advice(tmp_path, source_model):
         open_checkpoint(path)
     message = str(info.value)
     assert "GLOBAL torch.nn.modules.linear.Linear" in message and "whole pickled torch.nn module" in message
-    assert "hostile" not in message and "weights_only=False" not in message
+    assert "hostile" not in message
+    assert_no_unsafe_advice(message)
 
 
 # -- command line ----------------------------------------------------------------------------------
