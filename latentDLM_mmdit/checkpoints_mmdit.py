@@ -39,6 +39,7 @@ from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from reprlib import recursive_repr
 from typing import Any, ClassVar
 
 import numpy as np
@@ -146,6 +147,7 @@ class InertRecord(metaclass=_RecordMeta):
     def newargs(self) -> tuple:
         return self._newargs
 
+    @recursive_repr()  # a pickle can make a record hold itself
     def __repr__(self) -> str:
         inner = [f"{k}={v!r}" for k, v in self._fields.items()]
         if self._state is not None:
@@ -457,28 +459,39 @@ def _walk(obj: Any, where: str, seen: set[int]) -> Iterator[tuple[str, Any, Any,
         yield from _walk(value, path, seen)
 
 
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _map_records(obj: Any) -> tuple[list[str], list[str]]:
-    """Replaces upstream TrainingState records by TrainingState in place; returns (record notes,
-    numpy scalar notes)."""
+    """Replaces upstream TrainingState records by TrainingState in place (wherever each sits);
+    returns (one note per distinct record, one note per numpy scalar)."""
     records, scalars = [], []
+    mapped: dict[int, TrainingState | None] = {}
+    if isinstance(obj, InertRecord):
+        records.append(f"(top level): {obj.global_name} -> inert record {_short(obj)}")
     for where, value, container, key in list(_walk(obj, "", set())):
         if isinstance(value, np.generic):
             scalars.append(f"{where}: numpy {value.dtype} {value.item()!r}")
         if not isinstance(value, InertRecord):
             continue
-        if value.global_name == UPSTREAM_TRAINING_STATE:
+        first = id(value) not in mapped
+        state, why = mapped.setdefault(id(value), None), None
+        if value.global_name == UPSTREAM_TRAINING_STATE and first:
             state, why = training_state_from_record(value)
-            if state is not None and isinstance(container, (dict, list, InertRecord)):
-                (container._fields if isinstance(container, InertRecord) else container)[key] = state
-                records.append(f"{where}: {value.global_name} -> {state!r}")
-                continue
+            mapped[id(value)] = state
+        if state is not None and isinstance(container, (dict, list, InertRecord)):
+            (container._fields if isinstance(container, InertRecord) else container)[key] = state
+            note = f"{where}: {value.global_name} -> {_short(state)}"
+        elif value.global_name == UPSTREAM_TRAINING_STATE:
             why = why or "it sits inside a tuple"
-            records.append(f"{where}: {value.global_name} -> inert record {value!r} (not mapped onto "
-                           f"TrainingState: {why})")
+            note = (f"{where}: {value.global_name} -> inert record {_short(value)} (not mapped onto "
+                    f"TrainingState: {why})")
         else:
-            records.append(f"{where}: {value.global_name} -> inert record {value!r}")
-    if isinstance(obj, InertRecord):
-        records.insert(0, f"(top level): {obj.global_name} -> inert record {obj!r}")
+            note = f"{where}: {value.global_name} -> inert record {_short(value)}"
+        if first:
+            records.append(note)
     return records, scalars
 
 

@@ -316,6 +316,30 @@ def test_other_records_stay_inert(tmp_path, source_model):
         type(info)("called", 1.0)
 
 
+class Node:
+    def __init__(self, name):
+        self.name, self.links = name, []
+
+
+def test_records_holding_themselves_are_read(tmp_path, source_model):
+    node = Node("a")
+    node.links.append(node)
+    with registered_as("someone_elses_training", Node=Node):
+        path = _save_with(tmp_path / "cycle.pt", {"graph": node}, source_model.state_dict())
+    with open_checkpoint(path) as source:
+        graph = source.metadata["graph"]
+        assert graph.fields["links"][0] is graph
+        assert source.contents.records == ["graph: someone_elses_training.Node -> inert record Node(name='a', links=[...])"]
+
+
+def test_a_file_holding_one_pickled_object_is_not_a_state_dict(tmp_path):
+    with registered_as("someone_elses_training", RunInfo=RunInfo):
+        torch.save(RunInfo("a", 1.0), tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError, match=r"holds a pickled someone_elses_training.RunInfo object \(read as an "
+                                              r"inert record\), not a state dict; save its state_dict\(\) instead"):
+        open_checkpoint(tmp_path / "obj.pt")
+
+
 def assert_no_unsafe_advice(message: str) -> None:
     """torch's own error text advises turning the safe reader off; ours never does."""
     assert not re.search(r"weights_only\W*(=|set to)\W*False", message), message
