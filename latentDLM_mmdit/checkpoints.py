@@ -389,7 +389,12 @@ def _resolve(path: Path) -> tuple[Path, str | None]:
 
 def open_checkpoint(path: str | Path) -> CheckpointSource:
     """Opens a `.safetensors` or `.pt`/`.pth`/`.bin` checkpoint, or upstream's checkpoint folder,
-    without loading every tensor at once and without running anything from it."""
+    without loading every tensor at once and without running anything from it.
+
+    Args:
+        path: a checkpoint file, or a folder holding exactly one of upstream's checkpoint.pt,
+            model_final.pth, model.pth (`contents.folder_note` says which was used).
+    Raises CheckpointError naming the file, the problem and a way forward."""
     requested = Path(path)
     file, folder_note = _resolve(requested)
     if file.suffix == ".safetensors":
@@ -480,7 +485,12 @@ def check_model_sizes(sizes: Any, shapes: Mapping[str, tuple[int, ...]], source:
     """Validates recorded model_sizes against the tensor shapes; returns them as ints.
 
     vocab_size must be the rows of text_encoder.token_embed.weight, latent_dim the columns of
-    latent_encoder.projection.0.weight, and cluster_size > 0 exactly when text_head_clusters exists."""
+    latent_encoder.projection.0.weight, and cluster_size > 0 exactly when text_head_clusters exists.
+
+    Args:
+        sizes: the decoded `model_sizes` metadata value (anything: it is untrusted).
+        shapes: model key -> shape, from the checkpoint's header or pickle.
+        source: the file, for messages."""
     if not isinstance(sizes, dict) or set(sizes) != set(MODEL_SIZE_KEYS):
         raise CheckpointError(f"{source}: metadata model_sizes is {sizes!r}; expected a JSON object with exactly "
                               f"{', '.join(MODEL_SIZE_KEYS)}")
@@ -534,8 +544,11 @@ class ModelLayout:
 
 
 def derive_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> ModelLayout:
-    """Derives the model layout from names and shapes alone (model keys, prefixes stripped).
+    """Derives the model layout from names and shapes alone.
 
+    Args:
+        shapes: model key (prefixes stripped, as `CheckpointSource.shapes`) -> shape.
+        source: what the shapes came from, for messages.
     Raises CheckpointError naming the key when a needed tensor is missing or shapes disagree."""
     def need(key: str, ndim: int) -> tuple[int, ...]:
         shape = shapes.get(key)
@@ -626,7 +639,11 @@ class LayoutDifference:
 def layout_differences(layout: ModelLayout, config: Any) -> list[LayoutDifference]:
     """Config keys whose value does not build the checkpoint's layout, one entry per key.
 
-    `config` is a run config (dict or OmegaConf) with `model.*` and `tokenizer.vocab_size`."""
+    Args:
+        layout: from derive_layout / checkpoint_layout.
+        config: a run config (dict or OmegaConf, read only) with `model.*` and
+            `tokenizer.vocab_size`; an unset key is a difference, except
+            model.num_residual_streams, whose unset value builds MODEL_DEFAULT_RESIDUAL_STREAMS."""
     pairs = [("tokenizer.vocab_size", "vocab_size"), ("model.hidden_size", "hidden_size"),
              ("model.latent_dim", "latent_dim"), ("model.max_seq_len", "max_seq_len"),
              ("model.n_blocks", "n_blocks"), ("model.cond_dim", "cond_dim")]
@@ -683,7 +700,10 @@ def _count_non_finite(tensor: torch.Tensor) -> tuple[int, int, int]:
 
 def find_non_finite(checkpoint: CheckpointSource | str | Path) -> list[NonFiniteTensor]:
     """The model tensors holding NaN or +-Inf, with counts; one tensor in memory at a time (each
-    is released before the next is read), counted in chunks of NON_FINITE_CHUNK values."""
+    is released before the next is read), counted in chunks of NON_FINITE_CHUNK values.
+
+    Args:
+        checkpoint: an opened CheckpointSource (left open) or a path (opened and closed here)."""
     source, owned = _as_source(checkpoint)
     found = []
     try:
@@ -987,7 +1007,12 @@ def convert_checkpoint(source_path: str | Path, out_path: str | Path) -> tuple[P
 
     The output's metadata says where the weights came from (file, sha256, records found, e.g. the
     step of upstream's TrainingState). Refuses to overwrite the input or an existing output; the
-    written file is re-read and compared bit for bit before it takes its name."""
+    written file is re-read and compared bit for bit before it takes its name.
+
+    Args:
+        source_path: anything open_checkpoint reads (read only, never modified).
+        out_path: a new `.safetensors` file in an existing folder.
+    Returns (the output path, what was read from the source)."""
     requested, out = Path(source_path), Path(out_path)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"output {out} must end in .safetensors")

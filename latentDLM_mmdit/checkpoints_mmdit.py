@@ -358,7 +358,11 @@ class GlobalsPlan:
 
 def plan_globals(unsafe: list[str], scan: PickleScan) -> GlobalsPlan:
     """Decides, for each global torch would refuse, a record stand-in, a numpy replacement, or a
-    refusal with the reason."""
+    refusal with the reason.
+
+    Args:
+        unsafe: the globals torch's weights_only reader does not allow (get_unsafe_globals_in_checkpoint).
+        scan: how the pickle uses each global (scan_pickle)."""
     plan = GlobalsPlan()
     for name in sorted(unsafe):
         uses = scan.uses.get(name)
