@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.checkpoints import CheckpointError, LoadReport, load_checkpoint_into
+from latentDLM_mmdit.checkpoints import (
+    CheckpointContents, CheckpointError, LoadReport, ModelLayout, derive_layout, layout_differences, load_checkpoint_into,
+)
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
@@ -61,17 +63,13 @@ def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: in
     return written[-1]
 
 
-def sizes_from_checkpoint(shapes: dict[str, tuple[int, ...]], config: DictConfig, path: Path) -> dict[str, int]:
-    """vocab_size and latent_dim from the checkpoint's tensor shapes (what the weights are), the
-    cluster head from the config (what the user will train; a mismatch fails the strict load)."""
-    if EMBEDDING_KEY not in shapes or LATENT_PROJECTION_KEY not in shapes:
-        missing = [k for k in (EMBEDDING_KEY, LATENT_PROJECTION_KEY) if k not in shapes]
-        raise GateInputError(
-            f"--checkpoint {path} holds no {' or '.join(missing)} ({len(shapes)} tensors, e.g. "
-            f"{', '.join(sorted(shapes)[:3]) or 'none'}): it is not a MultimodalMMDiT checkpoint",
-            "pass a checkpoint written by the stable trainer (upstream's or this project's)")
-    return {"vocab_size": int(shapes[EMBEDDING_KEY][0]), "latent_dim": int(shapes[LATENT_PROJECTION_KEY][1]),
-            "cluster_size": int(config.model.get("cluster_size", 0) or 0)}
+def layout_of(source, path: Path):
+    """The model layout the checkpoint's names and shapes imply (`checkpoints.derive_layout`)."""
+    try:
+        return derive_layout(source.shapes, str(path))
+    except CheckpointError as exc:
+        raise GateInputError(f"--checkpoint {path}: {exc}",
+                             "pass a checkpoint written by the stable trainer (upstream's or this project's)") from None
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
@@ -103,6 +101,8 @@ class CompatContext:
     seq_len: int
     seq_len_source: str
     data_samples: list | None = field(default=None, repr=False)
+    layout: ModelLayout | None = None
+    contents: CheckpointContents | None = field(default=None, repr=False)
     model: MultimodalMMDiT | None = None
     load_report: LoadReport | None = None
     load_error: str | None = None
@@ -122,14 +122,19 @@ class CompatContext:
         cycle_config, cycle_path = load_user_config(options.cycle_config, "cycle")
         checkpoint = Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
         with open_user_checkpoint(checkpoint) as source:
-            sizes = sizes_from_checkpoint(source.shapes, cycle_config, checkpoint)
+            layout = layout_of(source, checkpoint)
+            contents = source.contents
             n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
+        # What the weights are (vocabulary, latent width) from the checkpoint; the cluster head from
+        # the cycle config (what the user will train; a mismatch fails the strict load).
+        sizes = {"vocab_size": layout.vocab_size, "latent_dim": layout.latent_dim,
+                 "cluster_size": int(cycle_config.model.get("cluster_size", 0) or 0)}
         max_seq_len = int(cycle_config.model.max_seq_len)
         vocab = vocab_for(cycle_config, sizes["vocab_size"])
         samples = read_data_samples(options, vocab, max_seq_len, sizes["latent_dim"]) if options.data else None
         seq_len, seq_len_source = default_seq_len(options, samples, max_seq_len)
         ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint, device,
-                  sizes, n_params, seq_len, seq_len_source, samples)
+                  sizes, n_params, seq_len, seq_len_source, samples, layout=layout, contents=contents)
         if options.cycle_trainer:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
         if options.stable_trainer:
@@ -137,7 +142,9 @@ class CompatContext:
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
-            ctx.load_error = str(exc)
+            explained = [d for d in layout_differences(layout, cycle_config)
+                         if d.config_key != "tokenizer.vocab_size"]  # the vocabulary is taken from the checkpoint
+            ctx.load_error = str(exc) + ("".join(f"; {d}" for d in explained) if explained else "")
         else:
             ctx.nonfinite = nonfinite_parameters(ctx.model)
         return ctx

@@ -90,9 +90,8 @@ def open_user_checkpoint(path: Path):
         return open_checkpoint(path)
     except CheckpointError as exc:
         raise GateInputError(f"--checkpoint {path} cannot be used: {exc}",
-                             "pass a readable checkpoint (this project's .safetensors, or upstream's .pt written by "
-                             "its training script); `python -m latentDLM_mmdit.checkpoints inspect FILE` says what "
-                             "a file holds") from None
+                             "follow the advice above or pass another checkpoint; `python -m "
+                             "latentDLM_mmdit.checkpoints inspect FILE` says what a file holds") from None
 
 
 def read_data_samples(options: CompatOptions, vocab: Any, max_seq_len: int, latent_dim: int) -> list[dict]:

@@ -82,6 +82,18 @@ def poisoned_model(ctx, like: MultimodalMMDiT | None = None) -> MultimodalMMDiT:
     return model
 
 
+def written_by(report) -> str:
+    """Who wrote the checkpoint, as far as it says: this project's metadata, or upstream's
+    TrainingState record."""
+    kind, step = report.metadata.get("trainer_kind"), report.metadata.get("step")
+    if kind is not None:
+        return f"{kind} trainer" + (f", step {step}" if step is not None else "")
+    state = report.metadata.get("state")
+    if getattr(state, "step", None) is not None:
+        return f"upstream training script (TrainingState step {state.step})"
+    return "writer not recorded"
+
+
 def check_loads_strictly(ctx, measure):
     """(a) + (e): the checkpoint under test loads strictly; its size and provenance."""
     path = Path(ctx.checkpoint_path)
@@ -104,9 +116,12 @@ def check_loads_strictly(ctx, measure):
                                  f"layout: {exc}") from None
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
-    kind, step = report.metadata.get("trainer_kind"), report.metadata.get("step")
-    measure("written_by", (f"{kind} trainer" if kind else "writer not recorded")
-            + (f", step {step}" if step is not None else ""))
+    measure("written_by", written_by(report))
+    if report.contents is not None:
+        measure("weights_from", f"{', '.join(report.contents.keys_used)} of {Path(report.contents.file).name}"
+                + (f"; ignored {', '.join(report.contents.ignored)}" if report.contents.ignored else "")
+                + (f"; prefixes stripped {', '.join(report.contents.prefixes_stripped)}"
+                   if report.contents.prefixes_stripped else ""))
     assert report.n_tensors == expected, (f"the checkpoint provides {report.n_tensors} tensors, the model has "
                                           f"{expected}: a strict load must provide every one")
     assert_same_outputs(model_outputs(ctx, model, ctx.batch(2, seed=SEED)),

@@ -81,7 +81,7 @@ class TrainerSpec:
 
     def describe(self) -> str:
         where = f" ({self.source_file}" + (f" @ {self.commit}" if self.commit else "") + ")" if self.source_file else ""
-        extras = [f"step=" if self.accepts_step else "no step=",
+        extras = ["step=" if self.accepts_step else "no step=",
                   f"draws= {list(self.draw_names)}" if self.accepts_draws else "no draws= (global RNG captured)"]
         return f"{self.cls.__module__}.{self.cls.__qualname__}{where}; {', '.join(extras)}"
 
