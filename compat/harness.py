@@ -343,6 +343,12 @@ class CompatContext:
     def trainer_dtype_name(self) -> str:
         return str(self.cycle_config.training.dtype)
 
+    def x0_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's clean latents [B, D] as the trainers feed them (rounded to the trainer dtype),
+        in float64 on the CPU: the x0 of the oracle."""
+        B = batch["input_ids"].shape[0]
+        return self.as_fed(batch["latent"].reshape(B, -1)).double()
+
     def as_fed(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as a trainer casts it before use (rounded to the trainer dtype), in float32 on the CPU."""
         return x.detach().to(self.trainer_dtype).float().cpu()

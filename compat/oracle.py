@@ -21,6 +21,17 @@ TOLERANCES = {
 }
 
 
+# Statistical checks: significance level, sample size and the alternative the power is stated for.
+STATISTICS = {
+    "categorical_sampling": {
+        "alpha": 1e-3,          # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
+        "min_draws": 1500,      # pseudo tokens drawn (steps x B x S)
+        "bins": 10,             # chi-square bins of the probability integral transform
+        "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
+    },
+}
+
+
 def tol(name: str) -> dict[str, float]:
     rtol, atol = TOLERANCES[name]
     return {"rtol": rtol, "atol": atol}
@@ -104,3 +115,37 @@ def ramp(step: int, base: float, warmup: int, ramp_steps: int) -> float:
     if ramp_steps <= 0:
         return base
     return base * min(1.0, (step - warmup) / ramp_steps)
+
+
+def categorical_pit(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Randomised probability integral transform of sampled ids under softmax(logits): for ids
+    drawn from that categorical distribution the values are U[0, 1), whatever the distribution of
+    each position. logits [N, V], ids [N] -> [N] float64."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    cdf_below = probs.cumsum(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) - probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(ids.shape, generator=generator, dtype=torch.float64)
+    return (cdf_below + u * probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)).clamp(0.0, 1.0 - 1e-12)
+
+
+def uniformity_chi2(values: torch.Tensor, bins: int) -> tuple[float, float]:
+    """(chi-square statistic, p-value) of `values` against U[0, 1) in `bins` equal bins (scipy.stats)."""
+    from scipy import stats
+
+    counts = torch.histc(values.float(), bins=bins, min=0.0, max=1.0).double()
+    result = stats.chisquare(counts.numpy())
+    return float(result.statistic), float(result.pvalue)
+
+
+def categorical_power(logits: torch.Tensor, temperature: float, alpha: float, bins: int, repeats: int = 200,
+                      seed: int = 0) -> float:
+    """Share of `repeats` simulated runs in which `uniformity_chi2` on the PIT rejects at `alpha`
+    when the ids are drawn from softmax(logits / temperature) instead: the test's power against
+    that mistake, at this sample size and on these logits. logits [N, V]."""
+    gen = torch.Generator().manual_seed(seed)
+    wrong = torch.softmax(logits.double() / temperature, dim=-1)
+    rejected = 0
+    for _ in range(repeats):
+        ids = torch.multinomial(wrong, 1, generator=gen).squeeze(-1)
+        _, p = uniformity_chi2(categorical_pit(logits, ids, gen), bins)
+        rejected += p < alpha
+    return rejected / repeats

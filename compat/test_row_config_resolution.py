@@ -16,28 +16,45 @@ import pytest
 import torch
 
 from compat.harness import LAYOUT_KEYS, row_runner, row_test
+from compat.observe import T2L
+from compat.terms import LatentSchedule, latent_term
 from compat.oracle import tol
 from latentDLM_mmdit.checkpoints import open_checkpoint
 from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
 
 pytestmark = pytest.mark.compat_row("config_resolution")
-
-
-def _settings(trainer) -> dict:
-    d = trainer.latent_diffusion
-    return {"latent_timesteps": d.num_timesteps, "latent_beta_schedule": d.beta_schedule,
-            "latent_parameterization": d.parameterization}
+BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
 
 
 def check_same_yaml_same_settings(ctx, measure):
+    """The same YAML gives both trainers the same latent diffusion: each noises its T2L pass under
+    the schedule the config resolves to (observed), with the same latents, and is scored by that
+    parameterization's target."""
     for label, config in (("stable config", ctx.stable_config), ("cycle config", ctx.cycle_config)):
-        stable, cycle = ctx.stable("t2l", base=config), ctx.cycle(base=config)
-        assert _settings(stable) == _settings(cycle), (
-            f"{label}: the stable trainer resolves {_settings(stable)}, the cycle trainer {_settings(cycle)}")
-        torch.testing.assert_close(cycle.latent_diffusion.alphas_cumprod, stable.latent_diffusion.alphas_cumprod,
-                                   **tol("bit_exact"), msg=lambda m, l=label: f"{l}: alphas_cumprod differ\n{m}")
-    measure("cycle_settings", "/".join(str(v) for v in _settings(ctx.cycle()).values()))
+        batch = ctx.batch(2, seed=80)
+        draws = ctx.draws(batch, seed=80)
+        stable_config = ctx.stable_config_for("t2l", base=config)
+        cycle_config = ctx.cycle_config_for(BASE_ONLY, base=config)
+        schedule = LatentSchedule.of(config)
+        stable = ctx.run_stable("t2l", batch, config=stable_config, draws=draws, grad=False)
+        cycle = ctx.run_cycle(batch, config=cycle_config, draws=draws, grad=False)
+        torch.testing.assert_close(cycle.one(T2L).latents_2d, stable.one(T2L).latents_2d, **tol("float32_loss"),
+                                   msg=lambda m, l=label: f"{l}: the trainers noise the T2L latents differently\n{m}")
+        x0 = ctx.x0_of(batch)
+        for trainer, record, run_config in (("stable", stable, stable_config), ("cycle", cycle, cycle_config)):
+            try:
+                term, _ = latent_term(record, record.one(T2L), x0, schedule, ctx.oracle_tolerance)
+            except AssertionError as exc:
+                raise AssertionError(f"{label}: the {trainer} trainer does not noise under the schedule the config "
+                                     f"resolves to ({schedule.beta_schedule}, T={schedule.num_timesteps}): {exc}") from None
+            weight = float(run_config.loss.latent_loss_weight)
+            want = weight * term if trainer == "stable" else None
+            if want is not None:
+                torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
+                                           msg=lambda m, l=label: f"{l}: the stable trainer's loss is not the "
+                                                                  f"{schedule.parameterization} target's\n{m}")
+    measure("cycle_settings", "/".join(str(v) for v in resolve_latent_settings(ctx.cycle_config).as_dict().values()))
 
 
 def trained_with(ctx) -> tuple[dict, str]:
@@ -108,8 +125,12 @@ def check_loss_settings(ctx, measure):
                 f"{ctx.trainer_dtype_name} (the cycle config's)", review=True)
     else:
         measure("training.dtype", f"{ctx.trainer_dtype_name} in both")
-    assert ctx.stable("t2l").dtype == ctx.cycle().dtype == cycle_dtype, (
-        "the stable and cycle trainers of the loss rows do not run in one dtype")
+    fed = set()
+    batch = ctx.batch(2, seed=81)
+    for record in (ctx.run_stable("t2l", batch, grad=False), ctx.run_cycle(batch, settings=BASE_ONLY, grad=False)):
+        fed |= {str(p.latent_t.dtype) for p in record.passes if p.latent_t is not None}
+    assert fed == {str(cycle_dtype)}, (
+        f"the loss rows' trainers feed timesteps in {sorted(fed)}, not both in {cycle_dtype}")
 
 
 CHECKS = {

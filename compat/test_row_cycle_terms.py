@@ -1,10 +1,23 @@
 """Row: cycle terms.
 
 The cycle trainer adds cycle_text (T2L2T) and cycle_latent (L2T2L) to the stable objective.
-Checked: with both weights 0 its loss is exactly stable L2T + latent_loss_weight x stable T2L on
-the same batch and noise (batch sizes 1 and > 1); with weights > 0 every term is recomputed from
-the model's own outputs by the oracle; the warmup/ramp gives the expected weights; and
-`loss.cycle_stop_grad_latent` is shown by gradients (none reach latent_head through cycle_text).
+Everything is read from what the trainer gives the model and returns, never from its attributes:
+
+- weights 0: its loss is stable L2T + latent_loss_weight x stable T2L on the same batch and draws
+  (batch sizes 1 and > 1), on the checkpoint's own model; passes made for a term weighted 0 are a
+  cost (REVIEW with the count), not an incompatibility;
+- every pass is given what it must be: cycle_text all [MASK] at t_text = 1 with latent t = 0;
+  cycle_latent the argmax pseudo tokens of the L2T logits (exactly) at t_text = 0; the total is
+  the float64 oracle's `w * T2L + L2T + w_text * cycle_text + w_latent * cycle_latent`, with a
+  different weight per term so that swapped weights show;
+- categorical pseudo tokens: drawn from softmax(L2T logits), by a chi-square test of their
+  probability integral transform at the significance level and sample size of
+  `oracle.STATISTICS` (its power against sampling at temperature 2 is reported); where the trainer
+  takes the uniforms by name (`pseudo_token_uniform`), exactly the inverse CDF at those uniforms;
+- the warmup/ramp: the total at steps around each term's (different) warmup and ramp is the
+  oracle's with `oracle.ramp` weights;
+- stop-grad: with `cycle_stop_grad_latent` the x0 fed to cycle_text carries no graph and sends no
+  gradient into latent_head; without it, it does (the control).
 """
 from __future__ import annotations
 
@@ -12,112 +25,169 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import CallRecorder, row_runner, row_test, unfreeze
-from compat.oracle import tol
+from compat.harness import row_runner, row_test, unfreeze
+from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
+from compat.oracle import STATISTICS, tol
+from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("cycle_terms")
+
+NO_RAMP = {"cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0,
+           "cycle_latent_ramp_steps": 0}
+WEIGHTS_ZERO = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+ALL_TERMS = {"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
+             "cycle_latent_sampling": "argmax", **NO_RAMP}
+CATEGORICAL = dict(ALL_TERMS, cycle_latent_sampling="categorical")
+RAMPS = {"latent_t_mode": "full", "cycle_text_weight": 0.4, "cycle_text_warmup_steps": 3, "cycle_text_ramp_steps": 6,
+         "cycle_latent_weight": 0.25, "cycle_latent_warmup_steps": 5, "cycle_latent_ramp_steps": 10,
+         "cycle_latent_sampling": "argmax"}
+RAMP_STEPS = (0, 2, 3, 6, 9, 12, 15, 100)
+STOP_GRAD = {"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 1.0, "cycle_latent_weight": 0.0,
+             **NO_RAMP}
 
 
 def check_weights_zero_equal_stable(ctx, measure, batch_size):
     model = ctx.require_model()  # the checkpoint's own model: these are the losses a user continues from
     batch = ctx.batch(batch_size, seed=60 + batch_size)
-    noise = ctx.noise(batch, seed=60 + batch_size)
-    with torch.no_grad():  # values only: no autograd graph of a full-size model kept alive
-        l2t, _ = ctx.stable("l2t", model=model)(batch)
-        _, t2l = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
-        trainer = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)
-        cycle, metrics = trainer(batch, step=0, draws={"latent_noise": noise})
-    want = l2t.detach() + trainer.latent_loss_weight * t2l["latent_loss"]
-    torch.testing.assert_close(cycle.detach(), want, **tol("float32_loss"),
+    draws = ctx.draws(batch, seed=60 + batch_size)
+    weight = float(ctx.cycle_config_for().loss.latent_loss_weight)
+    l2t = ctx.run_stable("l2t", batch, draws=draws, model=model, grad=False)
+    t2l = ctx.run_stable("t2l", batch, settings={"latent_loss_weight": weight}, draws=draws, model=model, grad=False)
+    cycle = ctx.run_cycle(batch, settings=WEIGHTS_ZERO, step=0, draws=draws, model=model, grad=False)
+    want = l2t.loss.detach() + t2l.loss.detach()
+    torch.testing.assert_close(cycle.loss.detach(), want, **tol("float32_loss"),
                                msg=lambda m: f"B={batch_size}: cycle loss with weights 0 != stable L2T + w * T2L\n{m}")
-    assert metrics["model_passes"] == 2, f"weights 0 still cost {metrics['model_passes']} model passes (2 needed)"
-    measure(f"B{batch_size}_weights0_abs_diff", float((cycle.detach() - want).abs()))
+    measure(f"B{batch_size}_weights0_abs_diff", float((cycle.loss.detach() - want).abs()))
+    extra = [k for k in cycle.kinds if k not in (T2L, L2T)]
+    if extra:
+        measure(f"B{batch_size}_passes_at_weight_0", f"{len(cycle.passes)} ({', '.join(cycle.kinds)}): "
+                f"{len(extra)} pass(es) for terms weighted 0 (a cost, not a difference)", review=True)
 
 
 def check_terms_recomputed(ctx, measure):
-    model = ctx.semantic_model()
     batch = ctx.batch(ctx.options.batch_size, seed=65)
-    noise, noise2 = ctx.noise(batch, seed=65), ctx.noise(batch, seed=66)
-    w_text, w_latent = 0.3, 0.2
-    spy = CallRecorder(model)
-    trainer = ctx.cycle(model=spy, latent_t_mode="full", cycle_text_weight=w_text, cycle_latent_weight=w_latent,
-                        cycle_latent_sampling="argmax", cycle_text_ramp_steps=0, cycle_latent_ramp_steps=0,
-                        cycle_text_warmup_steps=0, cycle_latent_warmup_steps=0)
-    loss, m = trainer(batch, step=0, draws={"latent_noise": noise, "cycle_latent_noise": noise2})
-    assert len(spy.calls) == 4, f"expected 4 model passes (T2L, L2T, cycle_text, cycle_latent), got {len(spy.calls)}"
-    (_, t2l_kw), (_, l2t_kw), (_, ct_kw), (_, cl_kw) = spy.calls
-    ids = batch["input_ids"]
-    B = ids.shape[0]
-    x0 = ctx.as_fed(batch["latent"].reshape(B, -1))
-    noise, noise2 = ctx.as_fed(noise), ctx.as_fed(noise2)
-    T = trainer.latent_diffusion.num_timesteps
-    ab1 = oracle.alphas_cumprod(trainer.latent_diffusion.beta_schedule, T)[[T - 1] * B]
-    param = trainer.latent_diffusion.parameterization
-    # cycle_text: CE over every position of the third pass's logits, to the original tokens.
-    want_ct = oracle.ce_every_position(spy.outputs[2][0].cpu(), ids.cpu())
-    # cycle_latent: argmax pseudo tokens of the L2T logits; normalised MSE to the second noise's target.
-    pseudo = spy.outputs[1][0].argmax(-1)
-    assert torch.equal(cl_kw["text_tokens"], pseudo), "cycle_latent pass is not conditioned on argmax pseudo tokens"
-    want_cl = oracle.normalized_mse(spy.outputs[3][1].cpu(), oracle.target(x0, noise2.cpu(), ab1, param))
-    want_t2l = oracle.normalized_mse(spy.outputs[0][1].cpu(), oracle.target(x0, noise.cpu(), ab1, param))
-    want_l2t = oracle.ce_every_position(spy.outputs[1][0].cpu(), ids.cpu())
-    for name, want in (("cycle_text_loss", want_ct), ("cycle_latent_loss", want_cl),
-                       ("base_t2l_latent_loss", want_t2l), ("base_l2t_text_loss", want_l2t)):
-        torch.testing.assert_close(torch.tensor(m[name], dtype=torch.float64), want, **tol(ctx.oracle_tolerance),
-                                   msg=lambda msg, n=name: f"{n} does not match its recomputation\n{msg}")
-        measure(name, m[name])
-    total = trainer.latent_loss_weight * want_t2l + want_l2t + w_text * want_ct + w_latent * want_cl
-    torch.testing.assert_close(loss.detach().double().cpu(), total, **tol(ctx.oracle_tolerance),
-                               msg=lambda msg: f"total is not w*T2L + L2T + w_text*cycle_text + w_latent*cycle_latent\n{msg}")
+    record = ctx.run_cycle(batch, settings=ALL_TERMS, step=0, draws=ctx.draws(batch, seed=65))
+    assert sorted(record.kinds) == sorted([T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]), f"passes {record.kinds}"
+    ct, cl, l2t = record.one(CYCLE_TEXT), record.one(CYCLE_LATENT), record.one(L2T)
+    B = batch["input_ids"].shape[0]
+    for label, p, text_t, latent_t in (("cycle_text", ct, 1.0, 0.0), ("cycle_latent", cl, 0.0, None)):
+        assert torch.equal(p.timestep("text"), torch.full((B,), text_t)), (
+            f"the {label} pass is given text t {p.timestep('text').tolist()}, expected {text_t}")
+        if latent_t is not None:
+            assert torch.equal(p.timestep("latent"), torch.full((B,), latent_t)), (
+                f"the {label} pass is given latent t {p.timestep('latent').tolist()}, expected {latent_t}")
+    assert torch.equal(cl.timestep("latent"), torch.ones(B)), (
+        f"full mode, yet the cycle_latent pass is given latent t {cl.timestep('latent').tolist()}")
+    pseudo = l2t.outputs[0].argmax(-1).cpu()
+    assert torch.equal(cl.text_tokens.cpu(), pseudo), (
+        f"the cycle_latent pass is not given the argmax pseudo tokens of the L2T logits "
+        f"({int((cl.text_tokens.cpu() != pseudo).sum())} of {pseudo.numel()} positions differ)")
+    config = ctx.cycle_config_for(ALL_TERMS)
+    terms = cycle_terms(record, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
+    torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
+                               msg=lambda m: f"the total is not w*T2L + L2T + w_text*cycle_text + w_latent*cycle_latent "
+                                             f"(weights {terms.weights}) recomputed from the passes\n{m}")
+    for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
+        measure(name, float(getattr(terms, name)))
+    measure("noise_used", ", ".join(f"{k}: {v}" for k, v in terms.noise.items()))
+
+
+def check_categorical_sampling(ctx, measure):
+    """Pseudo tokens drawn from softmax(L2T logits): a chi-square test, and the inverse CDF exactly
+    where the trainer takes its uniforms by name."""
+    spec = STATISTICS["categorical_sampling"]
+    batch = ctx.batch(ctx.options.batch_size, seed=66)
+    B, S = batch["input_ids"].shape
+    runs = -(-spec["min_draws"] // (B * S))
+    logits, ids = [], []
+    exact_checked = False
+    for run in range(runs):
+        draws = ctx.draws(batch, seed=1000 + run)
+        record = ctx.run_cycle(batch, settings=CATEGORICAL, step=0, draws=draws, seed=1000 + run, grad=False)
+        l2t_logits, pseudo = record.one(L2T).outputs[0].cpu(), record.one(CYCLE_LATENT).text_tokens.cpu()
+        logits.append(l2t_logits.reshape(B * S, -1))
+        ids.append(pseudo.reshape(-1))
+        if "pseudo_token_uniform" in ctx.cycle_subject.spec.draw_names:
+            cdf = torch.softmax(l2t_logits.float(), dim=-1).cumsum(-1)
+            want = torch.searchsorted(cdf, draws["pseudo_token_uniform"].cpu().unsqueeze(-1).contiguous())
+            want = want.squeeze(-1).clamp(max=l2t_logits.shape[-1] - 1)
+            assert torch.equal(pseudo, want), (
+                f"categorical pseudo tokens are not the inverse CDF of softmax(L2T logits) at the injected "
+                f"uniforms ({int((pseudo != want).sum())} of {pseudo.numel()} differ)")
+            exact_checked = True
+    logits, ids = torch.cat(logits), torch.cat(ids)
+    pit = oracle.categorical_pit(logits, ids, torch.Generator().manual_seed(67))
+    statistic, p_value = oracle.uniformity_chi2(pit, spec["bins"])
+    power = oracle.categorical_power(logits, spec["alternative_temperature"], spec["alpha"], spec["bins"])
+    measure("categorical_chi2_p", p_value)
+    measure("categorical_draws", int(ids.numel()))
+    measure("categorical_power_vs_temperature_2", power)
+    measure("categorical_inverse_cdf_exact", "yes" if exact_checked else "n/a (uniforms not taken by name)")
+    assert p_value >= spec["alpha"], (
+        f"categorical pseudo tokens are not distributed as softmax(L2T logits): chi-square {statistic:.1f} on "
+        f"{spec['bins']} bins of the probability integral transform, p = {p_value:.2g} < alpha {spec['alpha']} "
+        f"({ids.numel()} draws)")
 
 
 def check_ramp(ctx, measure):
-    base, warmup, ramp = 0.4, 5, 10
-    trainer = ctx.cycle(cycle_text_weight=base, cycle_text_warmup_steps=warmup, cycle_text_ramp_steps=ramp,
-                        cycle_latent_weight=base, cycle_latent_warmup_steps=warmup, cycle_latent_ramp_steps=ramp)
-    for step in (0, 4, 5, 10, 15, 100):
-        want = oracle.ramp(step, base, warmup, ramp)
-        for term in ("cycle_text", "cycle_latent"):
-            got = trainer.term_weight(term, step)
-            assert abs(got - want) < 1e-12, f"{term} weight at step {step} is {got}, expected {want}"
+    """The total at steps around each term's warmup and ramp follows `oracle.ramp`."""
+    if not ctx.cycle_subject.spec.accepts_step:
+        loss = ctx.cycle_config_for().loss
+        ramps = [t for t in ("cycle_text", "cycle_latent")
+                 if loss[f"{t}_warmup_steps"] > 0 or loss[f"{t}_ramp_steps"] > 0]
+        measure("ramp", "the trainer takes no step=, so no loop can drive its warmup/ramp"
+                + (f"; the config ramps {', '.join(ramps)}, which the trainer cannot follow" if ramps else ""),
+                review=True)
+        return
     batch = ctx.batch(2, seed=67)
-    _, m = trainer(batch, step=10)
-    assert abs(m["cycle_text_weight"] - 0.2) < 1e-12 and abs(m["cycle_latent_weight"] - 0.2) < 1e-12, (
-        f"metrics report weights {m['cycle_text_weight']}, {m['cycle_latent_weight']} at step 10, expected 0.2")
-    _, m0 = trainer(batch, step=2)
-    assert m0["model_passes"] == 2, f"weights in warmup still cost {m0['model_passes']} passes"
-    measure("ramp_weight_step10", m["cycle_text_weight"])
+    draws = ctx.draws(batch, seed=67)
+    config = ctx.cycle_config_for(RAMPS)
+    seen = []
+    for step in RAMP_STEPS:
+        record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
+        terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
+        torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
+                                   msg=lambda m, s=step: f"step {s}: the total does not follow the ramped weights "
+                                                         f"{terms.weights}\n{m}")
+        seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
+        if step == 0 and len(record.passes) > 2:
+            measure("passes_in_warmup", f"{len(record.passes)} ({', '.join(record.kinds)}) while both weights are 0",
+                    review=True)
+    measure("ramp_weights_text/latent", " ".join(seen))
 
 
-def _latent_head_grad_from_cycle_text(ctx, stop_grad: bool) -> float:
+def _latent_head_grad(ctx, stop_grad: bool) -> tuple[float, bool]:
+    """|grad| reaching latent_head through cycle_text alone (latent_loss_weight 0), and whether the
+    x0 fed to the cycle_text pass carried an autograd graph."""
     model = ctx.semantic_model()
     unfreeze(model)
     model.zero_grad(set_to_none=True)
-    trainer = ctx.cycle(latent_t_mode="full", latent_loss_weight=0.0, cycle_text_weight=1.0, cycle_latent_weight=0.0,
-                        cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_stop_grad_latent=stop_grad)
     batch = ctx.batch(2, seed=68)
-    loss, _ = trainer(batch, step=0, draws={"latent_noise": ctx.noise(batch, seed=68)})
-    loss.backward()
-    # With latent_loss_weight 0 only cycle_text can reach latent_head (via x0 from the T2L output).
+    record = ctx.run_cycle(batch, settings=dict(STOP_GRAD, cycle_stop_grad_latent=stop_grad), step=0,
+                           draws=ctx.draws(batch, seed=68))
+    record.loss.backward()
     grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith("latent_head") and p.grad is not None]
-    value = float(sum(grads)) if grads else 0.0
     model.zero_grad(set_to_none=True)
-    return value
+    return (float(sum(grads)) if grads else 0.0), record.one(CYCLE_TEXT).latents_require_grad
 
 
 def check_stop_grad(ctx, measure):
-    stopped = _latent_head_grad_from_cycle_text(ctx, stop_grad=True)
-    flowing = _latent_head_grad_from_cycle_text(ctx, stop_grad=False)
+    stopped, stopped_graph = _latent_head_grad(ctx, stop_grad=True)
+    flowing, flowing_graph = _latent_head_grad(ctx, stop_grad=False)
     measure("latent_head_grad_stop_grad_on", stopped)
     measure("latent_head_grad_stop_grad_off", flowing)
-    assert stopped == 0.0, f"cycle_stop_grad_latent=true, yet cycle_text sends |grad| {stopped:.3g} into latent_head"
-    assert flowing > 0.0, "cycle_stop_grad_latent=false sends no gradient into latent_head: the check has no power"
+    assert not stopped_graph and stopped == 0.0, (
+        f"cycle_stop_grad_latent=true, yet the x0 fed to cycle_text {'carries' if stopped_graph else 'lacks'} an "
+        f"autograd graph and cycle_text sends |grad| {stopped:.3g} into latent_head")
+    assert flowing_graph and flowing > 0.0, "cycle_stop_grad_latent=false sends no gradient into latent_head: " \
+                                            "the check has no power"
 
 
 CHECKS = {
     "weights0_equal_stable_batch_1": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, 1),
     "weights0_equal_stable_batch_n": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, ctx.options.batch_size),
     "terms_recomputed": check_terms_recomputed,
+    "categorical_sampling": check_categorical_sampling,
     "ramp": check_ramp,
     "stop_grad": check_stop_grad,
 }

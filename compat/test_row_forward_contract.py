@@ -1,64 +1,74 @@
 """Row: model forward contract.
 
-The review calls it OK. Checked here on the real model: the keywords both trainers use, the output
-shapes (latent_pred keeps its token axis: [B,1,D]; a cluster head adds a third output), and that
-each trainer's loss terms for a batch equal those of its samples run one at a time. That last
-check is what catches upstream's [B,1,D] vs [B,D] broadcast (defect 1), which averages B*B pairs.
-It also checks that padding content cannot leak into the latent prediction (attention mask).
+The review calls it OK. Checked on the real model, for the stable reference and the cycle trainer
+under test, from what each trainer gives the model (observed passes, never its attributes):
+
+- every pass binds to the model's forward (`text_tokens, latents, text_timesteps,
+  latent_timesteps, attention_mask`), latents [B,1,D] (the review's contract; [B,D] works and is
+  reported), the batch's attention mask passed on; the model returns (text_logits [B,S,V],
+  latent_pred [B,1,D]) plus a cluster output when it has a cluster head, and both trainers run on a
+  cluster-head model (upstream defect 3);
+- a batch's loss equals the mean of its samples' losses run one at a time, with the same draws per
+  sample (served to a trainer that draws for itself): upstream's [B,1,D] vs [B,D] broadcast
+  averages B*B pairs and fails this, and `F.mse_loss`'s "Using a target size" warning is an error
+  here (defect 1);
+- padding content cannot reach the latent prediction (the attention mask is applied).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compat.harness import CallRecorder, row_runner, row_test, slice_batch
-from compat.outcomes import cannot_check
+from compat.harness import row_runner, row_test, slice_batch
+from compat.observe import CYCLE_LATENT, CYCLE_TEXT, FORWARD_ARGUMENTS, L2T, T2L
 from compat.oracle import tol
+from compat.outcomes import cannot_check
+from compat.subjects import sample_draws
+from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("forward_contract")
 
-FORWARD_KEYWORDS = {"text_tokens", "latents", "text_timesteps", "latent_timesteps", "attention_mask"}
-# Loss terms per trainer setting whose batch value is the mean of the per-sample values.
-TERMS = {
-    "stable_l2t": ("text_loss",),
-    "stable_t2l": ("latent_loss",),
-    "cycle": ("base_t2l_latent_loss", "base_l2t_text_loss", "cycle_text_loss", "cycle_latent_loss"),
-}
+# Every term on, argmax pseudo tokens, no ramp: the cycle step makes all four passes.
+CYCLE_ALL_TERMS = {"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
+                   "cycle_latent_sampling": "argmax", "cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0,
+                   "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0}
+EXPECTED_PASSES = {"stable_l2t": [L2T], "stable_t2l": [T2L], "cycle": [T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]}
 
 
-def _step(ctx, setting: str, batch, noise, model=None):
-    if setting == "stable_l2t":
-        return ctx.stable("l2t", model=model)(batch)
-    if setting == "stable_t2l":
-        return ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
-    trainer = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.1, cycle_latent_weight=0.1,
-                        cycle_latent_sampling="argmax")
-    return trainer(batch, step=None, draws={"latent_noise": noise, "cycle_latent_noise": noise})
+def run(ctx, setting: str, batch, draws, model=None):
+    if setting == "cycle":
+        return ctx.run_cycle(batch, settings=CYCLE_ALL_TERMS, draws=draws, model=model)
+    return ctx.run_stable(setting.removeprefix("stable_"), batch, draws=draws, model=model)
 
 
 def check_keywords_and_shapes(ctx, measure):
-    """Both trainers call the model with the five keywords only, latents [B,1,D], the mask passed."""
+    """Every pass of both trainers fits the model's forward contract."""
     model = ctx.require_model()
     batch = ctx.batch(ctx.options.batch_size, seed=1)
+    draws = ctx.draws(batch, seed=1)
     B, S = batch["input_ids"].shape
-    noise = ctx.noise(batch, seed=1)
-    for setting in TERMS:
-        spy = CallRecorder(ctx.semantic_model())
-        _step(ctx, setting, batch, noise, model=spy)
-        assert spy.calls, f"{setting}: the model was never called"
-        for args, kwargs in spy.calls:
-            assert not args, f"{setting}: model called with {len(args)} positional argument(s)"
-            assert set(kwargs) == FORWARD_KEYWORDS, f"{setting}: model called with keywords {sorted(kwargs)}"
-            assert tuple(kwargs["latents"].shape) == (B, 1, ctx.latent_dim), (
-                f"{setting}: latents passed as {tuple(kwargs['latents'].shape)}, expected [B,1,D]")
-            mask = kwargs["attention_mask"]
-            assert mask is not None and torch.equal(mask.bool(), batch["attention_mask"].bool()), (
-                f"{setting}: the batch's attention mask was not passed to the model")
+    flat_latents = []
+    for setting, expected in EXPECTED_PASSES.items():
+        record = run(ctx, setting, batch, draws)
+        assert sorted(record.kinds) == sorted(expected), (
+            f"{setting}: the step made passes {record.kinds}, expected {expected}")
+        for p in record.passes:
+            shape = tuple(p.latents.shape)
+            assert shape in ((B, 1, ctx.latent_dim), (B, ctx.latent_dim)), (
+                f"{setting} {p.kind} pass: latents passed as {list(shape)}, expected [B,1,D] = {[B, 1, ctx.latent_dim]}")
+            if shape == (B, ctx.latent_dim):
+                flat_latents.append(f"{setting} {p.kind}")
+            assert p.attention_mask is not None and torch.equal(p.attention_mask.bool().cpu(),
+                                                                batch["attention_mask"].bool().cpu()), (
+                f"{setting} {p.kind} pass: the batch's attention mask was not passed to the model")
+    if flat_latents:
+        measure("latents_passed_as_BD", ", ".join(flat_latents) + " (the review's contract is [B,1,D])", review=True)
     with torch.no_grad():
         out = model(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None,
                     latent_timesteps=None, attention_mask=batch["attention_mask"])
     expected = [(B, S, model.vocab_size), (B, 1, ctx.latent_dim)] + ([(B, S, model.vocab_size)] if model.cluster_size else [])
     assert [tuple(o.shape) for o in out] == expected, f"model outputs {[tuple(o.shape) for o in out]}, expected {expected}"
+    measure("arguments", ",".join(FORWARD_ARGUMENTS))
     measure("latent_pred", "[B,1,D]")
 
 
@@ -70,28 +80,37 @@ def check_cluster_head(ctx, measure):
         out = cluster(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None,
                       latent_timesteps=None, attention_mask=batch["attention_mask"])
     assert len(out) == 3, f"cluster-head model returned {len(out)} outputs"
-    noise = ctx.noise(batch, seed=2)
-    for setting in TERMS:
-        loss, _ = _step(ctx, setting, batch, noise, model=cluster)
-        assert torch.isfinite(loss), f"{setting} on a cluster-head model gave loss {loss}"
+    draws = ctx.draws(batch, seed=2)
+    for setting in EXPECTED_PASSES:
+        record = run(ctx, setting, batch, draws, model=cluster)
+        assert torch.isfinite(record.loss), f"{setting} on a cluster-head model gave loss {record.loss}"
     measure("cluster_head", "3 outputs, both trainers run")
 
 
-def _batching(ctx, measure, setting):
+def _batching(ctx, measure, setting: str):
+    """The loss of a batch equals the mean of its samples' losses (each with its own draws)."""
     batch = ctx.batch(ctx.options.batch_size, seed=3)
-    noise = ctx.noise(batch, seed=3)
+    draws = ctx.draws(batch, seed=3)
     B = batch["input_ids"].shape[0]
-    _, batched = _step(ctx, setting, batch, noise)
-    singles = [_step(ctx, setting, slice_batch(batch, i), noise[i:i + 1])[1] for i in range(B)]
-    worst = 0.0
-    for term in TERMS[setting]:
-        per_sample = torch.tensor([m[term] for m in singles], dtype=torch.float64)
-        got = torch.tensor(batched[term], dtype=torch.float64)
-        worst = max(worst, float((got - per_sample.mean()).abs()))
-        torch.testing.assert_close(got, per_sample.mean(), **tol("float32_batching"),
-                                   msg=lambda m, term=term: f"{setting}: batch {term} differs from the mean of its "
-                                                            f"{B} samples run one at a time\n{m}")
-    measure(f"{setting}_batch_vs_samples_max_abs", worst)
+    batched = run(ctx, setting, batch, draws)
+    singles = [run(ctx, setting, slice_batch(batch, i), sample_draws(draws, i)) for i in range(B)]
+    got = batched.loss.detach().double().cpu()
+    mean = torch.stack([s.loss.detach().double().cpu() for s in singles]).mean()
+    torch.testing.assert_close(got, mean, **tol("float32_batching"),
+                               msg=lambda m: f"{setting}: the loss of a batch of {B} differs from the mean of its "
+                                             f"samples' losses run one at a time (a loss term mixes samples, e.g. "
+                                             f"[B,1,D] against [B,D] broadcasting to [B,B,D])\n{m}")
+    if setting == "cycle":  # and term by term, from the observed passes
+        config = ctx.cycle_config_for(CYCLE_ALL_TERMS)
+        terms = cycle_terms(batched, batch, config, None, ctx.x0_of(batch), ctx.oracle_tolerance)
+        each = [cycle_terms(s, slice_batch(batch, i), config, None, ctx.x0_of(slice_batch(batch, i)),
+                            ctx.oracle_tolerance) for i, s in enumerate(singles)]
+        for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
+            torch.testing.assert_close(getattr(terms, name), torch.stack([getattr(e, name) for e in each]).mean(),
+                                       **tol("float32_batching"),
+                                       msg=lambda m, n=name: f"cycle: the batch's {n} term differs from its samples'\n{m}")
+    measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()))
+    measure(f"{setting}_draws", batched.draw_mode)
 
 
 def check_batching_stable_l2t(ctx, measure):
@@ -107,22 +126,21 @@ def check_batching_cycle(ctx, measure):
 
 
 def check_padding_does_not_leak(ctx, measure):
-    """Changing the token ids at padded positions leaves every latent loss term unchanged."""
+    """Changing the token ids at padded positions leaves every latent prediction unchanged."""
     batch = ctx.batch(ctx.options.batch_size, seed=4)
-    noise = ctx.noise(batch, seed=4)
-    other = dict(batch)
+    draws = ctx.draws(batch, seed=4)
     pad = ~batch["attention_mask"].bool()
     if not pad.any():
-        if ctx.options.data_tokens:
+        if ctx.data_samples is not None:
             cannot_check("the data batch has no padded position, so padding cannot be checked on it")
         raise AssertionError("the synthetic compat batch has no padding")
+    other = dict(batch)
     scrambled = (batch["input_ids"] + 7) % ctx.vocab.vocab_size
     other["input_ids"] = torch.where(pad, scrambled, batch["input_ids"])
-    for setting, term in (("stable_t2l", "latent_loss"), ("cycle", "base_t2l_latent_loss")):
-        a = torch.tensor(_step(ctx, setting, batch, noise)[1][term])
-        b = torch.tensor(_step(ctx, setting, other, noise)[1][term])
-        torch.testing.assert_close(b, a, **tol("float32_loss"),
-                                   msg=lambda m, s=setting: f"{s}: padding content changed the T2L latent loss "
+    for setting in ("stable_t2l", "cycle"):
+        a, b = run(ctx, setting, batch, draws).one(T2L), run(ctx, setting, other, draws).one(T2L)
+        torch.testing.assert_close(b.outputs[1], a.outputs[1], **tol("float32_loss"),
+                                   msg=lambda m, s=setting: f"{s}: padding content changed the T2L latent prediction "
                                                            f"(attention mask not applied)\n{m}")
     measure("padding_leak", "none")
 

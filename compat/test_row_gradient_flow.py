@@ -97,15 +97,13 @@ def _fmt(items: set[str]) -> str:
 
 def _inputs(ctx):
     batch = ctx.batch(BATCH, seed=SEED)
-    return batch, ctx.noise(batch, seed=SEED), ctx.noise(batch, seed=SEED + 1)
+    return batch, ctx.draws(batch, seed=SEED)
 
 
 def stable_reach(ctx, mode: str) -> tuple[set[str], dict]:
     model = ctx.semantic_model()
-    batch, noise, _ = _inputs(ctx)
-    trainer = ctx.stable(mode)
-    draws = {"latent_noise": noise} if mode == "t2l" else None
-    grads = _grads(model, lambda: trainer(batch, draws=draws)[0])
+    batch, draws = _inputs(ctx)
+    grads = _grads(model, lambda: ctx.run_stable(mode, batch, draws=draws).loss)
     return _reached(grads), grads
 
 
@@ -113,13 +111,12 @@ def cycle_term_grads(ctx, latent_loss_weight: float, w_text: float, w_latent: fl
                      stop_grad: bool = True) -> dict:
     """Gradients of the cycle loss with these weights (full mode, argmax pseudo tokens, no ramp)."""
     model = ctx.semantic_model()
-    batch, noise, noise2 = _inputs(ctx)
-    trainer = ctx.cycle(latent_t_mode="full", cycle_latent_sampling="argmax", latent_loss_weight=latent_loss_weight,
-                        cycle_text_weight=w_text, cycle_latent_weight=w_latent, cycle_text_warmup_steps=0,
-                        cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0,
-                        cycle_stop_grad_latent=stop_grad)
-    draws = {"latent_noise": noise, **({"cycle_latent_noise": noise2} if w_latent > 0 else {})}
-    return _grads(model, lambda: trainer(batch, step=None, draws=draws)[0])
+    batch, draws = _inputs(ctx)
+    settings = dict(latent_t_mode="full", cycle_latent_sampling="argmax", latent_loss_weight=latent_loss_weight,
+                    cycle_text_weight=w_text, cycle_latent_weight=w_latent, cycle_text_warmup_steps=0,
+                    cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0,
+                    cycle_stop_grad_latent=stop_grad)
+    return _grads(model, lambda: ctx.run_cycle(batch, settings=settings, step=0, draws=draws).loss)
 
 
 def cycle_term_reach(ctx) -> dict[str, set[str]]:
@@ -182,8 +179,8 @@ def check_cycle_total(ctx, measure):
     batch = ctx.batch(BATCH, seed=SEED)
     with _grad_scope(model):
         stable = set().union(*(stable_reach(ctx, mode)[0] for mode in ("l2t", "t2l")))
-        trainer = ctx.cycle()
-        reached = _reached(_grads(model, lambda: trainer(batch, step=None)[0]))
+        draws = ctx.draws(batch, seed=SEED)
+        reached = _reached(_grads(model, lambda: ctx.run_cycle(batch, draws=draws).loss))
         frozen_now = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     measure("cycle_total_groups", _fmt(_groups(reached)))
     missing_groups = _groups(stable) - _groups(reached)

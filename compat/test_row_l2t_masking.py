@@ -1,60 +1,59 @@
 """Row: L2T text masking.
 
-Stable L2T masks every token (text_t = 1) and takes the cross entropy over every position,
-padding included; the cycle trainer's base L2T must do the same, so the two losses are equal on
-the same batch. Each loss is also recomputed from the model's logits by an independent oracle.
+Stable L2T masks every token (text t = 1), keeps the latents clean (latent t = 0) and takes the
+cross entropy over every position, padding included. The cycle trainer's base L2T must do the same.
+Checked from the observed L2T pass of each trainer: every token is the mask id, t_text = 1 and
+t_latent = 0 exactly, the latents are the batch's clean ones; the two passes' logits are
+bit-identical (same model, same inputs); each trainer's loss equals the float64 oracle's CE over
+every position of its own L2T logits (the cycle trainer with its other terms weighted 0).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compat.harness import CallRecorder, row_runner, row_test
+from compat.harness import row_runner, row_test
+from compat.observe import L2T
 from compat.oracle import ce_every_position, tol
 
 pytestmark = pytest.mark.compat_row("l2t_masking")
+# The cycle loss is then exactly its base L2T term.
+CYCLE_L2T_ONLY = {"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 0.0,
+                  "cycle_latent_weight": 0.0}
 
 
-def _l2t_inputs_ok(ctx, label, kwargs, batch, mask_id):
-    ids = kwargs["text_tokens"]
-    masked = float((ids == mask_id).float().mean())
+def l2t_pass_ok(ctx, label: str, p, batch) -> None:
+    ids = p.text_tokens.cpu()
+    masked = float((ids == ctx.vocab.mask_token_id).float().mean())
     assert masked == 1.0, f"{label}: only {masked:.1%} of the text tokens are [MASK] in the L2T pass"
-    B = batch["latent"].shape[0]
-    assert torch.equal(ctx.as_fed(kwargs["latents"].reshape(B, -1)), ctx.as_fed(batch["latent"].reshape(B, -1))), (
+    for which, want in (("text", 1.0), ("latent", 0.0)):
+        t = p.timestep(which)
+        assert torch.equal(t, torch.full_like(t, want)), f"{label}: L2T {which} timestep is {t.tolist()}, not {want}"
+    assert torch.equal(p.latents_2d.float().cpu(), ctx.x0_of(batch).float()), (
         f"{label}: the L2T pass is not conditioned on the clean latents")
-    return masked
 
 
 def check_l2t_loss(ctx, measure, batch_size):
-    model = ctx.require_model()
+    model = ctx.require_model()  # the checkpoint's own L2T path
     batch = ctx.batch(batch_size, seed=20 + batch_size)
-    noise = ctx.noise(batch, seed=20 + batch_size)
-    mask_id = ctx.vocab.mask_token_id
-
-    spy = CallRecorder(model)
-    with torch.no_grad():  # values only: no autograd graph of a full-size model kept alive
-        _, stable_metrics = ctx.stable("l2t", model=spy)(batch)
-    _l2t_inputs_ok(ctx, "stable l2t", spy.calls[-1][1], batch, mask_id)
-    stable_oracle = ce_every_position(spy.outputs[-1][0], batch["input_ids"])
-
-    spy = CallRecorder(model)
-    with torch.no_grad():
-        _, cycle_metrics = ctx.cycle(model=spy, latent_t_mode="full", cycle_text_weight=0.0,
-                                     cycle_latent_weight=0.0)(batch, draws={"latent_noise": noise})
-    l2t_call = next(i for i, (_, kw) in enumerate(spy.calls) if bool((kw["text_tokens"] == mask_id).any()))
-    _l2t_inputs_ok(ctx, "cycle L2T", spy.calls[l2t_call][1], batch, mask_id)
-    cycle_oracle = ce_every_position(spy.outputs[l2t_call][0], batch["input_ids"])
-
-    stable_loss = torch.tensor(stable_metrics["text_loss"], dtype=torch.float64)
-    cycle_loss = torch.tensor(cycle_metrics["base_l2t_text_loss"], dtype=torch.float64)
-    torch.testing.assert_close(stable_loss, stable_oracle.cpu(), **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"stable l2t text_loss is not CE over every position\n{m}")
-    torch.testing.assert_close(cycle_loss, cycle_oracle.cpu(), **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"cycle base_l2t_text_loss is not CE over every position\n{m}")
-    torch.testing.assert_close(cycle_loss, stable_loss, **tol("float32_loss"),
-                               msg=lambda m: f"L2T loss differs between the trainers on the same batch\n{m}")
-    measure(f"B{batch_size}_l2t_loss_stable", float(stable_loss))
-    measure(f"B{batch_size}_l2t_loss_cycle", float(cycle_loss))
+    draws = ctx.draws(batch, seed=20 + batch_size)
+    stable = ctx.run_stable("l2t", batch, draws=draws, model=model, grad=False)
+    cycle = ctx.run_cycle(batch, settings=CYCLE_L2T_ONLY, draws=draws, model=model, grad=False)
+    s_pass, c_pass = stable.one(L2T), cycle.one(L2T)
+    l2t_pass_ok(ctx, "stable l2t", s_pass, batch)
+    l2t_pass_ok(ctx, "cycle", c_pass, batch)
+    torch.testing.assert_close(c_pass.outputs[0], s_pass.outputs[0], **tol("bit_exact"),
+                               msg=lambda m: f"the L2T logits differ between the trainers on identical inputs\n{m}")
+    ids = batch["input_ids"].cpu()
+    for label, record, p in (("stable l2t", stable, s_pass), ("cycle", cycle, c_pass)):
+        want = ce_every_position(p.outputs[0].cpu(), ids)
+        torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
+                                   msg=lambda m, l=label: f"{l}: the L2T loss is not CE over every position "
+                                                          f"(padding included)\n{m}")
+    torch.testing.assert_close(cycle.loss.detach().cpu(), stable.loss.detach().cpu(), **tol("float32_loss"),
+                               msg=lambda m: f"the L2T loss differs between the trainers on the same batch\n{m}")
+    measure(f"B{batch_size}_l2t_loss_stable", float(stable.loss))
+    measure(f"B{batch_size}_l2t_loss_cycle", float(cycle.loss))
 
 
 CHECKS = {

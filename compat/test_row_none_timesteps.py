@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, row_runner, row_test
+from compat.harness import row_runner, row_test
+from compat.observe import L2T, T2L
 from compat.outcomes import not_applicable
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("none_timesteps")
+CYCLE_BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
 
 
 def check_none_equals_zeros(ctx, measure):
@@ -39,28 +41,23 @@ def check_none_equals_zeros(ctx, measure):
 
 
 def check_clean_modalities_get_zero(ctx, measure):
-    """Stable l2t/t2l and the cycle T2L/L2T passes give the clean modality t = 0, the noised t = 1."""
-    model = ctx.semantic_model()
+    """Each trainer gives the clean modality t = 0 (or None, which is zeros) and the noised one
+    t = 1: stable l2t / t2l, and the cycle trainer's T2L / L2T passes (full mode), as observed."""
     batch = ctx.batch(2, seed=12)
-    noise = ctx.noise(batch, seed=12)
-    expectations = []
-    spy = CallRecorder(model)
-    ctx.stable("l2t", model=spy)(batch)
-    expectations.append(("stable l2t", spy.calls[-1][1], 1.0, 0.0))
-    spy = CallRecorder(model)
-    ctx.stable("t2l", model=spy)(batch, draws={"latent_noise": noise})
-    expectations.append(("stable t2l", spy.calls[-1][1], 0.0, 1.0))
-    spy = CallRecorder(model)
-    ctx.cycle(model=spy, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
-        batch, draws={"latent_noise": noise})
-    expectations.append(("cycle T2L", spy.calls[0][1], 0.0, 1.0))
-    expectations.append(("cycle L2T", spy.calls[1][1], 1.0, 0.0))
-    for label, kwargs, text_t, latent_t in expectations:
-        for key, want in (("text_timesteps", text_t), ("latent_timesteps", latent_t)):
-            value = kwargs[key]
-            value = torch.zeros(2) if value is None else value.detach().float().cpu()
-            torch.testing.assert_close(value, torch.full((2,), want), **tol("bit_exact"),
-                                       msg=lambda m, l=label, k=key: f"{l}: {k} is not {want}\n{m}")
+    draws = ctx.draws(batch, seed=12)
+    records = {
+        "stable l2t": ctx.run_stable("l2t", batch, draws=draws),
+        "stable t2l": ctx.run_stable("t2l", batch, draws=draws),
+        "cycle": ctx.run_cycle(batch, settings=CYCLE_BASE_ONLY, draws=draws),
+    }
+    expectations = [("stable l2t", L2T, 1.0, 0.0), ("stable t2l", T2L, 0.0, 1.0),
+                    ("cycle", T2L, 0.0, 1.0), ("cycle", L2T, 1.0, 0.0)]
+    for label, kind, text_t, latent_t in expectations:
+        p = records[label].one(kind)
+        for which, want in (("text", text_t), ("latent", latent_t)):
+            torch.testing.assert_close(p.timestep(which), torch.full((2,), want), **tol("bit_exact"),
+                                       msg=lambda m, l=label, k=kind, w=which: f"{l} {k} pass: {w} timestep is not "
+                                                                               f"{want}\n{m}")
     measure("clean_t", "0 in both trainers")
 
 

@@ -7,10 +7,11 @@ gave. Checked on the checkpoint under test (embedded default: written by the sta
 
 (a) it loads strictly into the configured model, and every weight is finite (the rows that use the
     model are NOT RUN, blocked, when one is not);
-(b) two fresh model instances loaded from it, one driven by a stable trainer and one by a cycle
-    trainer, give bit-identical base losses (stable l2t text loss == cycle base L2T, stable t2l
-    latent loss == cycle base T2L) on the same batch and noise, and model outputs bit-identical to
-    the shared model's; the checkpoint file is unchanged by loading;
+(b) two fresh model instances loaded from it, one driven by the stable trainer and one by the
+    cycle trainer, give bit-identical L2T and T2L outputs on the same batch and draws (observed
+    passes), the same T2L latent loss, and the cycle trainer's base loss (cycle weights 0) is the
+    stable L2T loss + latent_loss_weight x the stable T2L term; model outputs bit-identical to the
+    shared model's; the checkpoint file is unchanged by loading;
 (c) the same weights in upstream's layouts load strictly through
     `latentDLM_mmdit.checkpoints.load_checkpoint_into` (a fresh call each time, into a model whose
     every tensor was set to NaN first, so a tensor left unloaded shows) and give bit-identical
@@ -32,6 +33,8 @@ import pytest
 import torch
 
 from compat.harness import row_runner, row_test
+from compat.observe import L2T, T2L
+from compat.terms import LatentSchedule, latent_term
 from compat.outcomes import not_applicable
 from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
@@ -40,6 +43,7 @@ from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 
 pytestmark = pytest.mark.compat_row("pretrained_checkpoint")
+BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
 
 MMDIT02_FIXTURE = Path(__file__).resolve().parent / "data" / "mmdit02_layout_h16.safetensors"
 SEED = 95
@@ -135,7 +139,6 @@ def check_fresh_instances_identical(ctx, measure):
     path = Path(ctx.checkpoint_path)
     before = sha256(path)
     batch = ctx.batch(ctx.options.batch_size, seed=SEED + 1)
-    noise = ctx.noise(batch, seed=SEED + 1)
     if ctx.large:  # one instance shared by both trainers: a full-size model is not loaded twice more
         for_stable = for_cycle = shared
         measure("instances", "one shared instance (large checkpoint)")
@@ -144,19 +147,28 @@ def check_fresh_instances_identical(ctx, measure):
         want = model_outputs(ctx, shared, batch)
         assert_same_outputs(model_outputs(ctx, for_stable, batch), want, "the stable trainer's fresh instance")
         assert_same_outputs(model_outputs(ctx, for_cycle, batch), want, "the cycle trainer's fresh instance")
-    with torch.no_grad():
-        _, l2t = ctx.stable("l2t", model=for_stable)(batch)
-        _, t2l = ctx.stable("t2l", model=for_stable)(batch, draws={"latent_noise": noise})
-        _, cyc = ctx.cycle(model=for_cycle, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
-            batch, step=None, draws={"latent_noise": noise})
-    for name, stable_value, cycle_value in (("L2T text loss", l2t["text_loss"], cyc["base_l2t_text_loss"]),
-                                            ("T2L latent loss", t2l["latent_loss"], cyc["base_t2l_latent_loss"])):
-        torch.testing.assert_close(torch.tensor(cycle_value, dtype=torch.float64),
-                                   torch.tensor(stable_value, dtype=torch.float64), **tol("bit_exact"),
-                                   msg=lambda m, n=name: f"{n}: the cycle trainer on the pretrained weights does "
-                                                         f"not reproduce the stable trainer's value\n{m}")
-    measure("l2t_text_loss", l2t["text_loss"])
-    measure("t2l_latent_loss", t2l["latent_loss"])
+    draws = ctx.draws(batch, seed=SEED + 1)
+    l2t = ctx.run_stable("l2t", batch, draws=draws, model=for_stable, grad=False)
+    t2l = ctx.run_stable("t2l", batch, draws=draws, model=for_stable, grad=False)
+    cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=for_cycle, grad=False)
+    for kind, stable_record, output in ((L2T, l2t, 0), (T2L, t2l, 1)):
+        torch.testing.assert_close(cycle.one(kind).outputs[output], stable_record.one(kind).outputs[output],
+                                   **tol("bit_exact"),
+                                   msg=lambda m, k=kind: f"{k}: the cycle trainer's pass on the pretrained weights "
+                                                         f"does not reproduce the stable trainer's output\n{m}")
+    schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
+    x0 = ctx.x0_of(batch)
+    cycle_t2l, _ = latent_term(cycle, cycle.one(T2L), x0, schedule, ctx.oracle_tolerance)
+    stable_t2l, _ = latent_term(t2l, t2l.one(T2L), x0, schedule, ctx.oracle_tolerance)
+    weight = float(ctx.cycle_config_for(BASE_ONLY).loss.latent_loss_weight)
+    want = l2t.loss.detach().double().cpu() + weight * stable_t2l
+    torch.testing.assert_close(cycle.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
+                               msg=lambda m: "the cycle trainer's base loss on the pretrained weights is not the "
+                                             f"stable L2T loss + w x the stable T2L term\n{m}")
+    torch.testing.assert_close(cycle_t2l, stable_t2l, **tol("bit_exact"),
+                               msg=lambda m: f"T2L latent loss: the trainers differ on the pretrained weights\n{m}")
+    measure("l2t_text_loss", float(l2t.loss))
+    measure("t2l_latent_loss", float(stable_t2l))
     assert sha256(path) == before, f"loading {path} changed the file"
 
 

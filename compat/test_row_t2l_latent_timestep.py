@@ -1,84 +1,119 @@
 """Row: T2L latent timestep.
 
-Stable T2L trains at latent_t = 1 only, so a pretrained T2L path has only ever seen full noise.
-The cycle trainer's `loss.latent_t_mode` decides what its T2L passes (base and cycle_latent) see:
-`full` must equal the stable t = 1 exactly, and then the base T2L latent loss equals the stable one
-on the same batch and noise; `random` is a distribution shift for pretrained reuse, reported with
-its statistics and failing the row.
+Stable T2L trains at latent t = 1 only, so a pretrained T2L path has only ever seen full noise.
+The cycle trainer's `loss.latent_t_mode` decides what its noised passes (base T2L and
+cycle_latent) see. Checked from the observed passes:
+
+- stable t2l gives the model latent t = 1.0 exactly, text t = 0, and latents noised at t = 1 with
+  the drawn noise;
+- the configured cycle trainer over several steps, with its own draws (or the harness's, served):
+  in `full` every noised pass gets t = 1.0 exactly (a t of 0.999 or of 500 is a shift); `random` is
+  a distribution shift for pretrained reuse, reported with its statistics and failing the row;
+- what `random` gives, for the report: t inside [cycle_latent_t_min, min(cycle_latent_t_max, 0.9999)],
+  equal to t_min + (t_max - t_min) u for the draws u where the trainer takes them by name;
+- in full mode the cycle trainer's T2L latent loss equals the stable one on the same batch and
+  noise, on the checkpoint's own model.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compat.harness import CallRecorder, row_runner, row_test
+from compat.harness import row_runner, row_test
+from compat.observe import CYCLE_LATENT, T2L
 from compat.oracle import tol
+from compat.subjects import INJECTED
+from compat.terms import LatentSchedule, latent_term
 
 pytestmark = pytest.mark.compat_row("t2l_latent_timestep")
-STEPS = 8
+STEPS = 6
+LATENT_T_CAP = 0.9999  # upstream's clamp of random t below 1
+# Both noised passes made, no ramp.
+BOTH_NOISED = {"cycle_text_weight": 0.1, "cycle_latent_weight": 0.1, "cycle_text_warmup_steps": 0,
+               "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0}
+RANDOM = dict(BOTH_NOISED, latent_t_mode="random", cycle_latent_t_min=0.2, cycle_latent_t_max=0.7)
+BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
 
 
-def cycle_t2l_timesteps(ctx, steps: int = STEPS, **overrides) -> torch.Tensor:
-    """Every latent timestep the cycle trainer's T2L passes used over `steps` steps, drawn from
-    its own generator as in training."""
-    model = ctx.semantic_model()
-    spy = CallRecorder(model, keep_outputs=False)
-    trainer = ctx.cycle(model=spy, **overrides)
+def noised_timesteps(ctx, settings: dict, steps: int = STEPS, with_draws: bool = False) -> tuple[torch.Tensor, list]:
+    """Every latent t the cycle trainer's noised passes used over `steps` steps, and the records."""
+    ts, records = [], []
     for step in range(steps):
-        with torch.no_grad():
-            trainer(ctx.batch(ctx.options.batch_size, seed=40 + step), step=10_000 + step)
-    # T2L passes condition on text (t_text = 0); L2T-like passes have t_text = 1.
-    ts = [kw["latent_timesteps"].float().cpu() for _, kw in spy.calls if not bool((kw["text_timesteps"] == 1).all())]
-    return torch.cat(ts)
-
-
-def distribution(ts: torch.Tensor) -> dict[str, float]:
-    return {"mean": float(ts.mean()), "min": float(ts.min()), "share_below_1": float((ts < 1).float().mean())}
+        batch = ctx.batch(ctx.options.batch_size, seed=40 + step)
+        draws = ctx.draws(batch, seed=40 + step) if with_draws else None
+        record = ctx.run_cycle(batch, settings=settings, step=10_000 + step, draws=draws, seed=40 + step, grad=False)
+        noised = [p for p in record.passes if p.kind in (T2L, CYCLE_LATENT)]
+        assert noised, f"the cycle step made no noised pass (passes: {record.kinds})"
+        ts += [p.timestep("latent") for p in noised]
+        records.append((batch, draws, record))
+    return torch.cat(ts), records
 
 
 def check_stable_uses_t1(ctx, measure):
-    model = ctx.semantic_model()
-    spy = CallRecorder(model)
     batch = ctx.batch(ctx.options.batch_size, seed=41)
-    ctx.stable("t2l", model=spy)(batch, draws={"latent_noise": ctx.noise(batch, seed=41)})
-    t = spy.calls[-1][1]["latent_timesteps"].float().cpu()
-    torch.testing.assert_close(t, torch.ones_like(t), **tol("bit_exact"), msg=lambda m: f"stable t2l latent_t is not 1\n{m}")
+    record = ctx.run_stable("t2l", batch, draws=ctx.draws(batch, seed=41))
+    p = record.one(T2L)
+    torch.testing.assert_close(p.timestep("latent"), torch.ones(batch["input_ids"].shape[0]), **tol("bit_exact"),
+                               msg=lambda m: f"stable t2l latent t is not 1\n{m}")
+    torch.testing.assert_close(p.timestep("text"), torch.zeros(batch["input_ids"].shape[0]), **tol("bit_exact"),
+                               msg=lambda m: f"stable t2l text t is not 0\n{m}")
+    schedule = LatentSchedule.of(ctx.stable_config_for("t2l"))
+    name, _ = record.noise_of(p, ctx.x0_of(batch), schedule.alphas_cumprod, schedule.num_timesteps,
+                              ctx.oracle_tolerance)
+    assert name == "latent_noise", f"stable t2l noised its latents with {name}, not the latent_noise draw"
     measure("stable_t", 1.0)
 
 
 def check_cycle_distribution(ctx, measure):
-    """The configured cycle trainer's T2L t distribution equals the stable point mass at 1."""
-    ts = cycle_t2l_timesteps(ctx, cycle_text_weight=0.1, cycle_latent_weight=0.1)
-    stats = distribution(ts)
-    mode = ctx.cycle().latent_t_mode
+    """The configured cycle trainer's noised passes see exactly the stable point mass at 1."""
+    mode = str(ctx.cycle_config_for().loss.latent_t_mode)
+    ts, _ = noised_timesteps(ctx, BOTH_NOISED)
     measure("cycle_latent_t_mode", mode)
-    measure("cycle_t_mean", stats["mean"])
-    measure("cycle_t_share_below_1", stats["share_below_1"])
-    assert stats["share_below_1"] == 0.0, (
-        f"distribution shift: with latent_t_mode={mode} the cycle trainer's T2L passes see t < 1 in "
-        f"{stats['share_below_1']:.0%} of samples (mean t {stats['mean']:.3f}, min {stats['min']:.3f}) while the "
-        "pretrained stable T2L only saw t = 1: set loss.latent_t_mode=full for pretrained reuse")
+    measure("cycle_t_mean", float(ts.mean()))
+    not_one = ts != 1.0
+    share = float(not_one.float().mean())
+    measure("cycle_t_share_not_1", share)
+    assert share == 0.0, (
+        f"distribution shift: with latent_t_mode={mode} the cycle trainer's noised passes see t != 1 in "
+        f"{share:.0%} of samples (mean t {float(ts.mean()):.4g}, min {float(ts.min()):.4g}, max "
+        f"{float(ts.max()):.4g}) while the pretrained stable T2L only saw t = 1: set loss.latent_t_mode=full")
 
 
 def check_random_mode_is_a_shift(ctx, measure):
-    """What `random` would give, measured, so the report shows the size of the shift it avoids."""
-    ts = cycle_t2l_timesteps(ctx, steps=2, latent_t_mode="random", cycle_text_weight=0.0, cycle_latent_weight=0.0)
-    stats = distribution(ts)
-    measure("random_mode_t_mean", stats["mean"])
-    assert stats["share_below_1"] > 0.9, f"random mode produced t < 1 in only {stats['share_below_1']:.0%} of samples"
+    """What `random` gives: t within its bounds (and from the draws, where injected), for the report."""
+    ts, records = noised_timesteps(ctx, RANDOM, steps=2, with_draws=True)
+    low, high = RANDOM["cycle_latent_t_min"], min(RANDOM["cycle_latent_t_max"], LATENT_T_CAP)
+    measure("random_mode_t_mean", float(ts.mean()))
+    assert float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6, (
+        f"latent_t_mode random with t in [{low}, {high}] gave t from {float(ts.min()):.4g} to {float(ts.max()):.4g}")
+    assert float((ts < 1).float().mean()) > 0.9, "random mode gave t = 1 for most samples"
+    for batch, draws, record in records:
+        if record.draw_mode != INJECTED:
+            continue
+        for kind, name in ((T2L, "latent_t"), (CYCLE_LATENT, "cycle_latent_t")):
+            want = (low + (RANDOM["cycle_latent_t_max"] - low) * draws[name]).clamp(max=LATENT_T_CAP)
+            torch.testing.assert_close(record.one(kind).timestep("latent"), want.float().cpu(), **tol("float32_loss"),
+                                       msg=lambda m, k=kind: f"random mode: the {k} pass's t is not "
+                                                             f"t_min + (t_max - t_min) u for its draw u\n{m}")
 
 
 def check_full_matches_stable_loss(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=42)
-    noise = ctx.noise(batch, seed=42)
+    draws = ctx.draws(batch, seed=42)
     model = ctx.require_model()  # the checkpoint's T2L path
-    with torch.no_grad():  # values only: no autograd graph of a full-size model kept alive
-        _, stable = ctx.stable("t2l", model=model)(batch, draws={"latent_noise": noise})
-        _, cycle = ctx.cycle(model=model, latent_t_mode="full", cycle_text_weight=0.0, cycle_latent_weight=0.0)(
-            batch, draws={"latent_noise": noise})
-    torch.testing.assert_close(torch.tensor(cycle["base_t2l_latent_loss"]), torch.tensor(stable["latent_loss"]),
-                               **tol("float32_loss"), msg=lambda m: f"full-mode T2L latent loss differs from stable\n{m}")
-    measure("t2l_latent_loss", stable["latent_loss"])
+    stable = ctx.run_stable("t2l", batch, draws=draws, model=model, grad=False)
+    cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=model, grad=False)
+    torch.testing.assert_close(cycle.one(T2L).outputs[1], stable.one(T2L).outputs[1], **tol("bit_exact"),
+                               msg=lambda m: f"full mode: the T2L prediction differs from stable t2l's on the same "
+                                             f"batch and noise\n{m}")
+    schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
+    x0 = ctx.x0_of(batch)
+    cycle_term, noise_name = latent_term(cycle, cycle.one(T2L), x0, schedule, ctx.oracle_tolerance)
+    stable_term, _ = latent_term(stable, stable.one(T2L), x0, schedule, ctx.oracle_tolerance)
+    torch.testing.assert_close(cycle_term, stable_term, **tol("float32_loss"),
+                               msg=lambda m: f"full mode: the T2L latent loss differs from stable t2l's\n{m}")
+    measure("t2l_latent_loss", float(stable_term))
+    measure("t2l_noise", noise_name)
 
 
 CHECKS = {
