@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from latentDLM_mmdit.checkpoints import (
     CheckpointContents, CheckpointError, LoadReport, ModelLayout, derive_layout, layout_differences, load_checkpoint_into,
 )
-from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
@@ -253,31 +252,6 @@ class CompatContext:
                 config[root_key] = value
         return config
 
-    def stable(self, mode: str, model: torch.nn.Module | None = None, base: DictConfig | None = None,
-               **overrides: Any) -> MultimodalDiffusionTrainer:
-        """A fresh stable trainer in `mode` over the semantic model (or `model`), from the stable
-        config (or `base`), in the comparison dtype (`trainer_dtype`, so that both trainers' losses
-        are compared in one dtype even when the two configs differ in training.dtype). Overrides
-        are `loss.*` keys unless dotted."""
-        overrides = {"loss_type": mode, "training.dtype": self.trainer_dtype_name, **overrides}
-        config = self._with_loss(self.stable_config if base is None else base, overrides)
-        vocab = self.vocab
-        return MultimodalDiffusionTrainer(model or self.semantic_model(), vocab, MaskedDiffusion(vocab),
-                                          dtype_from_config(config), config)
-
-    def cycle(self, model: torch.nn.Module | None = None, base: DictConfig | None = None,
-              **overrides: Any) -> CycleVAETrainer:
-        """A fresh cycle trainer over the semantic model (or `model`), from the cycle config (or
-        `base`, whose loss_type is then set to cycle_vae), with `loss.*` overrides."""
-        if base is not None:
-            overrides = {"loss_type": "cycle_vae", **overrides}
-        config = self._with_loss(self.cycle_config if base is None else base, overrides)
-        vocab = self.vocab
-        trainer = CycleVAETrainer(model or self.semantic_model(), vocab, MaskedDiffusion(vocab),
-                                  dtype_from_config(config), config)
-        unfreeze(trainer.model)  # a stable trainer over the same model may have frozen groups
-        return trainer
-
     # -- trainers under test: observed, never asked ---------------------------------------------
     def stable_config_for(self, mode: str, settings: dict[str, Any] | None = None,
                           base: DictConfig | None = None) -> DictConfig:
@@ -436,21 +410,3 @@ def row_test(checks: dict):
     def test_row(ctx, measure, check):
         check(ctx, measure)
     return test_row
-
-
-class CallRecorder(torch.nn.Module):
-    """Wraps a model and records how a trainer calls it (positional args, keywords, shapes)."""
-
-    def __init__(self, inner: torch.nn.Module, keep_outputs: bool = True):
-        super().__init__()
-        self.inner = inner
-        self.keep_outputs = keep_outputs  # logits are [B,S,V]: many calls at a large V add up
-        self.calls: list[tuple[tuple, dict]] = []
-        self.outputs: list[tuple] = []
-
-    def forward(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        out = self.inner(*args, **kwargs)
-        if self.keep_outputs:
-            self.outputs.append(tuple(o.detach() for o in out))
-        return out

@@ -113,8 +113,9 @@ def classify_passes(passes: list[ModelPass], batch: dict[str, torch.Tensor], mas
             continue
         masked = tokens == mask_token_id
         latents = p.latents_2d.detach().float().cpu()
+        clean = clean_latents.to(p.latents.dtype).float()  # the clean latents as fed in the pass's dtype
         if bool(masked.all()):
-            p.kind = L2T if latents.shape == clean_latents.shape and torch.equal(latents, clean_latents) else CYCLE_TEXT
+            p.kind = L2T if latents.shape == clean.shape and torch.equal(latents, clean) else CYCLE_TEXT
         elif torch.equal(tokens, ids):
             p.kind = CYCLE_LATENT if seen_t2l else T2L
             seen_t2l = True

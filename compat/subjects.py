@@ -159,6 +159,16 @@ class Subject:
             recorder, trainer = after.recorder, after.trainer
             recorder.passes = []
         draws = dict(draws or {})
+        loss, metrics, capture, mode = self.call(trainer, batch, step=step, draws=draws, seed=seed, grad=grad)
+        passes = classify_passes(list(recorder.passes), batch, mask_token_id)
+        return StepRecord(loss, metrics, passes, draws, mode, capture, trainer, recorder)
+
+    def call(self, trainer: Any, batch: dict, *, step: int | None = None,
+             draws: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
+             grad: bool = True) -> tuple[torch.Tensor, dict, DrawCapture | None, str]:
+        """`trainer(batch)` with `step=` where it takes one and the draws given by name or served:
+        (loss, metrics, the capture or None, how the draws reached it)."""
+        draws = dict(draws or {})
         kwargs: dict[str, Any] = {}
         if self.spec.accepts_step and step is not None:
             kwargs["step"] = step
@@ -171,17 +181,16 @@ class Subject:
         else:
             capture = DrawCapture(seed, served=served_from(draws))
             mode = CAPTURED
-        call = trainer if isinstance(trainer, torch.nn.Module) else trainer.forward
+        run = trainer if isinstance(trainer, torch.nn.Module) else trainer.forward
         try:
             with torch.set_grad_enabled(grad), capture if capture is not None else _nothing():
-                out = call(batch, **kwargs)
+                out = run(batch, **kwargs)
         except Exception as exc:
             raise _failure(self.role, self.spec, "step", exc) from exc
         loss, metrics = _protocol_output(self, out)
         if capture is not None and not capture.used_global_rng:
             mode = NONE
-        passes = classify_passes(list(recorder.passes), batch, mask_token_id)
-        return StepRecord(loss, metrics, passes, draws, mode, capture, trainer, recorder)
+        return loss, metrics, capture, mode
 
 
 class _nothing:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from compat.harness import grads_by_name, row_runner, row_test
 from compat.outcomes import not_applicable
 from compat.oracle import tol
+from latentDLM_mmdit.factory import dtype_from_config
 
 pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
 
@@ -49,18 +50,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_trainer(ctx, setting: str, model):
-    if setting == "stable_t2l":
-        return ctx.stable("t2l", model=model)
-    return ctx.cycle(model=model, **CYCLE)
+def config_for(ctx, setting: str):
+    return ctx.stable_config_for("t2l") if setting == "stable_t2l" else ctx.cycle_config_for(CYCLE)
 
 
-def inputs(ctx) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """The full batch (even size) and each setting's draws for it."""
+def subject_of(ctx, setting: str):
+    return ctx.stable_subject if setting == "stable_t2l" else ctx.cycle_subject
+
+
+def inputs(ctx) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The full batch (even size) and its draws."""
     batch = ctx.batch(WORLD * max(1, ctx.options.batch_size // WORLD), seed=SEED)
-    noise, noise2 = ctx.noise(batch, seed=SEED), ctx.noise(batch, seed=SEED + 1)
-    return batch, {"stable_t2l": {"latent_noise": noise},
-                   "cycle": {"latent_noise": noise, "cycle_latent_noise": noise2}}
+    return batch, ctx.draws(batch, seed=SEED)
 
 
 def shard(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -72,11 +73,12 @@ def shard(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor
 
 
 def step(ctx, setting: str, batch, draws, model):
-    """One trainer step and backward; (loss, gradients by bare parameter name)."""
-    trainer = make_trainer(ctx, setting, model)
-    loss, _ = trainer(batch, step=None, draws=draws)
-    loss.backward()
-    return loss.detach(), trainer
+    """One single-process step and backward of the setting's trainer; its loss."""
+    run = ctx.run_stable if setting == "stable_t2l" else ctx.run_cycle
+    record = run("t2l", batch, config=config_for(ctx, setting), draws=draws, model=model) \
+        if setting == "stable_t2l" else run(batch, config=config_for(ctx, setting), draws=draws, model=model)
+    record.loss.backward()
+    return record.loss.detach()
 
 
 def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
@@ -93,9 +95,12 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
             results = {}
             for setting in SETTINGS:
                 model = ctx.fresh_semantic_model()  # a fresh load (or proxy) in this process
-                trainer = make_trainer(ctx, setting, model)
+                config, subject = config_for(ctx, setting), subject_of(ctx, setting)
+                trainer = subject.build(model, ctx.vocab, dtype_from_config(config), config)
+                assert isinstance(getattr(trainer, "model", None), torch.nn.Module), (
+                    f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP")
                 training.wrap_model_for_ddp(trainer, dctx.device)
-                loss, _ = trainer(shard(batch, rank), step=None, draws=shard(draws[setting], rank))
+                loss, _, _, _ = subject.call(trainer, shard(batch, rank), draws=shard(draws, rank), seed=SEED + rank)
                 loss.backward()
                 results[setting] = {"loss": loss.detach().clone(),
                                     "grads": grads_by_name(training.bare_model(trainer.model))}
@@ -154,7 +159,7 @@ def check_ddp_matches_single_process(ctx, measure):
     batch, draws = inputs(ctx)
     for setting in SETTINGS:
         model = ctx.fresh_semantic_model()
-        loss, trainer = step(ctx, setting, batch, draws[setting], model)
+        loss = step(ctx, setting, batch, draws, model)
         want = grads_by_name(model)
         losses = torch.stack([r[setting]["loss"] for r in ranks])
         torch.testing.assert_close(losses.mean(), loss, **tol("float32_batching"),

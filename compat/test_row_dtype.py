@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import CallRecorder, row_runner, row_test
+from compat.harness import row_runner, row_test
+from compat.terms import cycle_terms
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("dtype")
@@ -24,38 +25,34 @@ pytestmark = pytest.mark.compat_row("dtype")
 SEED = 100
 CYCLE = dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
              cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0)
-TERMS = {
-    "stable_l2t": ("loss", "text_loss"),
-    "stable_t2l": ("loss", "latent_loss"),
-    "cycle": ("loss", "base_t2l_latent_loss", "base_l2t_text_loss", "cycle_text_loss", "cycle_latent_loss"),
-}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def losses(ctx, model, dtype: torch.dtype, device: torch.device, spy: bool = False) -> dict[str, float]:
-    """Every loss term of the three settings, with the trainers' dtype set to `dtype`, on `device`.
-    Same batch and CPU-drawn noise whatever the device."""
+    """Every loss term of the three settings, with the trainers' dtype set to `dtype`, on `device`:
+    the returned losses and each term recomputed by the oracle from the observed passes. Same batch
+    and CPU-drawn draws whatever the device."""
     batch = {k: v.to(device) for k, v in ctx.batch(ctx.options.batch_size, seed=SEED).items()}
-    noise = ctx.noise(batch, seed=SEED).to(device)
-    noise2 = ctx.noise(batch, seed=SEED + 1).to(device)
+    draws = {k: v.to(device) for k, v in ctx.draws(batch, seed=SEED).items()}
     override = {"training.dtype": DTYPE_NAMES[dtype]}
-    recorder = CallRecorder(model) if spy else model
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        _, m = ctx.stable("l2t", model=recorder, **override)(batch)
-        out.update({f"stable_l2t.{t}": m[t] for t in TERMS["stable_l2t"]})
-        _, m = ctx.stable("t2l", model=recorder, **override)(batch, draws={"latent_noise": noise})
-        out.update({f"stable_t2l.{t}": m[t] for t in TERMS["stable_t2l"]})
-        _, m = ctx.cycle(model=recorder, **CYCLE, **override)(
-            batch, step=None, draws={"latent_noise": noise, "cycle_latent_noise": noise2})
-        out.update({f"cycle.{t}": m[t] for t in TERMS["cycle"]})
+    records = {
+        "stable_l2t": ctx.run_stable("l2t", batch, settings=override, draws=draws, model=model, grad=False),
+        "stable_t2l": ctx.run_stable("t2l", batch, settings=override, draws=draws, model=model, grad=False),
+        "cycle": ctx.run_cycle(batch, settings={**CYCLE, **override}, draws=draws, model=model, grad=False),
+    }
+    x0 = ctx.x0_of(batch)
+    out: dict[str, float] = {f"{name}.loss": float(r.loss) for name, r in records.items()}
+    terms = cycle_terms(records["cycle"], batch, ctx.cycle_config_for({**CYCLE, **override}), None, x0,
+                        "bfloat16" if dtype != torch.float32 else ctx.oracle_tolerance)
+    out.update({f"cycle.{name}": float(getattr(terms, name)) for name in ("t2l", "l2t", "cycle_text", "cycle_latent")})
     if spy:
-        fed = {str(kw[k].dtype) for _, kw in recorder.calls for k in ("text_timesteps", "latent_timesteps")}
+        fed = {str(t.dtype) for r in records.values() for p in r.passes for t in (p.text_t, p.latent_t)
+               if t is not None}
         assert fed == {str(dtype)}, (f"trainers with training.dtype={DTYPE_NAMES[dtype]} fed the model timesteps "
                                      f"in {sorted(fed)}")
         # The stable t2l noises in the schedule's float32 (as upstream) and the model casts the latents.
-        out["latents_fed"] = ",".join(sorted({str(kw["latents"].dtype).removeprefix("torch.")
-                                              for _, kw in recorder.calls}))
+        out["latents_fed"] = ",".join(sorted({str(p.latents.dtype).removeprefix("torch.")
+                                              for r in records.values() for p in r.passes}))
     return out
 
 
