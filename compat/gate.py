@@ -95,7 +95,7 @@ class MatrixCollector:
         if report.when == "call" or report.outcome != "passed":
             if report.outcome == "failed":
                 outcome.outcome = "failed" if report.when == "call" else "error"
-                outcome.message = _first_line(report.longreprtext)
+                outcome.message = _failure_message(report)
             elif report.outcome == "skipped" and outcome.outcome == "passed":
                 outcome.outcome = "skipped"
                 outcome.skip_kind, outcome.message = skip_kind(_skip_reason(report))
@@ -152,6 +152,15 @@ def add_junit_suite_properties(config, rows: list[RowResult]) -> None:
     for r in rows:
         xml.add_global_property(f"compat.{r.id}.verdict", r.verdict)
         xml.add_global_property(f"compat.{r.id}.measured", r.measured)
+
+
+def _failure_message(report) -> str:
+    """The message of the exception that ended the check (the last of a chain), on one line."""
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    message = getattr(crash, "message", None)
+    if message:
+        return " ".join(message.split())
+    return _first_line(report.longreprtext)
 
 
 def _first_line(text: str) -> str:

@@ -149,3 +149,9 @@ def categorical_power(logits: torch.Tensor, temperature: float, alpha: float, bi
         _, p = uniformity_chi2(categorical_pit(logits, ids, gen), bins)
         rejected += p < alpha
     return rejected / repeats
+
+
+def move_chance(t: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """MDLM's masking probability at t: 1 - exp(-sigma), sigma = -log1p(-(1 - eps) clip(t, eps, 1)), float64."""
+    sigma = -torch.log1p(-(1 - eps) * t.double().clamp(eps, 1))
+    return 1 - torch.exp(-sigma)

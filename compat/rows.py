@@ -57,6 +57,9 @@ ROWS = (
         "-", "latent_t_mode full, small cycle weights with a ramp, stop-grad on"),
     Row("ddp", "DDP (2 gloo processes)",
         "single-process loss and gradients", "single-process loss and gradients"),
+    Row("reference_integrity", "Reference integrity (shared components)",
+        "schedules, masking, loss helpers, checkpoints, model forward",
+        "the same code: against the float64 oracle and recorded golden values"),
 )
 
 ROWS_BY_ID = {row.id: row for row in ROWS}

@@ -1,0 +1,173 @@
+"""Row: reference integrity.
+
+What both trainers share can be wrong in both at once, and a stable-against-cycle comparison
+cannot see that. Checked here against the float64 oracle (written from the papers, not from the
+library) and against golden values this project recorded and committed
+(`compat/reference_golden.py`), so that a shared defect fails the gate:
+
+- noise schedules: `ContinuousDiffusion.alphas_cumprod` for linear, cosine and sigmoid at T = 1000
+  and T = 50 equal the oracle's closed forms, and the golden values; continuous t maps to index
+  floor(t (T - 1)), t = 1 to the last; add_noise, its targets and the x0 conversions equal the oracle;
+- masking: `MaskedDiffusion` masks exactly where the uniforms fall below MDLM's move chance
+  1 - exp(-sigma(t)) (oracle), with the configured mask id and nothing else changed, and its
+  masking rate on its own draws matches the move chance (a binomial test per t);
+- loss helpers: the masked CE and the normalised latent MSE equal the oracle's;
+- checkpoints: a round trip is bit-exact; a missing, an extra and a mis-shaped key are each refused
+  naming the key;
+- a model forward: the golden tiny model's outputs equal the recorded ones.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compat import oracle, reference_golden
+from compat.harness import row_runner, row_test
+from compat.oracle import tol
+from latentDLM_mmdit import checkpoints
+from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
+from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse
+from latentDLM_mmdit.tokenizer import SyntheticVocab
+
+pytestmark = pytest.mark.compat_row("reference_integrity")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+MASKING_ALPHA = 1e-4
+MASKING_DRAWS = 20_000
+
+
+def check_schedules(ctx, measure):
+    golden = reference_golden.load()["alphas_cumprod"]
+    worst = 0.0
+    for schedule in SCHEDULES:
+        for T in (reference_golden.T, 50):
+            got = ContinuousDiffusion(T, schedule).alphas_cumprod.double()
+            want = oracle.alphas_cumprod(schedule, T)
+            torch.testing.assert_close(got, want, **tol("float32_oracle"),
+                                       msg=lambda m, s=schedule, n=T: f"{s} alphas_cumprod (T={n}) differs from the "
+                                                                      f"closed form\n{m}")
+            worst = max(worst, float((got - want).abs().max()))
+        table = ContinuousDiffusion(reference_golden.T, schedule).alphas_cumprod
+        for index, value in golden[schedule].items():
+            torch.testing.assert_close(table[int(index)].double(), torch.tensor(value, dtype=torch.float64),
+                                       **tol("float32_loss"),
+                                       msg=lambda m, s=schedule, i=index: f"{s} alphas_cumprod[{i}] differs from the "
+                                                                          f"recorded golden value\n{m}")
+    measure("schedules_max_abs_vs_oracle", worst)
+
+
+def check_timesteps_and_noising(ctx, measure):
+    T = 1000
+    t = torch.tensor([0.0, 0.3, 0.5, 0.999, 1.0])
+    gen = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    for schedule in SCHEDULES:
+        for parameterization in ("epsilon", "x0", "v_param"):
+            d = ContinuousDiffusion(T, schedule, parameterization=parameterization)
+            idx = d.timestep_indices(t)
+            assert torch.equal(idx, oracle.timestep_index(t, T)), f"t {t.tolist()} maps to indices {idx.tolist()}"
+            ab = oracle.alphas_cumprod(schedule, T)[oracle.timestep_index(t, T)]
+            xt, target = d.add_noise(x0, t, noise)
+            label = f"{schedule}/{parameterization}"
+            torch.testing.assert_close(xt.double(), oracle.noised(x0, noise, ab), **tol("float32_oracle"),
+                                       msg=lambda m: f"{label}: x_t differs from sqrt(ab) x0 + sqrt(1-ab) eps\n{m}")
+            torch.testing.assert_close(target.double(), oracle.target(x0, noise, ab, parameterization),
+                                       **tol("float32_oracle"), msg=lambda m: f"{label}: the target differs\n{m}")
+            keep = t < 0.99  # x0 from eps divides by sqrt(ab) ~ 0 at t = 1
+            got = d.x0_from_prediction(xt, t, target)[keep].double()
+            torch.testing.assert_close(got, oracle.x0_from_prediction(xt, target, ab, parameterization)[keep],
+                                       rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{label}: x0 from the prediction differs from the oracle's\n{m}")
+    measure("noising", "x_t, targets and x0 conversions equal the oracle's (3 schedules x 3 parameterizations)")
+
+
+def check_masking(ctx, measure):
+    from scipy import stats
+
+    vocab = SyntheticVocab(50, mask_token_id=49, pad_token_id=0)
+    masking = MaskedDiffusion(vocab)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 49, (4, 16), generator=gen)
+    t = torch.tensor([0.0, 0.2, 0.6, 1.0])
+    uniform = torch.rand(4, 16, generator=gen)
+    masked = masking.sample_zt(ids, t, uniform=uniform)
+    want_masked = uniform.double() < oracle.move_chance(t)[:, None]
+    assert torch.equal(masked == vocab.mask_token_id, want_masked), (
+        "tokens are masked elsewhere than where the uniforms fall below 1 - exp(-sigma(t))")
+    assert torch.equal(masked[~want_masked], ids[~want_masked]), "unmasked tokens changed"
+    worst_p = 1.0
+    for value in (0.1, 0.5, 0.9):
+        draws = masking.sample_zt(torch.ones(1, MASKING_DRAWS, dtype=torch.long), torch.tensor([value]),
+                                  generator=torch.Generator().manual_seed(int(value * 100)))
+        hits = int((draws == vocab.mask_token_id).sum())
+        p = stats.binomtest(hits, MASKING_DRAWS, float(oracle.move_chance(torch.tensor([value]))[0])).pvalue
+        worst_p = min(worst_p, p)
+        assert p >= MASKING_ALPHA, (f"at t={value} {hits} of {MASKING_DRAWS} tokens were masked; the move chance "
+                                    f"{float(oracle.move_chance(torch.tensor([value]))[0]):.4f} makes that p = {p:.2g}")
+    measure("masking_rate_min_p", worst_p)
+
+
+def check_loss_helpers(ctx, measure):
+    gen = torch.Generator().manual_seed(9)
+    logits, ids = torch.randn(3, 7, 11, generator=gen), torch.randint(0, 11, (3, 7), generator=gen)
+    every = torch.ones(3, 7, dtype=torch.bool)
+    torch.testing.assert_close(masked_text_ce(logits, ids, every).double(), oracle.ce_every_position(logits, ids),
+                               **tol("float32_oracle"), msg=lambda m: f"masked_text_ce over every position\n{m}")
+    pred, target = torch.randn(3, 1, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    torch.testing.assert_close(normalized_latent_mse(pred, target).double(), oracle.normalized_mse(pred, target),
+                               **tol("float32_oracle"), msg=lambda m: f"normalized_latent_mse\n{m}")
+    measure("loss_helpers", "equal the oracle's")
+
+
+def check_checkpoint_round_trips(ctx, measure):
+    from safetensors.torch import load_file, save_file
+
+    model = reference_golden.golden_model()
+    folder = ctx.workdir / "reference_integrity"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoints.save_checkpoint(folder / "golden.safetensors", model, config={"model": reference_golden.MODEL_CONFIG},
+                                       trainer_kind="stable", step=0)
+    fresh = type(model)(reference_golden.MODEL_CONFIG, **reference_golden.MODEL_SIZES)
+    checkpoints.load_checkpoint_into(fresh, path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), f"round trip changed {name}"
+    state = load_file(str(path))
+    victim = "latent_head.0.weight"
+    variants = {
+        "missing": {k: v for k, v in state.items() if k != victim},
+        "extra": {**state, "unexpected_head.weight": torch.zeros(2)},
+        "mis-shaped": {**state, victim: torch.zeros(3, 3)},
+    }
+    for label, tensors in variants.items():
+        bad = folder / f"{label}.safetensors"
+        save_file(tensors, str(bad))
+        with pytest.raises(checkpoints.CheckpointError) as refused:
+            checkpoints.load_checkpoint_into(type(model)(reference_golden.MODEL_CONFIG, **reference_golden.MODEL_SIZES), bad)
+        key = "unexpected_head.weight" if label == "extra" else victim
+        assert key in str(refused.value), f"a {label} key was refused without naming {key}: {refused.value}"
+    measure("checkpoint_round_trip", "bit-exact; missing, extra and mis-shaped keys refused by name")
+
+
+def check_model_forward_golden(ctx, measure):
+    golden = reference_golden.load()["model_forward"]
+    with torch.no_grad():
+        text_logits, latent_pred = reference_golden.golden_model()(**reference_golden.golden_inputs())
+    torch.testing.assert_close(text_logits[:, :3, :5], torch.tensor(golden["text_logits[:, :3, :5]"]),
+                               **tol("float32_oracle"), msg=lambda m: f"the golden model's text logits changed\n{m}")
+    torch.testing.assert_close(latent_pred, torch.tensor(golden["latent_pred"]), **tol("float32_oracle"),
+                               msg=lambda m: f"the golden model's latent prediction changed\n{m}")
+    measure("model_forward", "equals the recorded golden outputs")
+
+
+CHECKS = {
+    "schedules": check_schedules,
+    "timesteps_and_noising": check_timesteps_and_noising,
+    "masking": check_masking,
+    "loss_helpers": check_loss_helpers,
+    "checkpoint_round_trips": check_checkpoint_round_trips,
+    "model_forward_golden": check_model_forward_golden,
+}
+
+
+run_row = row_runner(CHECKS)
+test_reference_integrity = row_test(CHECKS)
