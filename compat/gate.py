@@ -272,9 +272,14 @@ def render_markdown(rows: list[RowResult], context: dict) -> str:
 def render_kill_table(kills: list[dict]) -> str:
     if not kills:
         return "kill table: no mutant was run (use --kill-table)"
-    lines = [f"{'mutant':<34} {'meant for row':<24} caught", "-" * 72]
+    header = f"{'mutant':<34} {'meant for row/check':<48} {'path':<9} caught"
+    lines = [header, "-" * (len(header) + 30)]
     for k in kills:
-        lines.append(f"{k['mutant']:<34} {k['row']:<24} {'yes' if k['caught'] else 'NO'}  {k.get('detail', '')[:80]}")
+        target = f"{k['row']}/{k.get('check', '')}"
+        verdict = f"yes ({k.get('how', '')})" if k["caught"] else f"NO ({k.get('how', '')})"
+        lines.append(f"{k['mutant']:<34} {target:<48} {k.get('path', ''):<9} {verdict}  {k.get('detail', '')[:60]}")
+    caught = sum(k["caught"] for k in kills)
+    lines.append(f"{caught} of {len(kills)} caught")
     return "\n".join(lines)
 
 

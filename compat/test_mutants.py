@@ -1,35 +1,91 @@
-"""Teeth: every planted defect in `compat.mutants` is caught by the row meant for it.
+"""Teeth: every planted defect in `compat.mutants` is caught by the check meant for it.
 
-Each case applies one mutant and runs that row's checks on the shared context; the row must fail
-(an AssertionError, or the error the defect itself raises). A row that skips under a mutant has
-not caught it. The results form the kill table the gate prints with `--kill-table`.
+Each case first runs that check unmutated (the control: it must pass, or the kill would prove
+nothing), then applies one mutant and runs the check again: it must fail the way the mutant says
+(its own assertion, or, for a defect that makes the trainer raise, the check reporting that). An
+error of another kind, a skip or a pass is not a catch. Every case runs twice: with the built-in
+cycle trainer, and with the same class given as a SPEC through the plug-in path
+(`--cycle-trainer`), so that both paths are shown to have the same teeth. The results form the
+kill table the gate prints with `--kill-table`; every row has at least one mutant (checked).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import warnings
 
 import pytest
 
-from compat.mutants import MUTANTS
+from compat.mutants import ASSERTION, MUTANTS, TRAINER_ERROR
+from compat.rows import ROWS
+from compat.subjects import CandidateError, Subject
+from compat.trainer_spec import TrainerSpec
 
 pytestmark = pytest.mark.mutants
 
+BUILT_IN_SPEC = "cycle_vae_impl.trainers.cycle_vae_trainer:CycleVAETrainer"
+PATHS = ("built-in", "plug-in")
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_mutant_is_caught(ctx, mutant, request):
-    row = importlib.import_module(f"compat.test_row_{mutant.row}")
-    caught, detail = False, "the row passed"
-    with mutant.apply(), warnings.catch_warnings():
+
+@contextlib.contextmanager
+def cycle_trainer_path(ctx, path: str):
+    """The built-in cycle trainer, or the same class loaded from its SPEC as a user's would be."""
+    saved = ctx.cycle_subject
+    if path == "plug-in":
+        ctx.cycle_subject = Subject(TrainerSpec.load(BUILT_IN_SPEC), "cycle")
+    try:
+        yield
+    finally:
+        ctx.cycle_subject = saved
+
+
+def run_check(ctx, row: str, check: str) -> None:
+    module = importlib.import_module(f"compat.test_row_{row}")
+    with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Using a target size")
-        try:
-            row.run_row(ctx)
-        except pytest.skip.Exception as exc:
-            detail = f"the row skipped: {exc}"
-        except Exception as exc:  # the row's assertion, or the defect's own crash
-            caught = True
-            lines = str(exc).strip().splitlines()
-            detail = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-    request.node.user_properties.append(("kill", json.dumps({"mutant": mutant.name, "row": mutant.row, "caught": caught, "detail": detail})))
-    assert caught, f"mutant {mutant.name} ({mutant.description}) was not caught by row {mutant.row}: {detail}"
+        module.CHECKS[check](ctx, lambda *args, **kwargs: None)
+
+
+def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
+    """("passed" | "assertion" | "trainer error" | "skipped" | "other error", detail)."""
+    try:
+        run_check(ctx, row, check)
+    except pytest.skip.Exception as exc:
+        return "skipped", str(exc)
+    except CandidateError as exc:
+        return TRAINER_ERROR, str(exc).splitlines()[0]
+    except AssertionError as exc:
+        return ASSERTION, (str(exc).strip().splitlines() or [""])[0]
+    except Exception as exc:  # noqa: BLE001 - reported, and not counted as a catch
+        return "other error", f"{type(exc).__name__}: {exc}"
+    return "passed", "the check passed"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
+def test_mutant_is_caught(ctx, mutant, path, request):
+    with cycle_trainer_path(ctx, path):
+        control, control_detail = outcome_of(ctx, mutant.row, mutant.check)
+        assert control == "passed", (f"control: {mutant.row}/{mutant.check} does not pass unmutated ({control}: "
+                                     f"{control_detail}), so a failure under the mutant would prove nothing")
+        with mutant.apply():
+            got, detail = outcome_of(ctx, mutant.row, mutant.check)
+    caught = got == mutant.expect
+    request.node.user_properties.append(("kill", json.dumps(
+        {"mutant": mutant.name, "row": mutant.row, "check": mutant.check, "path": path, "caught": caught,
+         "how": got, "detail": detail})))
+    assert caught, (f"mutant {mutant.name} ({mutant.description}) was not caught by {mutant.row}/{mutant.check} "
+                    f"on the {path} path: expected {mutant.expect}, got {got}: {detail}")
+
+
+def test_every_row_has_a_planted_defect():
+    covered = {m.row for m in MUTANTS}
+    missing = [row.id for row in ROWS if row.id not in covered]
+    assert not missing, f"rows without a planted defect (their teeth are unproven): {missing}"
+
+
+def test_every_mutant_names_a_real_check():
+    for m in MUTANTS:
+        module = importlib.import_module(f"compat.test_row_{m.row}")
+        assert m.check in module.CHECKS, f"mutant {m.name}: {m.row} has no check {m.check!r} ({sorted(module.CHECKS)})"

@@ -19,18 +19,30 @@ import cycle_vae_impl.trainers.cycle_vae_trainer as cycle_module
 import latentDLM_mmdit.checkpoints as checkpoints_module
 import latentDLM_mmdit.draws as draws_module
 import latentDLM_mmdit.improved_trainer_stable as stable_module
+import latentDLM_mmdit.continuous_diffusion as diffusion_module
 import latentDLM_mmdit.models.multimodal_mmdit as model_module
+import latentDLM_mmdit.trainer_base as base_module
+import latentDLM_mmdit.training as training_module
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.latent_settings import LatentSettings, upstream_stable_reading
 from latentDLM_mmdit.losses import NORMALIZE_EPS
 
 
+TRAINER_ERROR = "trainer error"  # the defect makes the trainer raise: the row's check reports it
+ASSERTION = "assertion"          # the defect changes numbers or inputs: the check's own assertion fails
+
+
 @dataclass(frozen=True)
 class Mutant:
+    """A planted defect and the check meant to catch it (`row`, `check`: a key of that row's
+    CHECKS). `expect` says how: the check's own assertion, or the trainer raising."""
+
     name: str
     row: str
+    check: str
     description: str
     patches: Callable[[], list]
+    expect: str = ASSERTION
 
     @contextlib.contextmanager
     def apply(self) -> Iterator[None]:
@@ -154,67 +166,132 @@ def _mmdit_default_streams(original_cls):
     return build
 
 
+def _dtype_ignored(original_init):
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.dtype = torch.float32  # training.dtype read, then forgotten
+    return __init__
+
+
+def _latent_ramp_from_text_key(original_init):
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        base, warmup, _ = self.weights["cycle_latent"]
+        self.weights["cycle_latent"] = (base, warmup, self.weights["cycle_text"][2])  # the wrong key's ramp
+    return __init__
+
+
+def _ddp_not_wrapped(trainer, device):
+    return trainer.model  # the loop forgets DDP: no gradient all-reduce between ranks
+
+
+_real_cosine_betas = diffusion_module.cosine_betas
+
+
+def _cosine_offset_wrong(num_timesteps, s=0.008):
+    return _real_cosine_betas(num_timesteps, s=0.08)
+
+
+_real_pseudo_tokens = cycle_module.pseudo_tokens_from_logits
+
+
+def _categorical_at_temperature_2(logits, sampling, uniform=None):
+    return _real_pseudo_tokens(logits / 2 if sampling == "categorical" else logits, sampling, uniform)
+
+
+def _cycle_latent_t_as_index(original):
+    def sample_latent_t(self, source, name, batch_size, device):
+        t = original(self, source, name, batch_size, device)
+        if name == "cycle_latent_t" and self.latent_t_mode == "full":
+            return t * (self.latent_diffusion.num_timesteps - 1)  # index 999 for t = 1: same noise, wrong input
+        return t
+    return sample_latent_t
+
+
 _real_installed_versions = checkpoints_module.installed_versions
 
 
 MUTANTS: tuple[Mutant, ...] = (
-    Mutant("upstream_defect_1_latent_broadcast", "forward_contract",
+    Mutant("upstream_defect_1_latent_broadcast", "forward_contract", "batching_cycle",
            "cycle latent MSE of [B,1,D] against [B,D] (averages B*B pairs)",
-           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _broadcast_latent_mse)]),
-    Mutant("upstream_defect_1_x0_broadcast", "forward_contract",
+           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _broadcast_latent_mse)],
+           expect=TRAINER_ERROR),  # torch's "Using a target size" warning, an error in the suite
+    Mutant("upstream_defect_1_x0_broadcast", "forward_contract", "keywords_and_shapes",
            "x0 reconstructed from a [B,1,D] prediction against [B,D] x_t",
            lambda: [mock.patch.object(ContinuousDiffusion, "x0_from_prediction",
-                                      _x0_without_reshape(ContinuousDiffusion.x0_from_prediction))]),
-    Mutant("upstream_defect_3_cluster_unpack", "forward_contract",
+                                      _x0_without_reshape(ContinuousDiffusion.x0_from_prediction))],
+           expect=TRAINER_ERROR),
+    Mutant("upstream_defect_3_cluster_unpack", "forward_contract", "cluster_head",
            "stable trainer unpacks two outputs from a cluster-head model",
-           lambda: [mock.patch.object(stable_module, "split_model_outputs", _two_output_unpack)]),
-    Mutant("upstream_defect_4_root_keys", "config_resolution",
+           lambda: [mock.patch.object(stable_module, "split_model_outputs", _two_output_unpack)], expect=TRAINER_ERROR),
+    Mutant("upstream_defect_4_root_keys", "config_resolution", "same_yaml_same_settings",
            "stable trainer reads latent diffusion keys from the config root",
            lambda: [mock.patch.object(stable_module.MultimodalDiffusionTrainer, "__init__",
                                       _stable_reads_root_keys(stable_module.MultimodalDiffusionTrainer.__init__))]),
-    Mutant("random_latent_t", "t2l_latent_timestep",
+    Mutant("random_latent_t", "t2l_latent_timestep", "cycle_distribution",
            "cycle T2L samples t in [t_min, t_max] whatever latent_t_mode says",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "sample_latent_t", _always_random_t)]),
-    Mutant("unnormalised_mse", "latent_loss_form",
+    Mutant("unnormalised_mse", "latent_loss_form", "epsilon-cosine",
            "cycle latent loss is a plain MSE without L2 normalisation",
            lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _unnormalised_mse)]),
-    Mutant("partial_l2t_mask", "l2t_masking",
+    Mutant("partial_l2t_mask", "l2t_masking", "l2t_loss_batch_n",
            "cycle L2T masks every other token instead of all",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "l2t_text_inputs", _half_masked_l2t)]),
-    Mutant("none_to_ones", "none_timesteps",
+    Mutant("none_to_ones", "none_timesteps", "none_equals_zeros",
            "model maps a None timestep to ones instead of zeros",
            lambda: [mock.patch.object(model_module.MultimodalMMDiT, "timesteps_or_zeros", _none_to_ones)]),
-    Mutant("stop_grad_off", "cycle_terms",
+    Mutant("stop_grad_off", "cycle_terms", "stop_grad",
            "cycle trainer ignores loss.cycle_stop_grad_latent=true",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",
                                       _stop_grad_off(cycle_module.CycleVAETrainer.__init__))]),
-    Mutant("wrong_v_formula", "x0_reconstruction",
+    Mutant("wrong_v_formula", "x0_reconstruction", "formula_v_param",
            "x0 from v with the wrong sign: sqrt(ab) x_t + sqrt(1-ab) v",
            lambda: [mock.patch.object(ContinuousDiffusion, "x0_from_v", _wrong_x0_from_v)]),
-    Mutant("dropped_attention_mask", "forward_contract",
+    Mutant("dropped_attention_mask", "forward_contract", "padding_does_not_leak",
            "model ignores the attention mask (padding attended)",
            lambda: [mock.patch.object(model_module.MultimodalMMDiT, "forward",
                                       _mask_dropped(model_module.MultimodalMMDiT.forward))]),
-    Mutant("checkpoint_prefix_left_on", "pretrained_checkpoint",
+    Mutant("checkpoint_prefix_left_on", "pretrained_checkpoint", "upstream_layouts",
            "loader strips module./_orig_mod. but leaves the trainer's model. prefix",
            lambda: [mock.patch.object(checkpoints_module, "normalize_key", _prefix_kept)]),
-    Mutant("ramp_ignores_warmup", "cycle_terms",
+    Mutant("ramp_ignores_warmup", "cycle_terms", "ramp",
            "cycle weight ramp starts at step 0 regardless of *_warmup_steps",
            lambda: [mock.patch.object(cycle_module, "ramp_weight", _ramp_ignores_warmup)]),
-    Mutant("global_rng_draws", "determinism",
+    Mutant("global_rng_draws", "determinism", "stable_unconditional",
            "trainer draws come from the global torch RNG instead of the trainer's generator",
            lambda: [mock.patch.object(draws_module.DrawSource, "_take", _global_rng_take)]),
-    Mutant("cycle_freezes_text_group", "gradient_flow",
+    Mutant("cycle_freezes_text_group", "gradient_flow", "cycle_total",
            "cycle trainer freezes the text group (stable t2l style) for its whole step",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "forward",
                                       _cycle_freezes_text(cycle_module.CycleVAETrainer.forward))]),
-    Mutant("mmdit_default_residual_streams", "pretrained_checkpoint",
+    Mutant("mmdit_default_residual_streams", "pretrained_checkpoint", "loads_strictly",
            "model built with mmdit's default 4 residual streams instead of the configured 2",
            lambda: [mock.patch.object(model_module, "MMDiT", _mmdit_default_streams(model_module.MMDiT))]),
-    Mutant("hyper_connections_version_drift", "dependency_versions",
+    Mutant("hyper_connections_version_drift", "dependency_versions", "recorded_vs_installed",
            "installed hyper-connections differs from the one recorded in the checkpoint",
            lambda: [mock.patch.object(checkpoints_module, "installed_versions",
                                       lambda: dict(_real_installed_versions(), **{"hyper-connections": "0.3.9"}))]),
+    Mutant("dtype_ignored", "dtype", "bf16_matches_fp32",
+           "trainers read training.dtype and then feed the model float32 anyway",
+           lambda: [mock.patch.object(base_module.DiffusionTrainerBase, "__init__",
+                                      _dtype_ignored(base_module.DiffusionTrainerBase.__init__))]),
+    Mutant("latent_ramp_from_text_key", "recommended_settings", "trainer_honours_config",
+           "cycle_latent's ramp length read from cycle_text_ramp_steps (a setting read from the wrong key)",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",
+                                      _latent_ramp_from_text_key(cycle_module.CycleVAETrainer.__init__))]),
+    Mutant("ddp_not_wrapped", "ddp", "ddp_matches_single_process",
+           "the training loop forgets to wrap the model in DDP (no gradient all-reduce between ranks)",
+           lambda: [mock.patch.object(training_module, "wrap_model_for_ddp", _ddp_not_wrapped)]),
+    Mutant("cosine_offset_wrong", "reference_integrity", "schedules",
+           "the cosine schedule of both trainers uses s = 0.08 instead of 0.008",
+           lambda: [mock.patch.object(diffusion_module, "cosine_betas", _cosine_offset_wrong)]),
+    Mutant("categorical_at_temperature_2", "cycle_terms", "categorical_sampling",
+           "categorical pseudo tokens sampled from softmax(logits / 2)",
+           lambda: [mock.patch.object(cycle_module, "pseudo_tokens_from_logits", _categorical_at_temperature_2)]),
+    Mutant("cycle_latent_t_as_index", "cycle_terms", "terms_recomputed",
+           "the cycle_latent pass is given t as the index 999 instead of 1.0 (same noise, other input)",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "sample_latent_t",
+                                      _cycle_latent_t_as_index(cycle_module.CycleVAETrainer.sample_latent_t))]),
 )
 
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
