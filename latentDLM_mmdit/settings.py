@@ -189,13 +189,14 @@ class TokenizerSettings:
 @dataclass
 class LoggingSettings:
     """Output directory `<log_dir>/<run_name>` (unless --output-dir), a log line every log_every
-    optimizer steps (metrics.jsonl gets every step), a checkpoint every save_every steps and at the end.
+    optimizer steps (metrics.jsonl gets every step), a checkpoint every save_every steps (0: none
+    but the last) and at the end.
     Upstream's names log_freq, save_freq and save_dir are accepted for the same settings."""
 
     run_name: str = setting("mmdit")
     log_dir: str = setting("outputs")
     log_every: int = setting(10, check=_at_least(1))
-    save_every: int = setting(2000, check=_at_least(1))
+    save_every: int = setting(2000, check=_at_least(0))  # 0: only the final checkpoint (upstream's cycle script)
 
 
 @dataclass
@@ -235,6 +236,10 @@ ALIASES = {
     # upstream's get_optimizer built AdamW for type adam; psgd (heavyball) is not available here.
     "optimizer.type": ("optimizer.name", {"adam": "adamw", "adamw": "adamw"}),
 }
+# Upstream values of schema keys: key -> {upstream value: (value here, why)}.
+_MULTIMODAL_MDLM = ("upstream's stable trainer fell back to unconditional for a loss_type other than l2t, t2l, "
+                    "unconditional, sequential and random; multimodal_mdlm (its mmdit.yaml) trained unconditional")
+VALUE_ALIASES = {"loss.loss_type": {"multimodal_mdlm": ("unconditional", _MULTIMODAL_MDLM)}}
 BETAS_KEY = "optimizer.betas"
 _DATA_LOADER = "upstream's data loader option; this project reads data.token_dir / data.latent_dir with its own loader"
 _NOT_READ = "not read by upstream's stable training script, trainer or model either"
@@ -550,15 +555,20 @@ class _Problems:
             raise ConfigError(f"{len(self.lines)} problems in {self.source}:\n" + "\n".join(f"- {p}" for p in self.lines))
 
 
-def _translate(flat: dict[str, Any], problems: _Problems) -> tuple[dict[str, Any], dict[str, str], list[UnusedKey]]:
+def _translate(flat: dict[str, Any], problems: _Problems
+               ) -> tuple[dict[str, Any], dict[str, str], list[UnusedKey], list[str]]:
     """Upstream spellings onto schema keys; upstream keys not used here set aside. Returns the
-    schema-keyed leaves, their origin (the upstream name) and the unused keys."""
+    schema-keyed leaves, their origin (the upstream name), the unused keys and notes."""
     source = problems.source
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     unused: list[UnusedKey] = []
+    notes: list[str] = []
     betas = flat.get(BETAS_KEY)
     for key, value in flat.items():
+        if key in VALUE_ALIASES and isinstance(value, str) and value in VALUE_ALIASES[key]:
+            value, why = VALUE_ALIASES[key][value]
+            notes.append(f"{key}={flat[key]!r} is read as {value!r}: {why}")
         if key == BETAS_KEY:
             if (not isinstance(value, (list, tuple)) or len(value) != 2
                     or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in value)):
@@ -595,7 +605,7 @@ def _translate(flat: dict[str, Any], problems: _Problems) -> tuple[dict[str, Any
             continue
         if key not in out:  # else already set by its upstream spelling, to the same value
             out[key] = value
-    return out, origin, unused
+    return out, origin, unused, notes
 
 
 def _check_leaves(given: dict[str, Any], problems: _Problems) -> None:
@@ -713,7 +723,7 @@ def validate_settings(config: Any, source: str, *, given_sources: Mapping[str, s
         raise ConfigError(f"{source}: the config must be a mapping, got {type(config).__name__}")
     problems = _Problems(source)
     flat = {k: v for k, v in _flatten(copy.deepcopy(dict(config))).items() if v != "???"}
-    given, origin, unused = _translate(flat, problems)
+    given, origin, unused, notes = _translate(flat, problems)
     _check_leaves(given, problems)
     problems.raise_if_any()
     sources = {key: (given_sources or {}).get(key, "file") for key in given}
@@ -734,7 +744,7 @@ def validate_settings(config: Any, source: str, *, given_sources: Mapping[str, s
     _range_problems(validated, sources, problems)
     problems.raise_if_any()
     OmegaConf.set_struct(validated, True)
-    return ResolvedConfig(validated, source, sources, unused, [])
+    return ResolvedConfig(validated, source, sources, unused, notes)
 
 
 def is_missing(config: Any, key: str) -> bool:

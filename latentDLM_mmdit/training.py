@@ -137,7 +137,7 @@ class LoopSettings:
             run_name=log.run_name,
             log_dir=log.log_dir,
             log_every=log.log_every,
-            save_every=log.save_every,
+            save_every=log.save_every if log.save_every > 0 else training.num_train_steps,  # 0: the last only
         )
 
 

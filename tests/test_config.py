@@ -269,13 +269,17 @@ def test_hydra_problems_are_config_errors(tmp_path):
 
 
 @pytest.mark.parametrize("entry, extra", [(STABLE, []), (CYCLE, ["loss.loss_type=cycle_vae"])], ids=["stable", "cycle"])
-def test_entry_point_trains_two_steps_on_the_upstream_shaped_config(tmp_path, capsys, entry, extra):
+def test_entry_point_trains_two_steps_on_the_upstream_shaped_config(tmp_path, capsys, caplog, entry, extra):
     from latentDLM_mmdit.training import cli_main
 
+    caplog.set_level("INFO", logger="latentDLM_mmdit.training")
     out = tmp_path / "run"
     code = cli_main(entry, ["--config", str(UPSTREAM), "--synthetic", "--tokenizer", str(TOKENIZER), "--no-progress",
                             "--device", "cpu", "--output-dir", str(out)] + extra)
     assert code == 0, capsys.readouterr().err
+    logged = caplog.text  # what was defaulted and what is not used is said, not dropped
+    assert "upstream key accepted, not used here: logging.wandb_project='tiny-project'" in logged
+    assert "from the schema defaults: " in logged and "data.synthetic_seq_len=24" in logged
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     saved = OmegaConf.load(out / "config.yaml")

@@ -172,6 +172,18 @@ def test_the_schema_states_the_reviews_recommendations_and_the_profile_names_sch
     assert not set(UPSTREAM_UNUSED) & set(keys)  # an upstream key is either mapped or unused, never both
 
 
+def test_upstream_values_read_as_upstream_read_them():
+    """multimodal_mdlm (upstream's mmdit.yaml) fell through to unconditional in upstream's stable
+    trainer; save_every 0 meant no periodic checkpoint in upstream's cycle script."""
+    resolved = validate_settings({"loss": {"loss_type": "multimodal_mdlm"}}, "x")
+    assert resolved.config.loss.loss_type == "unconditional"
+    assert any("multimodal_mdlm" in note and "unconditional" in note for note in resolved.notes)
+    with pytest.raises(ConfigError, match="did you mean 'unconditional'"):
+        validate_settings({"loss": {"loss_type": "unconditionl"}}, "x")  # other values stay errors
+    settings = LoopSettings.from_config(load_config(config_path("cycle"), ["logging.save_every=0"]))
+    assert settings.save_every == settings.num_train_steps == 40
+
+
 def test_every_dtype_of_the_schema_maps_to_a_torch_dtype():
     assert set(DTYPES) == set(DTYPE_NAMES)
 
