@@ -149,7 +149,7 @@ def with_updates(config: Any, updates: Mapping[str, Any], source: str) -> DictCo
     """A validated copy of `config` with `updates` ({dotted key: Python value}) applied; an unknown
     key is a ConfigError naming the nearest valid key, a wrong value is refused by the schema.
     `config` is only read."""
-    resolved = validate_settings(config, source)
+    resolved = validate_settings(config, source, shared=True)
     raw = OmegaConf.to_container(resolved.config, resolve=True, throw_on_missing=False)
     for key, value in updates.items():
         kind = schema_kind(key)

@@ -17,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def dtype_from_config(config: Any) -> torch.dtype:
     """The torch dtype of `training.dtype` (validated against the schema)."""
-    return DTYPES[validate_settings(config, "config").config.training.dtype]
+    return DTYPES[validate_settings(config, "config", shared=True).config.training.dtype]
 
 
 def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
@@ -25,7 +25,7 @@ def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
     cluster_size, ...) and the vocabulary (`tokenizer.*`, see `tokenizer.resolve_vocab`). Seeds
     Python, NumPy and torch first when `seed` is given (the residual-stream init draws from Python's
     `random`)."""
-    settings = validate_settings(config, "config").config
+    settings = validate_settings(config, "config", shared=True).config
     require(settings, ["model.latent_dim"], "build_model")
     vocab = vocab_from_config(settings)
     if seed is not None:

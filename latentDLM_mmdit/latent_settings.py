@@ -45,7 +45,7 @@ def latent_settings_of(resolved: ResolvedConfig) -> LatentSettings:
 
 def resolve_latent_settings(config: Any) -> LatentSettings:
     """Validates `config` and reads its latent settings; a root/model disagreement is a ConfigError."""
-    return latent_settings_of(validate_settings(config, "config"))
+    return latent_settings_of(validate_settings(config, "config", shared=True))
 
 
 def _get(node: Any, key: str) -> Any:

@@ -229,7 +229,7 @@ def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: s
 
     Raises ConfigError naming what to pass when a value is unavailable.
     """
-    tok = validate_settings(config, owner).config.tokenizer
+    tok = validate_settings(config, owner, shared=True).config.tokenizer
     explicit = {k: tok[k] for k in VOCAB_KEYS if tok[k] is not None}
     folder_path = Path(tokenizer_dir) if tokenizer_dir is not None else (Path(tok.path) if tok.path else None)
     from_folder: FolderVocab | None = None

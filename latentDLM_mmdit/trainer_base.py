@@ -33,7 +33,7 @@ def trainer_settings(config: Any, owner: str):
     `ResolvedConfig` whose `.config` reads as `RunSettings`."""
     if not isinstance(config, (Mapping, DictConfig)):
         raise TypeError(f"{owner}: config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
-    resolved = validate_settings(config, f"the config given to {owner}")
+    resolved = validate_settings(config, f"the config given to {owner}", shared=True)
     for line in resolved.summary():
         logger.debug("%s: %s", owner, line)
     return resolved

@@ -42,7 +42,7 @@ def model_settings(config: Any) -> ModelSettings:
         config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
     if not isinstance(config, Mapping):
         raise TypeError(f"model config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
-    model = validate_settings({"model": config}, "the model config given to MultimodalMMDiT").config.model
+    model = validate_settings({"model": config}, "the model config given to MultimodalMMDiT", shared=True).config.model
     missing = [k for k in REQUIRED_MODEL_KEYS if OmegaConf.is_missing(model, k)]
     if missing:
         raise ValueError(f"model config is missing required key(s): {', '.join(missing)}")
