@@ -48,10 +48,10 @@ from latentDLM_mmdit.settings import (
     ConfigError,
     FieldKind,
     ResolvedConfig,
-    _upstream_entry,
     schema_fields,
     schema_kind,
     unknown_key_message,
+    upstream_entry,
     validate_settings,
 )
 from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
@@ -152,8 +152,11 @@ def with_updates(config: Any, updates: Mapping[str, Any], source: str) -> DictCo
     resolved = validate_settings(config, source, shared=True)
     raw = OmegaConf.to_container(resolved.config, resolve=True, throw_on_missing=False)
     for key, value in updates.items():
+        if key in ALIASES:  # upstream's name of a schema key: update the schema key
+            key, values = ALIASES[key]
+            value = values.get(value, value) if values is not None else value
         kind = schema_kind(key)
-        if kind is None and key != BETAS_KEY and _upstream_entry(key) is None and key not in ALIASES:
+        if kind is None and key != BETAS_KEY and upstream_entry(key) is None:
             raise ConfigError(unknown_key_message(key, source))
         if kind is not None and kind.is_section:
             raise ConfigError(f"{source}: {key} is a section; update its keys ({', '.join(schema_fields(kind.base))})")
@@ -345,7 +348,7 @@ def _apply_override(raw: dict, override: str, source: str, given_sources: dict[s
         if kind is not None and kind.base is dict:
             raise ConfigError(f"override {key}={text!r} for {source}: {key} is a section; override its keys "
                               f"({', '.join(map(str, current))})")
-    elif key != BETAS_KEY and _upstream_entry(key) is None:
+    elif key != BETAS_KEY and upstream_entry(key) is None:
         raise ConfigError(unknown_key_message(key, source))
     value = parse_override_value(key, text, kind, source)
     _set(raw, target, value, source)

@@ -11,8 +11,10 @@ Rules:
   `optimizer.betas`), an upstream key accepted but not used here (`UPSTREAM_UNUSED`, listed with the
   reason in `ResolvedConfig.unused`), or an error naming the key, the source and the nearest valid key.
 - Types are strict (an int key takes an int, a float key an int or a float, a bool key a bool, a
-  string key a string; null only where the default is null); ranges and choices are checked, and
-  every problem of a config is reported at once.
+  string key a string; null only where the default is null); ranges and choices are checked. The
+  problems of a config are reported together: every unknown key and wrong type, else every value
+  out of range.
+- Results are memoised by input (`shared=True` readers get one read-only config per input).
 - Keys without a default (`MISSING`: the model sizes, `loss.loss_type`, the run length, batch size
   and learning rate) are required only by what reads them: `require(config, keys, owner)`.
 - `profile: upstream` gives the cycle keys a file leaves out upstream's cycle trainer defaults
@@ -348,7 +350,7 @@ class ResolvedConfig:
         notes: differences from upstream worth knowing that are not errors.
     """
 
-    config: Any
+    config: RunSettings  # a DictConfig, read as RunSettings
     source: str
     sources: dict[str, str]
     unused: list[UnusedKey]
@@ -508,7 +510,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return root
 
 
-def _upstream_entry(key: str) -> tuple[str, UpstreamKey] | None:
+def upstream_entry(key: str) -> tuple[str, UpstreamKey] | None:
     """The UPSTREAM_UNUSED entry covering `key` (itself or a section above it)."""
     parts = key.split(".")
     for depth in range(len(parts), 0, -1):
@@ -595,7 +597,7 @@ def _translate(flat: dict[str, Any], problems: _Problems
                 continue
             out[target], origin[target] = value, key  # when both spellings agree, the upstream one is recorded
             continue
-        entry = _upstream_entry(key) if schema_kind(key) is None else None
+        entry = upstream_entry(key) if schema_kind(key) is None else None
         if entry is not None:
             name, spec = entry
             if spec.allowed is not None and value not in spec.allowed:

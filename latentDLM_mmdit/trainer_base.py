@@ -34,8 +34,9 @@ def trainer_settings(config: Any, owner: str):
     if not isinstance(config, (Mapping, DictConfig)):
         raise TypeError(f"{owner}: config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
     resolved = validate_settings(config, f"the config given to {owner}", shared=True)
-    for line in resolved.summary():
-        logger.debug("%s: %s", owner, line)
+    if logger.isEnabledFor(logging.DEBUG):
+        for line in resolved.summary():
+            logger.debug("%s: %s", owner, line)
     return resolved
 
 

@@ -247,8 +247,8 @@ def test_compat_row_overrides_refuse_a_typo():
     assert "'loss.cycle_text_wieght'" in str(info.value) and "nearest valid key: 'loss.cycle_text_weight'" in str(info.value)
     with pytest.raises(ConfigError, match="cycle_text_weight=-1.0"):
         _with_loss(base, {"cycle_text_weight": -1.0})
-    updated = _with_loss(base, {"cycle_text_weight": 0.5, "training.dtype": "bf16"})
-    assert (updated.loss.cycle_text_weight, updated.training.dtype) == (0.5, "bf16")
+    updated = _with_loss(base, {"cycle_text_weight": 0.5, "training.dtype": "bf16", "logging.save_freq": 7})
+    assert (updated.loss.cycle_text_weight, updated.training.dtype, updated.logging.save_every) == (0.5, "bf16", 7)
     assert base.loss.cycle_text_weight == 0.1  # the base is only read
 
 
