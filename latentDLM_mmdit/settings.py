@@ -370,7 +370,11 @@ class ResolvedConfig:
             lines.append("not in the config, from the schema defaults: "
                          + ", ".join(f"{k}={v!r}" + (" (profile upstream)" if self.sources[k] == "profile upstream" else "")
                                      for k, v in defaulted.items()))
-        lines += [f"upstream key accepted, not used here: {u}" for u in self.unused]
+        by_reason: dict[str, list[str]] = {}
+        for u in self.unused:
+            by_reason.setdefault(u.reason, []).append(f"{u.key}={u.value!r}")
+        lines += [f"upstream keys accepted, not used here ({reason}): {', '.join(keys)}"
+                  for reason, keys in by_reason.items()]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
