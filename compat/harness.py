@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from latentDLM_mmdit.config import with_updates
 from latentDLM_mmdit.checkpoints import (
     CheckpointContents, CheckpointError, LoadReport, ModelLayout, derive_layout, layout_differences, load_checkpoint_into,
 )
@@ -243,14 +244,14 @@ class CompatContext:
         return vocab_for(self.cycle_config, self.sizes["vocab_size"])
 
     def _with_loss(self, config: DictConfig, overrides: dict[str, Any]) -> DictConfig:
-        config = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
-        for key, value in overrides.items():
-            key = key if "." in key else f"loss.{key}"
-            OmegaConf.update(config, key, value, force_add=True)
+        """A validated copy of `config` with the row's overrides (`loss.*` keys unless dotted); a key
+        the schema does not know (a typo) is a ConfigError naming the nearest valid key."""
+        updates = {(key if "." in key else f"loss.{key}"): value for key, value in overrides.items()}
+        for key, value in list(updates.items()):
             root_key = key.removeprefix("model.")
-            if key.startswith("model.latent_") and root_key in config:  # keep a root spelling in step
-                config[root_key] = value
-        return config
+            if key.startswith("model.latent_") and config.get(root_key) is not None:  # keep a root spelling in step
+                updates.setdefault(root_key, value)
+        return with_updates(config, updates, "compat row overrides")
 
     # -- trainers under test: observed, never asked ---------------------------------------------
     def stable_config_for(self, mode: str, settings: dict[str, Any] | None = None,

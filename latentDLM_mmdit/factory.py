@@ -8,6 +8,7 @@ import torch
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.seeding import seed_everything
+from latentDLM_mmdit.settings import require, validate_settings
 from latentDLM_mmdit.tokenizer import SyntheticVocab, vocab_from_config
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -15,21 +16,22 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def dtype_from_config(config: Any) -> torch.dtype:
-    name = str((config.get("training", {}) or {}).get("dtype", "fp32"))
-    if name not in DTYPES:
-        raise ValueError(f"training.dtype={name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """The torch dtype of `training.dtype` (validated against the schema)."""
+    return DTYPES[validate_settings(config, "config", shared=True).config.training.dtype]
 
 
 def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
     """MultimodalMMDiT from `model.*` (hidden_size, n_blocks, cond_dim, max_seq_len, latent_dim,
-    cluster_size, ...) and `tokenizer.vocab_size`. Seeds Python, NumPy and torch first when `seed`
-    is given (the residual-stream init draws from Python's `random`)."""
+    cluster_size, ...) and the vocabulary (`tokenizer.*`, see `tokenizer.resolve_vocab`). Seeds
+    Python, NumPy and torch first when `seed` is given (the residual-stream init draws from Python's
+    `random`)."""
+    settings = validate_settings(config, "config", shared=True).config
+    require(settings, ["model.latent_dim"], "build_model")
+    vocab = vocab_from_config(settings)
     if seed is not None:
         seed_everything(seed)
-    model_cfg = config.model
-    return MultimodalMMDiT(model_cfg, vocab_size=int(config.tokenizer.vocab_size),
-                           latent_dim=int(model_cfg.latent_dim), cluster_size=int(model_cfg.get("cluster_size", 0) or 0))
+    return MultimodalMMDiT(settings.model, vocab_size=vocab.vocab_size, latent_dim=settings.model.latent_dim,
+                           cluster_size=settings.model.cluster_size)
 
 
 def build_text_side(config: Any) -> tuple[SyntheticVocab, MaskedDiffusion]:

@@ -2,6 +2,8 @@
 
 On finite inputs its losses equal upstream's. Differences, all deliberate:
 - every random draw comes from the trainer's own generator or from the caller (`draws=`);
+- the config is validated against the schema (`latentDLM_mmdit.settings`): a typo, a wrong type or
+  a value out of range is an error, and a key the config lacks takes the schema's stated default;
 - latent diffusion settings resolve from `model.*` (root accepted; disagreement is an error);
 - a cluster-head model (three outputs) works (upstream defect 3);
 - a non-finite term is reported in the metrics, and `loss.on_nonfinite: raise` raises.
@@ -16,6 +18,7 @@ import torch.nn as nn
 
 from latentDLM_mmdit.draws import DrawSource
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse, token_accuracy
+from latentDLM_mmdit.settings import BASE_MODES, STABLE_LOSS_TYPES, require
 from latentDLM_mmdit.trainer_base import (  # noqa: F401  (as_config, prepare_batch: upstream's names)
     FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, as_config, prepare_batch, split_model_outputs,
 )
@@ -26,8 +29,7 @@ TEXT_GROUP_KEYS = ("text_embed", "text_head", "vocab", "token_embed", "text_proj
                    "text_out", "text_encoder")
 LATENT_GROUP_KEYS = ("latent_proj", "latent_head", "latent_embed", "latent_norm", "latent_out",
                      "latent_linear", "latent_encoder")
-BASE_MODES = ("l2t", "t2l", "unconditional")
-LOSS_TYPES = BASE_MODES + ("sequential", "random")
+LOSS_TYPES = STABLE_LOSS_TYPES
 
 
 def parameter_group(name: str) -> str:
@@ -59,10 +61,11 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         tokenizer: anything with `mask_token_id`, `pad_token_id`, `__len__`.
         text_noise_schedule: a `MaskedDiffusion` (its buffers are saved as `text_noise_schedule.*`).
         dtype: dtype of latents and timesteps fed to the model.
-        config: the run config; reads `loss.loss_type` (l2t | t2l | unconditional | sequential |
-            random), `loss.latent_loss_weight` (0.1), `loss.on_nonfinite` (upstream | raise),
-            `training.seed` (42), `training.sequential_schedule`, `training.mode_weights` and the
-            latent diffusion keys (see `latent_settings`).
+        config: the run config (mapping or DictConfig), validated against the schema
+            (`latentDLM_mmdit.settings`, where the defaults are stated); reads `loss.loss_type`
+            (l2t | t2l | unconditional | sequential | random; required), `loss.latent_loss_weight`,
+            `loss.on_nonfinite` (upstream | raise), `training.seed`, `training.sequential_schedule`,
+            `training.mode_weights` and `model.latent_*` (see `latent_settings`).
     """
 
     DRAW_NAMES = ("text_t", "latent_t", "mask_uniform", "latent_noise")
@@ -70,31 +73,15 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
     def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
                  dtype: torch.dtype, config: Any):
         super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
-        loss_cfg = self.config.get("loss", {}) or {}
-        train_cfg = self.config.get("training", {}) or {}
-        self.loss_type = str(loss_cfg.get("loss_type", "l2t"))
+        require(self.settings, ["loss.loss_type"], type(self).__name__)
+        self.loss_type = self.settings.loss.loss_type
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type={self.loss_type!r} is not a stable mode; valid: {', '.join(LOSS_TYPES)}")
-        self.sequential_schedule = list(train_cfg.get("sequential_schedule", []) or [])
-        self.mode_weights = [float(w) for w in (train_cfg.get("mode_weights", [1.0, 1.0, 1.0]) or [])]
-        self._check_mode_config()
+        self.sequential_schedule = list(self.settings.training.sequential_schedule)  # [ScheduleItem]
+        self.mode_weights = list(self.settings.training.mode_weights)
         self.current_step = 0
         self.current_epoch = 0
         self.param_groups = {name: parameter_group(name) for name, _ in model.named_parameters()}
-
-    def _check_mode_config(self) -> None:
-        if self.loss_type == "sequential":
-            for i, item in enumerate(self.sequential_schedule):
-                if item.get("type") not in BASE_MODES:
-                    raise ValueError(
-                        f"training.sequential_schedule[{i}].type={item.get('type')!r}; valid: {', '.join(BASE_MODES)}"
-                    )
-        if self.loss_type == "random":
-            if len(self.mode_weights) != 3 or min(self.mode_weights) < 0 or sum(self.mode_weights) <= 0:
-                raise ValueError(
-                    f"training.mode_weights={self.mode_weights} must be 3 non-negative weights "
-                    "(unconditional, l2t, t2l) with a positive sum"
-                )
 
     # -- mode selection and freezing ------------------------------------------------------------
     def training_mode(self, step: int | None = None) -> str:
@@ -105,16 +92,16 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
             if not schedule:
                 return "unconditional"
             if step is not None:
-                lengths = [int(item.get("steps", 1000)) for item in schedule]
+                lengths = [item.steps for item in schedule]
                 position = step % sum(lengths)
             else:
-                lengths = [int(item.get("epochs", 1)) for item in schedule]
+                lengths = [item.epochs for item in schedule]
                 position = self.current_epoch % sum(lengths)
             cumulative = 0
             for item, length in zip(schedule, lengths):
                 cumulative += length
                 if position < cumulative:
-                    return str(item["type"])
+                    return item.type
             return "unconditional"
         weights = torch.tensor(self.mode_weights, dtype=torch.float64)
         choice = int(torch.multinomial(weights / weights.sum(), 1, generator=self.generator))

@@ -1,5 +1,5 @@
-"""What the stable and the cycle trainer share: the trainer base (model, text side, latent
-diffusion from the config, latent loss weight, non-finite policy, the trainer's own generator),
+"""What the stable and the cycle trainer share: the trainer base (model, text side, the validated
+settings, latent diffusion, latent loss weight, non-finite policy, the trainer's own generator),
 batch preparation and the splitting of the model's outputs."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.draws import make_generator
-from latentDLM_mmdit.latent_settings import resolve_latent_settings
+from latentDLM_mmdit.latent_settings import latent_settings_of
+from latentDLM_mmdit.settings import NONFINITE_POLICIES, RunSettings, validate_settings  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-NONFINITE_POLICIES = ("upstream", "raise")
 FALLBACK_TOTAL_LOSS = 0.01
 
 
@@ -26,6 +26,18 @@ def as_config(config: Any) -> DictConfig:
     if isinstance(config, Mapping):
         return OmegaConf.create(dict(config))
     raise TypeError(f"config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+
+
+def trainer_settings(config: Any, owner: str):
+    """The validated settings of a trainer's config (a mapping or a DictConfig, only read); a
+    `ResolvedConfig` whose `.config` reads as `RunSettings`."""
+    if not isinstance(config, (Mapping, DictConfig)):
+        raise TypeError(f"{owner}: config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+    resolved = validate_settings(config, f"the config given to {owner}", shared=True)
+    if logger.isEnabledFor(logging.DEBUG):
+        for line in resolved.summary():
+            logger.debug("%s: %s", owner, line)
+    return resolved
 
 
 def split_model_outputs(outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +80,10 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], dtype: torch.dtype, owner: 
 
 
 class DiffusionTrainerBase(nn.Module):
-    """What both trainers share: the model and text side, the latent diffusion resolved from the
-    config, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own generator
-    (seeded from `training.seed`)."""
+    """What both trainers share: the model and text side, the config validated against the schema
+    (`self.settings`, read as `RunSettings`; `self.config` is the same object), the latent diffusion
+    of `model.latent_*`, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own
+    generator (seeded from `training.seed`)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
                  dtype: torch.dtype, config: Any):
@@ -79,22 +92,19 @@ class DiffusionTrainerBase(nn.Module):
         self.tokenizer = tokenizer
         self.text_noise_schedule = text_noise_schedule
         self.dtype = dtype
-        self.config = as_config(config)
+        resolved = trainer_settings(config, type(self).__name__)
+        self.settings: RunSettings = resolved.config
+        self.config = self.settings
         self.mask_token_id = int(tokenizer.mask_token_id)
-        self.latent_settings = resolve_latent_settings(self.config)
+        self.latent_settings = latent_settings_of(resolved)
         self.latent_diffusion = ContinuousDiffusion(
             num_timesteps=self.latent_settings.num_timesteps,
             beta_schedule=self.latent_settings.beta_schedule,
             parameterization=self.latent_settings.parameterization,
         )
-        loss_cfg = self.config.get("loss", {}) or {}
-        self.latent_loss_weight = float(loss_cfg.get("latent_loss_weight", 0.1))
-        if not 0.0 <= self.latent_loss_weight < float("inf"):
-            raise ValueError(f"loss.latent_loss_weight={self.latent_loss_weight} must be finite and >= 0")
-        self.on_nonfinite = str(loss_cfg.get("on_nonfinite", "upstream"))
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"loss.on_nonfinite={self.on_nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
-        self.generator = make_generator(int((self.config.get("training", {}) or {}).get("seed", 42)))
+        self.latent_loss_weight = self.settings.loss.latent_loss_weight
+        self.on_nonfinite = self.settings.loss.on_nonfinite
+        self.generator = make_generator(self.settings.training.seed)
         self.last_draws: dict[str, torch.Tensor] = {}  # every draw the last step used
         self.unused_draws: list[str] = []  # injected draws the last step did not use
 

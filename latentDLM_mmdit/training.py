@@ -48,17 +48,16 @@ from torch.nn.parallel import DistributedDataParallel
 from latentDLM_mmdit.checkpoints import (
     CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, save_checkpoint,
 )
-from latentDLM_mmdit.config import ConfigError, load_config
+from latentDLM_mmdit.config import ConfigError, resolve_config
 from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
-from latentDLM_mmdit.improved_trainer_stable import as_config
 from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
+from latentDLM_mmdit.settings import LR_SCHEDULES, OPTIMIZERS, RunSettings, require, validate_settings  # noqa: F401
+from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
 
 logger = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw",)
 TRAIN_STATE_FORMAT = "mmdit-compat-train/1"
 DIST_TIMEOUT = timedelta(minutes=30)
 # Streams derived from training.seed, kept apart from the trainer generator (seed + rank).
@@ -71,27 +70,25 @@ class TrainingError(ValueError):
 
 
 # -- settings --------------------------------------------------------------------------------------
-def _read(config: DictConfig, key: str, kind: type) -> Any:
-    """config[key] (dotted), type-checked; TrainingError naming the key otherwise."""
-    node: Any = config
-    for part in key.split("."):
-        try:
-            present = part in node
-        except TypeError:
-            present = False
-        if not present:
-            raise TrainingError(f"config lacks {key}")
-        node = node[part]
-    if kind is float and isinstance(node, int) and not isinstance(node, bool):
-        node = float(node)
-    if kind is int and isinstance(node, bool) or not isinstance(node, kind):
-        raise TrainingError(f"config {key}={node!r}: expected {kind.__name__}")
-    return node
+LOOP_REQUIRED = ("training.train_batch_size", "training.num_train_steps", "optimizer.lr")
+
+
+def validated_config(config: Any) -> DictConfig:
+    """`config` (a mapping or a DictConfig, only read) validated against the schema
+    (`latentDLM_mmdit.settings`), with the vocabulary filled from `tokenizer.path` when the
+    tokenizer section does not give it."""
+    try:
+        resolved = validate_settings(config, "the run config")
+        if resolved.config.tokenizer.path:
+            apply_vocab(resolved, resolve_vocab(resolved.config, owner="the run config"))
+    except ConfigError as exc:
+        raise TrainingError(str(exc)) from exc
+    return resolved.config
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """The loop's own config keys, read and checked once."""
+    """The loop's own settings, read once from the validated config (ranges are the schema's)."""
 
     seed: int
     batch_size: int
@@ -114,52 +111,34 @@ class LoopSettings:
     save_every: int
 
     @classmethod
-    def from_config(cls, config: DictConfig) -> "LoopSettings":
-        optimizer = _read(config, "optimizer.name", str).lower()
-        if optimizer not in OPTIMIZERS:
-            raise TrainingError(f"optimizer.name={optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        dtype_from_config(config)  # training.dtype: checked here, used by the trainers
-        s = cls(
-            seed=_read(config, "training.seed", int),
-            batch_size=_read(config, "training.train_batch_size", int),
-            num_train_steps=_read(config, "training.num_train_steps", int),
-            grad_accum=_read(config, "training.gradient_accumulation_steps", int),
-            lr_schedule=_read(config, "training.lr_schedule", str),
-            warmup_steps=_read(config, "training.warmup_steps", int),
-            lr=_read(config, "optimizer.lr", float),
-            weight_decay=_read(config, "optimizer.weight_decay", float),
-            betas=(_read(config, "optimizer.beta1", float), _read(config, "optimizer.beta2", float)),
-            eps=_read(config, "optimizer.eps", float),
-            grad_clip_norm=_read(config, "optimizer.grad_clip_norm", float),
-            token_dir=_read(config, "data.token_dir", str),
-            latent_dir=_read(config, "data.latent_dir", str),
-            synthetic_seq_len=_read(config, "data.synthetic_seq_len", int),
-            synthetic_num_samples=_read(config, "data.synthetic_num_samples", int),
-            run_name=_read(config, "logging.run_name", str),
-            log_dir=_read(config, "logging.log_dir", str),
-            log_every=_read(config, "logging.log_every", int),
-            save_every=_read(config, "logging.save_every", int),
+    def from_config(cls, config: Any) -> "LoopSettings":
+        s: RunSettings = validated_config(config)
+        try:
+            require(s, LOOP_REQUIRED, "the training loop")
+        except ConfigError as exc:
+            raise TrainingError(str(exc)) from exc
+        training, optimizer, data, log = s.training, s.optimizer, s.data, s.logging
+        return cls(
+            seed=training.seed,
+            batch_size=training.train_batch_size,
+            num_train_steps=training.num_train_steps,
+            grad_accum=training.gradient_accumulation_steps,
+            lr_schedule=training.lr_schedule,
+            warmup_steps=training.warmup_steps,
+            lr=optimizer.lr,
+            weight_decay=optimizer.weight_decay,
+            betas=(optimizer.beta1, optimizer.beta2),
+            eps=optimizer.eps,
+            grad_clip_norm=optimizer.grad_clip_norm,
+            token_dir=data.token_dir,
+            latent_dir=data.latent_dir,
+            synthetic_seq_len=data.synthetic_seq_len,
+            synthetic_num_samples=data.synthetic_num_samples,
+            run_name=log.run_name,
+            log_dir=log.log_dir,
+            log_every=log.log_every,
+            save_every=log.save_every if log.save_every > 0 else training.num_train_steps,  # 0: the last only
         )
-        positive = {"training.train_batch_size": s.batch_size, "training.num_train_steps": s.num_train_steps,
-                    "training.gradient_accumulation_steps": s.grad_accum, "logging.log_every": s.log_every,
-                    "logging.save_every": s.save_every, "data.synthetic_seq_len": s.synthetic_seq_len,
-                    "data.synthetic_num_samples": s.synthetic_num_samples}
-        for key, value in positive.items():
-            if value < 1:
-                raise TrainingError(f"config {key}={value}: must be >= 1")
-        non_negative = {"training.warmup_steps": s.warmup_steps, "optimizer.lr": s.lr,
-                        "optimizer.weight_decay": s.weight_decay, "optimizer.grad_clip_norm": s.grad_clip_norm}
-        for key, value in non_negative.items():
-            if value < 0:
-                raise TrainingError(f"config {key}={value}: must be >= 0")
-        if s.lr_schedule not in LR_SCHEDULES:
-            raise TrainingError(f"config training.lr_schedule={s.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
-        for key, value in (("optimizer.beta1", s.betas[0]), ("optimizer.beta2", s.betas[1])):
-            if not 0.0 <= value < 1.0:
-                raise TrainingError(f"config {key}={value}: must be in [0, 1)")
-        if s.eps <= 0:
-            raise TrainingError(f"config optimizer.eps={s.eps}: must be > 0")
-        return s
 
 
 def learning_rate(step: int, settings: LoopSettings) -> float:
@@ -427,7 +406,7 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
         raise TrainingError("pass --init-from (start from pretrained weights) or --resume (continue a run), not both")
     if stop_at_step is not None and stop_at_step < 1:
         raise TrainingError(f"stop_at_step={stop_at_step}: must be >= 1")
-    config = as_config(config)
+    config = validated_config(config)
     settings = LoopSettings.from_config(config)
     ctx = init_distributed(device, dist_timeout)
     try:
@@ -628,7 +607,12 @@ def build_parser(entry: TrainerEntry) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. training.num_train_steps=10 loss.cycle_text_weight=0.2")
     parser.add_argument("--config", default=None,
-                        help=f"YAML config (default: the packaged {entry.default_config.name})")
+                        help=f"YAML config, plain or upstream's Hydra format with a defaults list "
+                             f"(default: the packaged {entry.default_config.name})")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
+                             "tokenizer_config.json) giving tokenizer.vocab_size, mask_token_id and pad_token_id; "
+                             "replaces tokenizer.path")
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--synthetic", action="store_true", help="seeded synthetic samples (data.synthetic_*)")
     data.add_argument("--data-tokens", metavar="DIR", help="upstream token dir of <stem>_tokens.npz files")
@@ -662,9 +646,12 @@ def cli_main(entry: TrainerEntry, argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config_path = args.config or entry.default_config
-        config = load_config(config_path, args.overrides)
-        output_dir = Path(args.output_dir) if args.output_dir else (
-            Path(_read(config, "logging.log_dir", str)) / _read(config, "logging.run_name", str))
+        resolved = resolve_config(config_path, args.overrides, tokenizer_dir=args.tokenizer)
+        if is_main:
+            for line in resolved.summary():
+                logger.info("config %s: %s", config_path, line)
+        config = resolved.config
+        output_dir = Path(args.output_dir) if args.output_dir else Path(config.logging.log_dir) / config.logging.run_name
         result = run_training(config, trainer=entry, output_dir=output_dir, synthetic=args.synthetic,
                               token_dir=args.data_tokens, latent_dir=args.data_latents, init_from=args.init_from,
                               resume=args.resume, progress=not args.no_progress, stop_at_step=args.stop_at_step,

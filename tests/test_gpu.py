@@ -84,7 +84,8 @@ def test_upstream_parity_forward_on_cuda():
 
     config = json.loads(safe_open(str(PARITY), "pt").metadata()["config"])
     tensors = load_file(str(PARITY))
-    model = MultimodalMMDiT(config, config["vocab_size"], config["latent_dim"], config["cluster_size"])
+    model_config = {k: v for k, v in config.items() if k not in ("vocab_size", "mask_token_id", "latent_loss_weight")}
+    model = MultimodalMMDiT(model_config, config["vocab_size"], config["latent_dim"], config["cluster_size"])
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model = model.eval().cuda()
     ids, mask, latent = (tensors[f"inputs.{k}"].cuda() for k in ("input_ids", "attention_mask", "latent"))

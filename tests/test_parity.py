@@ -60,9 +60,14 @@ class Fixture:
         self.versions = json.loads(raw_meta["versions"])
         self.model_state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
+    @property
+    def model_config(self) -> dict:
+        """The fixture's config is flat; the model validates a model section, so it gets the model keys."""
+        return {k: v for k, v in self.config.items() if k not in ("vocab_size", "mask_token_id", "latent_loss_weight")}
+
     def build_model(self) -> MultimodalMMDiT:
         cfg = self.config
-        model = MultimodalMMDiT(cfg, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
+        model = MultimodalMMDiT(self.model_config, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
                                 cluster_size=cfg["cluster_size"])
         model.load_state_dict(self.model_state, strict=True)
         return model
@@ -157,7 +162,7 @@ def test_recorded_versions_equal_installed(fx):
 
 def test_state_dict_keys_and_shapes_equal_fixture(fx):
     cfg = fx.config
-    model = MultimodalMMDiT(cfg, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
+    model = MultimodalMMDiT(fx.model_config, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
                             cluster_size=cfg["cluster_size"])
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fx.model_state.items()}

@@ -25,10 +25,10 @@ from latentDLM_mmdit.trainer_base import (
     FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, prepare_batch, split_model_outputs,
 )
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse
+from latentDLM_mmdit.settings import CYCLE_LOSS_TYPE, PSEUDO_TOKEN_SAMPLINGS, require
 
-
+# The schema's latent_t_mode values: ones and t1 are aliases of full.
 LATENT_T_MODES = {"full": "full", "ones": "full", "t1": "full", "random": "random"}
-PSEUDO_TOKEN_SAMPLINGS = ("argmax", "categorical")
 LATENT_T_CAP = 0.9999
 
 
@@ -66,12 +66,14 @@ class CycleVAETrainer(DiffusionTrainerBase):
         tokenizer: anything with `mask_token_id`, `pad_token_id`, `__len__`.
         text_noise_schedule: the text `MaskedDiffusion` (kept for checkpoint layout parity).
         dtype: dtype of latents and timesteps fed to the model.
-        config: reads `loss.loss_type` (must be cycle_vae), `loss.latent_loss_weight` (0.1),
-            `loss.latent_t_mode` (full | random), `loss.cycle_latent_t_min` / `_t_max` (0.0 / 0.98),
-            `loss.cycle_text_weight` (1.0), `loss.cycle_latent_weight` (0.0), their
-            `*_warmup_steps` / `*_ramp_steps` (0), `loss.cycle_latent_sampling` (argmax |
-            categorical), `loss.cycle_stop_grad_latent` (true), `loss.on_nonfinite` (upstream |
-            raise), `training.seed` (42) and the latent diffusion keys.
+        config: the run config (mapping or DictConfig), validated against the schema
+            (`latentDLM_mmdit.settings`, where the defaults are stated: the review's recommended
+            values, or upstream's under `profile: upstream`); reads `loss.loss_type` (must be
+            cycle_vae), `loss.latent_loss_weight`, `loss.latent_t_mode` (full | random),
+            `loss.cycle_latent_t_min` / `_t_max`, `loss.cycle_text_weight`,
+            `loss.cycle_latent_weight`, their `*_warmup_steps` / `*_ramp_steps`,
+            `loss.cycle_latent_sampling` (argmax | categorical), `loss.cycle_stop_grad_latent`,
+            `loss.on_nonfinite` (upstream | raise), `training.seed` and `model.latent_*`.
     """
 
     DRAW_NAMES = ("latent_t", "latent_noise", "cycle_latent_t", "cycle_latent_noise", "pseudo_token_uniform")
@@ -79,40 +81,17 @@ class CycleVAETrainer(DiffusionTrainerBase):
     def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
                  dtype: torch.dtype, config: Any):
         super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
-        loss = self.config.get("loss", {}) or {}
-        loss_type = str(loss.get("loss_type", "cycle_vae"))
-        if loss_type != "cycle_vae":
-            raise ValueError(f"CycleVAETrainer needs loss.loss_type=cycle_vae, got {loss_type!r}")
-        mode = str(loss.get("latent_t_mode", "random")).lower()
-        if mode not in LATENT_T_MODES:
-            raise ValueError(f"unknown loss.latent_t_mode {mode!r}; valid: full, random")
-        self.latent_t_mode = LATENT_T_MODES[mode]
-        self.latent_t_min = float(loss.get("cycle_latent_t_min", 0.0))
-        self.latent_t_max = float(loss.get("cycle_latent_t_max", 0.98))
-        if not 0.0 <= self.latent_t_min < self.latent_t_max <= 1.0:
-            raise ValueError(
-                f"loss.cycle_latent_t_min={self.latent_t_min} and loss.cycle_latent_t_max={self.latent_t_max} "
-                "must satisfy 0 <= t_min < t_max <= 1"
-            )
-        self.weights = {}
-        for term, default in (("cycle_text", 1.0), ("cycle_latent", 0.0)):
-            base = float(loss.get(f"{term}_weight", default))
-            warmup = int(loss.get(f"{term}_warmup_steps", 0))
-            ramp = int(loss.get(f"{term}_ramp_steps", 0))
-            # `not 0 <= base < inf` also refuses NaN, which would otherwise skip the term and
-            # turn every total into the 0.01 fallback without an error.
-            if not 0.0 <= base < float("inf") or warmup < 0 or ramp < 0:
-                raise ValueError(
-                    f"loss.{term}_weight={base}, loss.{term}_warmup_steps={warmup} and "
-                    f"loss.{term}_ramp_steps={ramp} must all be >= 0 (the weight finite)"
-                )
-            self.weights[term] = (base, warmup, ramp)
-        self.pseudo_token_sampling = str(loss.get("cycle_latent_sampling", "argmax")).lower()
-        if self.pseudo_token_sampling not in PSEUDO_TOKEN_SAMPLINGS:
-            raise ValueError(
-                f"unknown loss.cycle_latent_sampling {self.pseudo_token_sampling!r}; valid: {', '.join(PSEUDO_TOKEN_SAMPLINGS)}"
-            )
-        self.stop_grad_latent = bool(loss.get("cycle_stop_grad_latent", True))
+        require(self.settings, ["loss.loss_type"], type(self).__name__)
+        loss = self.settings.loss  # validated: types, ranges and choices checked by the schema
+        if loss.loss_type != CYCLE_LOSS_TYPE:
+            raise ValueError(f"CycleVAETrainer needs loss.loss_type={CYCLE_LOSS_TYPE}, got {loss.loss_type!r}")
+        self.latent_t_mode = LATENT_T_MODES[loss.latent_t_mode]
+        self.latent_t_min = loss.cycle_latent_t_min
+        self.latent_t_max = loss.cycle_latent_t_max
+        self.weights = {term: (loss[f"{term}_weight"], loss[f"{term}_warmup_steps"], loss[f"{term}_ramp_steps"])
+                        for term in ("cycle_text", "cycle_latent")}
+        self.pseudo_token_sampling = loss.cycle_latent_sampling
+        self.stop_grad_latent = loss.cycle_stop_grad_latent
         self.last_model_passes = 0
 
     # -- pieces ---------------------------------------------------------------------------------

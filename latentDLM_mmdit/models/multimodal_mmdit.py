@@ -25,22 +25,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmdit.mmdit_generalized_pytorch import MMDiT
+from omegaconf import DictConfig, OmegaConf
+
+from latentDLM_mmdit.settings import ModelSettings, validate_settings
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_MODEL_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len")
 
 
-def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
-    """Reads `key` from a dict, an OmegaConf node or an attribute namespace."""
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    if hasattr(config, "get"):
-        try:
-            return config.get(key, default)
-        except TypeError:
-            pass
-    return getattr(config, key, default)
+def model_settings(config: Any) -> ModelSettings:
+    """The `model` section validated against the schema (read as `ModelSettings`); `config` is a
+    mapping or a DictConfig (only read). Raises ValueError naming unknown, mistyped, out-of-range
+    and missing required keys."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"model config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+    model = validate_settings({"model": config}, "the model config given to MultimodalMMDiT", shared=True).config.model
+    missing = [k for k in REQUIRED_MODEL_KEYS if OmegaConf.is_missing(model, k)]
+    if missing:
+        raise ValueError(f"model config is missing required key(s): {', '.join(missing)}")
+    return model
 
 
 class TimestepEmbedder(nn.Module):
@@ -129,11 +135,12 @@ class MultimodalMMDiT(nn.Module):
     """Joint text/latent MMDiT.
 
     Args:
-        config: model config (dict, OmegaConf node or namespace) with `hidden_size`, `n_blocks`,
-            `cond_dim`, `max_seq_len`, optional `dropout` (0.0), `qk_rmsnorm` (True; accepted but
-            inert, as upstream: the generalized block does not pass it on) and
-            `num_residual_streams` (2). `n_heads` is read by nothing: the backbone uses the
-            library's 8 heads of 64 dims, as upstream.
+        config: the `model` section (mapping or DictConfig), validated against
+            `settings.ModelSettings`: `hidden_size`, `n_blocks`, `cond_dim`, `max_seq_len`
+            (required), `dropout`, `qk_rmsnorm` (accepted but inert, as upstream: the generalized
+            block does not pass it on) and `num_residual_streams`, defaults stated in the schema.
+            `n_heads` is accepted and read by nothing: the backbone uses the library's 8 heads of
+            64 dims, as upstream.
         vocab_size: number of token ids V (text embedding rows and logits width).
         latent_dim: width D of the latent vector.
         cluster_size: when > 0, adds `text_head_clusters` and returns a third output.
@@ -141,44 +148,42 @@ class MultimodalMMDiT(nn.Module):
 
     def __init__(self, config: Any, vocab_size: int, latent_dim: int, cluster_size: int = 0):
         super().__init__()
-        missing = [k for k in REQUIRED_MODEL_KEYS if _cfg_get(config, k) is None]
-        if missing:
-            raise ValueError(f"model config is missing required key(s): {', '.join(missing)}")
+        settings = model_settings(config)
         if int(vocab_size) <= 0 or int(latent_dim) <= 0 or int(cluster_size) < 0:
             raise ValueError(
                 f"invalid sizes: vocab_size={vocab_size}, latent_dim={latent_dim}, "
                 f"cluster_size={cluster_size} (need vocab_size > 0, latent_dim > 0, cluster_size >= 0)"
             )
-        hidden = int(_cfg_get(config, "hidden_size"))
-        cond_dim = int(_cfg_get(config, "cond_dim"))
+        hidden = settings.hidden_size
+        cond_dim = settings.cond_dim
         self.vocab_size = int(vocab_size)
         self.latent_dim = int(latent_dim)
         self.cluster_size = int(cluster_size)
-        self.max_seq_len = int(_cfg_get(config, "max_seq_len"))
-        self.num_residual_streams = int(_cfg_get(config, "num_residual_streams", 2))
+        self.max_seq_len = settings.max_seq_len
+        self.num_residual_streams = settings.num_residual_streams
 
         self.text_encoder = TextEncoder(self.vocab_size, hidden, self.max_seq_len)
         self.latent_encoder = LatentEncoder(self.latent_dim, hidden, max_latent_len=1)
         self.conditioning = MultimodalConditioning(cond_dim)
         self.mmdit = MMDiT(
-            depth=int(_cfg_get(config, "n_blocks")),
+            depth=settings.n_blocks,
             dim_modalities=(hidden, hidden),
             dim_cond=cond_dim,
-            qk_rmsnorm=bool(_cfg_get(config, "qk_rmsnorm", True)),
+            qk_rmsnorm=settings.qk_rmsnorm,
             num_residual_streams=self.num_residual_streams,
         )
         self.text_head = nn.Linear(hidden, self.vocab_size)
         self.latent_head = nn.Sequential(
             nn.Linear(hidden, hidden * 2),
             nn.GELU(),
-            nn.Dropout(float(_cfg_get(config, "dropout", 0.0))),
+            nn.Dropout(settings.dropout),
             nn.Linear(hidden * 2, self.latent_dim),
         )
         self.text_head_clusters = nn.Linear(hidden, self.vocab_size) if self.cluster_size > 0 else None
         self._init_heads()
         logger.debug(
             "MultimodalMMDiT: V=%d H=%d D=%d blocks=%s streams=%d cluster_size=%d",
-            self.vocab_size, hidden, self.latent_dim, _cfg_get(config, "n_blocks"),
+            self.vocab_size, hidden, self.latent_dim, settings.n_blocks,
             self.num_residual_streams, self.cluster_size,
         )
 
