@@ -35,7 +35,7 @@ def check_same_yaml_same_settings(ctx, measure):
         batch = ctx.batch(2, seed=80)
         draws = ctx.draws(batch, seed=80)
         stable_config = ctx.stable_config_for("t2l", base=config)
-        cycle_config = ctx.cycle_config_for(BASE_ONLY, base=config)
+        cycle_config = ctx.cycle_config_for({**BASE_ONLY, "training.dtype": ctx.trainer_dtype_name}, base=config)
         schedule = LatentSchedule.of(config)
         stable = ctx.run_stable("t2l", batch, config=stable_config, draws=draws, grad=False)
         cycle = ctx.run_cycle(batch, config=cycle_config, draws=draws, grad=False)
