@@ -26,7 +26,8 @@ from latentDLM_mmdit.seeding import seed_everything
 from latentDLM_mmdit.synthetic import synthetic_batch
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 from compat.inputs import (
-    check_options, default_seq_len, load_user_config, open_user_checkpoint, read_data_samples, resolve_device, vocab_for,
+    GateVocab, check_options, default_seq_len, load_user_config, open_user_checkpoint, read_data_samples,
+    resolve_device, resolve_gate_vocab,
 )
 from compat.options import CompatOptions
 from compat.outcomes import GateInputError, blocked
@@ -102,6 +103,7 @@ class CompatContext:
     seq_len_source: str
     data_samples: list | None = field(default=None, repr=False)
     layout: ModelLayout | None = None
+    gate_vocab: GateVocab | None = None
     contents: CheckpointContents | None = field(default=None, repr=False)
     model: MultimodalMMDiT | None = None
     load_report: LoadReport | None = None
@@ -124,17 +126,20 @@ class CompatContext:
         with open_user_checkpoint(checkpoint) as source:
             layout = layout_of(source, checkpoint)
             contents = source.contents
+            checkpoint = Path(source.path)  # the file read (upstream's folder holds checkpoint.pt)
             n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
         # What the weights are (vocabulary, latent width) from the checkpoint; the cluster head from
         # the cycle config (what the user will train; a mismatch fails the strict load).
         sizes = {"vocab_size": layout.vocab_size, "latent_dim": layout.latent_dim,
                  "cluster_size": int(cycle_config.model.get("cluster_size", 0) or 0)}
         max_seq_len = int(cycle_config.model.max_seq_len)
-        vocab = vocab_for(cycle_config, sizes["vocab_size"])
+        gate_vocab = resolve_gate_vocab(options, sizes["vocab_size"], {"stable": stable_config, "cycle": cycle_config})
+        vocab = gate_vocab.vocab
         samples = read_data_samples(options, vocab, max_seq_len, sizes["latent_dim"]) if options.data else None
         seq_len, seq_len_source = default_seq_len(options, samples, max_seq_len)
         ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint, device,
-                  sizes, n_params, seq_len, seq_len_source, samples, layout=layout, contents=contents)
+                  sizes, n_params, seq_len, seq_len_source, samples, layout=layout, contents=contents,
+                  gate_vocab=gate_vocab)
         if options.cycle_trainer:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
         if options.stable_trainer:
@@ -159,6 +164,7 @@ class CompatContext:
             "data": (f"{self.options.data_tokens} + {self.options.data_latents} "
                      f"({len(self.data_samples or [])} samples read)") if self.options.data else "synthetic",
             "batch": f"{self.options.batch_size} x {self.seq_len} tokens ({self.seq_len_source})",
+            "vocabulary": ", ".join(f"{k}={getattr(self.vocab, k)} ({v})" for k, v in self.gate_vocab.sources.items()),
             "device": str(self.device),
             "model": self.model_note,
             "cycle trainer": self.cycle_subject.spec.describe(),
@@ -241,7 +247,8 @@ class CompatContext:
     # -- trainers -------------------------------------------------------------------------------
     @property
     def vocab(self):
-        return vocab_for(self.cycle_config, self.sizes["vocab_size"])
+        """The vocabulary both trainers use: the checkpoint's size, the resolved mask and pad ids."""
+        return self.gate_vocab.vocab
 
     def _with_loss(self, config: DictConfig, overrides: dict[str, Any]) -> DictConfig:
         """A validated copy of `config` with the row's overrides (`loss.*` keys unless dotted); a key

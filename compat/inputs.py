@@ -6,6 +6,7 @@ input is modified; the checkpoint is only read safely (see `latentDLM_mmdit.chec
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,100 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def load_user_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
-    """(config, path) of the stable or cycle config: the user's, else the packaged tiny default."""
+    """(config, path) of the stable or cycle config: the user's (plain YAML or upstream's Hydra
+    file), else the packaged tiny default. Validated by the settings schema; the vocabulary is not
+    filled here (`resolve_gate_vocab` takes its size from the checkpoint)."""
     from cycle_vae_impl.configs import config_path
-    from latentDLM_mmdit.config import ConfigError, load_config
+    from latentDLM_mmdit.config import ConfigError, resolve_config
 
     resolved = Path(path) if path else Path(config_path(kind))
     try:
-        return load_config(resolved), str(resolved)
+        return resolve_config(resolved, vocab=False).config, str(resolved)
     except ConfigError as exc:
         raise GateInputError(f"--{kind}-config {resolved}: {exc}",
                              f"fix the {kind} config file (or pass another with --{kind}-config)") from None
+
+
+def explicit_tokenizer_value(config: DictConfig, key: str) -> int | None:
+    """The config's own tokenizer.<key>, when it is the one its runs use: not when a tokenizer.path is
+    set (upstream's entry points then take every id from the tokenizer)."""
+    tokenizer = config.get("tokenizer") or {}
+    if tokenizer.get("path"):
+        return None
+    value = tokenizer.get(key)
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class GateVocab:
+    """The vocabulary the rows use, and where each value came from."""
+
+    vocab: Any  # latentDLM_mmdit.tokenizer.SyntheticVocab
+    sources: dict[str, str]
+
+
+def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[str, DictConfig]) -> GateVocab:
+    """vocab_size from the checkpoint's embedding; mask and pad ids from --mask-token-id /
+    --pad-token-id, else the configs' tokenizer sections (cycle, then stable), else a tokenizer
+    folder (--tokenizer DIR, else a config's tokenizer.path that exists here). Values given twice
+    must agree; a folder's vocabulary must have the checkpoint's size.
+
+    As upstream's entry points, a config with a tokenizer.path takes its ids from that tokenizer:
+    its own tokenizer.vocab_size / mask_token_id / pad_token_id (upstream's dummy-tokenizer
+    fallback) are not used then."""
+    from latentDLM_mmdit.settings import ConfigError
+    from latentDLM_mmdit.tokenizer import SyntheticVocab, read_tokenizer_folder
+
+    values: dict[str, int] = {}
+    sources: dict[str, str] = {"vocab_size": "the checkpoint's text_encoder.token_embed.weight"}
+    for key in ("mask_token_id", "pad_token_id"):
+        flag = getattr(options, key)
+        if flag is not None:
+            values[key], sources[key] = int(flag), f"--{key.replace('_', '-')}"
+        for kind in ("cycle", "stable"):  # the two configs disagreeing is the config-resolution row's verdict
+            given = explicit_tokenizer_value(configs[kind], key)
+            if given is None:
+                continue
+            if flag is not None and int(flag) != int(given):
+                raise GateInputError(f"tokenizer.{key}={given} in the {kind} config, but --{key.replace('_', '-')} "
+                                     f"gives {flag}", "make them agree (the checkpoint was trained with one id)")
+            values.setdefault(key, int(given))
+            sources.setdefault(key, f"tokenizer.{key} of the {kind} config")
+    folder = options.tokenizer
+    if folder is None:
+        paths = [configs[k].tokenizer.get("path") for k in ("cycle", "stable")]
+        folder = next((p for p in paths if p and Path(p).is_dir()), None)
+    missing = [k for k in ("mask_token_id", "pad_token_id") if k not in values]
+    if folder is not None and (missing or options.tokenizer):
+        add_mask = bool(configs["cycle"].tokenizer.get("add_mask_token", True))
+        try:
+            read = read_tokenizer_folder(folder, add_mask)
+        except (ConfigError, OSError, ValueError) as exc:
+            raise GateInputError(f"--tokenizer {folder}: {exc}", "pass a local tokenizer folder") from None
+        if read.vocab_size != vocab_size:
+            raise GateInputError(f"the tokenizer folder {folder} has {read.vocab_size} ids, the checkpoint's embedding "
+                                 f"{vocab_size} rows: it is not the tokenizer this checkpoint was trained with",
+                                 "pass the tokenizer folder of the checkpoint's training run")
+        for key in ("mask_token_id", "pad_token_id"):
+            value = getattr(read, key)
+            if key in values and values[key] != value:
+                raise GateInputError(f"the tokenizer folder {folder} gives {key}={value}, {sources[key]} gives "
+                                     f"{values[key]}", "make them agree (or leave one out)")
+            if key not in values and value is not None:
+                values[key], sources[key] = int(value), f"tokenizer folder {read.described[key]}"
+    missing = [k for k in ("mask_token_id", "pad_token_id") if k not in values]
+    if missing:
+        flags = " ".join(f"--{k.replace('_', '-')} ID" for k in missing)
+        raise GateInputError(f"no {' or '.join(missing)}: the configs do not give "
+                             f"{'them' if len(missing) > 1 else 'it'} (upstream's configs hold only a tokenizer path, "
+                             f"{[configs[k].tokenizer.get('path') for k in ('cycle', 'stable')]}, not on this machine)",
+                             f"pass --tokenizer DIR (the local copy of the training run's tokenizer folder), or {flags}")
+    try:
+        vocab = SyntheticVocab(vocab_size, values["mask_token_id"], values["pad_token_id"])
+    except ValueError as exc:
+        raise GateInputError(f"the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) does "
+                             f"not fit the checkpoint: {exc}", "pass the ids the checkpoint was trained with") from None
+    return GateVocab(vocab, sources)
 
 
 def open_user_checkpoint(path: Path):
@@ -132,21 +217,3 @@ def default_seq_len(options: CompatOptions, samples: list[dict] | None, max_seq_
     if wanted > max_seq_len:
         return max_seq_len, f"{why}, capped by model.max_seq_len"
     return wanted, why
-
-
-def vocab_for(config: DictConfig, vocab_size: int):
-    """The vocabulary spec the rows use: `vocab_size` rows (the checkpoint's embedding), the mask
-    and pad ids of the cycle config's tokenizer section."""
-    from latentDLM_mmdit.tokenizer import SyntheticVocab
-
-    tokenizer = config.get("tokenizer") or {}
-    missing = [key for key in ("mask_token_id", "pad_token_id") if tokenizer.get(key) is None]
-    if missing:
-        raise GateInputError(f"the cycle config has no tokenizer.{' or tokenizer.'.join(missing)}, and the rows must "
-                             "mask and pad tokens with the ids the checkpoint was trained with",
-                             f"add tokenizer.{' and tokenizer.'.join(missing)} to the cycle config")
-    try:
-        return SyntheticVocab(int(vocab_size), int(tokenizer.mask_token_id), int(tokenizer.pad_token_id))
-    except ValueError as exc:
-        raise GateInputError(f"the cycle config's tokenizer ids do not fit the checkpoint's vocabulary of "
-                             f"{vocab_size} ids: {exc}", "fix tokenizer.mask_token_id / pad_token_id") from None

@@ -29,6 +29,11 @@ OPTIONS: tuple[GateOption, ...] = (
     GateOption("cycle-config", "the cycle trainer's YAML; default: the packaged tiny config", metavar="YAML"),
     GateOption("data-tokens", "upstream-format token folder (<stem>_tokens.npz); needs --data-latents", metavar="DIR"),
     GateOption("data-latents", "upstream-format latent folder (<stem>.npy); needs --data-tokens", metavar="DIR"),
+    GateOption("tokenizer", "a local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
+               "tokenizer_config.json): the mask and pad ids when the configs do not give them (upstream's "
+               "configs hold only a tokenizer path)", metavar="DIR"),
+    GateOption("mask-token-id", "the mask token id (else from the configs or --tokenizer)", type=int, metavar="ID"),
+    GateOption("pad-token-id", "the pad token id (else from the configs or --tokenizer)", type=int, metavar="ID"),
     GateOption("cycle-trainer", "the cycle trainer class to judge: package.module:Class or path/to/file.py:Class "
                "(upstream's protocol: Class(model, tokenizer, text_noise_schedule, dtype, config), "
                "forward(batch) -> (loss, metrics)); default: this project's CycleVAETrainer", metavar="SPEC"),
@@ -50,6 +55,9 @@ class CompatOptions:
     cycle_config: str | None = None
     data_tokens: str | None = None
     data_latents: str | None = None
+    tokenizer: str | None = None
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
     cycle_trainer: str | None = None
     stable_trainer: str | None = None
     device: str = "cpu"

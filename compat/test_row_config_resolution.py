@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from compat.harness import LAYOUT_KEYS, row_runner, row_test
+from compat.inputs import explicit_tokenizer_value
 from compat.observe import T2L
 from compat.terms import LatentSchedule, latent_term
 from compat.oracle import tol
@@ -97,13 +98,16 @@ def check_model_layout_keys_agree(ctx, measure):
         if a != b:
             diff[f"model.{key}"] = (a, b)
     for key in ("vocab_size", "mask_token_id", "pad_token_id"):
-        a, b = ctx.stable_config.tokenizer.get(key), ctx.cycle_config.tokenizer.get(key)
+        # a config that does not give an id itself (or takes it from its tokenizer.path) uses the one
+        # the gate resolved: flags, tokenizer folder
+        a, b = (explicit_tokenizer_value(c, key) if explicit_tokenizer_value(c, key) is not None
+                else getattr(ctx.vocab, key) for c in (ctx.stable_config, ctx.cycle_config))
         if a != b:
             diff[f"tokenizer.{key}"] = (a, b)
     assert not diff, f"the stable and cycle configs build different models or mask differently (stable, cycle): {diff}"
     checkpoint_vocab = ctx.sizes["vocab_size"]
     for label, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config)):
-        configured = config.tokenizer.get("vocab_size")
+        configured = explicit_tokenizer_value(config, "vocab_size")
         assert configured is None or int(configured) == checkpoint_vocab, (
             f"the {label} config's tokenizer.vocab_size={configured} but the checkpoint's embedding has "
             f"{checkpoint_vocab} rows: that config builds a model the checkpoint does not fit")

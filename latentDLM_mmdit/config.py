@@ -105,7 +105,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, tokenizer_di
 
 
 def resolve_config(path: str | Path, overrides: Sequence[str] = (), *,
-                   tokenizer_dir: str | Path | None = None) -> ResolvedConfig:
+                   tokenizer_dir: str | Path | None = None, vocab: bool = True) -> ResolvedConfig:
     """Reads a YAML config (composing a Hydra file), applies overrides, resolves interpolations,
     validates every key and fills the vocabulary.
 
@@ -113,6 +113,8 @@ def resolve_config(path: str | Path, overrides: Sequence[str] = (), *,
         path: the YAML file.
         overrides: `key.path=value` strings (see the module docstring).
         tokenizer_dir: a local tokenizer folder (--tokenizer DIR); it replaces `tokenizer.path`.
+        vocab: fill the vocabulary from the tokenizer folder now; False leaves the tokenizer
+            section as given (the gate takes the vocabulary size from the checkpoint instead).
 
     Returns the ResolvedConfig: the config, where each value came from (file, override, default,
     profile, upstream key, tokenizer folder), the upstream keys not used here and notes.
@@ -139,7 +141,7 @@ def resolve_config(path: str | Path, overrides: Sequence[str] = (), *,
     if "defaults" in raw_file:
         resolved.notes.extend(_upstream_stable_notes(resolved))
     folder = tokenizer_dir if tokenizer_dir is not None else resolved.config.tokenizer.path
-    if folder:
+    if folder and vocab:
         vocab = resolve_vocab(resolved.config, tokenizer_dir=tokenizer_dir, owner=f"config file {source}")
         apply_vocab(resolved, vocab)
     return resolved
