@@ -60,7 +60,8 @@ def runs(tmp_path_factory):
     dirs = {name: root / name for name in ("full", "first", "resumed", "cycle")}
     stable_args = COMMON + TINY + ["training.num_train_steps=6", "logging.save_every=3"]
     cycle_args = COMMON + TINY + ["training.num_train_steps=2", "loss.cycle_text_ramp_steps=0",
-                                  "loss.cycle_latent_ramp_steps=0"]
+                                  "loss.cycle_latent_ramp_steps=0", "loss.cycle_text_warmup_steps=0",
+                                  "loss.cycle_latent_warmup_steps=0"]
     outputs = {}
     a = _start(STABLE_MODULE + stable_args + ["--output-dir", str(dirs["full"])], root)
     b = _start(STABLE_FILE + stable_args + ["--stop-at-step", "3", "--output-dir", str(dirs["first"])], root)

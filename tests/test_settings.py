@@ -142,7 +142,7 @@ def test_a_missing_cycle_key_takes_the_recommended_default_and_the_resolved_conf
     assert resolved.sources["loss.cycle_latent_weight"] == "file"  # what the file gives is recorded as such
     assert "loss.cycle_text_weight=0.1" in resolved.summary()[0]
     trainer = CycleVAETrainer(_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32, resolved.config)
-    assert trainer.weights["cycle_text"] == (0.1, 0, 20) and trainer.latent_t_mode == "full"
+    assert trainer.weights["cycle_text"] == (0.1, 2, 20) and trainer.latent_t_mode == "full"
 
 
 def test_profile_upstream_gives_upstreams_defaults_to_left_out_cycle_keys_only(tmp_path):
@@ -156,7 +156,7 @@ def test_profile_upstream_gives_upstreams_defaults_to_left_out_cycle_keys_only(t
     assert (loss.cycle_text_weight, loss.cycle_text_ramp_steps, loss.cycle_latent_weight, loss.latent_t_mode) == \
         (1.0, 0, 0.0, "random")
     assert resolved.sources["loss.cycle_text_weight"] == "profile upstream"
-    assert loss.cycle_latent_ramp_steps == 20  # given by the file: the profile does not replace it
+    assert loss.cycle_latent_ramp_steps == 12  # given by the file: the profile does not replace it
     recommended = resolve_config(config_path("cycle"), ["profile=recommended"]).config.loss
     assert recommended.cycle_text_weight == 0.1
 
