@@ -64,6 +64,20 @@ def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: in
     return written[-1]
 
 
+def row_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A row's settings (`loss.*` keys unless dotted), checked against the settings schema when the
+    row module is imported, i.e. at collection time: a typo is a collection error naming the key and
+    the nearest valid one, never a setting silently added and a row that tests the default. (The
+    values are checked when a trainer's config is built from them, by the same schema.)"""
+    from latentDLM_mmdit.settings import ConfigError, schema_kind, unknown_key_message
+
+    for key in settings:
+        full = key if "." in key else f"loss.{key}"
+        if schema_kind(full) is None:
+            raise ConfigError(unknown_key_message(full, "a compat row's settings"))
+    return dict(settings)
+
+
 def layout_of(source, path: Path):
     """The model layout the checkpoint's names and shapes imply (`checkpoints.derive_layout`)."""
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import LAYOUT_KEYS, row_runner, row_test
+from compat.harness import LAYOUT_KEYS, row_runner, row_settings, row_test
 from compat.inputs import explicit_tokenizer_value
 from compat.observe import T2L
 from compat.terms import LatentSchedule, latent_term
@@ -25,7 +25,7 @@ from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
 
 pytestmark = pytest.mark.compat_row("config_resolution")
-BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
 
 
 def check_same_yaml_same_settings(ctx, measure):

@@ -25,25 +25,25 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import row_runner, row_test, unfreeze
+from compat.harness import row_runner, row_settings, row_test, unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
 from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("cycle_terms")
 
-NO_RAMP = {"cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0,
-           "cycle_latent_ramp_steps": 0}
-WEIGHTS_ZERO = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
-ALL_TERMS = {"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
-             "cycle_latent_sampling": "argmax", **NO_RAMP}
-CATEGORICAL = dict(ALL_TERMS, cycle_latent_sampling="categorical")
-RAMPS = {"latent_t_mode": "full", "cycle_text_weight": 0.4, "cycle_text_warmup_steps": 3, "cycle_text_ramp_steps": 6,
+NO_RAMP = row_settings({"cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0,
+           "cycle_latent_ramp_steps": 0})
+WEIGHTS_ZERO = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
+ALL_TERMS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
+             "cycle_latent_sampling": "argmax", **NO_RAMP})
+CATEGORICAL = row_settings(dict(ALL_TERMS, cycle_latent_sampling="categorical"))
+RAMPS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.4, "cycle_text_warmup_steps": 3, "cycle_text_ramp_steps": 6,
          "cycle_latent_weight": 0.25, "cycle_latent_warmup_steps": 5, "cycle_latent_ramp_steps": 10,
-         "cycle_latent_sampling": "argmax"}
+         "cycle_latent_sampling": "argmax"})
 RAMP_STEPS = (0, 2, 3, 6, 9, 12, 15, 100)
-STOP_GRAD = {"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 1.0, "cycle_latent_weight": 0.0,
-             **NO_RAMP}
+STOP_GRAD = row_settings({"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 1.0, "cycle_latent_weight": 0.0,
+             **NO_RAMP})
 
 
 def check_weights_zero_equal_stable(ctx, measure, batch_size):

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from compat.harness import grads_by_name, row_runner, row_test
+from compat.harness import grads_by_name, row_runner, row_settings, row_test
 from compat.outcomes import not_applicable
 from compat.oracle import tol
 from latentDLM_mmdit.factory import dtype_from_config
@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
 WORLD = 2
 SEED = 130
 TIMEOUT_S = 60
-CYCLE = dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
-             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0)
+CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
+             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
 SETTINGS = ("stable_t2l", "cycle")
 
 

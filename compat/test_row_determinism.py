@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import T2L
 from compat.subjects import CAPTURED
 
@@ -31,11 +31,11 @@ pytestmark = pytest.mark.compat_row("determinism")
 STEPS = 3
 SEED = 110
 BATCH = 2
-CYCLE_RANDOM = dict(latent_t_mode="random", cycle_latent_sampling="categorical", cycle_text_weight=0.5,
+CYCLE_RANDOM = row_settings(dict(latent_t_mode="random", cycle_latent_sampling="categorical", cycle_text_weight=0.5,
                     cycle_latent_weight=0.5, cycle_text_warmup_steps=0, cycle_text_ramp_steps=0,
                     cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0, cycle_latent_t_min=0.1,
-                    cycle_latent_t_max=0.9)
-CYCLE_FULL = dict(CYCLE_RANDOM, latent_t_mode="full", cycle_latent_sampling="argmax")
+                    cycle_latent_t_max=0.9))
+CYCLE_FULL = row_settings(dict(CYCLE_RANDOM, latent_t_mode="full", cycle_latent_sampling="argmax"))
 
 
 def global_rng_state(ctx) -> dict:

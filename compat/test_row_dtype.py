@@ -16,15 +16,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.terms import cycle_terms
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("dtype")
 
 SEED = 100
-CYCLE = dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
-             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0)
+CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
+             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 

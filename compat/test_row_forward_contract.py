@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test, slice_batch
+from compat.harness import row_runner, row_settings, row_test, slice_batch
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, FORWARD_ARGUMENTS, L2T, T2L
 from compat.oracle import tol
 from compat.outcomes import cannot_check
@@ -29,9 +29,9 @@ from compat.terms import cycle_terms
 pytestmark = pytest.mark.compat_row("forward_contract")
 
 # Every term on, argmax pseudo tokens, no ramp: the cycle step makes all four passes.
-CYCLE_ALL_TERMS = {"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
+CYCLE_ALL_TERMS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
                    "cycle_latent_sampling": "argmax", "cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0,
-                   "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0}
+                   "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0})
 EXPECTED_PASSES = {"stable_l2t": [L2T], "stable_t2l": [T2L], "cycle": [T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]}
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import L2T
 from compat.oracle import ce_every_position, tol
 
 pytestmark = pytest.mark.compat_row("l2t_masking")
 # The cycle loss is then exactly its base L2T term.
-CYCLE_L2T_ONLY = {"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 0.0,
-                  "cycle_latent_weight": 0.0}
+CYCLE_L2T_ONLY = row_settings({"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 0.0,
+                  "cycle_latent_weight": 0.0})
 
 
 def l2t_pass_ok(ctx, label: str, p, batch) -> None:

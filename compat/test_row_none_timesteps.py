@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import L2T, T2L
 from compat.outcomes import not_applicable
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("none_timesteps")
-CYCLE_BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+CYCLE_BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
 
 
 def check_none_equals_zeros(ctx, measure):

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import L2T, T2L
 from compat.terms import LatentSchedule, latent_term
 from compat.outcomes import not_applicable
@@ -43,7 +43,7 @@ from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 
 pytestmark = pytest.mark.compat_row("pretrained_checkpoint")
-BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
 
 MMDIT02_FIXTURE = Path(__file__).resolve().parent / "data" / "mmdit02_layout_h16.safetensors"
 SEED = 95

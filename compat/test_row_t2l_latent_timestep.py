@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import CYCLE_LATENT, T2L
 from compat.oracle import tol
 from compat.subjects import INJECTED
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.compat_row("t2l_latent_timestep")
 STEPS = 6
 LATENT_T_CAP = 0.9999  # upstream's clamp of random t below 1
 # Both noised passes made, no ramp.
-BOTH_NOISED = {"cycle_text_weight": 0.1, "cycle_latent_weight": 0.1, "cycle_text_warmup_steps": 0,
-               "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0}
-RANDOM = dict(BOTH_NOISED, latent_t_mode="random", cycle_latent_t_min=0.2, cycle_latent_t_max=0.7)
-BASE_ONLY = {"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+BOTH_NOISED = row_settings({"cycle_text_weight": 0.1, "cycle_latent_weight": 0.1, "cycle_text_warmup_steps": 0,
+               "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0})
+RANDOM = row_settings(dict(BOTH_NOISED, latent_t_mode="random", cycle_latent_t_min=0.2, cycle_latent_t_max=0.7))
+BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
 
 
 def noised_timesteps(ctx, settings: dict, steps: int = STEPS, with_draws: bool = False) -> tuple[torch.Tensor, list]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_settings, row_test
 from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import tol
 from compat.terms import LatentSchedule
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.compat_row("x0_reconstruction")
 PARAMETERIZATIONS = ("epsilon", "x0", "v_param")
 GAIN_INCOMPATIBLE = 100.0
 GAIN_REVIEW = 10.0
-CYCLE_TEXT_ON = {"cycle_text_weight": 1.0, "cycle_latent_weight": 0.0, "cycle_text_warmup_steps": 0,
-                 "cycle_text_ramp_steps": 0}
-SMALL_T = dict(CYCLE_TEXT_ON, latent_t_mode="random", cycle_latent_t_min=0.0, cycle_latent_t_max=0.05)
+CYCLE_TEXT_ON = row_settings({"cycle_text_weight": 1.0, "cycle_latent_weight": 0.0, "cycle_text_warmup_steps": 0,
+                 "cycle_text_ramp_steps": 0})
+SMALL_T = row_settings(dict(CYCLE_TEXT_ON, latent_t_mode="random", cycle_latent_t_min=0.0, cycle_latent_t_max=0.05))
 
 
 def check_formula(ctx, measure, parameterization):
