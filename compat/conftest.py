@@ -17,7 +17,7 @@ from compat.outcomes import EXIT_CANNOT_CHECK, GateInputError, cannot_check
 from compat.rows import REVIEW, ROWS_BY_ID
 
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
-CONTEXT_KEY = pytest.StashKey[dict]()        # what the session checked (the matrix header)
+CONTEXT_KEY = pytest.StashKey[object]()      # the CompatContext the session checked (the matrix header)
 INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
 
 
@@ -72,7 +72,8 @@ def ctx(compat_options, tmp_path_factory, pytestconfig):
     except GateInputError as error:
         pytestconfig.stash[INPUT_ERROR_KEY] = error
         cannot_check(error.one_line())
-    pytestconfig.stash[CONTEXT_KEY] = dict(context.describe(), **{"setup seconds": f"{time.perf_counter() - started:.1f}"})
+    context.setup_seconds = time.perf_counter() - started
+    pytestconfig.stash[CONTEXT_KEY] = context  # described at the end, when every row has run
     return context
 
 

@@ -115,7 +115,8 @@ class MatrixCollector:
     def pytest_sessionfinish(self, session, exitstatus):
         from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY
 
-        self.context = dict(session.config.stash.get(CONTEXT_KEY, {}))
+        checked = session.config.stash.get(CONTEXT_KEY, None)
+        self.context = checked.describe() if checked is not None else {}
         self.input_error = session.config.stash.get(INPUT_ERROR_KEY, None)
         rows = self.rows()
         add_junit_suite_properties(session.config, rows)

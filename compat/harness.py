@@ -7,6 +7,7 @@ session). With options it runs on the user's checkpoint, configs and upstream-fo
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from compat.inputs import (
     resolve_device, resolve_gate_vocab,
 )
 from compat.options import CompatOptions
+from compat.oracle import TOLERANCES
 from compat.outcomes import GateInputError, blocked
 from compat.subjects import StepRecord, Subject
 from compat.trainer_spec import TrainerSpec
@@ -87,6 +89,64 @@ def layout_of(source, path: Path):
                              "pass a checkpoint written by the stable trainer (upstream's or this project's)") from None
 
 
+SENSITIVITY_SEED = 1357
+SENSITIVITY_MIN = TOLERANCES["sensitivity"][0]
+# What each compared input must move: the timesteps both outputs, the latents the text logits
+# (L2T is conditioned on them), the text the latent prediction (T2L is conditioned on it).
+SENSITIVITY_PROBES = {"text_t": (0, 1), "latent_t": (0, 1), "latents": (0,), "text": (1,)}
+
+
+@torch.no_grad()
+def sensitivity(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each input the rows compare, the smallest relative change (max |change| / max |output|)
+    of the outputs it must move when it changes: text t 0.3 -> 0.9, latent t 0.7 -> 0.1, the latents
+    negated, the real tokens shifted."""
+    B = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    base = dict(text_tokens=batch["input_ids"], latents=batch["latent"], attention_mask=batch["attention_mask"],
+                text_timesteps=torch.full((B,), 0.3, device=device), latent_timesteps=torch.full((B,), 0.7, device=device))
+    shifted = torch.where(batch["attention_mask"].bool(), (batch["input_ids"] + 1) % model.vocab_size, batch["input_ids"])
+    changes = {"text_t": {"text_timesteps": torch.full((B,), 0.9, device=device)},
+               "latent_t": {"latent_timesteps": torch.full((B,), 0.1, device=device)},
+               "latents": {"latents": -batch["latent"]}, "text": {"text_tokens": shifted}}
+    reference = model(**base)
+    out = {}
+    for name, change in changes.items():
+        moved = model(**{**base, **change})
+        out[name] = min(float((moved[i] - reference[i]).abs().max() / reference[i].abs().max().clamp_min(1e-12))
+                        for i in SENSITIVITY_PROBES[name])
+    return out
+
+
+def sensitized_copy(model: MultimodalMMDiT) -> MultimodalMMDiT:
+    """A copy whose every weight is perturbed by 0.05 N(0,1) (seeded), as the upstream parity fixtures
+    were, so that zero-initialised time gates and a short pretrain do not hide a difference."""
+    copy_ = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(SENSITIVITY_SEED)
+    with torch.no_grad():
+        for p in copy_.parameters():
+            p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(p))
+    return copy_
+
+
+def assert_model_sees(ctx, measure, inputs: tuple[str, ...]) -> None:
+    """The control of a semantics row: the model it runs on responds to every input it compares."""
+    seen = sensitivity(ctx.semantic_model(), ctx.batch(2, seed=SENSITIVITY_SEED))
+    for name in inputs:
+        assert seen[name] >= SENSITIVITY_MIN, (
+            f"control: the model's outputs change by only {seen[name]:.1e} (relative) when {name} changes, below "
+            f"{SENSITIVITY_MIN:g}: this row would pass whether or not the trainers feed {name} right")
+    measure("sensitivity", ", ".join(f"{k} {seen[k]:.2g}" for k in inputs))
+    measure("semantic_model", ctx.semantic_note)
+
+
+def sensitivity_control(*inputs: str):
+    """A row's first check: `assert_model_sees` for the inputs the row compares."""
+    def check_model_sees_inputs(ctx, measure):
+        assert_model_sees(ctx, measure, inputs)
+    return check_model_sees_inputs
+
+
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """Names (with counts) of the model's tensors that hold NaN or Inf."""
     found = []
@@ -125,7 +185,9 @@ class CompatContext:
     nonfinite: list[str] = field(default_factory=list)
     stable_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(MultimodalDiffusionTrainer), "stable"))
     cycle_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(CycleVAETrainer), "cycle"))
-    _proxy: MultimodalMMDiT | None = field(default=None, repr=False)
+    setup_seconds: float = 0.0
+    _semantic: MultimodalMMDiT | None = field(default=None, repr=False)
+    semantic_note: str = "semantics rows not run"
 
     @classmethod
     def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
@@ -181,6 +243,8 @@ class CompatContext:
             "vocabulary": ", ".join(f"{k}={getattr(self.vocab, k)} ({v})" for k, v in self.gate_vocab.sources.items()),
             "device": str(self.device),
             "model": self.model_note,
+            "semantic model": self.semantic_note,
+            "setup seconds": f"{self.setup_seconds:.1f}",
             "cycle trainer": self.cycle_subject.spec.describe(),
             "stable trainer": self.stable_subject.spec.describe(),
         }
@@ -224,20 +288,28 @@ class CompatContext:
                                cluster_size=cluster).eval().to(self.device)
 
     def semantic_model(self) -> MultimodalMMDiT:
-        """The model for checks of the trainers' semantics: the checkpoint's model, or for a large
-        checkpoint the proxy (cached)."""
-        if not self.large:
-            return self.require_model()
-        if self._proxy is None:
-            self._proxy = self.proxy_model()
-        return self._proxy
+        """The model for checks of the trainers' semantics: the checkpoint's model (for a large
+        checkpoint the tiny proxy), or a sensitized copy of it when its outputs barely respond to
+        the inputs the rows compare (timesteps, latents, text): a row must not pass because the
+        model is blind to what a defect changes. Cached."""
+        if self._semantic is None:
+            base = self.require_model() if not self.large else self.proxy_model()
+            seen = sensitivity(base, self.batch(2, seed=SENSITIVITY_SEED))
+            blind = {k: v for k, v in seen.items() if v < SENSITIVITY_MIN}
+            if blind:
+                self._semantic = sensitized_copy(base)
+                self.semantic_note = (f"semantics rows ran on a sensitized copy (every weight + 0.05 N(0,1), seed "
+                                      f"{SENSITIVITY_SEED}): the {'proxy' if self.large else 'checkpoint'}'s outputs "
+                                      "barely respond to " + ", ".join(f"{k} (relative change {v:.1e})"
+                                                                       for k, v in blind.items()))
+            else:
+                self._semantic = base
+                self.semantic_note = f"semantics rows ran on the {'proxy' if self.large else 'checkpoint'}'s own model"
+        return self._semantic
 
     def fresh_semantic_model(self) -> MultimodalMMDiT:
-        """A new instance equal to `semantic_model()` (a fresh load, or a fresh proxy)."""
-        if not self.large:
-            self.require_model()
-            return self.build_model(load=True)
-        return self.proxy_model()
+        """A new instance equal to `semantic_model()`."""
+        return copy.deepcopy(self.semantic_model())
 
     @property
     def model_note(self) -> str:

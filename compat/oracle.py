@@ -18,6 +18,9 @@ TOLERANCES = {
     "float32_oracle": (1e-4, 1e-5),        # float64 oracle vs float32 trainer
     "bfloat16": (1.6e-2, 1e-2),            # bfloat16 vs float32 losses
     "cuda_float32": (1e-4, 1e-4),          # CUDA kernels vs CPU
+    # The control of a semantics row: an input the row compares must move the model's outputs by at
+    # least this relative change (100 x the float32 loss tolerance), or the row could pass blind.
+    "sensitivity": (1e-3, 0.0),
 }
 
 

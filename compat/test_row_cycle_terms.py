@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import row_runner, row_settings, row_test, unfreeze
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control, unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
 from compat.terms import cycle_terms
@@ -184,6 +184,7 @@ def check_stop_grad(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "weights0_equal_stable_batch_1": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, 1),
     "weights0_equal_stable_batch_n": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, ctx.options.batch_size),
     "terms_recomputed": check_terms_recomputed,

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from compat.harness import grads_by_name, row_runner, row_settings, row_test
+from compat.harness import grads_by_name, row_runner, row_settings, row_test, sensitivity_control
 from compat.outcomes import not_applicable
 from compat.oracle import tol
 from latentDLM_mmdit.factory import dtype_from_config
@@ -187,6 +187,7 @@ def check_ddp_matches_single_process(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "ddp_matches_single_process": check_ddp_matches_single_process,
 }
 

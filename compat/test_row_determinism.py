@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import T2L
 from compat.subjects import CAPTURED
 
@@ -145,6 +145,7 @@ def check_seed_matters(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "stable_unconditional": check_stable_unconditional,
     "cycle_random_categorical": check_cycle_random_categorical,
     "cycle_full": check_cycle_full,

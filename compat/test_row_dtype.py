@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.terms import cycle_terms
 from compat.oracle import tol
 
@@ -86,6 +86,7 @@ def check_bf16_matches_fp32(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "bf16_matches_fp32": check_bf16_matches_fp32,
 }
 

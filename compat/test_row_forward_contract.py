@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test, slice_batch
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control, slice_batch
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, FORWARD_ARGUMENTS, L2T, T2L
 from compat.oracle import tol
 from compat.outcomes import cannot_check
@@ -146,6 +146,7 @@ def check_padding_does_not_leak(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("latents", "text", "latent_t"),
     "keywords_and_shapes": check_keywords_and_shapes,
     "cluster_head": check_cluster_head,
     "batching_stable_l2t": check_batching_stable_l2t,

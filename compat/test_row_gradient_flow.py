@@ -31,7 +31,7 @@ import contextlib
 import pytest
 import torch
 
-from compat.harness import row_runner, row_test, unfreeze
+from compat.harness import row_runner, row_test, sensitivity_control, unfreeze
 from latentDLM_mmdit.improved_trainer_stable import frozen_groups, parameter_group
 
 pytestmark = pytest.mark.compat_row("gradient_flow")
@@ -193,6 +193,7 @@ def check_cycle_total(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "stable_modes": check_stable_modes,
     "cycle_terms": check_cycle_terms,
     "cycle_total": check_cycle_total,

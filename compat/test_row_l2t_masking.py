@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import L2T
 from compat.oracle import ce_every_position, tol
 
@@ -57,6 +57,7 @@ def check_l2t_loss(ctx, measure, batch_size):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("latents"),
     "l2t_loss_batch_1": lambda ctx, measure: check_l2t_loss(ctx, measure, 1),
     "l2t_loss_batch_n": lambda ctx, measure: check_l2t_loss(ctx, measure, ctx.options.batch_size),
 }

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import row_runner, row_test
+from compat.harness import row_runner, row_test, sensitivity_control
 from compat.observe import L2T, T2L
 from compat.oracle import tol
 from compat.terms import LatentSchedule, latent_term
@@ -52,8 +52,11 @@ def check_loss_form(ctx, measure, parameterization: str, schedule: str):
     measure(f"{parameterization}_{schedule}", float(stable_term))
 
 
-CHECKS = {f"{p}-{s}": (lambda ctx, measure, p=p, s=s: check_loss_form(ctx, measure, p, s))
-          for p in PARAMETERIZATIONS for s in SCHEDULES}
+CHECKS = {
+    "control_sensitivity": sensitivity_control("latent_t", "latents"),
+    **{f"{p}-{s}": (lambda ctx, measure, p=p, s=s: check_loss_form(ctx, measure, p, s))
+          for p in PARAMETERIZATIONS for s in SCHEDULES},
+}
 
 
 run_row = row_runner(CHECKS)

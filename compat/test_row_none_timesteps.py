@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import L2T, T2L
 from compat.outcomes import not_applicable
 from compat.oracle import tol
@@ -61,7 +61,11 @@ def check_clean_modalities_get_zero(ctx, measure):
     measure("clean_t", "0 in both trainers")
 
 
-CHECKS = {"none_equals_zeros": check_none_equals_zeros, "clean_modalities_get_zero": check_clean_modalities_get_zero}
+CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t"),
+    "none_equals_zeros": check_none_equals_zeros,
+    "clean_modalities_get_zero": check_clean_modalities_get_zero,
+}
 
 
 run_row = row_runner(CHECKS)

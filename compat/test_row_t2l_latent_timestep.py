@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_LATENT, T2L
 from compat.oracle import tol
 from compat.subjects import INJECTED
@@ -117,6 +117,7 @@ def check_full_matches_stable_loss(ctx, measure):
 
 
 CHECKS = {
+    "control_sensitivity": sensitivity_control("latent_t", "text_t"),
     "stable_uses_t1": check_stable_uses_t1,
     "cycle_distribution": check_cycle_distribution,
     "random_mode_is_a_shift": check_random_mode_is_a_shift,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from compat import oracle
-from compat.harness import row_runner, row_settings, row_test
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import tol
 from compat.terms import LatentSchedule
@@ -110,7 +110,10 @@ def check_gain_at_t1(ctx, measure):
         measure("x0_gain_above_10", gain, review=True)
 
 
-CHECKS = {f"formula_{p}": (lambda ctx, measure, p=p: check_formula(ctx, measure, p)) for p in PARAMETERIZATIONS}
+CHECKS = {
+    "control_sensitivity": sensitivity_control("latent_t", "latents"),
+    **{f"formula_{p}": (lambda ctx, measure, p=p: check_formula(ctx, measure, p)) for p in PARAMETERIZATIONS},
+}
 CHECKS["gain_at_t1"] = check_gain_at_t1
 
 
