@@ -12,6 +12,9 @@ Figures:
                    (floor 2.0, target <= 2.1)
   cycle_step_w0    the same with both cycle weights 0                 (floor 1.0)
   compat_suite     `pytest compat/` wall seconds on the embedded default / 60 (target <= 1.0)
+  gate_plugin_*    the gate with the cycle trainer given as a SPEC (the built-in class, and a
+                   foreign trainer that draws from the global RNG) / the built-in path, timed
+                   round robin                                       (target <= 1.1)
 """
 from __future__ import annotations
 
@@ -191,14 +194,51 @@ def suite_figure() -> list[str]:
                  wall <= 60 and proc.returncode == 0)]
 
 
+def plugin_figure(rounds: int) -> list[str]:
+    """The gate with the cycle trainer given as a SPEC (the plug-in path: loaded from its file,
+    passes observed, draws captured where it takes none) against the built-in path, on the embedded
+    default, timed round robin."""
+    foreign = REPO / "tests" / "foreign_trainers" / "functional_cycle" / "trainer.py"
+    runs = {
+        "built_in": [],
+        "plugin_spec": ["--cycle-trainer", "cycle_vae_impl.trainers.cycle_vae_trainer:CycleVAETrainer"],
+    }
+    if foreign.is_file():  # a source checkout: also a trainer that draws from the global RNG
+        runs["plugin_foreign"] = ["--cycle-trainer", f"{foreign}:FunctionalCycleTrainer"]
+
+    def gate(extra):
+        def run():
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "compat", "--quiet", "--report",
+                                   tempfile.mkdtemp(prefix="bench-gate-"), *extra, "--", "-k", "not ddp"],
+                                  cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the gate exited {proc.returncode}: {proc.stdout[-2000:]}")
+            return time.perf_counter() - started
+        return run
+
+    times = interleaved({name: gate(extra) for name, extra in runs.items()}, rounds=rounds, warmup=0)
+    base = statistics.median(times["built_in"])
+    out = []
+    for name in runs:
+        if name == "built_in":
+            continue
+        ratios = [t / b for t, b in zip(times[name], times["built_in"])]
+        ratio = statistics.median(ratios)
+        out.append(line(f"gate_{name}", ratio, "target <= 1.1",
+                        f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times[name]):.1f} s vs "
+                        f"built-in {base:.1f} s ({rounds} interleaved rounds, DDP row deselected)", ratio <= 1.1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
-    parser.add_argument("--only", choices=["gate", "step", "suite"], action="append",
+    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin"], action="append",
                         help="run only these figures (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    selected = set(args.only or ["gate", "step", "suite"])
+    selected = set(args.only or ["gate", "step", "suite", "plugin"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
@@ -210,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if "suite" in selected:
         lines += suite_figure()
         print(lines[-1], flush=True)
+    if "plugin" in selected:
+        lines += plugin_figure(rounds=1 if args.small else 3)
+        print(*lines[-2:], sep="\n", flush=True)
     if "gate" in selected:
         lines += gate_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
