@@ -13,6 +13,7 @@ a `draws=` keyword with a `DRAW_NAMES` tuple.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -97,23 +98,46 @@ def _import_file(path: Path):
     while (package_root / "__init__.py").is_file():
         parts.insert(0, package_root.name)
         package_root = package_root.parent
-    for folder in (str(package_root), str(path.parent)):
+    folders = [package_root, path.parent]
+    for folder in map(str, folders):
         if folder not in sys.path:
             sys.path.append(folder)
     module_name = ".".join(parts)
     existing = sys.modules.get(module_name)
     if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == path:
         return existing
-    if existing is not None or len(parts) == 1 and module_name in sys.builtin_module_names:
-        # A module of that name is already loaded from elsewhere (e.g. this project's own): load the
-        # user's file under a private name instead of shadowing it.
-        module_name = f"compat_candidate_{abs(hash(str(path)))}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(module_name)
+    with _own_siblings(folders):
+        if existing is not None or len(parts) == 1 and module_name in sys.builtin_module_names:
+            # A module of that name is already loaded from elsewhere (e.g. this project's own): load the
+            # user's file under a private name instead of shadowing it.
+            module_name = f"compat_candidate_{abs(hash(str(path)))}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(module_name)
+
+
+@contextlib.contextmanager
+def _own_siblings(folders: list[Path]):
+    """While a user's file is imported, its `import helpers` finds the helpers.py beside it, even
+    when another trainer's helpers.py (or any module of that name) was imported before: the folders
+    go first on sys.path, cached modules they would shadow step aside, and both are put back after
+    (the user's module keeps the objects it bound)."""
+    names = {f.stem for folder in folders for f in folder.glob("*.py") if f.stem.isidentifier()}
+    stepped_aside = {}
+    for name in names:
+        cached = sys.modules.get(name)
+        if cached is not None and Path(getattr(cached, "__file__", "") or "").resolve().parent not in folders:
+            stepped_aside[name] = sys.modules.pop(name)
+    saved_path = list(sys.path)
+    sys.path[:0] = [str(f) for f in folders]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        sys.modules.update(stepped_aside)
 
 
 def _git_commit(path: Path | None) -> str | None:

@@ -152,6 +152,36 @@ def test_trainer_spec_loads_a_file_outside_any_package(tmp_path):
     assert spec.cls(None, None, None, None, None).scale == 2.0
 
 
+def test_two_trainer_folders_each_import_their_own_sibling_module(tmp_path):
+    """Two repositories with a helpers.py each (and a third `helpers` already imported by someone
+    else): each trainer binds the helpers beside it, and the cached one is put back afterwards."""
+    import sys
+    import types
+    sys.modules["helpers"] = foreign = types.ModuleType("helpers")
+    try:
+        scales = []
+        for i, scale in enumerate((2.0, 3.0)):
+            folder = tmp_path / f"repo{i}" / "trainers"
+            folder.mkdir(parents=True)
+            (folder / "helpers.py").write_text(f"SCALE = {scale}\n")
+            (folder / "my_trainer.py").write_text(textwrap.dedent("""
+                import helpers
+
+                class MyTrainer:
+                    def __init__(self, *args):
+                        self.scale = helpers.SCALE
+
+                    def forward(self, batch):
+                        return batch, {}
+            """))
+            spec = TrainerSpec.load(f"{folder / 'my_trainer.py'}:MyTrainer")
+            scales.append(spec.cls().scale)
+        assert scales == [2.0, 3.0]
+        assert sys.modules["helpers"] is foreign
+    finally:
+        sys.modules.pop("helpers", None)
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("no_colon_here", "not a SPEC"),
     ("{missing}:Trainer", "does not exist"),
