@@ -84,8 +84,10 @@ def model(ctx):
 
 def _plain(value):
     """A property value junitxml and xdist can carry: numbers and strings as they are, the rest as JSON."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    if isinstance(value, (bool, int, float, str)):  # subclasses (torch's TorchVersion) as their base type
+        return next(base(value) for base in (bool, int, float, str) if isinstance(value, base))
     return json.dumps(value, default=str, sort_keys=True)
 
 
