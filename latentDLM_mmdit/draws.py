@@ -38,6 +38,7 @@ class DrawSource:
         self.owner = owner
         self.used: dict[str, torch.Tensor] = {}
 
+    @torch.compiler.disable  # a generator draw (or an injected tensor) enters a compiled step as an input
     def _take(self, name: str, shape: tuple[int, ...], device, kind: str) -> torch.Tensor:
         if name in self.injected:
             value = self.injected[name]

@@ -211,6 +211,12 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
                 raise FloatingPointError(message)
             logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
 
+        return total, self._metrics(mode, total, text_loss, latent_loss, text_logits, text_target, text_mask,
+                                    latent_pred, latent_target, latents, nonfinite)
+
+    @torch.compiler.disable  # Python floats for the log: outside a compiled step's graph
+    def _metrics(self, mode, total, text_loss, latent_loss, text_logits, text_target, text_mask, latent_pred,
+                 latent_target, latents, nonfinite) -> dict[str, Any]:
         with torch.no_grad():
             metrics: dict[str, Any] = {
                 "loss": float(total.item()),
@@ -224,4 +230,4 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
                 metrics["latent_pred_norm"] = float(latent_pred.norm(dim=-1).mean().item())
             if nonfinite:
                 metrics["nonfinite"] = list(nonfinite)
-        return total, metrics
+        return metrics

@@ -112,7 +112,6 @@ class CycleVAETrainer(DiffusionTrainerBase):
         return torch.full_like(input_ids, self.mask_token_id), torch.ones_like(input_ids, dtype=torch.bool)
 
     def _run(self, text_tokens, latents_2d, text_t, latent_t, attention_mask):
-        self.last_model_passes += 1
         return split_model_outputs(self.model(
             text_tokens=text_tokens,
             latents=latents_2d.unsqueeze(1),  # [B, 1, D]; x_t stays in the schedule's float32, as in stable T2L
@@ -126,6 +125,30 @@ class CycleVAETrainer(DiffusionTrainerBase):
             return value
         nonfinite.append(name)
         return zero
+
+    @torch.compiler.disable  # Python floats for the log: outside a compiled step's graph
+    def _metrics(self, total, t2l_loss, l2t_loss, cycle_text_loss, cycle_latent_loss, w_text, w_latent,
+                 t_lat, latent_pred, x0_pred, nonfinite) -> dict[str, Any]:
+        with torch.no_grad():
+            x0_gain = self.latent_diffusion.x0_error_gain(t_lat)
+            metrics: dict[str, Any] = {
+                "loss": float(total.item()),
+                "base_t2l_latent_loss": float(t2l_loss.item()),
+                "base_l2t_text_loss": float(l2t_loss.item()),
+                "cycle_text_loss": float(cycle_text_loss.item()),
+                "cycle_text_weight": float(w_text),
+                "cycle_latent_loss": float(cycle_latent_loss.item()),
+                "cycle_latent_weight": float(w_latent),
+                "cycle_latent_sampling": self.pseudo_token_sampling,
+                "t_lat_mean": float(t_lat.float().mean().item()),
+                "latent_pred_norm": float(latent_pred.float().norm(dim=-1).mean().item()),
+                "x0_pred_norm": float(x0_pred.float().norm(dim=-1).mean().item()),
+                "x0_error_gain_max": float(x0_gain.max().item()),
+                "model_passes": self.last_model_passes,
+            }
+            if nonfinite:
+                metrics["nonfinite"] = list(nonfinite)
+        return metrics
 
     # -- the step -------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, torch.Tensor], step: int | None = None,
@@ -145,7 +168,6 @@ class CycleVAETrainer(DiffusionTrainerBase):
         device = input_ids.device
         zero = torch.zeros((), device=device, dtype=self.dtype)
         nonfinite: list[str] = []
-        self.last_model_passes = 0
         w_text = self.term_weight("cycle_text", step)
         w_latent = self.term_weight("cycle_latent", step)
         t_text_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
@@ -206,23 +228,7 @@ class CycleVAETrainer(DiffusionTrainerBase):
             total = torch.tensor(FALLBACK_TOTAL_LOSS, device=device, dtype=self.dtype)
         self.report_nonfinite("cycle trainer", nonfinite)
 
-        with torch.no_grad():
-            x0_gain = self.latent_diffusion.x0_error_gain(t_lat)
-            metrics: dict[str, Any] = {
-                "loss": float(total.item()),
-                "base_t2l_latent_loss": float(t2l_loss.item()),
-                "base_l2t_text_loss": float(l2t_loss.item()),
-                "cycle_text_loss": float(cycle_text_loss.item()),
-                "cycle_text_weight": float(w_text),
-                "cycle_latent_loss": float(cycle_latent_loss.item()),
-                "cycle_latent_weight": float(w_latent),
-                "cycle_latent_sampling": self.pseudo_token_sampling,
-                "t_lat_mean": float(t_lat.float().mean().item()),
-                "latent_pred_norm": float(latent_pred.float().norm(dim=-1).mean().item()),
-                "x0_pred_norm": float(x0_pred.float().norm(dim=-1).mean().item()),
-                "x0_error_gain_max": float(x0_gain.max().item()),
-                "model_passes": self.last_model_passes,
-            }
-            if nonfinite:
-                metrics["nonfinite"] = list(nonfinite)
+        self.last_model_passes = 2 + int(w_text > 0.0) + int(w_latent > 0.0)
+        metrics = self._metrics(total, t2l_loss, l2t_loss, cycle_text_loss, cycle_latent_loss, w_text, w_latent,
+                                t_lat, latent_pred, x0_pred, nonfinite)
         return total, metrics

@@ -247,7 +247,8 @@ class MultimodalMMDiT(nn.Module):
     ):
         """Returns `(text_logits [B,S,V], latent_pred [B,1,D])`, plus `text_cluster_logits
         [B,S,V]` when `cluster_size > 0`. A timestep given as None means zeros(B)."""
-        self._check_inputs(text_tokens, latents, text_timesteps, latent_timesteps, attention_mask)
+        if not torch.compiler.is_compiling():  # data-dependent checks (ids in range) would break the graph
+            self._check_inputs(text_tokens, latents, text_timesteps, latent_timesteps, attention_mask)
         batch = text_tokens.shape[0]
         device = text_tokens.device
         text_emb = self.text_encoder(text_tokens)  # [B, S, H]
