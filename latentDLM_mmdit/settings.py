@@ -40,6 +40,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from latentDLM_mmdit.continuous_diffusion import BETA_SCHEDULES, PARAMETERIZATIONS
+from latentDLM_mmdit.precision import MIXED_PRECISION_MODES
 
 BASE_MODES = ("l2t", "t2l", "unconditional")
 STABLE_LOSS_TYPES = BASE_MODES + ("sequential", "random")
@@ -133,6 +134,8 @@ class TrainingSettings:
 
     seed: int = setting(42)
     dtype: str = setting("fp32", choices=DTYPE_NAMES)
+    # torch.autocast around the trainer's forward (fp16 adds a GradScaler): see latentDLM_mmdit.precision.
+    mixed_precision: str = setting("no", choices=MIXED_PRECISION_MODES)
     train_batch_size: int = setting(check=_at_least(1))
     num_train_steps: int = setting(check=_at_least(1))
     gradient_accumulation_steps: int = setting(1, check=_at_least(1))

@@ -18,7 +18,7 @@ CPU, nccl on CUDA), every rank reads its own slice of each global batch (the dat
 `training.train_batch_size` samples per rank), the trainer generator of rank r is seeded with
 `training.seed + r`, and rank 0 writes the metrics and the checkpoints.
 
-Config keys read here: training.{seed, dtype, train_batch_size, num_train_steps,
+Config keys read here: training.{seed, dtype, mixed_precision, train_batch_size, num_train_steps,
 gradient_accumulation_steps, lr_schedule, warmup_steps}, optimizer.{name, lr, weight_decay, beta1,
 beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, synthetic_seq_len,
 synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
@@ -51,6 +51,7 @@ from latentDLM_mmdit.checkpoints import (
 from latentDLM_mmdit.config import ConfigError, resolve_config
 from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
 from latentDLM_mmdit.draws import make_generator
+from latentDLM_mmdit.precision import LossScaler, autocast
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
 from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
 from latentDLM_mmdit.settings import LR_SCHEDULES, OPTIMIZERS, RunSettings, require, validate_settings  # noqa: F401
@@ -109,6 +110,7 @@ class LoopSettings:
     log_dir: str
     log_every: int
     save_every: int
+    mixed_precision: str = "no"
 
     @classmethod
     def from_config(cls, config: Any) -> "LoopSettings":
@@ -138,6 +140,7 @@ class LoopSettings:
             log_dir=log.log_dir,
             log_every=log.log_every,
             save_every=log.save_every if log.save_every > 0 else training.num_train_steps,  # 0: the last only
+            mixed_precision=training.mixed_precision,
         )
 
 
@@ -451,11 +454,16 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     trainer.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                   weight_decay=settings.weight_decay)
+    scaler = LossScaler(settings.mixed_precision, ctx.device)
     # Per-rank global streams (dropout) from here on.
     seed_everything(settings.seed + ctx.rank)
     step = 0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
+        if scaler.enabled and not resume_state.get("grad_scaler"):
+            raise TrainingError(f"{resume}: its train state has no fp16 loss-scaler state (saved without "
+                                "training.mixed_precision=fp16); resume with the mixed precision it was trained in")
+        scaler.load_state_dict(resume_state.get("grad_scaler") or {})
         order.load_state_dict(resume_state["data_order"])
         rank_state = resume_state["ranks"][ctx.rank]
         set_rng_state(rank_state["rng"])
@@ -487,7 +495,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     try:
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
-                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx)
+                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler)
                 step += 1
                 record = {"step": step, **record}
                 history.append(record)
@@ -500,7 +508,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if step % settings.save_every == 0 or step == end:
-                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx)
+                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx, scaler)
                     if path is not None:
                         checkpoints.append(path)
     finally:
@@ -512,7 +520,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     return TrainResult(output_dir, metrics_path, checkpoints, history, step)
 
 
-def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx) -> dict[str, Any]:
+def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler) -> dict[str, Any]:
     lr = learning_rate(step, settings)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -523,26 +531,30 @@ def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         last = micro == settings.grad_accum - 1
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-            loss, metrics = trainer(batch, step=step)
-            (loss / settings.grad_accum).backward()
+            with autocast(settings.mixed_precision, ctx.device):
+                loss, metrics = trainer(batch, step=step)
+            scaler.scale(loss / settings.grad_accum).backward()
         parts.append(metrics)
     params = [p for p in bare_model(trainer.model).parameters() if p.grad is not None]
     grad_norm = None
+    scaler.unscale_(optimizer)  # fp16: clip (and log) the true gradients
     if settings.grad_clip_norm > 0 and params:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm))
-    optimizer.step()
+    stepped = scaler.step(optimizer)
     record = _merge_metrics(parts)
     if ctx.distributed:  # the logged loss is the mean over ranks; other metrics are this rank's
         loss_mean = torch.tensor([record["loss"]], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(loss_mean)
         record["loss"] = float(loss_mean.item()) / ctx.world_size
     record["lr"] = lr
+    if scaler.enabled:
+        record["amp_skipped"] = int(not stepped)
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
     return record
 
 
-def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx) -> Path | None:
+def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx, scaler) -> Path | None:
     local = {"rng": rng_state(), "trainer_generator": trainer.generator.get_state()}
     if ctx.distributed:
         ranks: list[Any] = [None] * ctx.world_size
@@ -558,6 +570,7 @@ def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, st
             "step": step,
             "world_size": ctx.world_size,
             "optimizer": optimizer.state_dict(),
+            "grad_scaler": scaler.state_dict(),
             "data_order": order.state_dict(),
             "ranks": ranks,
         }
