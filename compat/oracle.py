@@ -18,6 +18,17 @@ TOLERANCES = {
     "float32_oracle": (1e-4, 1e-5),        # float64 oracle vs float32 trainer
     "bfloat16": (1.6e-2, 1e-2),            # bfloat16 vs float32 losses
     "cuda_float32": (1e-4, 1e-4),          # CUDA kernels vs CPU
+    # torch.autocast runs vs float32 (matmuls in the low dtype, losses reduced in float32).
+    "autocast_bf16_loss": (1.6e-2, 1e-2),  # bfloat16 keeps 8 mantissa bits: 2^-7 relative per matmul
+    "autocast_fp16_loss": (2e-3, 1e-3),    # float16 keeps 11 bits
+    "autocast_bf16_grad": (8e-2, 0.0),     # ||g_amp - g_fp32|| / ||g_fp32|| over all parameters
+    "autocast_fp16_grad": (1e-2, 0.0),
+    # A trainer's loss under autocast against the float64 oracle on the SAME low-precision outputs:
+    # a float32 reduction agrees to ~1e-7, one in bfloat16 misses by ~1e-3 (measured 4.8e-4).
+    "autocast_loss_reduction": (1e-5, 1e-7),
+    # The cycle trainer's drift from float32 under autocast may be at most this multiple of the
+    # stable trainer's (the larger of its l2t and t2l drifts; floored at a tenth of the tolerance).
+    "autocast_drift_factor": (3.0, 0.0),
     # The control of a semantics row: an input the row compares must move the model's outputs by at
     # least this relative change (100 x the float32 loss tolerance), or the row could pass blind.
     "sensitivity": (1e-3, 0.0),

@@ -116,7 +116,8 @@ def check_model_layout_keys_agree(ctx, measure):
 
 def check_loss_settings(ctx, measure):
     """What changes the losses besides the latent diffusion keys: `loss.latent_loss_weight` (the
-    T2L term's weight in both trainers) and `training.dtype` (what the model is fed). A difference
+    T2L term's weight in both trainers), `training.dtype` (what the model is fed) and
+    `training.mixed_precision` (the autocast it runs under). A difference
     is reported as what it is (REVIEW), never as an incompatibility of the losses: the loss rows
     compare both trainers in the cycle config's dtype."""
     weights = [float(c.loss.get("latent_loss_weight", 0.1)) for c in (ctx.stable_config, ctx.cycle_config)]
@@ -129,6 +130,10 @@ def check_loss_settings(ctx, measure):
                 f"{ctx.trainer_dtype_name} (the cycle config's)", review=True)
     else:
         measure("training.dtype", f"{ctx.trainer_dtype_name} in both")
+    precision = [str(c.training.mixed_precision) for c in (ctx.stable_config, ctx.cycle_config)]
+    measure("training.mixed_precision", f"stable {precision[0]}, cycle {precision[1]}"
+            + ("; the mixed_precision row runs both under the cycle config's autocast" if precision[0] != precision[1]
+               else ""), review=precision[0] != precision[1])
     fed = set()
     batch = ctx.batch(2, seed=81)
     for record in (ctx.run_stable("t2l", batch, grad=False), ctx.run_cycle(batch, settings=BASE_ONLY, grad=False)):

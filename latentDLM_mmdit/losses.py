@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 
 NORMALIZE_EPS = 1e-8
+# Losses are reduced in at least float32: under autocast (or training.dtype: bf16) the model's outputs
+# are bfloat16/float16, and a mean over B*S*V values in 8 mantissa bits drifts (the mixed_precision row).
+LOSS_MIN_DTYPE = torch.float32
 TEXT_LOSS_MAX = 100.0
 LATENT_LOSS_MAX = 10.0
 
@@ -21,11 +24,13 @@ def masked_text_ce(text_logits: torch.Tensor, target_ids: torch.Tensor, mask: to
             f"{tuple(target_ids.shape)}, mask {tuple(mask.shape)}"
         )
     vocab = text_logits.shape[-1]
-    per_token = F.cross_entropy(
-        text_logits.reshape(-1, vocab), target_ids.reshape(-1), ignore_index=-100, reduction="none"
-    )  # [B*S]
-    mask_sum = mask.sum().clamp(min=1) + NORMALIZE_EPS
-    loss = (per_token * mask.reshape(-1)).sum() / mask_sum
+    text_logits = text_logits.to(torch.promote_types(text_logits.dtype, LOSS_MIN_DTYPE))
+    with torch.autocast(text_logits.device.type, enabled=False):
+        per_token = F.cross_entropy(
+            text_logits.reshape(-1, vocab), target_ids.reshape(-1), ignore_index=-100, reduction="none"
+        )  # [B*S]
+        mask_sum = mask.sum().clamp(min=1) + NORMALIZE_EPS
+        loss = (per_token * mask.reshape(-1)).sum() / mask_sum
     return torch.clamp(loss, min=0.0, max=TEXT_LOSS_MAX)
 
 
@@ -42,12 +47,13 @@ def normalized_latent_mse(latent_pred: torch.Tensor, latent_target: torch.Tensor
                 "hold different numbers of values per sample"
             )
         latent_target = latent_target.reshape(latent_pred.shape)
-    pred = F.normalize(latent_pred, p=2, dim=-1, eps=NORMALIZE_EPS)
-    target = F.normalize(latent_target, p=2, dim=-1, eps=NORMALIZE_EPS)
-    # The promoted dtype for both, as mse_loss's forward computes anyway: before torch 2.13 its
-    # backward refuses a float32 prediction against a bfloat16 target (training.dtype: bf16).
-    common = torch.promote_types(pred.dtype, target.dtype)
-    return torch.clamp(F.mse_loss(pred.to(common), target.to(common)), min=0.0, max=LATENT_LOSS_MAX)
+    # One dtype for both, at least float32 (before torch 2.13 mse_loss's backward refuses a float32
+    # prediction against a bfloat16 target), and autocast off so that it stays that dtype.
+    common = torch.promote_types(torch.promote_types(latent_pred.dtype, latent_target.dtype), LOSS_MIN_DTYPE)
+    with torch.autocast(latent_pred.device.type, enabled=False):
+        pred = F.normalize(latent_pred.to(common), p=2, dim=-1, eps=NORMALIZE_EPS)
+        target = F.normalize(latent_target.to(common), p=2, dim=-1, eps=NORMALIZE_EPS)
+        return torch.clamp(F.mse_loss(pred, target), min=0.0, max=LATENT_LOSS_MAX)
 
 
 def token_accuracy(text_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> float:

@@ -112,3 +112,23 @@ def test_precision_helpers():
     with autocast("no", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
     assert not LossScaler("bf16", "cpu").enabled and LossScaler("fp16", "cpu").enabled
+
+
+def test_losses_of_low_precision_outputs_are_reduced_in_float32():
+    """Under autocast the model's outputs are bfloat16; the shared loss helpers reduce them in
+    float32 (a bfloat16 mean drifts ~1e-3), and return float32."""
+    from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 16, 50, generator=gen).bfloat16()
+    ids = torch.randint(0, 50, (4, 16), generator=gen)
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    pred, target = torch.randn(4, 1, 64, generator=gen).bfloat16(), torch.randn(4, 64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce, mse = masked_text_ce(logits, ids, mask), normalized_latent_mse(pred, target)
+    assert ce.dtype == mse.dtype == torch.float32
+    want_ce = torch.nn.functional.cross_entropy(logits.double().reshape(-1, 50), ids.reshape(-1))
+    p64 = torch.nn.functional.normalize(pred.double().reshape(4, 64), dim=-1)
+    t64 = torch.nn.functional.normalize(target.double(), dim=-1)
+    torch.testing.assert_close(ce.double(), want_ce, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mse.double(), ((p64 - t64) ** 2).mean(), rtol=1e-6, atol=1e-9)

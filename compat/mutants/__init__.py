@@ -159,6 +159,23 @@ def _cycle_freezes_text(original_forward):
     return forward
 
 
+def _cycle_autocast_off(original_forward):
+    def forward(self, batch, step=None, draws=None):
+        # "Numerically safer": the cycle trainer's whole step in float32, whatever the loop asked for.
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return original_forward(self, batch, step=step, draws=draws)
+    return forward
+
+
+def _latent_mse_in_low_precision(latent_pred, latent_target):
+    # The cycle trainer's latent MSE reduced in the outputs' dtype (bfloat16 under autocast).
+    low = latent_pred.dtype
+    with torch.autocast(latent_pred.device.type, enabled=False):
+        pred = F.normalize(latent_pred, p=2, dim=-1, eps=NORMALIZE_EPS).to(low)
+        target = F.normalize(latent_target.reshape(latent_pred.shape).float(), p=2, dim=-1, eps=NORMALIZE_EPS).to(low)
+        return torch.clamp(((pred - target) ** 2).mean(), 0.0, 10.0).float()
+
+
 def _mmdit_default_streams(original_cls):
     def build(*args, **kwargs):
         kwargs["num_residual_streams"] = 4  # the library default, not upstream's 2
@@ -271,10 +288,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "installed hyper-connections differs from the one recorded in the checkpoint",
            lambda: [mock.patch.object(checkpoints_module, "installed_versions",
                                       lambda: dict(_real_installed_versions(), **{"hyper-connections": "0.3.9"}))]),
-    Mutant("dtype_ignored", "dtype", "bf16_matches_fp32",
+    Mutant("dtype_ignored", "mixed_precision", "bf16_cast_matches_fp32",
            "trainers read training.dtype and then feed the model float32 anyway",
            lambda: [mock.patch.object(base_module.DiffusionTrainerBase, "__init__",
                                       _dtype_ignored(base_module.DiffusionTrainerBase.__init__))]),
+    Mutant("cycle_autocast_off", "mixed_precision", "autocast_exercised",
+           "the cycle trainer turns autocast off for its step (it trains in float32 while judged at bf16)",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "forward",
+                                      _cycle_autocast_off(cycle_module.CycleVAETrainer.forward))]),
+    Mutant("cycle_latent_mse_in_bf16", "mixed_precision", "losses_computed_in_float32",
+           "the cycle trainer reduces its latent MSE in the outputs' bfloat16 instead of float32",
+           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _latent_mse_in_low_precision)]),
     Mutant("latent_ramp_from_text_key", "recommended_settings", "trainer_honours_config",
            "cycle_latent's ramp length read from cycle_text_ramp_steps (a setting read from the wrong key)",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",

@@ -1,0 +1,217 @@
+"""Row: mixed precision (autocast).
+
+A cluster run trains under `torch.autocast` (`training.mixed_precision`, bf16 unless the cycle config
+says fp16): matmuls in the low dtype, losses and weights in float32. On the same batch and injected
+draws, with both trainers run under the autocast the training loop uses (`latentDLM_mmdit.precision`):
+
+- autocast_exercised: every model pass of both trainers really ran under autocast (its outputs are
+  in the autocast dtype): a trainer that turns autocast off (or casts its model to float32) would
+  train at another precision than the one it is judged at;
+- autocast_matches_fp32: every loss and the gradients of every parameter of stable l2t, stable t2l
+  and the cycle trainer in full mode (all four terms) are within the table's autocast tolerances of
+  the float32 run; the drift of each trainer is measured, and the cycle trainer's (its t2l and l2t
+  terms, like for like, and its gradients) may not exceed the stable trainer's by more than the
+  table's factor (the cycle trainer must not be the one that drifts);
+- losses_computed_in_float32: each trainer's returned loss under autocast equals the float64 oracle
+  recomputed from the outputs it observed (a loss reduced in the low dtype is caught here; the cycle
+  step runs with its latent weights raised so that its latent terms dominate its total);
+- bf16_cast_matches_fp32: `training.dtype: bf16` (the trainers cast their inputs, upstream's setting)
+  with a bfloat16 copy of the model gives the float32 losses within `tol('bfloat16')`.
+
+A `gpu` test in this module (skipped without CUDA) compares CUDA float32 and CUDA autocast against
+CPU float32. The draws are made on the CPU and injected, so every device sees the same numbers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
+from compat.oracle import TOLERANCES, tol
+from compat.terms import cycle_terms, stable_terms
+from latentDLM_mmdit.precision import autocast, autocast_dtype
+
+pytestmark = pytest.mark.compat_row("mixed_precision")
+
+SEED = 100
+CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
+             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+SETTINGS = ("stable_l2t", "stable_t2l", "cycle")
+# The reduction check weighs the latent terms up so that they dominate the cycle step's total: a latent
+# MSE reduced in bfloat16 must move the returned loss visibly, not vanish beside the text terms.
+CYCLE_LATENT_HEAVY = row_settings({**CYCLE, "latent_loss_weight": 100.0, "cycle_latent_weight": 100.0})
+
+
+def mixed_precision_of(ctx) -> str:
+    """The autocast a cluster run of the user's cycle config uses: its own, or bf16 when it has none."""
+    mode = str(ctx.cycle_config.training.get("mixed_precision", "no"))
+    return mode if mode != "no" else "bf16"
+
+
+def run_all(ctx, model, device, *, mixed_precision="no", dtype=torch.float32, grad=False, cycle=CYCLE) -> dict:
+    """The three settings on the same batch and draws, under `mixed_precision` autocast, with the
+    trainers' `training.dtype` set to `dtype`: {setting: (record, config, batch)}."""
+    batch = {k: v.to(device) for k, v in ctx.batch(ctx.options.batch_size, seed=SEED).items()}
+    draws = {k: v.to(device) for k, v in ctx.draws(batch, seed=SEED).items()}
+    override = {"training.dtype": DTYPE_NAMES[dtype]}
+    with autocast(mixed_precision, device):
+        records = {
+            "stable_l2t": ctx.run_stable("l2t", batch, settings=override, draws=draws, model=model, grad=grad),
+            "stable_t2l": ctx.run_stable("t2l", batch, settings=override, draws=draws, model=model, grad=grad),
+            "cycle": ctx.run_cycle(batch, settings={**cycle, **override}, draws=draws, model=model, grad=grad),
+        }
+    configs = {"stable_l2t": ctx.stable_config_for("l2t", override), "stable_t2l": ctx.stable_config_for("t2l", override),
+               "cycle": ctx.cycle_config_for({**cycle, **override})}
+    return {name: (records[name], configs[name], batch) for name in SETTINGS}
+
+
+def oracle_terms(ctx, name, record, config, batch, tolerance):
+    x0 = ctx.x0_of(batch)
+    if name == "cycle":
+        return cycle_terms(record, batch, config, None, x0, tolerance)
+    return stable_terms(record, batch, config, name.removeprefix("stable_"), x0, tolerance)
+
+
+def loss_values(ctx, runs, tolerance) -> dict[str, float]:
+    """Every returned loss and every cycle term (recomputed by the oracle from the observed passes)."""
+    out = {f"{name}.loss": float(r.loss) for name, (r, _, _) in runs.items()}
+    record, config, batch = runs["cycle"]
+    terms = oracle_terms(ctx, "cycle", record, config, batch, tolerance)
+    out.update({f"cycle.{name}": float(getattr(terms, name)) for name in ("t2l", "l2t", "cycle_text", "cycle_latent")})
+    return out
+
+
+def gradients(model, record) -> torch.Tensor:
+    """The flattened gradient of the step's loss with respect to every parameter (zeros where unused)."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(record.loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1) for g, p in zip(grads, params)])
+
+
+def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what: str, measure) -> dict[str, float]:
+    rtol_atol = tol(tolerance)
+    worst: dict[str, float] = {}
+    bad = []
+    for key, ref in want.items():
+        value = got[key]
+        rel = abs(value - ref) / max(abs(ref), 1e-12)
+        setting = key.split(".")[0]
+        worst[setting] = max(worst.get(setting, 0.0), rel)
+        if not abs(value - ref) <= rtol_atol["atol"] + rtol_atol["rtol"] * abs(ref):
+            bad.append(f"{key}: {value:.6g} vs float32 {ref:.6g} (rel {rel:.2e})")
+    for setting, rel in worst.items():
+        measure(f"{what}_{setting}_max_rel", rel)
+    assert not bad, (f"{what} differs from the float32 reference beyond tol('{tolerance}') "
+                     f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']}): " + "; ".join(bad))
+    return worst
+
+
+def check_autocast_exercised(ctx, measure):
+    mode = mixed_precision_of(ctx)
+    want = autocast_dtype(mode)
+    runs = run_all(ctx, ctx.semantic_model(), ctx.device, mixed_precision=mode)
+    measure("autocast", f"{mode} ({str(want).removeprefix('torch.')}, {ctx.device.type})")
+    wrong = [f"{name} pass {p.kind} returned {sorted({str(o.dtype) for o in p.outputs})}"
+             for name, (r, _, _) in runs.items() for p in r.passes
+             if {o.dtype for o in p.outputs if o.is_floating_point()} != {want}]
+    assert not wrong, (f"under {mode} autocast every model pass should compute in {want}; "
+                       f"{'; '.join(wrong)} (a trainer turned autocast off or ran its model in float32)")
+
+
+def check_autocast_matches_fp32(ctx, measure):
+    mode = mixed_precision_of(ctx)
+    model = ctx.fresh_semantic_model()
+    fp32 = run_all(ctx, model, ctx.device, grad=True)
+    amp = run_all(ctx, model, ctx.device, mixed_precision=mode, grad=True)
+    loss_tol = f"autocast_{mode}_loss"
+    got, want = loss_values(ctx, amp, loss_tol), loss_values(ctx, fp32, ctx.oracle_tolerance)
+    assert got != want, f"the {mode} autocast run gave exactly the float32 losses: autocast was not exercised"
+    drift = compare(got, want, loss_tol, f"autocast_{mode}_loss", measure)
+    rtol, atol = TOLERANCES[f"autocast_{mode}_grad"]
+    bad = []
+    grad_drift = {}
+    for name in SETTINGS:
+        g32, gamp = gradients(model, fp32[name][0]), gradients(model, amp[name][0])
+        rel = float((gamp - g32).norm() / g32.norm().clamp_min(1e-30))
+        grad_drift[name] = rel
+        measure(f"autocast_{mode}_grad_{name}_rel", rel)
+        if not rel <= rtol:
+            bad.append(f"{name}: ||g_{mode} - g_fp32|| / ||g_fp32|| = {rel:.3g} > {rtol}")
+    assert not bad, f"gradients under {mode} autocast drift from float32 beyond the table: " + "; ".join(bad)
+    factor = TOLERANCES["autocast_drift_factor"][0]
+    # Like for like: the cycle step's own t2l and l2t terms against the stable steps' losses (its
+    # cycle terms chain two passes, so they drift more by construction; they are bounded above).
+    base = {key: abs(got[key] - want[key]) / max(abs(want[key]), 1e-12) for key in ("cycle.t2l", "cycle.l2t")}
+    drift = {**drift, "cycle": max(base.values())}
+    measure(f"autocast_{mode}_loss_cycle_base_terms_max_rel", drift["cycle"])
+    stable_loss = max(drift["stable_l2t"], drift["stable_t2l"])
+    stable_grad = max(grad_drift["stable_l2t"], grad_drift["stable_t2l"])
+    floor_loss, floor_grad = tol(loss_tol)["rtol"] / 10, rtol / 10
+    assert drift["cycle"] <= factor * max(stable_loss, floor_loss), (
+        f"the cycle trainer's losses drift {drift['cycle']:.3g} under {mode} autocast, more than {factor} x the "
+        f"stable trainer's {stable_loss:.3g}: the cycle trainer is the one that drifts")
+    assert grad_drift["cycle"] <= factor * max(stable_grad, floor_grad), (
+        f"the cycle trainer's gradients drift {grad_drift['cycle']:.3g} under {mode} autocast, more than "
+        f"{factor} x the stable trainer's {stable_grad:.3g}: the cycle trainer is the one that drifts")
+
+
+def check_losses_computed_in_float32(ctx, measure):
+    mode = mixed_precision_of(ctx)
+    runs = run_all(ctx, ctx.semantic_model(), ctx.device, mixed_precision=mode, cycle=CYCLE_LATENT_HEAVY)
+    bad, worst = [], 0.0
+    for name, (record, config, batch) in runs.items():
+        terms = oracle_terms(ctx, name, record, config, batch, f"autocast_{mode}_loss")
+        got, want = float(record.loss), float(terms.total)
+        rel = abs(got - want) / max(abs(want), 1e-12)
+        worst = max(worst, rel)
+        limit = tol("autocast_loss_reduction")
+        if not abs(got - want) <= limit["atol"] + limit["rtol"] * abs(want):
+            bad.append(f"{name}: returned {got:.7g}, oracle from its own {mode} outputs {want:.7g} (rel {rel:.2e})")
+    measure("loss_vs_oracle_max_rel", worst)
+    assert not bad, ("under autocast a trainer's loss must be reduced in float32 from the model's outputs "
+                     f"(tol('autocast_loss_reduction')): " + "; ".join(bad))
+
+
+def check_bf16_cast_matches_fp32(ctx, measure):
+    fp32 = loss_values(ctx, run_all(ctx, ctx.semantic_model(), ctx.device), ctx.oracle_tolerance)
+    bf16_model = ctx.fresh_semantic_model().to(torch.bfloat16)
+    runs = run_all(ctx, bf16_model, ctx.device, dtype=torch.bfloat16)
+    fed = {str(t.dtype) for r, _, _ in runs.values() for p in r.passes for t in (p.text_t, p.latent_t) if t is not None}
+    assert fed == {"torch.bfloat16"}, f"trainers with training.dtype=bf16 fed the model timesteps in {sorted(fed)}"
+    bf16 = loss_values(ctx, runs, "bfloat16")
+    assert bf16 != fp32, "the bfloat16 run gave exactly the float32 losses: bfloat16 was not exercised"
+    compare(bf16, fp32, "bfloat16", "bf16_cast", measure)
+
+
+CHECKS = {
+    "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
+    "autocast_exercised": check_autocast_exercised,
+    "autocast_matches_fp32": check_autocast_matches_fp32,
+    "losses_computed_in_float32": check_losses_computed_in_float32,
+    "bf16_cast_matches_fp32": check_bf16_cast_matches_fp32,
+}
+
+
+def check_cuda_matches_cpu(ctx, measure):
+    """CUDA float32 and CUDA autocast against CPU float32 (the `gpu` test)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    mode = mixed_precision_of(ctx)
+    want = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cpu), cpu), ctx.oracle_tolerance)
+    got32 = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda), "cuda_float32")
+    compare(got32, want, "cuda_float32", "cuda_fp32", measure)
+    got_amp = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda, mixed_precision=mode),
+                          f"autocast_{mode}_loss")
+    compare(got_amp, want, f"autocast_{mode}_loss", f"cuda_autocast_{mode}", measure)
+
+
+GPU_CHECKS = {
+    "cuda_matches_cpu": check_cuda_matches_cpu,
+}
+
+
+run_row = row_runner(CHECKS)
+test_mixed_precision = row_test(CHECKS)
+
+
+test_mixed_precision_gpu = pytest.mark.gpu(row_test(GPU_CHECKS))
