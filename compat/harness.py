@@ -200,6 +200,7 @@ class CompatContext:
     _sensitivity: dict[str, float] | None = field(default=None, repr=False)
     _semantic: MultimodalMMDiT | None = field(default=None, repr=False)
     semantic_note: str = "semantics rows not run"
+    trajectories: dict[str, Any] = field(default_factory=dict, repr=False)  # the trajectories row's runs
 
     @classmethod
     def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":

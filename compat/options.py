@@ -43,6 +43,10 @@ OPTIONS: tuple[GateOption, ...] = (
     GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, default=4, metavar="N"),
     GateOption("seq-len", "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
                "(capped by model.max_seq_len)", type=int, default=None, metavar="N"),
+    GateOption("golden", "a golden trajectory file (from --record-golden) the trajectories row compares against; "
+               "default: the committed one for the embedded default, none for your inputs", metavar="FILE"),
+    GateOption("record-golden", "write the trajectories' per-step losses, gradient norms and final-weight "
+               "checksums to FILE (then compare against it)", metavar="FILE"),
 )
 
 
@@ -63,6 +67,8 @@ class CompatOptions:
     device: str = "cpu"
     batch_size: int = 4
     seq_len: int | None = None
+    golden: str | None = None
+    record_golden: str | None = None
 
     @property
     def embedded(self) -> bool:

@@ -29,6 +29,20 @@ TOLERANCES = {
     # The cycle trainer's drift from float32 under autocast may be at most this multiple of the
     # stable trainer's (the larger of its l2t and t2l drifts; floored at a tenth of the tolerance).
     "autocast_drift_factor": (3.0, 0.0),
+    # The training loop against the float64 replay of its optimizer (same gradients, AdamW, clipping
+    # and schedule from their definitions): float32 vs float64 arithmetic over K Adam steps.
+    "trajectory_oracle_loss": (1e-5, 1e-6),
+    # Weights: atol is a fraction of the largest distance Adam can move a weight in the run (the sum
+    # of the step learning rates): a parameter whose gradient is ~0 gets a normalised update whose
+    # sign flips with float32 noise, so an absolute bound in weight units would be meaningless.
+    "trajectory_oracle_weights": (1e-4, 0.02),
+    # A run against its committed golden values (another CPU may reorder float32 sums).
+    "golden_trajectory": (1e-4, 1e-6),
+    # The cycle run's base losses (stable l2t / t2l on a held-out batch) may rise at most this much
+    # (relative) above the stable continuation's after K steps; gradient-norm spikes above the
+    # factor times the stable run's largest are REVIEW.
+    "trajectory_base_rise": (0.25, 0.0),
+    "trajectory_grad_spike": (10.0, 0.0),
     # The control of a semantics row: an input the row compares must move the model's outputs by at
     # least this relative change (100 x the float32 loss tolerance), or the row could pass blind.
     "sensitivity": (1e-3, 0.0),

@@ -40,6 +40,18 @@ def cycle_trainer_path(ctx, path: str):
         ctx.cycle_subject = saved
 
 
+@contextlib.contextmanager
+def fresh_runs(ctx):
+    """Runs the context caches (the trajectories' training runs) are redone under a mutant, and the
+    unmutated ones come back after it."""
+    saved = ctx.trajectories
+    ctx.trajectories = {}
+    try:
+        yield
+    finally:
+        ctx.trajectories = saved
+
+
 def run_check(ctx, row: str, check: str) -> None:
     module = importlib.import_module(f"compat.test_row_{row}")
     with warnings.catch_warnings():
@@ -69,7 +81,7 @@ def test_mutant_is_caught(ctx, mutant, path, request):
         control, control_detail = outcome_of(ctx, mutant.row, mutant.check)
         assert control == "passed", (f"control: {mutant.row}/{mutant.check} does not pass unmutated ({control}: "
                                      f"{control_detail}), so a failure under the mutant would prove nothing")
-        with mutant.apply():
+        with mutant.apply(), fresh_runs(ctx):
             got, detail = outcome_of(ctx, mutant.row, mutant.check)
     caught = got == mutant.expect
     request.node.user_properties.append(("kill", json.dumps(

@@ -8,6 +8,7 @@ the rest are the mistakes a port of these trainers is likely to make.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 from unittest import mock
@@ -176,6 +177,22 @@ def _latent_mse_in_low_precision(latent_pred, latent_target):
         return torch.clamp(((pred - target) ** 2).mean(), 0.0, 10.0).float()
 
 
+def _cycle_entry_beta1(original_train):
+    def _train(config, settings, ctx, entry, *args, **kwargs):
+        if entry.kind == "cycle":  # an optimizer setting that differs only in the cycle entry point
+            settings = dataclasses.replace(settings, betas=(0.8, settings.betas[1]))
+        return original_train(config, settings, ctx, entry, *args, **kwargs)
+    return _train
+
+
+def _clip_norm_from_other_key(original_from_config):
+    def from_config(config):
+        settings = original_from_config(config)
+        # the clipping norm read from optimizer.weight_decay instead of optimizer.grad_clip_norm
+        return dataclasses.replace(settings, grad_clip_norm=float(config.optimizer.weight_decay))
+    return staticmethod(from_config)
+
+
 def _mmdit_default_streams(original_cls):
     def build(*args, **kwargs):
         kwargs["num_residual_streams"] = 4  # the library default, not upstream's 2
@@ -299,6 +316,17 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("cycle_latent_mse_in_bf16", "mixed_precision", "losses_computed_in_float32",
            "the cycle trainer reduces its latent MSE in the outputs' bfloat16 instead of float32",
            lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _latent_mse_in_low_precision)]),
+    Mutant("cycle_entry_beta1", "trajectories", "cycle_loop_matches_oracle",
+           "the cycle entry point's loop uses AdamW beta1 0.8 whatever optimizer.beta1 says",
+           lambda: [mock.patch.object(training_module, "_train", _cycle_entry_beta1(training_module._train))]),
+    Mutant("clip_norm_from_other_key", "trajectories", "stable_loop_matches_oracle",
+           "the loop reads its clipping norm from optimizer.weight_decay instead of optimizer.grad_clip_norm",
+           lambda: [mock.patch.object(training_module.LoopSettings, "from_config",
+                                      _clip_norm_from_other_key(training_module.LoopSettings.from_config))]),
+    Mutant("synthetic_data_reseeded", "trajectories", "golden_values",
+           "the loop's synthetic data seeded differently (a numerics change only a golden file sees)",
+           lambda: [mock.patch.object(training_module, "SYNTHETIC_DATA_SEED_OFFSET",
+                                      training_module.SYNTHETIC_DATA_SEED_OFFSET + 1)]),
     Mutant("latent_ramp_from_text_key", "recommended_settings", "trainer_honours_config",
            "cycle_latent's ramp length read from cycle_text_ramp_steps (a setting read from the wrong key)",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",
