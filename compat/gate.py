@@ -250,12 +250,14 @@ def not_run_rows(reason: str) -> list[RowResult]:
 
 # -- rendering -------------------------------------------------------------------------------------
 def render_text(rows: list[RowResult], width: int = 60) -> str:
-    header = f"{'row':<22} {'topic':<34} {'verdict':<13} measured"
+    id_w = max([22] + [len(r.id) for r in rows])
+    topic_w = max([34] + [len(r.topic) for r in rows])
+    header = f"{'row':<{id_w}} {'topic':<{topic_w}} {'verdict':<13} measured"
     lines = [header, "-" * len(header)]
     for r in rows:
         wrapped = textwrap.wrap(r.measured or "-", width) or ["-"]
-        lines.append(f"{r.id:<22} {r.topic:<34} {r.verdict:<13} {wrapped[0]}")
-        lines.extend(f"{'':<22} {'':<34} {'':<13} {more}" for more in wrapped[1:])
+        lines.append(f"{r.id:<{id_w}} {r.topic:<{topic_w}} {r.verdict:<13} {wrapped[0]}")
+        lines.extend(f"{'':<{id_w}} {'':<{topic_w}} {'':<13} {more}" for more in wrapped[1:])
     return "\n".join(lines)
 
 
