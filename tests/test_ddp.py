@@ -196,11 +196,14 @@ def test_batch_order_splits_each_global_batch():
 
 
 class _NanOnRank1(MultimodalDiffusionTrainer):
-    """The stable trainer with NaN latents in rank 1's first micro-batch of step index 1 only."""
+    """The stable trainer with NaN latents in rank 1's first micro-batch of step index 1 only;
+    `weights_seen` keeps the weights each step's first micro-batch ran with."""
 
     poisoned = False
+    weights_seen: dict = {}
 
     def forward(self, batch, step=None, draws=None):
+        self.weights_seen.setdefault(step, torch.cat([p.detach().flatten() for p in self.model.parameters()]))
         if step == 1 and dist.get_rank() == 1 and not self.poisoned:
             self.poisoned = True
             batch = {**batch, "latent": torch.full_like(batch["latent"], float("nan"))}
@@ -214,7 +217,7 @@ def _nonfinite_worker(rank: int, port: int, policy: str, out_dir: str) -> None:
         os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         config = load_config(config_path("stable"), TINY + [
-            "training.num_train_steps=3", "logging.save_every=1", "training.train_batch_size=2",
+            "training.num_train_steps=4", "logging.save_every=1", "training.train_batch_size=2",
             "training.gradient_accumulation_steps=2", "data.synthetic_num_samples=16",
             f"loss.on_nonfinite={policy}"])
         entry = dataclasses.replace(STABLE, trainer_cls=_NanOnRank1)
@@ -224,6 +227,7 @@ def _nonfinite_worker(rank: int, port: int, policy: str, out_dir: str) -> None:
                                   progress=False, device="cpu", dist_timeout=TIMEOUT)
             outcome["skipped"] = ["skipped" in m for m in result.metrics]
             outcome["losses"] = [m["loss"] for m in result.metrics]
+            outcome["weights_seen"] = _NanOnRank1.weights_seen
         except TrainingError as exc:
             outcome["error"] = str(exc)
         torch.save(outcome, os.path.join(out_dir, f"nonfinite{rank}.pt"))
@@ -246,9 +250,14 @@ def test_nonfinite_step_on_one_rank(tmp_path, policy):
         assert "non-finite" in results[1]["error"] and "another rank" in results[0]["error"]
         return
     assert [r["error"] for r in results] == [None, None]
-    assert results[0]["skipped"] == results[1]["skipped"] == [False, True, False]
+    assert results[0]["skipped"] == results[1]["skipped"] == [False, True, False, False]
     assert results[0]["losses"] == results[1]["losses"]
     checkpoints = tmp_path / "run" / "checkpoints"
     step1, step2, step3 = (load_file(str(checkpoints / f"step_{s:08d}.safetensors")) for s in (1, 2, 3))
     assert all(torch.equal(step1[k], step2[k]) for k in step1)  # step 2 was not taken
     assert any(not torch.equal(step2[k], step3[k]) for k in step2)  # step 3 was
+    # After the skip, DDP still averages the gradients: both ranks hold the same weights.
+    seen = [r["weights_seen"] for r in results]
+    assert sorted(seen[0]) == sorted(seen[1]) == [0, 1, 2, 3]
+    assert all(torch.equal(seen[0][s], seen[1][s]) for s in range(4))
+    assert not torch.equal(seen[0][2], seen[0][3])
