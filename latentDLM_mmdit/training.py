@@ -586,10 +586,10 @@ def _agree(problem: StepProblem | None, ctx: DistContext) -> StepProblem | None:
 
 
 def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
-    """The total gradient norm, clipping to `clip` when it is > 0 (torch's clip_grad_norm_)."""
+    """The total 2-norm of the gradients, clipping them to `clip` when it is > 0 (torch's clip_grad_norm_)."""
     if clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
 
 
 class LastOutputs:

@@ -140,3 +140,9 @@ def test_metrics_line_is_strict_json():
                       "mode": "l2t", "nonfinite_values": {"loss": "nan", "parts.a": "-inf", "terms[0]": "inf"}}
     finite = {"step": 1, "loss": 0.25, "nonfinite": ["text_loss"]}
     assert metrics_line(finite) == json.dumps(finite)
+
+
+def test_without_clipping_the_gradient_norm_is_still_checked(tmp_path):
+    run = _run(tmp_path, NanGradients, "optimizer.grad_clip_norm=0.0")
+    assert "non-finite gradient norm" in run.metrics[1]["skipped"]
+    assert math.isfinite(run.metrics[0]["grad_norm"]) and run.metrics[0]["grad_norm"] > 0
