@@ -2,7 +2,8 @@
 
 Written here: one safetensors file with the model's state dict and metadata (format, config,
 versions of torch / mmdit / hyper-connections / x-transformers, trainer kind, step, model sizes),
-plus `<stem>.train_state.pt` beside it with the optimizer state, step and RNG states.
+plus `<stem>.train_state.pt` beside it with the optimizer state, step and RNG states, published
+as a pair that survives a kill at any point (`save_checkpoint`, `remove_interrupted_saves`).
 
 Read here, never modified:
 - that format and any safetensors file, its header validated before anything is allocated;
