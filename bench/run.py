@@ -15,6 +15,9 @@ Figures:
   gate_plugin_*    the gate with the cycle trainer given as a SPEC (the built-in class, and a
                    foreign trainer that draws from the global RNG) / the built-in path, timed
                    round robin                                       (target <= 1.1)
+  checkpoint_save  the training loop's crash-safe checkpoint pair (temporaries fsynced, train
+                   state published first, weights last, directory fsynced) / the same two files
+                   written with a rename each and no fsync, round robin  (target <= 1.5)
 """
 from __future__ import annotations
 
@@ -231,14 +234,64 @@ def plugin_figure(rounds: int) -> list[str]:
     return out
 
 
+# -- checkpoint saving ---------------------------------------------------------------------------------
+def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
+    """What publishing a checkpoint pair crash-safely costs over writing the same files unprotected."""
+    from safetensors.torch import save_file
+
+    from cycle_vae_impl.configs import config_path
+    from latentDLM_mmdit.checkpoints import save_checkpoint, train_state_path
+    from latentDLM_mmdit.config import load_config
+    from latentDLM_mmdit.factory import build_model
+
+    sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"] if small else
+             ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"])
+    config = load_config(config_path("stable"), sizes)
+    model = build_model(config, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # AdamW state: two moments per parameter, as a real train state holds
+    train_state = {"step": 1, "optimizer": optimizer.state_dict()}
+    folder = workdir / "checkpoint_save"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def safe():
+        started = time.perf_counter()
+        save_checkpoint(folder / "safe.safetensors", model, config=config, trainer_kind="stable", step=1,
+                        train_state=train_state)
+        return time.perf_counter() - started
+
+    def unprotected():
+        started = time.perf_counter()
+        path = folder / "plain.safetensors"
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(path) + ".tmp", metadata={"step": "1"})
+        os.replace(str(path) + ".tmp", path)
+        torch.save(train_state, str(train_state_path(path)) + ".tmp")
+        os.replace(str(train_state_path(path)) + ".tmp", train_state_path(path))
+        return time.perf_counter() - started
+
+    rounds = 5 if small else 7
+    times = interleaved({"safe": safe, "unprotected": unprotected}, rounds=rounds, warmup=1)
+    ratios = [a / b for a, b in zip(times["safe"], times["unprotected"])]
+    ratio = statistics.median(ratios)
+    nbytes = sum(f.stat().st_size for f in folder.glob("safe*"))
+    return [line("checkpoint_save", ratio, "target <= 1.5" + (" (full)" if small else ""),
+                 f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times['safe']) * 1e3:.0f} ms vs "
+                 f"{statistics.median(times['unprotected']) * 1e3:.0f} ms for {nbytes / 2**20:.0f} MiB "
+                 f"(weights + train state, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+                 f"{rounds} interleaved rounds in {folder}", None if small else ratio <= 1.5)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
-    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin"], action="append",
+    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save"], action="append",
                         help="run only these figures (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    selected = set(args.only or ["gate", "step", "suite", "plugin"])
+    selected = set(args.only or ["gate", "step", "suite", "plugin", "save"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
@@ -253,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     if "plugin" in selected:
         lines += plugin_figure(rounds=1 if args.small else 3)
         print(*lines[-2:], sep="\n", flush=True)
+    if "save" in selected:
+        lines += checkpoint_save_figure(args.small, workdir)
+        print(lines[-1], flush=True)
     if "gate" in selected:
         lines += gate_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)

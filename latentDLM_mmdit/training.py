@@ -9,6 +9,19 @@ appends one JSON line to `<output_dir>/metrics.jsonl`; checkpoints (safetensors 
 `.train_state.pt` beside it) go to `<output_dir>/checkpoints/` every `logging.save_every` steps
 and at the end.
 
+Non-finite steps (`loss.on_nonfinite`): a micro-batch whose loss is non-finite or a constant
+without a graph (the trainers' replacement when every term is non-finite), or a non-finite gradient
+norm, makes the step skipped under `upstream` (as upstream's training script skipped it: optimizer
+not stepped, gradients cleared, the record's `skipped` says why, `skipped_nonfinite_steps` counts
+them) and stops the run with a TrainingError naming the step and the term under `raise`.
+metrics.jsonl is strict JSON: a non-finite value is written as null and named in `nonfinite_values`.
+
+Checkpoints are published as pairs (see `checkpoints.save_checkpoint`): a weights file is visible
+only once its train state is, and `load_train_state` refuses a train state of another save. At
+every start, rank 0 removes what an interrupted save left; a resume into the run's own directory
+keeps one history: the metrics lines and checkpoints after the resumed step move to
+`abandoned/after_step_<N>/` (logged), and metrics.jsonl ends at the resumed step.
+
 Determinism: a run resumed from the checkpoint of step k continues bit-exactly like the
 uninterrupted run on CPU: the checkpoint holds the model, the optimizer state, the step, the global
 RNG states (Python, NumPy, torch), the trainer's own generator and the data order.
@@ -32,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,7 +60,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
 from latentDLM_mmdit.checkpoints import (
-    CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, save_checkpoint,
+    CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, remove_interrupted_saves,
+    save_checkpoint, train_state_path,
 )
 from latentDLM_mmdit.config import ConfigError, resolve_config
 from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
@@ -59,7 +74,12 @@ from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STATE_FORMAT = "mmdit-compat-train/1"
+# /2: the train state carries skipped_nonfinite_steps and pairs with its weights by pair_id.
+TRAIN_STATE_FORMAT = "mmdit-compat-train/2"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+ABANDONED_DIR = "abandoned"  # what a resume set aside: the abandoned run's later metrics and checkpoints
+CHECKPOINT_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 DIST_TIMEOUT = timedelta(minutes=30)
 # Streams derived from training.seed, kept apart from the trainer generator (seed + rank).
 DATA_ORDER_SEED_OFFSET = 1_000_003
@@ -110,6 +130,7 @@ class LoopSettings:
     log_dir: str
     log_every: int
     save_every: int
+    on_nonfinite: str
     mixed_precision: str = "no"
 
     @classmethod
@@ -140,6 +161,7 @@ class LoopSettings:
             log_dir=log.log_dir,
             log_every=log.log_every,
             save_every=log.save_every if log.save_every > 0 else training.num_train_steps,  # 0: the last only
+            on_nonfinite=s.loss.on_nonfinite,
             mixed_precision=training.mixed_precision,
         )
 
@@ -422,13 +444,13 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
 
 def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, latent_dir,
            init_from, resume, progress, stop_at_step) -> TrainResult:
-    metrics_path = output_dir / "metrics.jsonl"
-    if ctx.is_main and resume is None and metrics_path.exists():
-        raise TrainingError(f"{output_dir} already holds a run ({metrics_path.name}); choose another output "
-                            "directory, or --resume a checkpoint")
+    metrics_path = output_dir / METRICS_NAME
     resume_state = None
     if resume is not None:
         resume_state = _read_resume_state(resume, entry.kind, ctx, config)
+    _on_main_then_share(ctx, lambda: prepare_output_dir(
+        output_dir, None if resume is None else Path(resume),
+        None if resume_state is None else int(resume_state["step"])))
 
     # Model: every RNG seeded first (the residual-stream init draws from Python's `random`).
     seed_everything(settings.seed)
@@ -458,6 +480,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     # Per-rank global streams (dropout) from here on.
     seed_everything(settings.seed + ctx.rank)
     step = 0
+    skipped_nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (loss.on_nonfinite)
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scaler.enabled and not resume_state.get("grad_scaler"):
@@ -469,7 +492,9 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
         set_rng_state(rank_state["rng"])
         trainer.generator.set_state(rank_state["trainer_generator"])
         step = int(resume_state["step"])
+        skipped_nonfinite_steps = int(resume_state["skipped_nonfinite_steps"])
     ddp = wrap_model_for_ddp(trainer, ctx.device) if ctx.distributed else None
+    last_outputs = LastOutputs(ddp) if ddp is not None else None
 
     end = settings.num_train_steps if stop_at_step is None else min(stop_at_step, settings.num_train_steps)
     if step >= end:
@@ -485,7 +510,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, output_dir / "config.yaml")
-        metrics_file = open(metrics_path, "a", encoding="utf-8")
+        metrics_file = open(metrics_path, "a", encoding="utf-8")  # truncated to the resumed step above
     show_bar = progress and ctx.is_main and sys.stderr.isatty()
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -495,12 +520,18 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     try:
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
-                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler)
+                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler,
+                                         last_outputs)
                 step += 1
-                record = {"step": step, **record}
+                if "skipped" in record:
+                    skipped_nonfinite_steps += 1
+                    if ctx.is_main:
+                        logger.warning("step %d: optimizer step skipped (%s; loss.on_nonfinite=upstream); %d "
+                                       "step(s) skipped so far", step, record["skipped"], skipped_nonfinite_steps)
+                record = {"step": step, **record, "skipped_nonfinite_steps": skipped_nonfinite_steps}
                 history.append(record)
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.write(metrics_line(record) + "\n")
                     metrics_file.flush()
                 if step % settings.log_every == 0 or step == end:
                     logger.info("step %d: %s", step, ", ".join(
@@ -508,7 +539,10 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if step % settings.save_every == 0 or step == end:
-                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx, scaler)
+                    if metrics_file is not None:  # the metrics up to a checkpoint are as durable as it is
+                        os.fsync(metrics_file.fileno())
+                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx,
+                                 skipped_nonfinite_steps, scaler)
                     if path is not None:
                         checkpoints.append(path)
     finally:
@@ -520,27 +554,126 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     return TrainResult(output_dir, metrics_path, checkpoints, history, step)
 
 
-def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler) -> dict[str, Any]:
+SKIP, STOP = 1, 2  # what a rank found wrong with a step, in increasing severity (agreed with MAX across ranks)
+
+
+@dataclass(frozen=True)
+class StepProblem:
+    """Why an optimizer step cannot be taken: `severity` SKIP (loss.on_nonfinite=upstream skips the
+    step, as upstream's training script did) or STOP (the run ends with an error); `what` says why."""
+
+    severity: int
+    what: str
+
+
+def _loss_problem(loss: torch.Tensor | None, metrics: Mapping[str, Any], error: str | None,
+                  policy: str) -> StepProblem | None:
+    """What is wrong with one micro-batch's loss (`error`: the trainer's FloatingPointError), or None."""
+    nonfinite = SKIP if policy == "upstream" else STOP
+    if error is not None:
+        return StepProblem(STOP, error)
+    if not bool(torch.isfinite(loss.detach()).all()):
+        return StepProblem(nonfinite, f"non-finite loss {float(loss.detach())}")
+    if not loss.requires_grad:
+        terms = metrics.get("nonfinite")
+        if not terms:
+            return StepProblem(STOP, "the trainer returned a loss without a graph and reported no non-finite term "
+                                     "(nothing to train on; a trainer defect)")
+        return StepProblem(nonfinite, f"every loss term non-finite ({', '.join(terms)}); the trainer returned a "
+                                      f"constant loss {float(loss.detach()):.6g} without a graph")
+    return None
+
+
+def _agree(problem: StepProblem | None, ctx: DistContext) -> StepProblem | None:
+    """Every rank's worst problem (one all-reduce), so that all ranks skip or stop together."""
+    flag = torch.tensor([0 if problem is None else problem.severity], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if worst == 0 or (problem is not None and problem.severity == worst):
+        return problem
+    return StepProblem(worst, "another rank's loss was unusable (see that rank's log)")
+
+
+def _grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """The total 2-norm of the gradients, clipping them to `clip` when it is > 0 (torch's clip_grad_norm_)."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+
+
+class LastOutputs:
+    """The outputs of the DDP module's latest forward (kept by a forward hook, dropped after each
+    step): a step skipped after a synchronised forward still runs the backward DDP's reducer
+    expects (a zero loss on these outputs, on every rank), else the next step fails in DDP."""
+
+    def __init__(self, ddp: DistributedDataParallel):
+        self.outputs: Any = None
+        ddp.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, outputs) -> None:
+        self.outputs = outputs
+
+    def zero_backward(self) -> None:
+        outputs = self.outputs if isinstance(self.outputs, (tuple, list)) else (self.outputs,)
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.autograd.backward(sum(t.sum() * 0.0 for t in tensors))
+
+
+def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler: LossScaler,
+                    last_outputs: LastOutputs | None = None) -> dict[str, Any]:
+    """One optimizer step over `settings.grad_accum` micro-batches; returns its metrics record.
+
+    A micro-batch whose loss is non-finite, or a constant without a graph (the trainers' replacement
+    when every term is non-finite), or a non-finite gradient norm: under loss.on_nonfinite=upstream
+    the optimizer is not stepped and the gradients are cleared (the record gets `skipped`); under
+    raise a TrainingError names the step and the term. Every rank runs every micro-batch's forward
+    (DDP's forward is collective) and the ranks agree before the synchronised backward."""
     lr = learning_rate(step, settings)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     parts = []
+    problem = None
     for micro in range(settings.grad_accum):
         batch = collate([dataset[i] for i in order.next_indices()])
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         last = micro == settings.grad_accum - 1
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-            with autocast(settings.mixed_precision, ctx.device):
-                loss, metrics = trainer(batch, step=step)
-            scaler.scale(loss / settings.grad_accum).backward()
-        parts.append(metrics)
-    params = [p for p in bare_model(trainer.model).parameters() if p.grad is not None]
+            loss, metrics, error = None, {}, None
+            try:
+                with autocast(settings.mixed_precision, ctx.device):
+                    loss, metrics = trainer(batch, step=step)
+            except FloatingPointError as exc:  # the trainer's own check under loss.on_nonfinite=raise
+                error = str(exc)
+            parts.append(metrics)
+            problem = problem or _loss_problem(loss, metrics, error, settings.on_nonfinite)
+            if last and ctx.distributed:
+                problem = _agree(problem, ctx)
+            if problem is None:
+                scaler.scale(loss / settings.grad_accum).backward()
+            elif last and last_outputs is not None and problem.severity == SKIP:
+                last_outputs.zero_backward()  # gradients discarded below
+    if last_outputs is not None:
+        last_outputs.outputs = None
     grad_norm = None
-    scaler.unscale_(optimizer)  # fp16: clip (and log) the true gradients
-    if settings.grad_clip_norm > 0 and params:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm))
-    stepped = scaler.step(optimizer)
+    if problem is None:
+        params = [p for p in bare_model(trainer.model).parameters() if p.grad is not None]
+        if params:
+            scaler.unscale_(optimizer)  # fp16: clip (and log) the true gradients
+            norm = _grad_norm(params, settings.grad_clip_norm)
+            grad_norm = float(norm)
+            if not math.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
+                problem = StepProblem(SKIP if settings.on_nonfinite == "upstream" else STOP,
+                                      f"non-finite gradient norm {grad_norm}")
+    if problem is not None and problem.severity == STOP:
+        raise TrainingError(f"step {step + 1}: {problem.what}; stopped by loss.on_nonfinite={settings.on_nonfinite} "
+                            "(the last checkpoint can be resumed; loss.on_nonfinite=upstream skips such steps as "
+                            "upstream's training script did)")
+    stepped = False
+    if problem is None:
+        stepped = scaler.step(optimizer)  # fp16: the scaler itself skips a step with inf/NaN gradients
+    else:
+        optimizer.zero_grad(set_to_none=True)
     record = _merge_metrics(parts)
     if ctx.distributed:  # the logged loss is the mean over ranks; other metrics are this rank's
         loss_mean = torch.tensor([record["loss"]], dtype=torch.float64, device=ctx.device)
@@ -551,10 +684,34 @@ def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx
         record["amp_skipped"] = int(not stepped)
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
+    if problem is not None:
+        record["skipped"] = problem.what
     return record
 
 
-def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx, scaler) -> Path | None:
+def metrics_line(record: Mapping[str, Any]) -> str:
+    """`record` as one line of strict JSON: a non-finite float is written as null, and
+    `nonfinite_values` maps its key (dotted / indexed when nested) to "nan", "inf" or "-inf"."""
+    flagged: dict[str, str] = {}
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            flagged[key] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    line = {k: clean(v, str(k)) for k, v in record.items()}
+    if flagged:
+        line["nonfinite_values"] = flagged
+    return json.dumps(line, allow_nan=False)
+
+
+def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx,
+          skipped_nonfinite_steps, scaler) -> Path | None:
     local = {"rng": rng_state(), "trainer_generator": trainer.generator.get_state()}
     if ctx.distributed:
         ranks: list[Any] = [None] * ctx.world_size
@@ -563,7 +720,7 @@ def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, st
         ranks = [local]
     path = None
     if ctx.is_main:
-        path = output_dir / "checkpoints" / f"step_{step:08d}.safetensors"
+        path = output_dir / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
         train_state = {
             "format": TRAIN_STATE_FORMAT,
             "trainer_kind": trainer_kind,
@@ -573,6 +730,7 @@ def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, st
             "grad_scaler": scaler.state_dict(),
             "data_order": order.state_dict(),
             "ranks": ranks,
+            "skipped_nonfinite_steps": skipped_nonfinite_steps,
         }
         save_checkpoint(path, bare_model(model), config=config, trainer_kind=trainer_kind, step=step,
                         train_state=train_state)
@@ -591,8 +749,9 @@ def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
                             f"entry point, or start the {trainer_kind} trainer from it with --init-from")
     state = load_train_state(resume)
     if state.get("format") != TRAIN_STATE_FORMAT:
-        raise TrainingError(f"{resume}: its train state has format {state.get('format')!r}, "
-                            f"expected {TRAIN_STATE_FORMAT!r} (written by this training loop)")
+        raise TrainingError(f"{resume}: its train state has format {state.get('format')!r}, expected "
+                            f"{TRAIN_STATE_FORMAT!r} (written by this version of the training loop); start from "
+                            "its weights with --init-from instead")
     if state["trainer_kind"] != trainer_kind:
         raise TrainingError(f"{resume} was written by the {state['trainer_kind']} trainer, this is the {trainer_kind} trainer")
     if state["world_size"] != ctx.world_size:
@@ -602,6 +761,121 @@ def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
     if differences:
         logger.warning("resuming %s with a config that differs from its own in: %s", resume, ", ".join(differences))
     return state
+
+
+# -- the output directory --------------------------------------------------------------------------
+def _on_main_then_share(ctx: DistContext, action) -> None:
+    """Runs `action` on rank 0; a refusal there (TrainingError, CheckpointError, OSError) is raised
+    on every rank, so that no rank goes on to wait for the others in a collective."""
+    error = None
+    if ctx.is_main:
+        try:
+            action()
+        except (TrainingError, CheckpointError, OSError) as exc:
+            error = exc
+    if ctx.distributed:
+        shared = [None if error is None else _one_line(error)]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and error is None:
+            raise TrainingError(f"rank 0 refused to start: {shared[0]}")
+    if error is not None:
+        raise error
+
+
+def published_checkpoints(directory: Path) -> dict[int, Path]:
+    """{step: weights file} of the checkpoints this loop published in `directory`."""
+    if not directory.is_dir():
+        return {}
+    found = {}
+    for entry in directory.iterdir():
+        match = CHECKPOINT_FILE.match(entry.name)
+        if match:
+            found[int(match.group(1))] = entry
+    return found
+
+
+def _metrics_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line that is not a record (cut by a kill)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _fresh_dir(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... : the first that does not exist, created."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replaces `path` by `text` atomically: a temporary, fsynced, renamed, the directory fsynced."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_output_dir(output_dir: Path, resume: Path | None, resume_step: int | None) -> Path | None:
+    """Readies `output_dir` for a run (rank 0); returns the folder things were set aside in, if any.
+
+    A fresh run (`resume` None) needs a directory without metrics.jsonl or checkpoints. A resume
+    into a directory that holds a run needs a checkpoint of that run (in its checkpoints/). Then
+    what interrupted saves left is removed (`remove_interrupted_saves`), and the history is made
+    one again: the metrics lines after `resume_step` (and any line cut by a kill) and the
+    checkpoints after it move to `abandoned/after_step_<N>[-n]/` (metrics.jsonl, checkpoints/),
+    with a warning naming them; metrics.jsonl keeps the steps up to `resume_step`.
+    """
+    metrics_path, ckpt_dir = output_dir / METRICS_NAME, output_dir / CHECKPOINT_DIR
+    published = published_checkpoints(ckpt_dir)
+    held = ([METRICS_NAME] if metrics_path.exists() else []) + (
+        [f"{len(published)} checkpoint(s) in {CHECKPOINT_DIR}/"] if published else [])
+    if resume is None:
+        if held:
+            raise TrainingError(f"{output_dir} already holds a run ({', '.join(held)}); choose another output "
+                                "directory, or --resume one of its checkpoints")
+        remove_interrupted_saves(ckpt_dir)
+        return None
+    if held and resume.resolve().parent != ckpt_dir.resolve():
+        raise TrainingError(f"{output_dir} holds another run ({', '.join(held)}) than the one {resume} belongs to; "
+                            f"resume into an empty output directory, or into the run of that checkpoint")
+    remove_interrupted_saves(ckpt_dir)
+    later = [published[s] for s in sorted(published) if s > resume_step]
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True) if metrics_path.exists() else []
+    steps = [_metrics_step(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps) if s is not None and s <= resume_step]
+    dropped = [line for line, s in zip(lines, steps) if s is None or s > resume_step]
+    if not later and not dropped:
+        return None
+    aside = _fresh_dir(output_dir / ABANDONED_DIR / f"after_step_{resume_step:08d}")
+    if dropped:
+        _write_durably(aside / METRICS_NAME, "".join(dropped))
+    if later:
+        (aside / CHECKPOINT_DIR).mkdir()
+        for weights in later:  # the train state first: a weights file never stays without it
+            state = train_state_path(weights)
+            if state.exists():
+                os.replace(state, aside / CHECKPOINT_DIR / state.name)
+            os.replace(weights, aside / CHECKPOINT_DIR / weights.name)
+    if dropped:
+        _write_durably(metrics_path, "".join(keep))
+    logger.warning("resuming %s at step %d: the abandoned run's %d metrics line(s) after it and %d later "
+                   "checkpoint(s) (%s) were moved to %s", output_dir, resume_step, len(dropped), len(later),
+                   ", ".join(p.name for p in later) or "none", aside)
+    return aside
 
 
 # -- command line ----------------------------------------------------------------------------------

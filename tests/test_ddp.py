@@ -1,9 +1,11 @@
 """DDP on CPU (gloo, 2 processes, "fork"): half a batch per rank gives the single-process
 full-batch loss and gradients, for the cycle trainer with both cycle terms on and the stable trainer
 in t2l mode (text group frozen); the shared training loop runs under torchrun-style environment
-variables; the data order splits every global batch between the ranks."""
+variables; the data order splits every global batch between the ranks; a non-finite step on one
+rank is skipped (or stops the run) on every rank, without a hang."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import traceback
@@ -13,14 +15,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.factory import build_model
+from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import vocab_from_config
-from latentDLM_mmdit.training import BatchOrder, bare_model, build_trainer, run_training, wrap_model_for_ddp
+from latentDLM_mmdit.training import (
+    BatchOrder, TrainingError, bare_model, build_trainer, run_training, wrap_model_for_ddp,
+)
 from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
 from latentDLM_mmdit.train_stable import STABLE
 
@@ -187,3 +193,71 @@ def test_batch_order_splits_each_global_batch():
     assert again.next_indices() == ranks[0].next_indices()
     with pytest.raises(ValueError, match="world_size"):
         BatchOrder(10, 2, 1, 0, seed=5).load_state_dict(state)
+
+
+class _NanOnRank1(MultimodalDiffusionTrainer):
+    """The stable trainer with NaN latents in rank 1's first micro-batch of step index 1 only;
+    `weights_seen` keeps the weights each step's first micro-batch ran with."""
+
+    poisoned = False
+    weights_seen: dict = {}
+
+    def forward(self, batch, step=None, draws=None):
+        self.weights_seen.setdefault(step, torch.cat([p.detach().flatten() for p in self.model.parameters()]))
+        if step == 1 and dist.get_rank() == 1 and not self.poisoned:
+            self.poisoned = True
+            batch = {**batch, "latent": torch.full_like(batch["latent"], float("nan"))}
+        return super().forward(batch, step=step, draws=draws)
+
+
+def _nonfinite_worker(rank: int, port: int, policy: str, out_dir: str) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        config = load_config(config_path("stable"), TINY + [
+            "training.num_train_steps=4", "logging.save_every=1", "training.train_batch_size=2",
+            "training.gradient_accumulation_steps=2", "data.synthetic_num_samples=16",
+            f"loss.on_nonfinite={policy}"])
+        entry = dataclasses.replace(STABLE, trainer_cls=_NanOnRank1)
+        outcome: dict = {"error": None}
+        try:
+            result = run_training(config, trainer=entry, output_dir=os.path.join(out_dir, "run"), synthetic=True,
+                                  progress=False, device="cpu", dist_timeout=TIMEOUT)
+            outcome["skipped"] = ["skipped" in m for m in result.metrics]
+            outcome["losses"] = [m["loss"] for m in result.metrics]
+            outcome["weights_seen"] = _NanOnRank1.weights_seen
+        except TrainingError as exc:
+            outcome["error"] = str(exc)
+        torch.save(outcome, os.path.join(out_dir, f"nonfinite{rank}.pt"))
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    os._exit(code)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("policy", ["upstream", "raise"])
+def test_nonfinite_step_on_one_rank(tmp_path, policy):
+    """Rank 1's first micro-batch of step 2 is all NaN: under upstream every rank skips step 2
+    (gradient accumulation over 2 micro-batches: the ranks agree before the synchronised backward);
+    under raise every rank stops with a TrainingError naming step 2."""
+    _run_workers(_nonfinite_worker, (policy, str(tmp_path)))
+    results = [torch.load(tmp_path / f"nonfinite{r}.pt", weights_only=True) for r in range(WORLD)]
+    if policy == "raise":
+        assert all(r["error"] is not None and r["error"].startswith("step 2: ") for r in results), results
+        assert "non-finite" in results[1]["error"] and "another rank" in results[0]["error"]
+        return
+    assert [r["error"] for r in results] == [None, None]
+    assert results[0]["skipped"] == results[1]["skipped"] == [False, True, False, False]
+    assert results[0]["losses"] == results[1]["losses"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    step1, step2, step3 = (load_file(str(checkpoints / f"step_{s:08d}.safetensors")) for s in (1, 2, 3))
+    assert all(torch.equal(step1[k], step2[k]) for k in step1)  # step 2 was not taken
+    assert any(not torch.equal(step2[k], step3[k]) for k in step2)  # step 3 was
+    # After the skip, DDP still averages the gradients: both ranks hold the same weights.
+    seen = [r["weights_seen"] for r in results]
+    assert sorted(seen[0]) == sorted(seen[1]) == [0, 1, 2, 3]
+    assert all(torch.equal(seen[0][s], seen[1][s]) for s in range(4))
+    assert not torch.equal(seen[0][2], seen[0][3])
