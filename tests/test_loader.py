@@ -106,10 +106,9 @@ def test_workers_read_the_samples(tmp_path, monkeypatch):
         pids = reader_pids(pid_file)
         if workers == 0:
             assert pids == {os.getpid()}
-        else:  # the first pair is read at startup by this process, every batch by a worker
-            batch_pids = [int(p) for p in pid_file.read_text().split()][1:]
-            assert len(batch_pids) >= 2 * 4 and os.getpid() not in batch_pids
-            assert 1 <= len(set(batch_pids)) <= 2
+        else:  # every sample of every batch read by one of the 2 workers (they may read ahead)
+            assert len(pid_file.read_text().split()) >= 2 * 4
+            assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
 def test_resume_through_workers_is_bit_exact(runs):
