@@ -227,3 +227,33 @@ def test_ddp_timeout_setting_is_checked():
     with pytest.raises(ConfigError, match=r"training.ddp_timeout_minutes=0.0 \(from override\) must be a finite number > 0"):
         load_config(config_path("stable"), ["training.ddp_timeout_minutes=0"])
     assert LoopSettings.from_config(load_config(config_path("stable"), [])).ddp_timeout.total_seconds() == 1800
+
+
+def test_file_pairs_are_compact_and_exact(tmp_path):
+    """3000 pairs (only the first is read): the dataset holds their paths in well under 150 bytes a
+    pair (a list of Path tuples took ~560), so forked loader workers share them; every pair is
+    the right one, `_tokens` suffix or not."""
+    import tracemalloc
+
+    token_dir, latent_dir = write_data(tmp_path / "data", n=1)
+    for i in range(1, 3000):
+        stem = f"sample_{i:06d}"
+        (token_dir / (f"{stem}_tokens.npz" if i % 2 else f"{stem}.npz")).touch()
+        (latent_dir / f"{stem}.npy").touch()
+    vocab = vocab_from_config(load_config(config_path("stable"), TINY))
+    UpstreamLatentDataset(token_dir, latent_dir, 32, vocab)  # first-use imports and caches, not measured
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        dataset = UpstreamLatentDataset(token_dir, latent_dir, 32, vocab)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(dataset) == 3000 and held / 3000 < 150, f"{held / 3000:.0f} bytes a pair"
+    assert dataset.pairs[1] == (token_dir / "sample_000001_tokens.npz", latent_dir / "sample_000001.npy")
+    assert dataset.pairs[2] == (token_dir / "sample_000002.npz", latent_dir / "sample_000002.npy")
+    assert dataset.pairs[-1] == dataset.pairs[2999] and dataset.pairs[2999][1].name == "sample_002999.npy"
+    with pytest.raises(DataError, match=r"sample_000002.npz cannot be read as .npz"):
+        dataset[2]
+    with pytest.raises(IndexError):
+        dataset.pairs[3000]
