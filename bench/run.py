@@ -12,6 +12,9 @@ Figures:
                    (floor 2.0, target <= 2.1)
   cycle_step_w0    the same with both cycle weights 0                 (floor 1.0)
   compat_suite     `pytest compat/` wall seconds on the embedded default / 60 (target <= 1.0)
+  loader_feed_w*   samples/s of the training loop's data loader (0 and N reader processes) on
+                   upstream-format files / samples/s of the model's optimizer step (bench/loader.py)
+                                                                      (target >= 1.0)
   gate_plugin_*    the gate with the cycle trainer given as a SPEC (the built-in class, and a
                    foreign trainer that draws from the global RNG) / the built-in path, timed
                    round robin                                       (target <= 1.1)
@@ -287,11 +290,11 @@ def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
-    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save"], action="append",
+    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save", "loader"], action="append",
                         help="run only these figures (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    selected = set(args.only or ["gate", "step", "suite", "plugin", "save"])
+    selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
@@ -299,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     if "step" in selected:
         lines += step_cost_figures(args.small)
+        print(*lines[-2:], sep="\n", flush=True)
+    if "loader" in selected:
+        from bench.loader import loader_figures
+
+        lines += loader_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
     if "suite" in selected:
         lines += suite_figure()

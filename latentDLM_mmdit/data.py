@@ -18,9 +18,11 @@ Every sample is a dict: `input_ids` [S] int64, `attention_mask` [S] int64, `late
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,12 +39,6 @@ TOKEN_KEYS = ("input_ids", "attention_mask")
 
 class DataError(ValueError):
     """A data file or directory that cannot be used (the message names it)."""
-
-
-def latent_stem(token_file: Path) -> str:
-    """`x_tokens.npz` -> `x`; `x.npz` -> `x`."""
-    stem = token_file.stem
-    return stem[: -len(TOKEN_SUFFIX)] if stem.endswith(TOKEN_SUFFIX) else stem
 
 
 def _read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +87,34 @@ def _as_row(array: np.ndarray, what: str, path: Path) -> np.ndarray:
     return array
 
 
+def _names_ending(directory: Path, suffix: str) -> list[str]:
+    """Names in `directory` of the form <stem><suffix> with a non-empty stem (listed, never read)."""
+    with os.scandir(directory) as entries:
+        return [e.name for e in entries if e.name.endswith(suffix) and len(e.name) > len(suffix)]
+
+
+class FilePairs(Sequence):
+    """The (token file, latent file) paths of a dataset, held as two arrays (encoded stems and a
+    flag for the `_tokens` suffix) rather than millions of Python objects: a DataLoader worker
+    forked from the training process then shares them instead of copying them page by page as
+    reference counts change."""
+
+    def __init__(self, token_dir: Path, latent_dir: Path, stems: list[str], suffixed: list[bool]):
+        self.token_dir, self.latent_dir = token_dir, latent_dir
+        self.stems = np.array([os.fsencode(stem) for stem in stems], dtype=np.bytes_)  # [N]
+        self.suffixed = np.array(suffixed, dtype=bool)  # [N]
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> tuple[Path, Path]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"pair {index} out of range for {len(self)} pairs")
+        stem = os.fsdecode(bytes(self.stems[index]))
+        token_name = stem + (TOKEN_SUFFIX if self.suffixed[index] else "") + ".npz"
+        return self.token_dir / token_name, self.latent_dir / (stem + ".npy")
+
+
 class UpstreamLatentDataset(torch.utils.data.Dataset):
     """Pairs of token and latent files in upstream's layout (see the module docstring).
 
@@ -115,26 +139,30 @@ class UpstreamLatentDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len = int(max_seq_len)
         self.vocab_size = len(vocab)
-        token_files = sorted(p for p in self.token_dir.iterdir() if p.suffix == ".npz")
-        if not token_files:
+        token_names = sorted(_names_ending(self.token_dir, ".npz"))
+        if not token_names:
             raise DataError(f"token directory {self.token_dir} holds no *.npz files")
-        latents = {p.stem: p for p in self.latent_dir.iterdir() if p.suffix == ".npy"}
-        pairs, seen = [], {}
-        for token_file in token_files:
-            stem = latent_stem(token_file)
+        latent_stems = {name.removesuffix(".npy") for name in _names_ending(self.latent_dir, ".npy")}
+        stems, suffixed, seen = [], [], {}
+        for name in token_names:
+            stem = name.removesuffix(".npz")
+            suffixed.append(stem.endswith(TOKEN_SUFFIX))
+            stem = stem.removesuffix(TOKEN_SUFFIX)
             if stem in seen:
-                raise DataError(f"token files {seen[stem]} and {token_file} both pair with latent stem {stem!r}")
-            seen[stem] = token_file
-            if stem not in latents:
-                raise DataError(f"token file {token_file} has no latent: expected {self.latent_dir / (stem + '.npy')}")
-            pairs.append((token_file, latents[stem]))
-        orphans = sorted(set(latents) - set(seen))
+                raise DataError(f"token files {self.token_dir / seen[stem]} and {self.token_dir / name} both pair "
+                                f"with latent stem {stem!r}")
+            seen[stem] = name
+            if stem not in latent_stems:
+                raise DataError(f"token file {self.token_dir / name} has no latent: expected "
+                                f"{self.latent_dir / (stem + '.npy')}")
+            stems.append(stem)
+        orphans = sorted(latent_stems - set(seen))
         if orphans:
             raise DataError(
-                f"latent file {latents[orphans[0]]} has no token file (expected "
+                f"latent file {self.latent_dir / (orphans[0] + '.npy')} has no token file (expected "
                 f"{self.token_dir / (orphans[0] + TOKEN_SUFFIX + '.npz')}); {len(orphans)} latent(s) without tokens"
             )
-        self.pairs = pairs
+        self.pairs = FilePairs(self.token_dir, self.latent_dir, stems, suffixed)
         self.seq_len: int | None = None
         self.latent_dim: int | None = None
         first = self._load(0)

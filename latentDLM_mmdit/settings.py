@@ -88,10 +88,14 @@ def setting(default: Any = MISSING, *, check: Callable[[Any], str | None] | None
 @dataclass
 class DataSettings:
     """Training data. token_dir/latent_dir: upstream's layout (`<stem>_tokens.npz`, `<stem>.npy`);
-    empty = none (--data-tokens / --data-latents). synthetic_*: used with --synthetic only."""
+    empty = none (--data-tokens / --data-latents). num_workers: reader processes (upstream's key, same
+    meaning). synthetic_*: used with --synthetic only."""
 
     token_dir: str = setting("")
     latent_dir: str = setting("")
+    # DataLoader worker processes reading the files (0: read in the training process); the samples
+    # and their order are the same for every value, only the speed differs.
+    num_workers: int = setting(0, check=_at_least(0))
     synthetic_seq_len: int = setting(24, check=_at_least(1))
     synthetic_num_samples: int = setting(256, check=_at_least(1))
 
@@ -141,6 +145,9 @@ class TrainingSettings:
     gradient_accumulation_steps: int = setting(1, check=_at_least(1))
     lr_schedule: str = setting("cosine", choices=LR_SCHEDULES)
     warmup_steps: int = setting(0, check=_at_least(0))
+    # How long a process waits for its peers (joining the process group, every collective) before
+    # the run fails, under torchrun; upstream waited a fixed 30 minutes.
+    ddp_timeout_minutes: float = setting(30.0, check=_finite_positive)
     sequential_schedule: list[ScheduleItem] = field(default_factory=list)
     mode_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # 3 weights, checked together
 
@@ -271,7 +278,6 @@ UPSTREAM_UNUSED: dict[str, UpstreamKey] = {
     "data.max_samples": UpstreamKey("upstream capped the samples it read; every sample of the data dirs is used here"),
     "data.max_val_samples": UpstreamKey("no evaluation loop here"),
     "data.val_ratio": UpstreamKey("no evaluation loop here"),
-    "data.num_workers": UpstreamKey("samples are read in the training process here"),
     "data.initial_scan_limit": UpstreamKey(_DATA_LOADER),
     "data.load_tokens": UpstreamKey("pre-tokenized .npz files are the only input here", allowed=(True,)),
     "data.use_preprocessed": UpstreamKey("upstream's preprocessed layout is the only input here", allowed=(True,)),

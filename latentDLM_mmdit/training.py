@@ -4,7 +4,9 @@
 seeding every RNG from `training.seed`), optionally loads a pretrained checkpoint strictly
 (`init_from`) or resumes a run of this loop (`resume`), builds the trainer
 (`MultimodalDiffusionTrainer` or `CycleVAETrainer`), and runs AdamW with linear warmup and a
-cosine (or constant) learning rate, gradient accumulation and clipping. Every optimizer step
+cosine (or constant) learning rate (a `LambdaLR` of `learning_rate`), gradient accumulation and
+clipping. Batches come from a `torch.utils.data.DataLoader` (`data.num_workers` reader processes,
+pinned memory on CUDA) over this rank's `BatchOrder` (`BatchFeed`). Every optimizer step
 appends one JSON line to `<output_dir>/metrics.jsonl`; checkpoints (safetensors plus
 `.train_state.pt` beside it) go to `<output_dir>/checkpoints/` every `logging.save_every` steps
 and at the end.
@@ -24,17 +26,19 @@ keeps one history: the metrics lines and checkpoints after the resumed step move
 
 Determinism: a run resumed from the checkpoint of step k continues bit-exactly like the
 uninterrupted run on CPU: the checkpoint holds the model, the optimizer state, the step, the global
-RNG states (Python, NumPy, torch), the trainer's own generator and the data order.
+RNG states (Python, NumPy, torch), the trainer's own generator, the LR scheduler and the data
+order (the position of the batches consumed, not of those the loader's workers read ahead).
 
 Under torchrun (WORLD_SIZE > 1) the trainer's model is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA), every rank reads its own slice of each global batch (the data order is shared,
 `training.train_batch_size` samples per rank), the trainer generator of rank r is seeded with
-`training.seed + r`, and rank 0 writes the metrics and the checkpoints.
+`training.seed + r`, and rank 0 writes the metrics and the checkpoints. A peer that does not join
+or answer within `training.ddp_timeout_minutes` fails the run.
 
 Config keys read here: training.{seed, dtype, mixed_precision, train_batch_size, num_train_steps,
-gradient_accumulation_steps, lr_schedule, warmup_steps}, optimizer.{name, lr, weight_decay, beta1,
-beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, synthetic_seq_len,
-synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
+gradient_accumulation_steps, lr_schedule, warmup_steps, ddp_timeout_minutes}, optimizer.{name, lr,
+weight_decay, beta1, beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, num_workers,
+synthetic_seq_len, synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
 and loss sections are read by the factory and the trainers.
 """
 from __future__ import annotations
@@ -50,7 +54,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,7 +73,9 @@ from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.precision import LossScaler, autocast
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
 from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
-from latentDLM_mmdit.settings import LR_SCHEDULES, OPTIMIZERS, RunSettings, require, validate_settings  # noqa: F401
+from latentDLM_mmdit.settings import (  # noqa: F401
+    LR_SCHEDULES, OPTIMIZERS, RunSettings, TrainingSettings, require, validate_settings,
+)
 from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
 
 logger = logging.getLogger(__name__)
@@ -80,10 +86,11 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 ABANDONED_DIR = "abandoned"  # what a resume set aside: the abandoned run's later metrics and checkpoints
 CHECKPOINT_FILE = re.compile(r"^step_(\d+)\.safetensors$")
-DIST_TIMEOUT = timedelta(minutes=30)
+DIST_TIMEOUT = timedelta(minutes=TrainingSettings.ddp_timeout_minutes)  # the schema's default
 # Streams derived from training.seed, kept apart from the trainer generator (seed + rank).
 DATA_ORDER_SEED_OFFSET = 1_000_003
 SYNTHETIC_DATA_SEED_OFFSET = 2_000_003
+LOADER_SEED_OFFSET = 3_000_017  # + rank: the DataLoader's generator (its workers' base seed)
 
 
 class TrainingError(ValueError):
@@ -117,6 +124,7 @@ class LoopSettings:
     grad_accum: int
     lr_schedule: str
     warmup_steps: int
+    ddp_timeout: timedelta
     lr: float
     weight_decay: float
     betas: tuple[float, float]
@@ -124,6 +132,7 @@ class LoopSettings:
     grad_clip_norm: float
     token_dir: str
     latent_dir: str
+    num_workers: int
     synthetic_seq_len: int
     synthetic_num_samples: int
     run_name: str
@@ -148,6 +157,7 @@ class LoopSettings:
             grad_accum=training.gradient_accumulation_steps,
             lr_schedule=training.lr_schedule,
             warmup_steps=training.warmup_steps,
+            ddp_timeout=timedelta(minutes=training.ddp_timeout_minutes),
             lr=optimizer.lr,
             weight_decay=optimizer.weight_decay,
             betas=(optimizer.beta1, optimizer.beta2),
@@ -155,6 +165,7 @@ class LoopSettings:
             grad_clip_norm=optimizer.grad_clip_norm,
             token_dir=data.token_dir,
             latent_dir=data.latent_dir,
+            num_workers=data.num_workers,
             synthetic_seq_len=data.synthetic_seq_len,
             synthetic_num_samples=data.synthetic_num_samples,
             run_name=log.run_name,
@@ -177,6 +188,21 @@ def learning_rate(step: int, settings: LoopSettings) -> float:
     span = max(1, settings.num_train_steps - settings.warmup_steps)
     progress = min(1.0, (step - settings.warmup_steps) / span)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: LoopSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR giving the optimizer step with 0-based index k the learning rate
+    `learning_rate(k, settings)` (to the last bit or one unit in it: LambdaLR multiplies the base
+    by a factor). Step it after every optimizer step; its state_dict goes into the train state.
+
+    Args:
+        optimizer: its param groups' `lr` must be `settings.lr` (the base the factor scales).
+        settings: the loop's settings (lr, warmup_steps, lr_schedule, num_train_steps).
+    """
+    def factor(step: int) -> float:
+        return learning_rate(step, settings) / settings.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -211,7 +237,13 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
 
 def init_distributed(device: str | None = None, timeout: timedelta = DIST_TIMEOUT) -> DistContext:
     """A DistContext from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT); joins the process group (gloo on CPU, nccl on CUDA) unless one exists."""
+    MASTER_PORT); joins the process group (gloo on CPU, nccl on CUDA) unless one exists.
+
+    Args:
+        device: auto (CUDA when available), cpu or cuda.
+        timeout: how long to wait for the peers, to join and in every collective
+            (training.ddp_timeout_minutes in a run); a group that does not form in time is a TrainingError.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(device=_pick_device(device, 0))
@@ -225,8 +257,14 @@ def init_distributed(device: str | None = None, timeout: timedelta = DIST_TIMEOU
         torch.cuda.set_device(target)
     initialized_here = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size, timeout=timeout)
+        try:
+            dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        except dist.DistError as exc:
+            raise TrainingError(
+                f"rank {rank} of {world_size} could not form the process group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {timeout} "
+                f"(training.ddp_timeout_minutes): {exc}; check that every rank started") from exc
         initialized_here = True
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise TrainingError(f"process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
@@ -310,6 +348,104 @@ class BatchOrder:
         self.generator.set_state(state["generator"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.permutation = state["permutation"]
+
+    def copy(self) -> BatchOrder:
+        """An independent order at the same position (drawing from it leaves this one where it is)."""
+        twin = BatchOrder(self.num_samples, self.batch_size, self.world_size, self.rank, seed=0)
+        twin.load_state_dict(self.state_dict())
+        return twin
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """The DataLoader's sampler: the batches of a copy of `order` from its current position, endless."""
+
+    def __init__(self, order: BatchOrder):
+        self.order = order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        twin = self.order.copy()
+        while True:
+            yield twin.next_indices()
+
+
+@dataclass(frozen=True)
+class _ReadFailure:
+    """A DataError raised while a worker read a batch, carried to the training process as a value
+    (the DataLoader would re-raise it with the worker's traceback inside the message)."""
+
+    message: str
+
+
+class _BatchReads(torch.utils.data.Dataset):
+    """Index list -> the collated batch (`collate`) plus its `indices` [B]; a DataError becomes a _ReadFailure."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor] | _ReadFailure:
+        try:
+            batch = collate([self.dataset[i] for i in indices])
+        except DataError as exc:
+            return _ReadFailure(str(exc))
+        return {**batch, "indices": torch.tensor(indices, dtype=torch.int64)}
+
+
+def _as_read(batch: Any) -> Any:
+    return batch
+
+
+class BatchFeed:
+    """This rank's batches in `order`, read by a `torch.utils.data.DataLoader`.
+
+    The loader's sampler draws from a copy of `order`, so its workers may read ahead; `order` itself
+    moves one batch per `next_batch()`, and its state is the position of the batches consumed:
+    saving `order.state_dict()` and resuming from it continues with exactly the next batch, whatever
+    the number of workers. Every batch's indices are checked against `order`.
+
+    Args:
+        dataset: map-style dataset of samples (`collate` stacks them).
+        order: the rank's BatchOrder (moved by this feed).
+        num_workers: reader processes (0: read in this process).
+        device: batches are moved there; on CUDA they are read into pinned memory and copied
+            asynchronously.
+        seed: seeds the generator the DataLoader draws its workers' base seed from (never the global RNG).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, order: BatchOrder, *, num_workers: int,
+                 device: torch.device, seed: int):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.order, self.num_workers, self.device = dataset, order, num_workers, device
+        self.seed = seed
+        self._batches: Iterator[Any] | None = None
+
+    def _start(self) -> Iterator[Any]:
+        loader = torch.utils.data.DataLoader(
+            _BatchReads(self.dataset), batch_size=None, sampler=_OrderSampler(self.order),
+            num_workers=self.num_workers, collate_fn=_as_read, pin_memory=self.device.type == "cuda",
+            generator=make_generator(self.seed))
+        return iter(loader)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch on the device: input_ids [B,S], attention_mask [B,S], latent [B,1,D]."""
+        if self._batches is None:
+            self._batches = self._start()
+        read = next(self._batches)
+        if isinstance(read, _ReadFailure):
+            raise DataError(read.message)
+        expected = self.order.next_indices()
+        if read["indices"].tolist() != expected:
+            raise RuntimeError(f"the data loader delivered samples {read['indices'].tolist()}, the data order "
+                               f"expects {expected} (a defect of BatchFeed)")
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in read.items() if k != "indices"}
+
+    def close(self) -> None:
+        """Stops the reader processes (a later next_batch starts new ones at the current position)."""
+        self._batches = None
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -408,7 +544,7 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
                  token_dir: str | Path | None = None, latent_dir: str | Path | None = None,
                  init_from: str | Path | None = None, resume: str | Path | None = None,
                  progress: bool = True, stop_at_step: int | None = None, device: str | None = None,
-                 dist_timeout: timedelta = DIST_TIMEOUT) -> TrainResult:
+                 dist_timeout: timedelta | None = None) -> TrainResult:
     """Trains the stable or the cycle trainer; see the module docstring.
 
     Args:
@@ -423,7 +559,8 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
         stop_at_step: stop after this global step (the LR schedule still spans
             training.num_train_steps); a checkpoint is written there, to resume later.
         device: auto (CUDA when available), cpu or cuda.
-        dist_timeout: timeout given to init_process_group under torchrun.
+        dist_timeout: timeout given to init_process_group under torchrun (None: the config's
+            training.ddp_timeout_minutes).
     """
     if not isinstance(trainer, TrainerEntry):
         raise TypeError(f"trainer must be a TrainerEntry, got {type(trainer).__name__}")
@@ -433,7 +570,7 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
         raise TrainingError(f"stop_at_step={stop_at_step}: must be >= 1")
     config = validated_config(config)
     settings = LoopSettings.from_config(config)
-    ctx = init_distributed(device, dist_timeout)
+    ctx = init_distributed(device, settings.ddp_timeout if dist_timeout is None else dist_timeout)
     try:
         return _train(config, settings, ctx, trainer, Path(output_dir), synthetic, token_dir, latent_dir,
                       init_from, resume, progress, stop_at_step)
@@ -472,11 +609,14 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
                                               latent_dir=latent_dir)
     order = BatchOrder(len(dataset), settings.batch_size, ctx.world_size, ctx.rank,
                        settings.seed + DATA_ORDER_SEED_OFFSET)
+    feed = BatchFeed(dataset, order, num_workers=settings.num_workers, device=ctx.device,
+                     seed=settings.seed + LOADER_SEED_OFFSET + ctx.rank)
     model.to(ctx.device)
     trainer.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                   weight_decay=settings.weight_decay)
     scaler = LossScaler(settings.mixed_precision, ctx.device)
+    scheduler = build_lr_scheduler(optimizer, settings)
     # Per-rank global streams (dropout) from here on.
     seed_everything(settings.seed + ctx.rank)
     step = 0
@@ -488,6 +628,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
                                 "training.mixed_precision=fp16); resume with the mixed precision it was trained in")
         scaler.load_state_dict(resume_state.get("grad_scaler") or {})
         order.load_state_dict(resume_state["data_order"])
+        _load_scheduler_state(scheduler, resume_state, resume, settings)
         rank_state = resume_state["ranks"][ctx.rank]
         set_rng_state(rank_state["rng"])
         trainer.generator.set_state(rank_state["trainer_generator"])
@@ -520,7 +661,7 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     try:
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
-                record = _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler,
+                record = _optimizer_step(trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler,
                                          last_outputs)
                 step += 1
                 if "skipped" in record:
@@ -542,10 +683,11 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
                     if metrics_file is not None:  # the metrics up to a checkpoint are as durable as it is
                         os.fsync(metrics_file.fileno())
                     path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx,
-                                 skipped_nonfinite_steps, scaler)
+                                 skipped_nonfinite_steps, scaler, lr_scheduler=scheduler)
                     if path is not None:
                         checkpoints.append(path)
     finally:
+        feed.close()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
@@ -619,7 +761,7 @@ class LastOutputs:
         torch.autograd.backward(sum(t.sum() * 0.0 for t in tensors))
 
 
-def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx, scaler: LossScaler,
+def _optimizer_step(trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler: LossScaler,
                     last_outputs: LastOutputs | None = None) -> dict[str, Any]:
     """One optimizer step over `settings.grad_accum` micro-batches; returns its metrics record.
 
@@ -628,15 +770,14 @@ def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx
     the optimizer is not stepped and the gradients are cleared (the record gets `skipped`); under
     raise a TrainingError names the step and the term. Every rank runs every micro-batch's forward
     (DDP's forward is collective) and the ranks agree before the synchronised backward."""
-    lr = learning_rate(step, settings)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    if scheduler.last_epoch != step:
+        raise RuntimeError(f"the LR scheduler is at step {scheduler.last_epoch}, the loop at {step}")
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     parts = []
     problem = None
     for micro in range(settings.grad_accum):
-        batch = collate([dataset[i] for i in order.next_indices()])
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        batch = feed.next_batch()
         last = micro == settings.grad_accum - 1
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
             loss, metrics, error = None, {}, None
@@ -674,6 +815,7 @@ def _optimizer_step(trainer, optimizer, ddp, dataset, order, settings, step, ctx
         stepped = scaler.step(optimizer)  # fp16: the scaler itself skips a step with inf/NaN gradients
     else:
         optimizer.zero_grad(set_to_none=True)
+    scheduler.step()  # a skipped step still advances the schedule (the step index moves on)
     record = _merge_metrics(parts)
     if ctx.distributed:  # the logged loss is the mean over ranks; other metrics are this rank's
         loss_mean = torch.tensor([record["loss"]], dtype=torch.float64, device=ctx.device)
@@ -711,7 +853,7 @@ def metrics_line(record: Mapping[str, Any]) -> str:
 
 
 def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx,
-          skipped_nonfinite_steps, scaler) -> Path | None:
+          skipped_nonfinite_steps, scaler, *, lr_scheduler) -> Path | None:
     local = {"rng": rng_state(), "trainer_generator": trainer.generator.get_state()}
     if ctx.distributed:
         ranks: list[Any] = [None] * ctx.world_size
@@ -729,6 +871,7 @@ def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, st
             "optimizer": optimizer.state_dict(),
             "grad_scaler": scaler.state_dict(),
             "data_order": order.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
             "ranks": ranks,
             "skipped_nonfinite_steps": skipped_nonfinite_steps,
         }
@@ -761,6 +904,23 @@ def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
     if differences:
         logger.warning("resuming %s with a config that differs from its own in: %s", resume, ", ".join(differences))
     return state
+
+
+def _load_scheduler_state(scheduler, state, resume, settings) -> None:
+    """Restores the LR scheduler of a train state; it must be at the checkpoint's step with the
+    config's optimizer.lr as its base."""
+    if "lr_scheduler" not in state:
+        raise TrainingError(f"{resume}: its train state has no lr_scheduler (written before the LR schedule "
+                            "was saved); continue from its weights with --init-from instead of --resume")
+    saved = state["lr_scheduler"]
+    if saved["last_epoch"] != state["step"]:
+        raise TrainingError(f"{resume}: its LR scheduler is at step {saved['last_epoch']}, the checkpoint at "
+                            f"step {state['step']}; the train state is inconsistent")
+    if list(saved["base_lrs"]) != [settings.lr] * len(scheduler.base_lrs):
+        raise TrainingError(f"{resume} was trained with base learning rate {saved['base_lrs'][0]}, this run has "
+                            f"optimizer.lr={settings.lr}; resume with the same optimizer.lr (or start a new run "
+                            "from its weights with --init-from)")
+    scheduler.load_state_dict(saved)
 
 
 # -- the output directory --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ rank is skipped (or stops the run) on every rank, without a hang."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import traceback
@@ -193,6 +194,78 @@ def test_batch_order_splits_each_global_batch():
     assert again.next_indices() == ranks[0].next_indices()
     with pytest.raises(ValueError, match="world_size"):
         BatchOrder(10, 2, 1, 0, seed=5).load_state_dict(state)
+
+
+# -- the DataLoader under DDP: worker processes per rank, bit-exact resume --------------------------
+def _record_reader_pids(monkeypatch, pid_file) -> None:
+    """Every UpstreamLatentDataset read appends its process id to `pid_file` (forked ranks and their
+    loader workers inherit the patch)."""
+    from latentDLM_mmdit.data import UpstreamLatentDataset
+
+    original = UpstreamLatentDataset.__getitem__
+
+    def reading(self, index):
+        with open(pid_file, "a", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return original(self, index)
+
+    monkeypatch.setattr(UpstreamLatentDataset, "__getitem__", reading)
+
+
+def _resume_worker(rank: int, port: int, out_dir: str, run: str, data_dirs: tuple[str, str],
+                   stop: int | None, resume: str | None) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        config = load_config(config_path("stable"), TINY + [
+            "model.dropout=0.1", "training.num_train_steps=6", "logging.save_every=3",
+            "training.train_batch_size=2", "data.num_workers=1", "training.ddp_timeout_minutes=1.0"])
+        run_training(config, trainer=STABLE, output_dir=os.path.join(out_dir, run), synthetic=False,
+                     token_dir=data_dirs[0], latent_dir=data_dirs[1], progress=False, device="cpu",
+                     stop_at_step=stop, resume=resume)
+        with open(os.path.join(out_dir, f"{run}.rank{rank}.pid"), "w", encoding="utf-8") as handle:
+            handle.write(str(os.getpid()))
+    except BaseException:  # noqa: BLE001 (reported through the exit code)
+        traceback.print_exc()
+        code = 1
+    os._exit(code)
+
+
+@pytest.mark.ddp
+def test_resume_under_two_processes_through_workers_is_bit_exact(tmp_path, monkeypatch):
+    """2 ranks, one loader worker each, 16 samples in batches of 2 per rank (4 global batches an
+    epoch): 6 steps in one go equal 3 steps plus 3 resumed, metric for metric and weight for weight;
+    the samples are read by the loader workers, not by the ranks."""
+    from latentDLM_mmdit.data import write_upstream_format
+
+    config = load_config(config_path("stable"), TINY)
+    batch = synthetic_batch(vocab_from_config(config), 16, 12, int(config.model.latent_dim), make_generator(3))
+    data_dirs = tuple(str(d) for d in write_upstream_format(tmp_path / "data", batch))
+    pid_file = tmp_path / "pids"
+    _record_reader_pids(monkeypatch, pid_file)
+    _run_workers(_resume_worker, (str(tmp_path), "full", data_dirs, None, None))
+    _run_workers(_resume_worker, (str(tmp_path), "first", data_dirs, 3, None))
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_00000003.safetensors"
+    _run_workers(_resume_worker, (str(tmp_path), "resumed", data_dirs, None, str(checkpoint)))
+
+    def metrics(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    full, first, resumed = metrics("full"), metrics("first"), metrics("resumed")
+    assert [m["step"] for m in full] == [1, 2, 3, 4, 5, 6] and first + resumed == full
+    assert len({m["loss"] for m in full}) == 6  # the steps differ: the comparison can fail
+    end_full = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000006.safetensors"))
+    end_resumed = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_00000006.safetensors"))
+    assert end_full.keys() == end_resumed.keys()
+    for key in end_full:
+        torch.testing.assert_close(end_resumed[key], end_full[key], rtol=0.0, atol=0.0, msg=key)
+    rank_pids = {int((tmp_path / f"{run}.rank{r}.pid").read_text()) for run in ("full", "first", "resumed")
+                 for r in range(WORLD)}
+    readers = [int(p) for p in pid_file.read_text().split()]
+    assert len(readers) >= 12 * 2 * WORLD  # 12 steps of 2 samples per rank (workers may read ahead)
+    assert not set(readers) & rank_pids and len(set(readers)) == 3 * WORLD  # one worker per rank and run
 
 
 class _NanOnRank1(MultimodalDiffusionTrainer):
