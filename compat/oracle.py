@@ -36,8 +36,8 @@ TOLERANCES = {
     # One float32 closed form (a few elementwise ops) vs the same formula in float64; where the values'
     # magnitude is known, the test scales atol by it (`scaled_tol`).
     "float32_formula": (1e-5, 1e-6),
-    # A float32 result whose rounding is amplified ~100x: log1p near -1, 1 - f[t]/f[t-1] for small
-    # betas, a loss's last-bit difference carried through backward into the gradients.
+    # A float32 result whose rounding is amplified ~100x: log1p near -1 (sigma at t = 1), a loss's
+    # last-bit difference carried through backward into the gradients.
     "float32_amplified": (1e-4, 1e-6),
     # This repo's forward pass and stable step vs the values upstream's code recorded: the same
     # weights, inputs and library versions, another torch build.
