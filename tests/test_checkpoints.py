@@ -27,22 +27,18 @@ from latentDLM_mmdit.checkpoints import (
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
-from latentDLM_mmdit.tokenizer import SyntheticVocab
+from tests.builders import TINY_MODEL, TINY_VOCAB, perturbed, tiny_model
 
 V, D = 16, 4
-VOCAB = SyntheticVocab(V, mask_token_id=15, pad_token_id=0)
-CONFIG = {"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 8, "num_residual_streams": 2}
+VOCAB = TINY_VOCAB
+CONFIG = dict(TINY_MODEL)
 RUN_CONFIG = {"model": dict(CONFIG, latent_dim=D), "tokenizer": {"vocab_size": V, "mask_token_id": 15},
               "training": {"seed": 3}}
 
 
 def make_model(seed: int, cluster_size: int = 0, **overrides) -> MultimodalMMDiT:
-    seed_everything(seed)
-    model = MultimodalMMDiT(dict(CONFIG, **overrides), vocab_size=V, latent_dim=D, cluster_size=cluster_size)
-    with torch.no_grad():  # move every tensor off its init value so that zero-init gates differ too
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model
+    model = tiny_model(seed, vocab_size=V, latent_dim=D, cluster_size=cluster_size, **overrides)
+    return perturbed(model, seed + 1000)  # every tensor off its init value, so that zero-init gates differ too
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

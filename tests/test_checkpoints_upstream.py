@@ -43,23 +43,18 @@ from latentDLM_mmdit.checkpoints_mmdit import (
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
-from latentDLM_mmdit.seeding import seed_everything
-from latentDLM_mmdit.tokenizer import SyntheticVocab
+from tests.builders import TINY_MODEL, TINY_VOCAB, perturbed, tiny_model
 
 V, D, S = 16, 4, 8
-VOCAB = SyntheticVocab(V, mask_token_id=15, pad_token_id=0)
-CONFIG = {"hidden_size": 32, "n_blocks": 2, "cond_dim": 24, "max_seq_len": S, "num_residual_streams": 2}
+VOCAB = TINY_VOCAB
+CONFIG = dict(TINY_MODEL, n_blocks=2, cond_dim=24)  # two blocks, cond_dim != hidden_size: a mixed-up size shows
 UPSTREAM_MODULE = "latentDLM_mmdit.checkpoints_mmdit"
 N_MODEL_TENSORS = 137  # this CONFIG's state dict
 
 
 def make_model(seed: int) -> MultimodalMMDiT:
-    seed_everything(seed)
-    model = MultimodalMMDiT(CONFIG, vocab_size=V, latent_dim=D)
-    with torch.no_grad():  # off the init values, so that zero-init gates differ between seeds too
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model.eval()
+    model = tiny_model(seed, vocab_size=V, latent_dim=D, base=CONFIG)
+    return perturbed(model, seed + 1000).eval()  # off the init values, so that zero-init gates differ too
 
 
 def outputs(model: MultimodalMMDiT) -> tuple[torch.Tensor, ...]:

@@ -31,18 +31,15 @@ from latentDLM_mmdit.checkpoints import (
     save_checkpoint,
 )
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
-from latentDLM_mmdit.seeding import seed_everything
+from tests.builders import tiny_model
 
 V, D = 16, 4
-CONFIG = {"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 8, "num_residual_streams": 2}
 MMDIT02_FIXTURE = Path(__file__).resolve().parents[1] / "compat" / "data" / "mmdit02_layout_h16.safetensors"
 
 
 def make_model(seed: int = 0, vocab_size: int = V, latent_dim: int = D, cluster_size: int = 0,
                **overrides) -> MultimodalMMDiT:
-    seed_everything(seed)
-    return MultimodalMMDiT(dict(CONFIG, **overrides), vocab_size=vocab_size, latent_dim=latent_dim,
-                           cluster_size=cluster_size)
+    return tiny_model(seed, vocab_size=vocab_size, latent_dim=latent_dim, cluster_size=cluster_size, **overrides)
 
 
 def sha256(path: Path) -> str:
@@ -188,10 +185,10 @@ LAYOUTS = [
 
 
 def layout_model(spec: dict) -> MultimodalMMDiT:
+    """The model of a LAYOUTS entry on the meta device (shapes only): sizes of its own, on purpose."""
     model_cfg = {k: spec[k] for k in ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams")}
-    with torch.device("meta"):
-        return MultimodalMMDiT(model_cfg, vocab_size=spec["vocab_size"], latent_dim=spec["latent_dim"],
-                               cluster_size=spec["cluster_size"])
+    return tiny_model(None, vocab_size=spec["vocab_size"], latent_dim=spec["latent_dim"],
+                      cluster_size=spec["cluster_size"], base=model_cfg, device="meta")
 
 
 def run_config(spec: dict) -> dict:

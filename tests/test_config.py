@@ -23,10 +23,10 @@ from latentDLM_mmdit.factory import build_model
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.train_stable import STABLE
 from latentDLM_mmdit.training import TrainingError, build_trainer, run_training
+from tests.builders import TINY_OVERRIDES as TINY
 
 ENTRIES = {"stable": STABLE, "cycle": CYCLE}
 
-TINY = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32"]
 DATA = Path(__file__).parent / "data"
 UPSTREAM = DATA / "upstream_configs" / "mmdit_stable_tiny.yaml"
 TOKENIZER = DATA / "tokenizers" / "bert_tiny"

@@ -9,10 +9,9 @@ import torch
 from latentDLM_mmdit.data import (
     DataError, SyntheticDataset, UpstreamLatentDataset, collate, write_upstream_format,
 )
-from latentDLM_mmdit.draws import make_generator
-from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import SyntheticVocab
 from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
+from tests.builders import tiny_batch
 
 VOCAB = SyntheticVocab(vocab_size=64, mask_token_id=63, pad_token_id=0)
 B, S, D, MAX_LEN = 5, 12, 8, 32
@@ -20,7 +19,7 @@ B, S, D, MAX_LEN = 5, 12, 8, 32
 
 @pytest.fixture
 def batch():
-    return synthetic_batch(VOCAB, B, S, D, make_generator(7))
+    return tiny_batch(B, S, D, 7, VOCAB)
 
 
 @pytest.fixture
@@ -215,7 +214,7 @@ def test_training_reads_upstream_data(tmp_path):
 
     tiny = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32", "training.num_train_steps=2",
             "training.train_batch_size=2"]
-    batch = synthetic_batch(VOCAB, 4, S, 16, make_generator(3))
+    batch = tiny_batch(4, S, 16, 3, VOCAB)
     token_dir, latent_dir = write_upstream_format(tmp_path / "data", batch, flat_latents=True)
     config = load_config(config_path("cycle"), tiny)
     result = run_training(config, trainer=CYCLE, output_dir=tmp_path / "a", synthetic=False,

@@ -95,14 +95,11 @@ def test_gate_passes_the_embedded_default_row(tmp_path):
 @pytest.mark.slow
 def test_gate_draws_batches_from_upstream_format_data(tmp_path):
     from latentDLM_mmdit.data import write_upstream_format
-    from latentDLM_mmdit.synthetic import synthetic_batch
     from latentDLM_mmdit.tokenizer import vocab_from_config
-
-    import torch
+    from tests.builders import tiny_batch
 
     config = load_config(config_path("cycle"))
-    samples = synthetic_batch(vocab_from_config(config), 6, 20, int(config.model.latent_dim),
-                              torch.Generator().manual_seed(5))
+    samples = tiny_batch(6, 20, int(config.model.latent_dim), 5, vocab_from_config(config))
     tokens, latents = write_upstream_format(tmp_path / "data", samples)
     code, rows, stdout = run_gate(tmp_path, "--data-tokens", str(tokens), "--data-latents", str(latents),
                                   "--", "-k", "l2t_masking or cycle_terms")

@@ -22,8 +22,8 @@ from latentDLM_mmdit.checkpoints import save_checkpoint
 from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.data import write_upstream_format
 from latentDLM_mmdit.factory import build_model
-from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import vocab_from_config
+from tests.builders import tiny_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,8 +68,7 @@ def tiny(tmp_path_factory):
     config = load_config(config_path("cycle"))
     model = build_model(config, seed=0)
     checkpoint = save_checkpoint(folder / "tiny.safetensors", model, config=config, trainer_kind="stable", step=1)
-    samples = synthetic_batch(vocab_from_config(config), 6, 20, int(config.model.latent_dim),
-                              torch.Generator().manual_seed(3))
+    samples = tiny_batch(6, 20, int(config.model.latent_dim), 3, vocab_from_config(config))
     for i in range(6):  # padded tails of different lengths, the longest real sample 15 tokens
         samples["attention_mask"][i, 15 - i:] = 0
     tokens, latents = write_upstream_format(folder / "data", samples)

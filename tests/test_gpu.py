@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from compat.oracle import tol
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
-from latentDLM_mmdit.seeding import seed_everything
-from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import SyntheticVocab
+from tests.builders import TINY_MODEL, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "upstream_parity" / "tiny_eps_cosine.safetensors"
-CONFIG = {"hidden_size": 64, "n_blocks": 2, "cond_dim": 64, "max_seq_len": 16, "num_residual_streams": 2}
+# Larger than the CPU tests' tiny model (hidden 64, 2 blocks, V 48): enough work for the CUDA kernels to differ.
+CONFIG = dict(TINY_MODEL, hidden_size=64, n_blocks=2, cond_dim=64, max_seq_len=16)
 VOCAB = SyntheticVocab(48, mask_token_id=47, pad_token_id=0)
-FP32 = {"rtol": 1e-4, "atol": 1e-4}   # CUDA kernels vs CPU, float32 (TF32 off)
-BF16 = {"rtol": 1.6e-2, "atol": 1e-2}  # bfloat16 model vs float32 reference
+FP32 = tol("cuda_float32")  # CUDA kernels vs CPU, float32 (TF32 off)
+BF16 = tol("bfloat16")  # bfloat16 model vs float32 reference
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +38,11 @@ def no_tf32():
 
 
 def make_model() -> MultimodalMMDiT:
-    seed_everything(0)
-    return MultimodalMMDiT(CONFIG, vocab_size=len(VOCAB), latent_dim=8).eval()
+    return tiny_model(0, vocab_size=len(VOCAB), latent_dim=8, base=CONFIG).eval()
 
 
 def batch_on(device) -> dict:
-    batch = synthetic_batch(VOCAB, 3, 12, 8, torch.Generator().manual_seed(0))
+    batch = tiny_batch(3, 12, 8, 0, VOCAB)
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -19,10 +19,9 @@ from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.factory import build_model, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
-from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import vocab_from_config
-
-TINY = ["model.hidden_size=32", "model.cond_dim=32", "model.n_blocks=1"]
+from tests.builders import TINY_OVERRIDES as TINY
+from tests.builders import tiny_batch
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def setup():
     config = load_config(config_path("cycle"), TINY + ["loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"])
     model = build_model(config, seed=0).eval()
     vocab = vocab_from_config(config)
-    batch = synthetic_batch(vocab, 3, 12, int(config.model.latent_dim), torch.Generator().manual_seed(0))
+    batch = tiny_batch(3, 12, int(config.model.latent_dim), 0, vocab)
     return config, model, vocab, batch
 
 

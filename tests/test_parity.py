@@ -18,10 +18,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from compat.oracle import tol
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.tokenizer import SyntheticVocab
+from tests.builders import tiny_model
 
 PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "upstream_parity"
 CASES = ("tiny_eps_cosine", "tiny_v_linear_cluster")
@@ -35,7 +37,7 @@ DRAW_NAMES = {
     "randn_like.0": "latent_noise",
 }
 LATENT_KEYS = ("latent_timesteps", "latent_beta_schedule", "latent_parameterization")
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = tol("upstream_parity")
 GRAD_REL_TOL = 1e-5
 
 if not PARITY_DIR.is_dir():
@@ -67,8 +69,8 @@ class Fixture:
 
     def build_model(self) -> MultimodalMMDiT:
         cfg = self.config
-        model = MultimodalMMDiT(self.model_config, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
-                                cluster_size=cfg["cluster_size"])
+        model = tiny_model(None, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
+                           cluster_size=cfg["cluster_size"], base=self.model_config)  # the fixture's sizes, weights loaded
         model.load_state_dict(self.model_state, strict=True)
         return model
 
