@@ -29,6 +29,8 @@ TOLERANCES = {
     # The cycle trainer's drift from float32 under autocast may be at most this multiple of the
     # stable trainer's (the larger of its l2t and t2l drifts; floored at a tenth of the tolerance).
     "autocast_drift_factor": (3.0, 0.0),
+    # LambdaLR's base * factor against learning_rate()'s own product: one unit in the last place.
+    "lr_lambda_rounding": (2.3e-16, 0.0),
     # The training loop against the float64 replay of its optimizer (same gradients, AdamW, clipping
     # and schedule from their definitions): float32 vs float64 arithmetic over K Adam steps.
     "trajectory_oracle_loss": (1e-5, 1e-6),

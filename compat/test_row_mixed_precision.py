@@ -38,6 +38,9 @@ CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_lat
              cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SETTINGS = ("stable_l2t", "stable_t2l", "cycle")
+# The table's entries per autocast dtype: (losses, gradients).
+AUTOCAST_TOLERANCES = {"bf16": ("autocast_bf16_loss", "autocast_bf16_grad"),
+                       "fp16": ("autocast_fp16_loss", "autocast_fp16_grad")}
 # The reduction check weighs the latent terms up so that they dominate the cycle step's total: a latent
 # MSE reduced in bfloat16 must move the returned loss visibly, not vanish beside the text terms.
 CYCLE_LATENT_HEAVY = row_settings({**CYCLE, "latent_loss_weight": 100.0, "cycle_latent_weight": 100.0})
@@ -124,11 +127,11 @@ def check_autocast_matches_fp32(ctx, measure):
     model = ctx.fresh_semantic_model()
     fp32 = run_all(ctx, model, ctx.device, grad=True)
     amp = run_all(ctx, model, ctx.device, mixed_precision=mode, grad=True)
-    loss_tol = f"autocast_{mode}_loss"
+    loss_tol = AUTOCAST_TOLERANCES[mode][0]
     got, want = loss_values(ctx, amp, loss_tol), loss_values(ctx, fp32, ctx.oracle_tolerance)
     assert got != want, f"the {mode} autocast run gave exactly the float32 losses: autocast was not exercised"
-    drift = compare(got, want, loss_tol, f"autocast_{mode}_loss", measure)
-    rtol, atol = TOLERANCES[f"autocast_{mode}_grad"]
+    drift = compare(got, want, loss_tol, AUTOCAST_TOLERANCES[mode][0], measure)
+    rtol, atol = TOLERANCES[AUTOCAST_TOLERANCES[mode][1]]
     bad = []
     grad_drift = {}
     for name in SETTINGS:
@@ -161,7 +164,7 @@ def check_losses_computed_in_float32(ctx, measure):
     runs = run_all(ctx, ctx.semantic_model(), ctx.device, mixed_precision=mode, cycle=CYCLE_LATENT_HEAVY)
     bad, worst = [], 0.0
     for name, (record, config, batch) in runs.items():
-        terms = oracle_terms(ctx, name, record, config, batch, f"autocast_{mode}_loss")
+        terms = oracle_terms(ctx, name, record, config, batch, AUTOCAST_TOLERANCES[mode][0])
         got, want = float(record.loss), float(terms.total)
         rel = abs(got - want) / max(abs(want), 1e-12)
         worst = max(worst, rel)
@@ -201,8 +204,8 @@ def check_cuda_matches_cpu(ctx, measure):
     got32 = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda), "cuda_float32")
     compare(got32, want, "cuda_float32", "cuda_fp32", measure)
     got_amp = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda, mixed_precision=mode),
-                          f"autocast_{mode}_loss")
-    compare(got_amp, want, f"autocast_{mode}_loss", f"cuda_autocast_{mode}", measure)
+                          AUTOCAST_TOLERANCES[mode][0])
+    compare(got_amp, want, AUTOCAST_TOLERANCES[mode][0], f"cuda_autocast_{mode}", measure)
 
 
 GPU_CHECKS = {

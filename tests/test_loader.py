@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compat.oracle import tol
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit import data as data_module
 from latentDLM_mmdit.checkpoints import train_state_path
@@ -178,7 +179,7 @@ def test_lr_scheduler_gives_learning_rate(overrides):
         scheduler.step()
     expected = [learning_rate(step, settings) for step in range(len(got))]
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-                               rtol=2.3e-16, atol=0.0)
+                               **tol("lr_lambda_rounding"))
     assert len(set(got)) > (1 if "constant" not in overrides[-1] else 0)
 
 
