@@ -186,33 +186,41 @@ def _copy_inputs(project: Path, src: Path, table: dict) -> None:
             shutil.copy2(source, target)
 
 
-def _fingerprint(src: Path, table: dict, only_mutate: list[str]) -> str:
+def _fingerprint(root: Path, table: dict, only_mutate: list[str], pyproject_text: str) -> str:
     """Hash of everything that can change a verdict other than the mutated files themselves
-    (mutmut re-tests the functions of those that changed): the tests, the other sources, the
-    config, mutmut's version."""
+    (mutmut re-tests the functions of those that changed): the tests, the other sources under
+    `root`, the workdir's pyproject.toml text, mutmut's version."""
     from importlib.metadata import version
 
     digest = hashlib.sha256(json.dumps([table, only_mutate, version("mutmut")], sort_keys=True).encode())
-    roots = list(table["source_paths"]) + list(table.get("also_copy", [])) + ["pyproject.toml"]
-    for rel in roots:
-        root = src / rel
-        files = sorted(root.rglob("*")) if root.is_dir() else [root]
-        for f in files:
-            rel_f = f.relative_to(src).as_posix()
-            if f.is_file() and rel_f not in only_mutate and "__pycache__" not in f.parts:
+    for rel in list(table["source_paths"]) + list(table.get("also_copy", [])) + ["pyproject.toml"]:
+        if rel == "pyproject.toml":
+            digest.update(b"pyproject.toml\0" + pyproject_text.encode())
+            continue
+        base = root / rel
+        for f in sorted(base.rglob("*")) if base.is_dir() else [base]:
+            rel_f = f.relative_to(root).as_posix()
+            if f.is_file() and rel_f not in only_mutate and "__pycache__" not in f.parts and f.suffix != ".pyc":
                 digest.update(rel_f.encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()
 
 
-def prepare_workdir(project: Path, workdir: Path, table: dict, only_mutate: list[str]) -> Path:
+def prepare_workdir(project: Path, workdir: Path, table: dict, only_mutate: list[str], refresh: bool = True) -> Path:
     """Copy the sources into `workdir`/src; previous results are kept unless the fingerprint
-    changed. Returns the folder mutmut runs in."""
+    changed. Returns the folder mutmut runs in. refresh=False copies nothing and refuses results
+    recorded for other sources."""
     src = workdir / "src"
+    pyproject_text = workdir_pyproject(project, table, only_mutate)
+    stamp = workdir / "fingerprint.txt"
+    if not refresh:
+        if not stamp.is_file() or stamp.read_text() != _fingerprint(project, table, only_mutate, pyproject_text):
+            raise TeethError(f"the verdicts in {workdir} were not recorded for these sources and files: run "
+                             "without --report to bring them up to date")
+        return src
     src.mkdir(parents=True, exist_ok=True)
     _copy_inputs(project, src, table)
-    (src / "pyproject.toml").write_text(workdir_pyproject(project, table, only_mutate))
-    stamp = workdir / "fingerprint.txt"
-    fingerprint = _fingerprint(src, table, only_mutate)
+    (src / "pyproject.toml").write_text(pyproject_text)
+    fingerprint = _fingerprint(src, table, only_mutate, pyproject_text)
     if not stamp.is_file() or stamp.read_text() != fingerprint:
         shutil.rmtree(src / "mutants", ignore_errors=True)
         (workdir / "coverage.json").unlink(missing_ok=True)
@@ -414,7 +422,7 @@ def score_of(counts: dict[str, int]) -> float | None:
 
 
 def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only_mutants: list[str] | None = None,
-              max_children: int = 2, equivalent_file: Path | None = None) -> dict:
+              max_children: int = 2, equivalent_file: Path | None = None, run: bool = True) -> dict:
     """Run mutmut over `files` (default: the config's only_mutate) of `project` with its compat
     test selection, and return the result (also written to `workdir`/teeth-result.json).
 
@@ -424,6 +432,8 @@ def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only
     only_mutants: mutmut names (fnmatch patterns) to run, always afresh; the result holds only those.
     max_children: parallel mutant workers (one thread each).
     equivalent_file: the reviewed equivalent list (default: bench/teeth_equivalent.toml).
+    run: False reports the verdicts recorded so far without running mutmut (a partial run's
+        undecided mutants count as not run).
     """
     table = read_mutmut_config(project)
     configured = list(table["only_mutate"])
@@ -434,25 +444,28 @@ def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only
                          f"choose among {configured}")
     equivalents = load_equivalents(equivalent_file or EQUIVALENT_FILE)
     workdir.mkdir(parents=True, exist_ok=True)
-    src = prepare_workdir(project, workdir, table, files)
+    src = prepare_workdir(project, workdir, table, files, refresh=run)
     executed = line_coverage(src, workdir, table, files)
 
     names = list(only_mutants or [])
     log = workdir / "mutmut-run.log"
-    with log.open("w") as out:
-        proc = _mutmut(["run", "--max-children", str(max_children), *names], src, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise TeethError(f"mutmut run exited {proc.returncode} (log: {log}):\n{tail}")
+    if run:
+        with log.open("w") as out:
+            proc = _mutmut(["run", "--max-children", str(max_children), *names], src, stdout=out,
+                           stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise TeethError(f"mutmut run exited {proc.returncode} (log: {log}):\n{tail}")
 
     mutants = read_verdicts(src, files)
     if names:
         mutants = [m for m in mutants if any(fnmatch(m.name, p) for p in names)]
     classify(mutants, src, executed, equivalents)
     counts = {s: sum(m.status == s for m in mutants) for s in STATUSES}
-    mutated = set(files)
+    # An entry is stale when every mutant of its file was decided and none matches it.
+    decided = {f for f in files if not any(m.file == f and m.status == "not run" for m in mutants)}
     found = {(m.file, m.function, m.before, m.after) for m in mutants if m.status == "equivalent"}
-    stale = [asdict(e) for e in equivalents if e.file in mutated and e.key() not in found and not names]
+    stale = [asdict(e) for e in equivalents if e.file in decided and e.key() not in found and not names]
     result = {
         "files": files,
         "counts": counts,
@@ -504,3 +517,28 @@ def teeth_figure(small: bool, workdir: Path | None, files: list[str] | None = No
     ok = None if small or score is None else score >= TARGET
     return [*report(result), line("teeth", score if score is not None else float("nan"),
                                   f"target >= {TARGET:.2f}" + (" (full)" if small else ""), detail, ok)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.teeth --report`: the result of the verdicts recorded so far (no mutmut run);
+    without --report the same run as `python -m bench --only teeth`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.teeth", description=main.__doc__)
+    parser.add_argument("--workdir", type=Path, default=REPO / ".teeth", help="the teeth workdir (default .teeth/)")
+    parser.add_argument("--file", action="append", default=None, metavar="PATH",
+                        help="a file of [tool.mutmut] only_mutate (repeatable; default: all)")
+    parser.add_argument("--report", action="store_true", help="report the recorded verdicts, run nothing")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        result = run_teeth(REPO, args.workdir, files=args.file, max_children=args.max_children, run=not args.report)
+    except TeethError as error:
+        print(f"teeth: {error}", file=sys.stderr)
+        return 2
+    print(*report(result), sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -182,3 +182,22 @@ def test_project_config_names_real_files():
     assert "cycle_vae_impl/trainers/cycle_vae_trainer.py" in table["only_mutate"]
     for entry in teeth.load_equivalents(teeth.EQUIVALENT_FILE):
         assert entry.file in table["only_mutate"], entry
+
+
+def test_report_refuses_verdicts_of_other_sources(tmp_path):
+    root = write_project(tmp_path / "p")
+    table = teeth.read_mutmut_config(root)
+    files = table["only_mutate"]
+    with pytest.raises(teeth.TeethError, match="were not recorded for these sources"):
+        teeth.run_teeth(root, tmp_path / "w", run=False)
+    teeth.prepare_workdir(root, tmp_path / "w", table, files)  # stamps the current sources
+    text = teeth.workdir_pyproject(root, table, files)
+    stamped = (tmp_path / "w" / "fingerprint.txt").read_text()
+    assert teeth._fingerprint(root, table, files, text) == stamped
+    # A changed test changes the fingerprint; a changed mutated file does not (mutmut re-tests it).
+    (root / "tiny" / "calc.py").write_text(CALC.replace("* 2", "* 3"))
+    assert teeth._fingerprint(root, table, files, text) == stamped
+    (root / "checks" / "test_calc.py").write_text(CHECKS + "\n# edited\n")
+    assert teeth._fingerprint(root, table, files, text) != stamped
+    with pytest.raises(teeth.TeethError, match="were not recorded for these sources"):
+        teeth.run_teeth(root, tmp_path / "w", run=False)
