@@ -201,3 +201,13 @@ def test_report_refuses_verdicts_of_other_sources(tmp_path):
     assert teeth._fingerprint(root, table, files, text) != stamped
     with pytest.raises(teeth.TeethError, match="were not recorded for these sources"):
         teeth.run_teeth(root, tmp_path / "w", run=False)
+
+
+@pytest.mark.slow
+def test_only_mutants_runs_just_those(tiny_run, tmp_path):
+    """The smoke mode (--small): named mutants only, and the result holds just them."""
+    root = tiny_run[0]
+    none = write_equivalents(tmp_path / "none.toml", [])
+    result = teeth.run_teeth(root, tmp_path / "w", only_mutants=["tiny.calc.x_clamp_add__mutmut_1"],
+                             equivalent_file=none)
+    assert result["total"] == 1 and result["counts"]["killed"] == 1
