@@ -396,15 +396,17 @@ def locate(diff: str, function_text: str, tree: ast.Module, function: str) -> tu
 # -- the run -----------------------------------------------------------------------------------------
 def classify(mutants: list[Mutant], src: Path, executed: dict[str, set[int]],
              equivalents: list[Equivalent]) -> None:
-    """Locate each survivor and mark it equivalent (reviewed list) or no coverage (its mutated line
-    never ran), in place."""
-    survivors = [m for m in mutants if m.status == "survived"]
-    diffs = mutant_diffs(src, survivors)
-    trees = {f: ast.parse((src / f).read_text()) for f in {m.file for m in survivors}}
+    """Locate each survivor, timeout and error, and mark a survivor equivalent (reviewed list) or
+    no coverage (its mutated line never ran), in place."""
+    shown = [m for m in mutants if m.status in ("survived", "timeout", "error")]
+    diffs = mutant_diffs(src, shown)
+    trees = {f: ast.parse((src / f).read_text()) for f in {m.file for m in shown}}
     reviewed = {e.key(): e for e in equivalents}
-    for m in survivors:
+    for m in shown:
         diff, text = diffs[m.name]
         m.line, m.before, m.after = locate(diff, text, trees[m.file], m.function)
+        if m.status != "survived":
+            continue
         listed = reviewed.get((m.file, m.function, m.before, m.after))
         if listed is not None:
             m.status, m.reason = "equivalent", listed.reason
