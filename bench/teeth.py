@@ -45,6 +45,7 @@ SMALL_MUTANTS = [f"latentDLM_mmdit.losses.x_normalized_latent_mse__mutmut_{i}" f
 EQUIVALENT_KEYS = ("file", "function", "before", "after", "reason")
 # Keys of [tool.mutmut] this runner needs; any other key is passed on to mutmut as it is.
 REQUIRED_KEYS = ("source_paths", "only_mutate", "pytest_add_cli_args_test_selection")
+TIMEOUT_KEYS = ("timeout_multiplier", "timeout_constant")
 
 # mutmut 3.8's exit codes per mutant (mutmut/stats.py status_by_exit_code), grouped into ours.
 KILLED_CODES = {1, 3}
@@ -192,10 +193,13 @@ def _fingerprint(root: Path, table: dict, only_mutate: list[str], pyproject_text
     `root`, the workdir's pyproject.toml text, mutmut's version."""
     from importlib.metadata import version
 
-    digest = hashlib.sha256(json.dumps([table, only_mutate, version("mutmut")], sort_keys=True).encode())
+    # The timeout keys stay out: when they change mutmut itself re-tests exactly the timeouts.
+    kept = {k: v for k, v in table.items() if k not in TIMEOUT_KEYS}
+    digest = hashlib.sha256(json.dumps([kept, only_mutate, version("mutmut")], sort_keys=True).encode())
     for rel in list(table["source_paths"]) + list(table.get("also_copy", [])) + ["pyproject.toml"]:
         if rel == "pyproject.toml":
-            digest.update(b"pyproject.toml\0" + pyproject_text.encode())
+            text = "\n".join(l for l in pyproject_text.splitlines() if l.split(" = ")[0] not in TIMEOUT_KEYS)
+            digest.update(b"pyproject.toml\0" + text.encode())
             continue
         base = root / rel
         for f in sorted(base.rglob("*")) if base.is_dir() else [base]:

@@ -194,6 +194,9 @@ def test_report_refuses_verdicts_of_other_sources(tmp_path):
     text = teeth.workdir_pyproject(root, table, files)
     stamped = (tmp_path / "w" / "fingerprint.txt").read_text()
     assert teeth._fingerprint(root, table, files, text) == stamped
+    # New timeout limits keep the verdicts (mutmut re-tests the timeouts itself).
+    slower = {**table, "timeout_multiplier": 99.0}
+    assert teeth._fingerprint(root, slower, files, teeth.workdir_pyproject(root, slower, files)) == stamped
     # A changed test changes the fingerprint; a changed mutated file does not (mutmut re-tests it).
     (root / "tiny" / "calc.py").write_text(CALC.replace("* 2", "* 3"))
     assert teeth._fingerprint(root, table, files, text) == stamped
