@@ -263,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += gate_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
     if "teeth" in selected:
-        from bench.teeth import teeth_figure
+        from bench.teeth import TeethError, teeth_figure
 
-        teeth_lines = teeth_figure(args.small, Path(args.workdir) if args.workdir else None, args.teeth_file)
+        try:
+            teeth_lines = teeth_figure(args.small, Path(args.workdir) if args.workdir else None, args.teeth_file)
+        except TeethError as error:
+            print(f"teeth: {error}", file=sys.stderr)
+            return 2
         lines += teeth_lines
         print(*teeth_lines, sep="\n", flush=True)
     return 0
