@@ -21,6 +21,9 @@ Figures:
   checkpoint_save  the training loop's crash-safe checkpoint pair (temporaries fsynced, train
                    state published first, weights last, directory fsynced) / the same two files
                    written with a rename each and no fsync, round robin  (target <= 1.5)
+  teeth            (only with --only teeth) mutants killed by `pytest compat/` / mutants judged,
+                   mutmut over the trainers and the loss, diffusion and masking code, see
+                   bench/teeth.py                                     (target >= 0.90)
 """
 from __future__ import annotations
 
@@ -290,8 +293,11 @@ def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
-    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save", "loader"], action="append",
-                        help="run only these figures (repeatable)")
+    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save", "loader", "teeth"],
+                        action="append", help="run only these figures (repeatable); teeth (the mutation score, "
+                                              "bench/teeth.py) runs only when named")
+    parser.add_argument("--teeth-file", action="append", default=None, metavar="PATH",
+                        help="teeth: mutate only this file of [tool.mutmut] only_mutate (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
     selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader"])
@@ -320,6 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     if "gate" in selected:
         lines += gate_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
+    if "teeth" in selected:
+        from bench.teeth import TeethError, teeth_figure
+
+        try:
+            teeth_lines = teeth_figure(args.small, Path(args.workdir) if args.workdir else None, args.teeth_file)
+        except TeethError as error:
+            print(f"teeth: {error}", file=sys.stderr)
+            return 2
+        lines += teeth_lines
+        print(*teeth_lines, sep="\n", flush=True)
     return 0
 
 
