@@ -172,6 +172,21 @@ def ce_every_position(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return nll.mean().clamp(0, 100)
 
 
+def masked_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Upstream's masked cross entropy: the summed NLL of the positions in `mask` over (their count,
+    at least 1) + 1e-8, clamped to [0, 100]. Every id is a real class (no ignore index)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, S]
+    count = max(int(mask.sum()), 1) + 1e-8
+    return ((nll * mask.double()).sum() / count).clamp(0, 100)
+
+
+def token_accuracy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the positions in `mask` whose argmax is the target; 0.0 for an empty mask."""
+    hits = [bool(logits[b, s].argmax() == ids[b, s]) for b, s in mask.nonzero().tolist()]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
 def ramp(step: int, base: float, warmup: int, ramp_steps: int) -> float:
     if base <= 0 or step < warmup:
         return 0.0

@@ -27,7 +27,7 @@ from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
-from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse
+from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse, token_accuracy
 from latentDLM_mmdit.tokenizer import SyntheticVocab
 
 pytestmark = pytest.mark.compat_row("reference_integrity")
@@ -113,10 +113,29 @@ def check_loss_helpers(ctx, measure):
     every = torch.ones(3, 7, dtype=torch.bool)
     torch.testing.assert_close(masked_text_ce(logits, ids, every).double(), oracle.ce_every_position(logits, ids),
                                **tol("float32_oracle"), msg=lambda m: f"masked_text_ce over every position\n{m}")
+    # Partial masks (upstream's unconditional mode), a mask of one position, and a vocabulary past
+    # 100 with the id 100 among the targets (a helper with an ignore index there would drop it).
+    big_logits = torch.randn(2, 9, 130, generator=gen)
+    big_ids = torch.randint(0, 130, (2, 9), generator=gen)
+    big_ids[0, :3] = 100
+    partial = torch.rand(2, 9, generator=gen) < 0.5
+    partial[0, 0] = True
+    one = torch.zeros(2, 9, dtype=torch.bool)
+    one[1, 4] = True
+    for name, mask in (("a partial mask", partial), ("a mask of one position", one), ("every position", partial | True)):
+        torch.testing.assert_close(masked_text_ce(big_logits, big_ids, mask).double(),
+                                   oracle.masked_ce(big_logits, big_ids, mask), **tol("float32_oracle"),
+                                   msg=lambda m, name=name: f"masked_text_ce over {name}\n{m}")
+        got, want = token_accuracy(big_logits, big_ids, mask), oracle.token_accuracy(big_logits, big_ids, mask)
+        assert abs(got - want) <= 1e-6, f"token_accuracy over {name}: {got}, the oracle's {want}"  # a float32 mean
+    big_logits[1, 4, big_ids[1, 4]] = 50.0  # the one masked position predicted right
+    assert token_accuracy(big_logits, big_ids, one) == 1.0 and token_accuracy(big_logits, big_ids, one & False) == 0.0
+    with pytest.raises(ValueError, match="shapes disagree"):
+        masked_text_ce(big_logits, big_ids, partial[:, :5])
     pred, target = torch.randn(3, 1, 5, generator=gen), torch.randn(3, 5, generator=gen)
     torch.testing.assert_close(normalized_latent_mse(pred, target).double(), oracle.normalized_mse(pred, target),
                                **tol("float32_oracle"), msg=lambda m: f"normalized_latent_mse\n{m}")
-    measure("loss_helpers", "equal the oracle's")
+    measure("loss_helpers", "equal the oracle's (every, partial and one-position masks; ids past 100; accuracy)")
 
 
 def check_checkpoint_round_trips(ctx, measure):
