@@ -49,7 +49,7 @@ def write_random_checkpoint(config, path: str | Path, seed: int = 0, std: float 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, shape in shapes.items():
+        for _name, shape in shapes.items():
             remaining = int(torch.Size(shape).numel())
             while remaining:
                 n = min(CHUNK, remaining)

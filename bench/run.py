@@ -62,7 +62,7 @@ def run_measured(cmd: list[str]):
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    marker = [l for l in proc.stdout.splitlines() if l.startswith("@@peak_rss_kib=")]
+    marker = [line for line in proc.stdout.splitlines() if line.startswith("@@peak_rss_kib=")]
     if not marker:
         raise RuntimeError(f"no RSS measurement from {cmd}: {proc.stderr[-2000:]}")
     return proc, wall, int(marker[-1].split("=", 1)[1]) * 1024  # Linux reports KiB

@@ -198,7 +198,7 @@ def _fingerprint(root: Path, table: dict, only_mutate: list[str], pyproject_text
     digest = hashlib.sha256(json.dumps([kept, only_mutate, version("mutmut")], sort_keys=True).encode())
     for rel in list(table["source_paths"]) + list(table.get("also_copy", [])) + ["pyproject.toml"]:
         if rel == "pyproject.toml":
-            text = "\n".join(l for l in pyproject_text.splitlines() if l.split(" = ")[0] not in TIMEOUT_KEYS)
+            text = "\n".join(line for line in pyproject_text.splitlines() if line.split(" = ")[0] not in TIMEOUT_KEYS)
             digest.update(b"pyproject.toml\0" + text.encode())
             continue
         base = root / rel
@@ -374,25 +374,25 @@ def locate(diff: str, function_text: str, tree: ast.Module, function: str) -> tu
     diff: mutmut's unified diff; its line numbers count in `function_text`, the original
     function as mutmut prints it (possibly with the comment lines above it)."""
     lines = diff.splitlines()
-    hunks = [i for i, l in enumerate(lines) if l.startswith("@@")]
+    hunks = [i for i, line in enumerate(lines) if line.startswith("@@")]
     if not hunks:
         raise TeethError(f"mutmut's diff of a mutant of {function} has no hunk:\n{diff}")
     first_removed, before, after = None, [], []
     for i in hunks:
         index = int(re.match(r"@@ -(\d+)", lines[i]).group(1))  # 1-based line in function_text
-        for l in lines[i + 1:]:
-            if l.startswith("@@"):
+        for hunk_line in lines[i + 1:]:
+            if hunk_line.startswith("@@"):
                 break
-            if l.startswith("-"):
+            if hunk_line.startswith("-"):
                 first_removed = index if first_removed is None else first_removed
-                before.append(l[1:].strip())
+                before.append(hunk_line[1:].strip())
                 index += 1
-            elif l.startswith("+"):
-                after.append(l[1:].strip())
+            elif hunk_line.startswith("+"):
+                after.append(hunk_line[1:].strip())
             else:
                 index += 1
     text_lines = function_text.splitlines()
-    header = next((i for i, l in enumerate(text_lines) if l.lstrip().startswith(("@", "def ", "async def "))), 0)
+    header = next((i for i, line in enumerate(text_lines) if line.lstrip().startswith(("@", "def ", "async def "))), 0)
     index = first_removed if first_removed is not None else int(re.match(r"@@ -(\d+)", lines[hunks[0]]).group(1))
     return function_start(tree, function) + (index - 1 - header), " / ".join(before), " / ".join(after)
 

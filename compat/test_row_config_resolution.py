@@ -41,7 +41,7 @@ def check_same_yaml_same_settings(ctx, measure):
         stable = ctx.run_stable("t2l", batch, config=stable_config, draws=draws, grad=False)
         cycle = ctx.run_cycle(batch, config=cycle_config, draws=draws, grad=False)
         torch.testing.assert_close(cycle.one(T2L).latents_2d, stable.one(T2L).latents_2d, **tol("float32_loss"),
-                                   msg=lambda m, l=label: f"{l}: the trainers noise the T2L latents differently\n{m}")
+                                   msg=lambda m, lbl=label: f"{lbl}: the trainers noise the T2L latents differently\n{m}")
         x0 = ctx.x0_of(batch)
         for trainer, record, run_config in (("stable", stable, stable_config), ("cycle", cycle, cycle_config)):
             try:
@@ -53,8 +53,8 @@ def check_same_yaml_same_settings(ctx, measure):
             want = weight * term if trainer == "stable" else None
             if want is not None:
                 torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
-                                           msg=lambda m, l=label: f"{l}: the stable trainer's loss is not the "
-                                                                  f"{schedule.parameterization} target's\n{m}")
+                                           msg=lambda m, lbl=label, sch=schedule: f"{lbl}: the stable trainer's loss is not the "
+                                                                  f"{sch.parameterization} target's\n{m}")
     measure("cycle_settings", "/".join(str(v) for v in resolve_latent_settings(ctx.cycle_config).as_dict().values()))
 
 

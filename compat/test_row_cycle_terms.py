@@ -147,8 +147,8 @@ def check_ramp(ctx, measure):
         record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
         terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
         torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
-                                   msg=lambda m, s=step: f"step {s}: the total does not follow the ramped weights "
-                                                         f"{terms.weights}\n{m}")
+                                   msg=lambda m, s=step, w=terms.weights: f"step {s}: the total does not follow the ramped weights "
+                                                         f"{w}\n{m}")
         seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
         if step == 0 and len(record.passes) > 2:
             measure("passes_in_warmup", f"{len(record.passes)} ({', '.join(record.kinds)}) while both weights are 0",

@@ -130,7 +130,7 @@ def check_seed_matters(ctx, measure):
     seed = int(ctx.cycle_config.training.get("seed", 42))
     other = {"training.seed": seed + 1}
     batch = ctx.batch(BATCH, seed=SEED)
-    for label, subject, run in (
+    for label, _subject, run in (
             ("stable", ctx.stable_subject,
              lambda extra: ctx.run_stable("unconditional", batch, settings=extra, grad=False)),
             ("cycle", ctx.cycle_subject, lambda extra: ctx.run_cycle(batch, settings={**CYCLE_RANDOM, **extra},

@@ -48,7 +48,7 @@ def check_l2t_loss(ctx, measure, batch_size):
     for label, record, p in (("stable l2t", stable, s_pass), ("cycle", cycle, c_pass)):
         want = ce_every_position(p.outputs[0].cpu(), ids)
         torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
-                                   msg=lambda m, l=label: f"{l}: the L2T loss is not CE over every position "
+                                   msg=lambda m, lbl=label: f"{lbl}: the L2T loss is not CE over every position "
                                                           f"(padding included)\n{m}")
     torch.testing.assert_close(cycle.loss.detach().cpu(), stable.loss.detach().cpu(), **tol("float32_loss"),
                                msg=lambda m: f"the L2T loss differs between the trainers on the same batch\n{m}")

@@ -36,7 +36,7 @@ def check_none_equals_zeros(ctx, measure):
                          latent_timesteps=zeros if latent_t is None else latent_t)
             for name, g, w in zip(("text_logits", "latent_pred", "cluster_logits"), got, want):
                 torch.testing.assert_close(g, w, **tol("bit_exact"),
-                                           msg=lambda m, n=name, l=label: f"None {l} timestep(s) != zeros in {n}\n{m}")
+                                           msg=lambda m, n=name, lbl=label: f"None {lbl} timestep(s) != zeros in {n}\n{m}")
     measure("none_vs_zeros_max_abs", 0.0)
 
 
@@ -56,8 +56,8 @@ def check_clean_modalities_get_zero(ctx, measure):
         p = records[label].one(kind)
         for which, want in (("text", text_t), ("latent", latent_t)):
             torch.testing.assert_close(p.timestep(which), torch.full((2,), want), **tol("bit_exact"),
-                                       msg=lambda m, l=label, k=kind, w=which: f"{l} {k} pass: {w} timestep is not "
-                                                                               f"{want}\n{m}")
+                                       msg=lambda m, lbl=label, k=kind, w=which, wt=want: f"{lbl} {k} pass: {w} timestep is not "
+                                                                               f"{wt}\n{m}")
     measure("clean_t", "0 in both trainers")
 
 

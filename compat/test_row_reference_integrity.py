@@ -70,14 +70,14 @@ def check_timesteps_and_noising(ctx, measure):
             xt, target = d.add_noise(x0, t, noise)
             label = f"{schedule}/{parameterization}"
             torch.testing.assert_close(xt.double(), oracle.noised(x0, noise, ab), **tol("float32_oracle"),
-                                       msg=lambda m: f"{label}: x_t differs from sqrt(ab) x0 + sqrt(1-ab) eps\n{m}")
+                                       msg=lambda m, lbl=label: f"{lbl}: x_t differs from sqrt(ab) x0 + sqrt(1-ab) eps\n{m}")
             torch.testing.assert_close(target.double(), oracle.target(x0, noise, ab, parameterization),
-                                       **tol("float32_oracle"), msg=lambda m: f"{label}: the target differs\n{m}")
+                                       **tol("float32_oracle"), msg=lambda m, lbl=label: f"{lbl}: the target differs\n{m}")
             keep = t < 0.99  # x0 from eps divides by sqrt(ab) ~ 0 at t = 1
             got = d.x0_from_prediction(xt, t, target)[keep].double()
             torch.testing.assert_close(got, oracle.x0_from_prediction(xt, target, ab, parameterization)[keep],
                                        rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"{label}: x0 from the prediction differs from the oracle's\n{m}")
+                                       msg=lambda m, lbl=label: f"{lbl}: x0 from the prediction differs from the oracle's\n{m}")
     measure("noising", "x_t, targets and x0 conversions equal the oracle's (3 schedules x 3 parameterizations)")
 
 

@@ -87,7 +87,7 @@ def check_random_mode_is_a_shift(ctx, measure):
     assert float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6, (
         f"latent_t_mode random with t in [{low}, {high}] gave t from {float(ts.min()):.4g} to {float(ts.max()):.4g}")
     assert float((ts < 1).float().mean()) > 0.9, "random mode gave t = 1 for most samples"
-    for batch, draws, record in records:
+    for _batch, draws, record in records:
         if record.draw_mode != INJECTED:
             continue
         for kind, name in ((T2L, "latent_t"), (CYCLE_LATENT, "cycle_latent_t")):

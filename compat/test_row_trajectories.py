@@ -60,9 +60,12 @@ def runs(ctx, *parts: str) -> dict:
         large = ctx.large
         model = ctx.proxy_model() if large else ctx.require_model()
         overrides = PROXY_SIZES if large else None
+        vocab = ctx.gate_vocab.vocab  # the gate's vocabulary (a config's tokenizer.path need not exist here)
+        fixed = {"tokenizer.vocab_size": vocab.vocab_size, "tokenizer.mask_token_id": vocab.mask_token_id,
+                 "tokenizer.pad_token_id": vocab.pad_token_id}
         workdir = Path(tempfile.mkdtemp(prefix="trajectories-", dir=ctx.workdir))  # one per cache, never reused
         configs = {kind: T.trajectory_config(config, batch_size=BATCH_SIZE, seq_len=ctx.seq_len,
-                                             model_overrides=overrides)
+                                             model_overrides=overrides, updates=fixed)
                    for kind, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config))}
         cache.update(model=model, proxy=large, configs=configs, workdir=workdir,
                      init=T.save_init(model, configs["stable"], workdir / "init.safetensors"))
@@ -70,7 +73,8 @@ def runs(ctx, *parts: str) -> dict:
     data = {"token_dir": ctx.options.data_tokens, "latent_dir": ctx.options.data_latents} if ctx.options.data else {}
     for part in parts:
         kind = part.removesuffix("_replay")
-        (subject, config_path), spec = subjects[kind], subjects[kind][0].spec
+        subject, config_path = subjects[kind]
+        spec = subject.spec
         if kind not in cache:
             cache[kind] = T.run_trajectory(kind, spec.cls, spec.accepts_step, cache["configs"][kind], cache["init"],
                                            cache["workdir"] / f"run-{len(cache)}", config_path=config_path,

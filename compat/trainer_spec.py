@@ -75,7 +75,7 @@ class TrainerSpec:
             found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
             raise GateInputError(f"{option} {spec}: {target} has no class {name!r} (classes there: "
                                  f"{', '.join(found) or 'none'})", "name the trainer class after the colon")
-        if not callable(getattr(trainer_cls, "forward", None)) and not callable(getattr(trainer_cls, "__call__", None)):
+        if not callable(getattr(trainer_cls, "forward", None)) and not callable(trainer_cls):
             raise GateInputError(f"{option} {spec}: {name} has no forward(batch) method",
                                  "a trainer must implement forward(batch) -> (loss, metrics)")
         return cls.of(trainer_cls, spec)

@@ -67,11 +67,12 @@ def weights_checksum(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def trajectory_config(config: DictConfig, *, batch_size: int, seq_len: int, steps: int = STEPS,
-                      model_overrides: dict[str, Any] | None = None) -> DictConfig:
+                      model_overrides: dict[str, Any] | None = None,
+                      updates: dict[str, Any] | None = None) -> DictConfig:
     """`config` for a K-step run: its optimizer, schedule, clipping, accumulation and precision as
     they are; the run length, batch size and synthetic data sized for the gate."""
     accum = int(config.training.gradient_accumulation_steps)
-    updates = {
+    updates_run = {
         "training.num_train_steps": steps,
         "training.train_batch_size": batch_size,
         "logging.save_every": steps,
@@ -79,8 +80,9 @@ def trajectory_config(config: DictConfig, *, batch_size: int, seq_len: int, step
         "data.synthetic_seq_len": seq_len,
         "data.synthetic_num_samples": max(4 * batch_size, steps * batch_size * accum),
     }
-    updates.update({f"model.{k}": v for k, v in (model_overrides or {}).items()})
-    return with_updates(config, updates, "the trajectories row")
+    updates_all = {**updates_run, **(updates or {})}
+    updates_all.update({f"model.{k}": v for k, v in (model_overrides or {}).items()})
+    return with_updates(config, updates_all, "the trajectories row")
 
 
 def recording_class(trainer_cls: type, accepts_step: bool) -> type:

@@ -139,7 +139,7 @@ def test_ddp_halves_equal_the_full_batch(tmp_path, case):
             got = result["grads"][name]
             assert (got is None) == (grad is None), name
             if grad is not None:
-                torch.testing.assert_close(got, grad, **tol("float32_split_batch"), msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(got, grad, **tol("float32_split_batch"), msg=lambda m, n=name: f"{n}: {m}")
         # The halves differ, so equality above is the averaging at work, not a coincidence.
         assert result["metrics"]["loss"] != pytest.approx(float(loss.detach()), rel=1e-4, abs=0.0)
 

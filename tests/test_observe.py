@@ -73,13 +73,13 @@ def test_capture_serves_seeded_draws_and_records_them():
     with DrawCapture(seed=7) as first:
         a = _global_rng_step(x)
     torch.manual_seed(123)  # the global state does not matter inside a capture
-    with DrawCapture(seed=7) as second:
+    with DrawCapture(seed=7):
         b = _global_rng_step(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [d.function for d in first.draws] == ["randn_like", "rand", "Tensor.uniform_"]
     assert [d.shape for d in first.draws] == [(4, 3), (4,), (4,)]
     assert first.python_calls == ["random"] and first.numpy_calls == ["rand"]
-    with DrawCapture(seed=8) as other:
+    with DrawCapture(seed=8):
         c = _global_rng_step(x)
     assert not torch.equal(a, c), "another seed must give other draws"
 

@@ -169,7 +169,7 @@ def _cycle_autocast_off(original_forward):
 
 
 def _latent_mse_in_low_precision(latent_pred, latent_target):
-    # The cycle trainer's latent MSE reduced in the outputs' dtype (bfloat16 under autocast).
+    # A latent MSE reduced in the outputs' dtype (bfloat16 under autocast).
     low = latent_pred.dtype
     with torch.autocast(latent_pred.device.type, enabled=False):
         pred = F.normalize(latent_pred, p=2, dim=-1, eps=NORMALIZE_EPS).to(low)
@@ -313,9 +313,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "the cycle trainer turns autocast off for its step (it trains in float32 while judged at bf16)",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "forward",
                                       _cycle_autocast_off(cycle_module.CycleVAETrainer.forward))]),
-    Mutant("cycle_latent_mse_in_bf16", "mixed_precision", "losses_computed_in_float32",
-           "the cycle trainer reduces its latent MSE in the outputs' bfloat16 instead of float32",
-           lambda: [mock.patch.object(cycle_module, "normalized_latent_mse", _latent_mse_in_low_precision)]),
+    Mutant("reference_latent_mse_in_bf16", "mixed_precision", "losses_computed_in_float32",
+           "the stable reference reduces its latent MSE in the outputs' bfloat16 instead of float32",
+           lambda: [mock.patch.object(stable_module, "normalized_latent_mse", _latent_mse_in_low_precision)]),
     Mutant("cycle_entry_beta1", "trajectories", "cycle_loop_matches_oracle",
            "the cycle entry point's loop uses AdamW beta1 0.8 whatever optimizer.beta1 says",
            lambda: [mock.patch.object(training_module, "_train", _cycle_entry_beta1(training_module._train))]),
