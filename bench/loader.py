@@ -7,6 +7,7 @@ step (forward, backward, AdamW; l2t and t2l alternating, as the default schedule
 size, on CUDA when available. The ratio is loader samples/s / step samples/s: below 1 the model
 waits for data (raise data.num_workers); the target is >= 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def _loader_rate(dataset, batch_size: int, workers: int, batches: int, device: t
     """(samples/s after the first batch, seconds to the first batch) of a BatchFeed."""
     from latentDLM_mmdit.training import BatchFeed, BatchOrder
 
-    feed = BatchFeed(dataset, BatchOrder(len(dataset), batch_size, 1, 0, seed=0), num_workers=workers,
-                     device=device, seed=0)
+    feed = BatchFeed(
+        dataset, BatchOrder(len(dataset), batch_size, 1, 0, seed=0), num_workers=workers, device=device, seed=0
+    )
     started = time.perf_counter()
     feed.next_batch()
     first = time.perf_counter() - started
@@ -83,8 +85,11 @@ def loader_figures(small: bool, workdir: Path) -> list[str]:
     from latentDLM_mmdit.data import UpstreamLatentDataset
     from latentDLM_mmdit.tokenizer import vocab_from_config
 
-    sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2", "model.max_seq_len=128"] if small else
-             ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=512"])
+    sizes = (
+        ["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2", "model.max_seq_len=128"]
+        if small
+        else ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=512"]
+    )
     config = load_config(config_path("stable"), sizes)
     seq_len, batch_size = (128, 8) if small else (512, 16)
     n_files, batches, steps = (64, 8, 2) if small else (2048, 64, 8)
@@ -96,9 +101,15 @@ def loader_figures(small: bool, workdir: Path) -> list[str]:
     out = []
     for n in (0, workers):
         rate, first = _loader_rate(dataset, batch_size, n, batches, device)
-        out.append(line(f"loader_feed_w{n}", rate / step, "target >= 1.0",
-                        f"loader {rate:.0f} samples/s ({n} workers, first batch {first:.2f} s) vs step "
-                        f"{step:.0f} samples/s on {device.type} ({params / 1e6:.1f}M params, B={batch_size}, "
-                        f"S={seq_len}, {n_files} file pairs)", rate >= step))
+        out.append(
+            line(
+                f"loader_feed_w{n}",
+                rate / step,
+                "target >= 1.0",
+                f"loader {rate:.0f} samples/s ({n} workers, first batch {first:.2f} s) vs step "
+                f"{step:.0f} samples/s on {device.type} ({params / 1e6:.1f}M params, B={batch_size}, "
+                f"S={seq_len}, {n_files} file pairs)",
+                rate >= step,
+            )
+        )
     return out
-

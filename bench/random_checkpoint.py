@@ -4,6 +4,7 @@ The model is built on the meta device (names, shapes, no storage); each tensor i
 float32 from a seeded generator and streamed to a safetensors file with this project's metadata,
 one tensor at a time, so writing a 3.5 GB checkpoint needs about one tensor of memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ def write_random_checkpoint(config, path: str | Path, seed: int = 0, std: float 
     """Returns (path, number of parameters). Every tensor ~ N(0, std^2), float32."""
     path = Path(path)
     model_cfg = config.model
-    sizes = {"vocab_size": int(config.tokenizer.vocab_size), "latent_dim": int(model_cfg.latent_dim),
-             "cluster_size": int(model_cfg.get("cluster_size", 0) or 0)}
+    sizes = {
+        "vocab_size": int(config.tokenizer.vocab_size),
+        "latent_dim": int(model_cfg.latent_dim),
+        "cluster_size": int(model_cfg.get("cluster_size", 0) or 0),
+    }
     with torch.device("meta"):
         model = MultimodalMMDiT(model_cfg, **sizes)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}

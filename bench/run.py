@@ -25,6 +25,7 @@ Figures:
                    mutmut over the trainers and the loss, diffusion and masking code, see
                    bench/teeth.py                                     (target >= 0.90)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,22 +82,49 @@ def gate_figures(small: bool, workdir: Path) -> list[str]:
     OmegaConf.save(config, cfg_file)
     checkpoint, n_params = write_random_checkpoint(config, workdir / "random_cluster.safetensors")
     size = checkpoint.stat().st_size
-    cmd = [sys.executable, "-m", "compat", "--checkpoint", str(checkpoint), "--stable-config", str(cfg_file),
-           "--cycle-config", str(cfg_file), "--batch-size", "2", "--seq-len", "128",
-           "--report", str(workdir / "gate-report"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compat",
+        "--checkpoint",
+        str(checkpoint),
+        "--stable-config",
+        str(cfg_file),
+        "--cycle-config",
+        str(cfg_file),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--report",
+        str(workdir / "gate-report"),
+        "--quiet",
+    ]
     proc, wall, peak = run_measured(cmd)
     (workdir / "gate.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"the gate failed to run (exit {proc.returncode}); log: {workdir / 'gate.log'}")
     label = "small" if small else "cluster"
-    detail = (f"{label} config, {n_params / 1e6:.0f}M params, checkpoint {size / 2**30:.2f} GiB, peak RSS "
-              f"{peak / 2**30:.2f} GiB, gate exit {proc.returncode}")
+    detail = (
+        f"{label} config, {n_params / 1e6:.0f}M params, checkpoint {size / 2**30:.2f} GiB, peak RSS "
+        f"{peak / 2**30:.2f} GiB, gate exit {proc.returncode}"
+    )
     full = not small
     return [
-        line("gate_memory", peak / size, "target <= 1.5" + ("" if full else " (full)"), detail,
-             peak / size <= 1.5 if full else None),
-        line("gate_wall", wall / 300, "target <= 1.0" + ("" if full else " (full)"), f"{wall:.1f} s on {os.cpu_count()} cores",
-             wall <= 300 if full else None),
+        line(
+            "gate_memory",
+            peak / size,
+            "target <= 1.5" + ("" if full else " (full)"),
+            detail,
+            peak / size <= 1.5 if full else None,
+        ),
+        line(
+            "gate_wall",
+            wall / 300,
+            "target <= 1.0" + ("" if full else " (full)"),
+            f"{wall:.1f} s on {os.cpu_count()} cores",
+            wall <= 300 if full else None,
+        ),
     ]
 
 
@@ -138,8 +166,11 @@ def step_cost_figures(small: bool) -> list[str]:
     from latentDLM_mmdit.synthetic import synthetic_batch
     from latentDLM_mmdit.tokenizer import vocab_from_config
 
-    sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"] if small else
-             ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"])
+    sizes = (
+        ["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"]
+        if small
+        else ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"]
+    )
     config = load_config(config_path("cycle"), sizes)
     B, S = (4, 16) if small else (4, 96)
     repeats = 5 if small else 7
@@ -153,8 +184,17 @@ def step_cost_figures(small: bool) -> list[str]:
         return MultimodalDiffusionTrainer(model, vocab, MaskedDiffusion(vocab), torch.float32, cfg)
 
     def cycle(weight):
-        cfg = OmegaConf.merge(config, {"loss": {"cycle_text_weight": weight, "cycle_latent_weight": weight,
-                                                "cycle_text_ramp_steps": 0, "cycle_latent_ramp_steps": 0}})
+        cfg = OmegaConf.merge(
+            config,
+            {
+                "loss": {
+                    "cycle_text_weight": weight,
+                    "cycle_latent_weight": weight,
+                    "cycle_text_ramp_steps": 0,
+                    "cycle_latent_ramp_steps": 0,
+                }
+            },
+        )
         return CycleVAETrainer(model, vocab, MaskedDiffusion(vocab), torch.float32, cfg)
 
     def unfrozen(fn):
@@ -162,45 +202,67 @@ def step_cost_figures(small: bool) -> list[str]:
             for p in model.parameters():
                 p.requires_grad_(True)
             return fn(*args)
+
         return run
 
     l2t_trainer, t2l_trainer = stable("l2t"), stable("t2l")
     both_trainer, zero_trainer = cycle(0.1), cycle(0.0)
-    times = interleaved({
-        "l2t": lambda: _step_seconds(l2t_trainer, batch, None),
-        "t2l": lambda: _step_seconds(t2l_trainer, batch, {"latent_noise": noise}),
-        "cycle": unfrozen(lambda: _step_seconds(both_trainer, batch, {"latent_noise": noise,
-                                                                      "cycle_latent_noise": noise})),
-        "cycle_w0": unfrozen(lambda: _step_seconds(zero_trainer, batch, {"latent_noise": noise})),
-    }, rounds=repeats)
+    times = interleaved(
+        {
+            "l2t": lambda: _step_seconds(l2t_trainer, batch, None),
+            "t2l": lambda: _step_seconds(t2l_trainer, batch, {"latent_noise": noise}),
+            "cycle": unfrozen(
+                lambda: _step_seconds(both_trainer, batch, {"latent_noise": noise, "cycle_latent_noise": noise})
+            ),
+            "cycle_w0": unfrozen(lambda: _step_seconds(zero_trainer, batch, {"latent_noise": noise})),
+        },
+        rounds=repeats,
+    )
     # A ratio per round (its subjects measured back to back), then the median over rounds.
     ratio_both = [c / (a + b) for c, a, b in zip(times["cycle"], times["l2t"], times["t2l"])]
     ratio_zero = [c / (a + b) for c, a, b in zip(times["cycle_w0"], times["l2t"], times["t2l"])]
     median = {name: statistics.median(values) for name, values in times.items()}
     params = sum(p.numel() for p in model.parameters())
-    detail = (f"{params / 1e6:.1f}M params, B={B} S={S}, {torch.get_num_threads()} threads, {repeats} interleaved "
-              f"rounds; l2t {median['l2t'] * 1e3:.1f} ms + t2l {median['t2l'] * 1e3:.1f} ms")
+    detail = (
+        f"{params / 1e6:.1f}M params, B={B} S={S}, {torch.get_num_threads()} threads, {repeats} interleaved "
+        f"rounds; l2t {median['l2t'] * 1e3:.1f} ms + t2l {median['t2l'] * 1e3:.1f} ms"
+    )
     both, zero = statistics.median(ratio_both), statistics.median(ratio_zero)
     # At the small sizes per-call Python overhead, not model passes, dominates: informational only.
     return [
-        line("cycle_step_cost", both, "floor 2.0, target <= 2.1" + (" (full)" if small else ""),
-             f"per-round ratio median [IQR] {spread(ratio_both)}; cycle {median['cycle'] * 1e3:.1f} ms; {detail}",
-             None if small else both <= 2.1),
-        line("cycle_step_w0", zero, "floor 1.0",
-             f"per-round ratio median [IQR] {spread(ratio_zero)}; cycle(w=0) {median['cycle_w0'] * 1e3:.1f} ms; {detail}",
-             None),
+        line(
+            "cycle_step_cost",
+            both,
+            "floor 2.0, target <= 2.1" + (" (full)" if small else ""),
+            f"per-round ratio median [IQR] {spread(ratio_both)}; cycle {median['cycle'] * 1e3:.1f} ms; {detail}",
+            None if small else both <= 2.1,
+        ),
+        line(
+            "cycle_step_w0",
+            zero,
+            "floor 1.0",
+            f"per-round ratio median [IQR] {spread(ratio_zero)}; cycle(w=0) {median['cycle_w0'] * 1e3:.1f} ms; {detail}",
+            None,
+        ),
     ]
 
 
 # -- compat suite wall time --------------------------------------------------------------------------
 def suite_figure() -> list[str]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "compat", "-q", "-p", "no:cacheprovider"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "compat", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return [line("compat_suite", wall / 60, "target <= 1.0", f"{wall:.1f} s; {summary}",
-                 wall <= 60 and proc.returncode == 0)]
+    return [
+        line(
+            "compat_suite", wall / 60, "target <= 1.0", f"{wall:.1f} s; {summary}", wall <= 60 and proc.returncode == 0
+        )
+    ]
 
 
 def plugin_figure(rounds: int) -> list[str]:
@@ -218,12 +280,27 @@ def plugin_figure(rounds: int) -> list[str]:
     def gate(extra):
         def run():
             started = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "compat", "--quiet", "--report",
-                                   tempfile.mkdtemp(prefix="bench-gate-"), *extra, "--", "-k", "not ddp"],
-                                  cwd=REPO, capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "compat",
+                    "--quiet",
+                    "--report",
+                    tempfile.mkdtemp(prefix="bench-gate-"),
+                    *extra,
+                    "--",
+                    "-k",
+                    "not ddp",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"the gate exited {proc.returncode}: {proc.stdout[-2000:]}")
             return time.perf_counter() - started
+
         return run
 
     times = interleaved({name: gate(extra) for name, extra in runs.items()}, rounds=rounds, warmup=0)
@@ -234,9 +311,16 @@ def plugin_figure(rounds: int) -> list[str]:
             continue
         ratios = [t / b for t, b in zip(times[name], times["built_in"])]
         ratio = statistics.median(ratios)
-        out.append(line(f"gate_{name}", ratio, "target <= 1.1",
-                        f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times[name]):.1f} s vs "
-                        f"built-in {base:.1f} s ({rounds} interleaved rounds, DDP row deselected)", ratio <= 1.1))
+        out.append(
+            line(
+                f"gate_{name}",
+                ratio,
+                "target <= 1.1",
+                f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times[name]):.1f} s vs "
+                f"built-in {base:.1f} s ({rounds} interleaved rounds, DDP row deselected)",
+                ratio <= 1.1,
+            )
+        )
     return out
 
 
@@ -250,8 +334,11 @@ def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
     from latentDLM_mmdit.config import load_config
     from latentDLM_mmdit.factory import build_model
 
-    sizes = (["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"] if small else
-             ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"])
+    sizes = (
+        ["model.hidden_size=64", "model.cond_dim=64", "model.n_blocks=2"]
+        if small
+        else ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4", "model.max_seq_len=128"]
+    )
     config = load_config(config_path("stable"), sizes)
     model = build_model(config, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -264,8 +351,9 @@ def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
 
     def safe():
         started = time.perf_counter()
-        save_checkpoint(folder / "safe.safetensors", model, config=config, trainer_kind="stable", step=1,
-                        train_state=train_state)
+        save_checkpoint(
+            folder / "safe.safetensors", model, config=config, trainer_kind="stable", step=1, train_state=train_state
+        )
         return time.perf_counter() - started
 
     def unprotected():
@@ -283,28 +371,46 @@ def checkpoint_save_figure(small: bool, workdir: Path) -> list[str]:
     ratios = [a / b for a, b in zip(times["safe"], times["unprotected"])]
     ratio = statistics.median(ratios)
     nbytes = sum(f.stat().st_size for f in folder.glob("safe*"))
-    return [line("checkpoint_save", ratio, "target <= 1.5" + (" (full)" if small else ""),
-                 f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times['safe']) * 1e3:.0f} ms vs "
-                 f"{statistics.median(times['unprotected']) * 1e3:.0f} ms for {nbytes / 2**20:.0f} MiB "
-                 f"(weights + train state, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-                 f"{rounds} interleaved rounds in {folder}", None if small else ratio <= 1.5)]
+    return [
+        line(
+            "checkpoint_save",
+            ratio,
+            "target <= 1.5" + (" (full)" if small else ""),
+            f"per-round ratio median [IQR] {spread(ratios)}; {statistics.median(times['safe']) * 1e3:.0f} ms vs "
+            f"{statistics.median(times['unprotected']) * 1e3:.0f} ms for {nbytes / 2**20:.0f} MiB "
+            f"(weights + train state, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+            f"{rounds} interleaved rounds in {folder}",
+            None if small else ratio <= 1.5,
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
-    parser.add_argument("--only", choices=["gate", "step", "suite", "plugin", "save", "loader", "teeth"],
-                        action="append", help="run only these figures (repeatable); teeth (the mutation score, "
-                                              "bench/teeth.py) runs only when named")
-    parser.add_argument("--teeth-file", action="append", default=None, metavar="PATH",
-                        help="teeth: mutate only this file of [tool.mutmut] only_mutate (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["gate", "step", "suite", "plugin", "save", "loader", "teeth"],
+        action="append",
+        help="run only these figures (repeatable); teeth (the mutation score, bench/teeth.py) runs only when named",
+    )
+    parser.add_argument(
+        "--teeth-file",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="teeth: mutate only this file of [tool.mutmut] only_mutate (repeatable)",
+    )
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
     selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, workdir {workdir}", flush=True)
+    print(
+        f"mmdit-compat bench ({'small' if args.small else 'full'} sizes), torch {torch.__version__}, "
+        f"{os.cpu_count()} cores, workdir {workdir}",
+        flush=True,
+    )
     lines = []
     if "step" in selected:
         lines += step_cost_figures(args.small)

@@ -18,6 +18,7 @@ line never ran), error (any other exit: counted as not killed), not run (the run
 
     score = killed / (total - equivalent - no coverage - not run)        target >= 0.90
 """
+
 from __future__ import annotations
 
 import ast
@@ -67,6 +68,7 @@ class Equivalent:
     before / after: the mutated source line(s) before and after the mutation, stripped.
     reason: one line: why no observable behaviour changes.
     """
+
     file: str
     function: str
     before: str
@@ -88,6 +90,7 @@ class Mutant:
     status: killed, survived, equivalent, timeout, no coverage, error or not run.
     exit_code: mutmut's recorded exit code (None when not run).
     """
+
     name: str
     file: str
     function: str
@@ -108,7 +111,9 @@ def read_mutmut_config(project: Path) -> dict:
     except FileNotFoundError:
         raise TeethError(f"{pyproject} does not exist: teeth reads its [tool.mutmut] table") from None
     except KeyError:
-        raise TeethError(f"{pyproject} has no [tool.mutmut] table: add one (see README, 'Teeth: mutation score')") from None
+        raise TeethError(
+            f"{pyproject} has no [tool.mutmut] table: add one (see README, 'Teeth: mutation score')"
+        ) from None
     missing = [k for k in REQUIRED_KEYS if not table.get(k)]
     if missing:
         raise TeethError(f"{pyproject} [tool.mutmut] lacks {', '.join(missing)}: list them (see README)")
@@ -117,8 +122,10 @@ def read_mutmut_config(project: Path) -> dict:
             raise TeethError(f"{pyproject} [tool.mutmut] names {path!r}, which does not exist under {project}")
     for path in table["only_mutate"]:
         if not (project / path).is_file():
-            raise TeethError(f"{pyproject} [tool.mutmut] only_mutate names {path!r}, which is not a file under "
-                             f"{project} (give file paths, not globs)")
+            raise TeethError(
+                f"{pyproject} [tool.mutmut] only_mutate names {path!r}, which is not a file under "
+                f"{project} (give file paths, not globs)"
+            )
     return table
 
 
@@ -137,8 +144,9 @@ def load_equivalents(path: Path) -> list[Equivalent]:
     for i, entry in enumerate(data.get("equivalent", [])):
         keys = set(entry)
         if keys != set(EQUIVALENT_KEYS):
-            raise TeethError(f"{path}: [[equivalent]] #{i + 1} has keys {sorted(keys)}; it needs exactly "
-                             f"{list(EQUIVALENT_KEYS)}")
+            raise TeethError(
+                f"{path}: [[equivalent]] #{i + 1} has keys {sorted(keys)}; it needs exactly {list(EQUIVALENT_KEYS)}"
+            )
         if not all(isinstance(entry[k], str) for k in EQUIVALENT_KEYS) or not entry["reason"].strip():
             raise TeethError(f"{path}: [[equivalent]] #{i + 1}: every key must be a string and the reason non-empty")
         entries.append(Equivalent(**{k: entry[k] for k in EQUIVALENT_KEYS}))
@@ -218,8 +226,10 @@ def prepare_workdir(project: Path, workdir: Path, table: dict, only_mutate: list
     stamp = workdir / "fingerprint.txt"
     if not refresh:
         if not stamp.is_file() or stamp.read_text() != _fingerprint(project, table, only_mutate, pyproject_text):
-            raise TeethError(f"the verdicts in {workdir} were not recorded for these sources and files: run "
-                             "without --report to bring them up to date")
+            raise TeethError(
+                f"the verdicts in {workdir} were not recorded for these sources and files: run "
+                "without --report to bring them up to date"
+            )
         return src
     src.mkdir(parents=True, exist_ok=True)
     _copy_inputs(project, src, table)
@@ -247,16 +257,35 @@ def line_coverage(src: Path, workdir: Path, table: dict, only_mutate: list[str])
     if not cached.is_file():
         data_file = workdir / ".coverage"
         include = ",".join(str(src / f) for f in only_mutate)
-        cmd = [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", f"--include={include}",
-               "-m", "pytest", "-q", "-p", "no:randomly", *table["pytest_add_cli_args_test_selection"],
-               *table.get("pytest_add_cli_args", [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "coverage",
+            "run",
+            f"--data-file={data_file}",
+            f"--include={include}",
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            *table["pytest_add_cli_args_test_selection"],
+            *table.get("pytest_add_cli_args", []),
+        ]
         proc = subprocess.run(cmd, check=False, cwd=src, env=_env(), capture_output=True, text=True)
         if proc.returncode != 0:
-            raise TeethError(f"the unmutated tests fail under coverage (exit {proc.returncode}); fix them first:\n"
-                             f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            raise TeethError(
+                f"the unmutated tests fail under coverage (exit {proc.returncode}); fix them first:\n"
+                f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+            )
         out = workdir / "coverage-raw.json"
-        subprocess.run([sys.executable, "-m", "coverage", "json", f"--data-file={data_file}", "-o", str(out)],
-                       cwd=src, env=_env(), check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "coverage", "json", f"--data-file={data_file}", "-o", str(out)],
+            cwd=src,
+            env=_env(),
+            check=True,
+            capture_output=True,
+        )
         files = json.loads(out.read_text())["files"]
         executed = {}
         for name, info in files.items():
@@ -288,12 +317,12 @@ def module_of(file: str) -> str:
 
 
 def function_of(name: str) -> str:
-    """"Class.method" or "function" from a mutmut key (xǁClassǁmethod__mutmut_3 / x_function__mutmut_3)."""
+    """ "Class.method" or "function" from a mutmut key (xǁClassǁmethod__mutmut_3 / x_function__mutmut_3)."""
     mangled = name.partition("__mutmut_")[0].rpartition(".")[2]
     if mangled.startswith("xǁ"):
         _, cls, method = mangled.split("ǁ")
         return f"{cls}.{method}"
-    return mangled[len("x_"):]
+    return mangled[len("x_") :]
 
 
 def read_verdicts(src: Path, only_mutate: list[str]) -> list[Mutant]:
@@ -311,8 +340,15 @@ def read_verdicts(src: Path, only_mutate: list[str]) -> list[Mutant]:
             return base, int(number)
 
         for name in sorted(codes, key=order):
-            mutants.append(Mutant(name=name, file=file, function=function_of(name),
-                                  status=status_of(codes[name]), exit_code=codes[name]))
+            mutants.append(
+                Mutant(
+                    name=name,
+                    file=file,
+                    function=function_of(name),
+                    status=status_of(codes[name]),
+                    exit_code=codes[name],
+                )
+            )
     return mutants
 
 
@@ -349,8 +385,15 @@ def mutant_diffs(src: Path, mutants: list[Mutant]) -> dict[str, tuple[str, str]]
     the original function that the diff's line numbers count in."""
     if not mutants:
         return {}
-    proc = subprocess.run([sys.executable, "-c", _DIFF_SCRIPT], check=False, cwd=src, env=_env(), capture_output=True, text=True,
-                          input=json.dumps([[m.name, m.file] for m in mutants]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIFF_SCRIPT],
+        check=False,
+        cwd=src,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        input=json.dumps([[m.name, m.file] for m in mutants]),
+    )
     if proc.returncode != 0:
         raise TeethError(f"could not read the mutants' diffs from mutmut: {proc.stderr[-2000:]}")
     return {name: (diff, text) for name, (diff, text) in json.loads(proc.stdout).items()}
@@ -380,7 +423,7 @@ def locate(diff: str, function_text: str, tree: ast.Module, function: str) -> tu
     first_removed, before, after = None, [], []
     for i in hunks:
         index = int(re.match(r"@@ -(\d+)", lines[i]).group(1))  # 1-based line in function_text
-        for hunk_line in lines[i + 1:]:
+        for hunk_line in lines[i + 1 :]:
             if hunk_line.startswith("@@"):
                 break
             if hunk_line.startswith("-"):
@@ -398,8 +441,7 @@ def locate(diff: str, function_text: str, tree: ast.Module, function: str) -> tu
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def classify(mutants: list[Mutant], src: Path, executed: dict[str, set[int]],
-             equivalents: list[Equivalent]) -> None:
+def classify(mutants: list[Mutant], src: Path, executed: dict[str, set[int]], equivalents: list[Equivalent]) -> None:
     """Locate each survivor, timeout and error, and mark a survivor equivalent (reviewed list) or
     no coverage (its mutated line never ran), in place."""
     shown = [m for m in mutants if m.status in ("survived", "timeout", "error")]
@@ -427,8 +469,15 @@ def score_of(counts: dict[str, int]) -> float | None:
     return counts["killed"] / judged if judged else None
 
 
-def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only_mutants: list[str] | None = None,
-              max_children: int = 2, equivalent_file: Path | None = None, run: bool = True) -> dict:
+def run_teeth(
+    project: Path,
+    workdir: Path,
+    files: list[str] | None = None,
+    only_mutants: list[str] | None = None,
+    max_children: int = 2,
+    equivalent_file: Path | None = None,
+    run: bool = True,
+) -> dict:
     """Run mutmut over `files` (default: the config's only_mutate) of `project` with its compat
     test selection, and return the result (also written to `workdir`/teeth-result.json).
 
@@ -446,8 +495,9 @@ def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only
     files = list(files or configured)
     unknown = [f for f in files if f not in configured]
     if unknown:
-        raise TeethError(f"{unknown} not in [tool.mutmut] only_mutate of {project / 'pyproject.toml'}; "
-                         f"choose among {configured}")
+        raise TeethError(
+            f"{unknown} not in [tool.mutmut] only_mutate of {project / 'pyproject.toml'}; choose among {configured}"
+        )
     equivalents = load_equivalents(equivalent_file or EQUIVALENT_FILE)
     workdir.mkdir(parents=True, exist_ok=True)
     src = prepare_workdir(project, workdir, table, files, refresh=run)
@@ -457,8 +507,9 @@ def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only
     log = workdir / "mutmut-run.log"
     if run:
         with log.open("w") as out:
-            proc = _mutmut(["run", "--max-children", str(max_children), *names], src, stdout=out,
-                           stderr=subprocess.STDOUT)
+            proc = _mutmut(
+                ["run", "--max-children", str(max_children), *names], src, stdout=out, stderr=subprocess.STDOUT
+            )
         if proc.returncode != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise TeethError(f"mutmut run exited {proc.returncode} (log: {log}):\n{tail}")
@@ -493,10 +544,13 @@ def run_teeth(project: Path, workdir: Path, files: list[str] | None = None, only
 def report(result: dict) -> list[str]:
     """The printed lines: counts, score, survivors with file:line and the mutation."""
     c = result["counts"]
-    out = [f"teeth: {result['total']} mutants of {', '.join(result['files'])}",
-           "  " + ", ".join(f"{s} {c[s]}" for s in STATUSES),
-           f"  score = {result['score_formula']} = "
-           + ("n/a" if result["score"] is None else f"{result['score']:.3f}") + f" (target >= {TARGET:.2f})"]
+    out = [
+        f"teeth: {result['total']} mutants of {', '.join(result['files'])}",
+        "  " + ", ".join(f"{s} {c[s]}" for s in STATUSES),
+        f"  score = {result['score_formula']} = "
+        + ("n/a" if result["score"] is None else f"{result['score']:.3f}")
+        + f" (target >= {TARGET:.2f})",
+    ]
     for m in result["survivors"]:
         where = f"{m['file']}:{m['line']}" if m["line"] else m["file"]
         change = f"{m['before']!r} -> {m['after']!r}" if m["before"] or m["after"] else m["name"]
@@ -517,12 +571,22 @@ def teeth_figure(small: bool, workdir: Path | None, files: list[str] | None = No
         result = run_teeth(REPO, workdir, files=files)
     score = result["score"]
     c = result["counts"]
-    detail = (f"{c['killed']} killed of {result['total']} mutants ({c['equivalent']} equivalent, {c['no coverage']} "
-              f"no coverage, {c['timeout']} timeout, {c['not run']} not run); {len(result['files'])} files; "
-              f"result {workdir / 'teeth-result.json'}")
+    detail = (
+        f"{c['killed']} killed of {result['total']} mutants ({c['equivalent']} equivalent, {c['no coverage']} "
+        f"no coverage, {c['timeout']} timeout, {c['not run']} not run); {len(result['files'])} files; "
+        f"result {workdir / 'teeth-result.json'}"
+    )
     ok = None if small or score is None else score >= TARGET
-    return [*report(result), line("teeth", score if score is not None else float("nan"),
-                                  f"target >= {TARGET:.2f}" + (" (full)" if small else ""), detail, ok)]
+    return [
+        *report(result),
+        line(
+            "teeth",
+            score if score is not None else float("nan"),
+            f"target >= {TARGET:.2f}" + (" (full)" if small else ""),
+            detail,
+            ok,
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,8 +596,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.teeth", description=main.__doc__)
     parser.add_argument("--workdir", type=Path, default=REPO / ".teeth", help="the teeth workdir (default .teeth/)")
-    parser.add_argument("--file", action="append", default=None, metavar="PATH",
-                        help="a file of [tool.mutmut] only_mutate (repeatable; default: all)")
+    parser.add_argument(
+        "--file",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="a file of [tool.mutmut] only_mutate (repeatable; default: all)",
+    )
     parser.add_argument("--report", action="store_true", help="report the recorded verdicts, run nothing")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ they measured.
 `pytest compat/` follows the gate's exit codes: 1 when a check fails (a row INCOMPATIBLE), 2 when
 the inputs could not be used (the reason is printed at the end), else pytest's own code.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,23 @@ from compat.outcomes import EXIT_CANNOT_CHECK, GateInputError, cannot_check
 from compat.rows import REVIEW, ROWS_BY_ID
 
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
-CONTEXT_KEY = pytest.StashKey[object]()      # the CompatContext the session checked (the matrix header)
+CONTEXT_KEY = pytest.StashKey[object]()  # the CompatContext the session checked (the matrix header)
 INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("compat", "mmdit-compat: run the matrix on your own checkpoint and configs")
     for option in OPTIONS:
-        group.addoption(f"--compat-{option.name}", default=option.default, type=option.type,
-                        metavar=option.metavar, help=option.help)
-    group.addoption("--compat-report", default=None, metavar="DIR",
-                    help="also write the matrix as Markdown and JSON to DIR")
+        group.addoption(
+            f"--compat-{option.name}",
+            default=option.default,
+            type=option.type,
+            metavar=option.metavar,
+            help=option.help,
+        )
+    group.addoption(
+        "--compat-report", default=None, metavar="DIR", help="also write the matrix as Markdown and JSON to DIR"
+    )
 
 
 def pytest_configure(config):
@@ -36,8 +43,9 @@ def pytest_configure(config):
     if not any(isinstance(p, MatrixCollector) for p in config.pluginmanager.get_plugins()):
         # Plain `pytest compat/`: the matrix goes into --junitxml as suite properties, and with
         # --compat-report DIR it is written and printed too (the gate registers its own collector).
-        config.pluginmanager.register(MatrixCollector(report_folder=config.getoption("--compat-report")),
-                                      "compat-matrix-report")
+        config.pluginmanager.register(
+            MatrixCollector(report_folder=config.getoption("--compat-report")), "compat-matrix-report"
+        )
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")
     config.addinivalue_line("markers", "mutants: runs rows against planted defects (teeth)")
     # Everywhere, also when the suite runs from an installed package without pyproject.toml.

@@ -13,6 +13,7 @@ slice of one sample (`sample=i`), so that a batch and its samples run one at a t
 numbers. The draws a step made are then attributed to what they were for by observing the model
 passes (see `compat.observe`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,45 @@ from torch.overrides import TorchFunctionMode
 _FACTORIES = {torch.rand, torch.randn, torch.randint, torch.randperm}
 _LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
 _SAMPLERS = {torch.multinomial, torch.bernoulli, torch.normal, torch.poisson}
-_IN_PLACE = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.bernoulli_,
-             torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.log_normal_, torch.Tensor.cauchy_}
+_IN_PLACE = {
+    torch.Tensor.uniform_,
+    torch.Tensor.normal_,
+    torch.Tensor.random_,
+    torch.Tensor.bernoulli_,
+    torch.Tensor.exponential_,
+    torch.Tensor.geometric_,
+    torch.Tensor.log_normal_,
+    torch.Tensor.cauchy_,
+}
 RANDOM_FUNCTIONS = _FACTORIES | _LIKE | _SAMPLERS | _IN_PLACE
-PYTHON_RANDOM_FUNCTIONS = ("random", "uniform", "gauss", "normalvariate", "randint", "randrange", "choice",
-                           "choices", "shuffle", "sample", "betavariate", "expovariate", "triangular")
-NUMPY_RANDOM_FUNCTIONS = ("rand", "randn", "random", "random_sample", "uniform", "normal", "randint", "choice",
-                          "permutation", "shuffle", "standard_normal")
+PYTHON_RANDOM_FUNCTIONS = (
+    "random",
+    "uniform",
+    "gauss",
+    "normalvariate",
+    "randint",
+    "randrange",
+    "choice",
+    "choices",
+    "shuffle",
+    "sample",
+    "betavariate",
+    "expovariate",
+    "triangular",
+)
+NUMPY_RANDOM_FUNCTIONS = (
+    "rand",
+    "randn",
+    "random",
+    "random_sample",
+    "uniform",
+    "normal",
+    "randint",
+    "choice",
+    "permutation",
+    "shuffle",
+    "standard_normal",
+)
 
 
 class DrawReplayError(RuntimeError):
@@ -76,12 +109,17 @@ class DrawCapture(TorchFunctionMode):
             seeded generator.
     """
 
-    def __init__(self, seed: int, replay: list[Draw] | None = None, sample: int | None = None,
-                 served: dict[tuple[str, int], list[torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        seed: int,
+        replay: list[Draw] | None = None,
+        sample: int | None = None,
+        served: dict[tuple[str, int], list[torch.Tensor]] | None = None,
+    ):
         super().__init__()
         self.generator = torch.Generator().manual_seed(int(seed))
         self.python = python_random.Random(int(seed))
-        self.numpy = np.random.RandomState(int(seed) % (2 ** 32))
+        self.numpy = np.random.RandomState(int(seed) % (2**32))
         self.replay = replay
         self.sample = sample
         # ("normal" | "uniform", numel) -> values served, in order, to standard draws of that size
@@ -99,8 +137,9 @@ class DrawCapture(TorchFunctionMode):
         if self.replay is not None:
             return self._serve_recorded(func, args, kwargs)
         result = self._draw(func, args, kwargs)
-        self.draws.append(Draw(len(self.draws), _name(func), tuple(result.shape), result.dtype,
-                               result.detach().to("cpu", copy=True)))
+        self.draws.append(
+            Draw(len(self.draws), _name(func), tuple(result.shape), result.dtype, result.detach().to("cpu", copy=True))
+        )
         return result
 
     def _draw(self, func, args, kwargs):
@@ -151,16 +190,20 @@ class DrawCapture(TorchFunctionMode):
     def _serve_recorded(self, func, args, kwargs):
         position = len(self.draws)
         if position >= len(self.replay):
-            raise DrawReplayError(f"the step drew more random numbers than the recorded step ({len(self.replay)} "
-                                  f"draw(s)); extra call {_name(func)}")
+            raise DrawReplayError(
+                f"the step drew more random numbers than the recorded step ({len(self.replay)} "
+                f"draw(s)); extra call {_name(func)}"
+            )
         recorded = self.replay[position]
         value = recorded.value
         if self.sample is not None and value.dim() > 0:
-            value = value[self.sample:self.sample + 1]
+            value = value[self.sample : self.sample + 1]
         wanted = _wanted_shape(func, args, kwargs)
         if recorded.function != _name(func) or (wanted is not None and tuple(wanted) != tuple(value.shape)):
-            raise DrawReplayError(f"draw {position}: the step called {_name(func)}{list(wanted or [])}, the recorded "
-                                  f"step {recorded.describe()}{' (sample ' + str(self.sample) + ')' if self.sample is not None else ''}")
+            raise DrawReplayError(
+                f"draw {position}: the step called {_name(func)}{list(wanted or [])}, the recorded "
+                f"step {recorded.describe()}{' (sample ' + str(self.sample) + ')' if self.sample is not None else ''}"
+            )
         self.draws.append(Draw(position, recorded.function, tuple(value.shape), value.dtype, value))
         device = _device_of(func, args, kwargs)
         if func in _IN_PLACE:
@@ -173,11 +216,13 @@ class DrawCapture(TorchFunctionMode):
     # -- Python random and numpy.random ---------------------------------------------------------
     def __enter__(self):
         for name in PYTHON_RANDOM_FUNCTIONS:
-            self._patches.enter_context(_patched(python_random, name, self._recorded(getattr(self.python, name),
-                                                                                     self.python_calls, name)))
+            self._patches.enter_context(
+                _patched(python_random, name, self._recorded(getattr(self.python, name), self.python_calls, name))
+            )
         for name in NUMPY_RANDOM_FUNCTIONS:
-            self._patches.enter_context(_patched(np.random, name, self._recorded(getattr(self.numpy, name),
-                                                                                 self.numpy_calls, name)))
+            self._patches.enter_context(
+                _patched(np.random, name, self._recorded(getattr(self.numpy, name), self.numpy_calls, name))
+            )
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -191,6 +236,7 @@ class DrawCapture(TorchFunctionMode):
         def wrapper(*args, **kwargs):
             calls.append(name)
             return fn(*args, **kwargs)
+
         return wrapper
 
     # -- reporting ------------------------------------------------------------------------------
@@ -199,8 +245,10 @@ class DrawCapture(TorchFunctionMode):
         return bool(self.draws or self.python_calls or self.numpy_calls)
 
     def summary(self) -> str:
-        parts = [f"{len(self.draws)} torch draw(s)" + (f" ({', '.join(d.describe() for d in self.draws[:6])})"
-                                                         if self.draws else "")]
+        parts = [
+            f"{len(self.draws)} torch draw(s)"
+            + (f" ({', '.join(d.describe() for d in self.draws[:6])})" if self.draws else "")
+        ]
         if self.python_calls:
             parts.append(f"{len(self.python_calls)} Python random call(s)")
         if self.numpy_calls:
@@ -240,7 +288,7 @@ _UNIFORM = {torch.rand, torch.rand_like, torch.Tensor.uniform_}
 
 
 def _standard_kind(func, args, kwargs) -> str | None:
-    """"normal" / "uniform" for draws of N(0,1) / U[0,1) (in-place ones with any bounds), else None."""
+    """ "normal" / "uniform" for draws of N(0,1) / U[0,1) (in-place ones with any bounds), else None."""
     if func in _NORMAL:
         return "normal"
     if func in _UNIFORM:

@@ -12,6 +12,7 @@ Exit codes (the same for `pytest compat/`):
 The matrix (Markdown and JSON, default folder `compat-report/`) is written in every case; rows that
 could not run are NOT RUN with the reason, and a short block at the end says what to do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,14 @@ import pytest
 
 from compat.options import OPTIONS, CompatOptions
 from compat.outcomes import (
-    BLOCKED, CANNOT_CHECK, EXIT_CANNOT_CHECK, EXIT_INCOMPATIBLE, EXIT_OK, NOT_APPLICABLE, GateInputError, skip_kind,
+    BLOCKED,
+    CANNOT_CHECK,
+    EXIT_CANNOT_CHECK,
+    EXIT_INCOMPATIBLE,
+    EXIT_OK,
+    NOT_APPLICABLE,
+    GateInputError,
+    skip_kind,
 )
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
 
@@ -51,7 +59,7 @@ class CheckOutcome:
     def check(self) -> str:
         """The check's id: the parametrize id, else the test name."""
         name = self.nodeid.split("::")[-1]
-        return name[name.index("[") + 1:-1] if "[" in name else name
+        return name[name.index("[") + 1 : -1] if "[" in name else name
 
 
 @dataclass
@@ -100,8 +108,9 @@ class MatrixCollector:
                 outcome.outcome = "skipped"
                 outcome.skip_kind, outcome.message = skip_kind(_skip_reason(report))
         props = list(report.user_properties)
-        outcome.measured = [(name.removeprefix("measured."), value) for name, value in props
-                            if name.startswith("measured.")]
+        outcome.measured = [
+            (name.removeprefix("measured."), value) for name, value in props if name.startswith("measured.")
+        ]
         outcome.review = [value for name, value in props if name == REVIEW.lower()]
         for name, value in props:
             if name == "kill":
@@ -244,8 +253,10 @@ def exit_code(rows: list[RowResult], input_error: GateInputError | None, other_f
 
 def not_run_rows(reason: str) -> list[RowResult]:
     """Every row NOT RUN for one reason (the gate stopped before running any check)."""
-    return [RowResult(row.id, row.topic, row.stable, row.cycle, f"{CANNOT_CHECK}: {reason}", NOT_RUN,
-                      CANNOT_CHECK, []) for row in ROWS]
+    return [
+        RowResult(row.id, row.topic, row.stable, row.cycle, f"{CANNOT_CHECK}: {reason}", NOT_RUN, CANNOT_CHECK, [])
+        for row in ROWS
+    ]
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -264,8 +275,13 @@ def render_text(rows: list[RowResult], width: int = 60) -> str:
 def render_markdown(rows: list[RowResult], context: dict) -> str:
     out = ["# Compatibility matrix: stable vs cycle trainer", ""]
     out += [f"- {k}: {v}" for k, v in context.items()]
-    out += ["", "Each row's checks are in `compat/test_row_<row>.py`.", "",
-            "| Row | Topic | Stable | Cycle | Measured | Verdict |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "Each row's checks are in `compat/test_row_<row>.py`.",
+        "",
+        "| Row | Topic | Stable | Cycle | Measured | Verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cells = [f"`{r.id}`", r.topic, r.stable, r.cycle, r.measured or "-", f"**{r.verdict}**"]
         out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
@@ -287,23 +303,41 @@ def render_kill_table(kills: list[dict]) -> str:
 
 
 def render_error_block(error: GateInputError) -> str:
-    return "\n".join(["compat gate: could not check (exit 2)",
-                      *textwrap.wrap(f"problem: {error.problem}", 100, subsequent_indent="  "),
-                      *textwrap.wrap(f"fix: {error.fix}", 100, subsequent_indent="  ")])
+    return "\n".join(
+        [
+            "compat gate: could not check (exit 2)",
+            *textwrap.wrap(f"problem: {error.problem}", 100, subsequent_indent="  "),
+            *textwrap.wrap(f"fix: {error.fix}", 100, subsequent_indent="  "),
+        ]
+    )
 
 
-def write_report(folder: str | Path, rows: list[RowResult], context: dict,
-                 collector: "MatrixCollector | None" = None, code: int | None = None) -> Path:
+def write_report(
+    folder: str | Path,
+    rows: list[RowResult],
+    context: dict,
+    collector: "MatrixCollector | None" = None,
+    code: int | None = None,
+) -> Path:
     """compat-matrix.md and compat-matrix.json in `folder`; returns the Markdown path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     error = collector.input_error if collector is not None else None
     (folder / "compat-matrix.md").write_text(render_markdown(rows, context))
-    (folder / "compat-matrix.json").write_text(json.dumps(
-        {"context": context, "exit_code": code, "rows": [asdict(r) for r in rows],
-         "input_error": {"problem": error.problem, "fix": error.fix} if error else None,
-         "kills": collector.kills if collector else [],
-         "other_failures": collector.other_failures if collector else []}, indent=2, default=str))
+    (folder / "compat-matrix.json").write_text(
+        json.dumps(
+            {
+                "context": context,
+                "exit_code": code,
+                "rows": [asdict(r) for r in rows],
+                "input_error": {"problem": error.problem, "fix": error.fix} if error else None,
+                "kills": collector.kills if collector else [],
+                "other_failures": collector.other_failures if collector else [],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return folder / "compat-matrix.md"
 
 
@@ -311,10 +345,12 @@ def run_context(collector: MatrixCollector | None, seconds: float, options: Comp
     """The matrix header: what the session checked (from the shared context), else the options."""
     context = dict(collector.context) if collector is not None and collector.context else {}
     if not context and options is not None:
-        context = {"checkpoint": options.checkpoint or "embedded default",
-                   "stable config": options.stable_config or "packaged tiny default",
-                   "cycle config": options.cycle_config or "packaged tiny default",
-                   "device": options.device}
+        context = {
+            "checkpoint": options.checkpoint or "embedded default",
+            "stable config": options.stable_config or "packaged tiny default",
+            "cycle config": options.cycle_config or "packaged tiny default",
+            "device": options.device,
+        }
     context["wall seconds"] = f"{seconds:.1f}"
     return context
 
@@ -330,11 +366,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m compat", description=__doc__.split("\n\n")[0],
-                epilog=__doc__[__doc__.index("Exit codes"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m compat",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Exit codes") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for option in OPTIONS:
-        p.add_argument(f"--{option.name}", type=option.type, default=option.default, metavar=option.metavar,
-                       help=option.help)
+        p.add_argument(
+            f"--{option.name}", type=option.type, default=option.default, metavar=option.metavar, help=option.help
+        )
     p.add_argument("--report", default=DEFAULT_REPORT, metavar="DIR", help="folder for compat-matrix.md / .json")
     p.add_argument("--kill-table", action="store_true", help="also run every planted defect and print the kill table")
     p.add_argument("--quiet", action="store_true", help="pass -q -q to pytest")
@@ -374,8 +415,9 @@ def _stop(folder: str, error: GateInputError, started: float, options: CompatOpt
     print(render_text(rows))
     collector = MatrixCollector()
     collector.input_error = error
-    markdown = write_report(folder, rows, run_context(None, time.perf_counter() - started, options), collector,
-                            EXIT_CANNOT_CHECK)
+    markdown = write_report(
+        folder, rows, run_context(None, time.perf_counter() - started, options), collector, EXIT_CANNOT_CHECK
+    )
     print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
     print(render_error_block(error), file=sys.stderr)
     return EXIT_CANNOT_CHECK
@@ -400,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if rc in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERRUPTED):
         collector.input_error = collector.input_error or GateInputError(
             f"pytest stopped with exit code {int(rc)} ({rc.name.lower().replace('_', ' ')}) before the matrix was complete",
-            "read pytest's message above; extra pytest arguments after -- must be valid")
+            "read pytest's message above; extra pytest arguments after -- must be valid",
+        )
     rows = collector.rows()
     code = exit_code(rows, collector.input_error, collector.other_failures)
     context = run_context(collector, time.perf_counter() - started, options)
@@ -415,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     if code == EXIT_INCOMPATIBLE:
         print(f"compat gate: INCOMPATIBLE rows: {', '.join(r.id for r in rows if r.verdict == INCOMPATIBLE)} (exit 1)")
     elif code == EXIT_CANNOT_CHECK:
-        error = collector.input_error or GateInputError(_cannot_check_summary(rows, collector.other_failures),
-                                                        "see the NOT RUN rows' reasons in the matrix")
+        error = collector.input_error or GateInputError(
+            _cannot_check_summary(rows, collector.other_failures), "see the NOT RUN rows' reasons in the matrix"
+        )
         print(render_error_block(error), file=sys.stderr)
     else:
         print("compat gate: every applicable row ran; no incompatible row (exit 0)")

@@ -5,6 +5,7 @@ With no options it runs on the embedded default: the packaged tiny stable and cy
 checkpoint written by the stable training entry point (a few dozen synthetic steps, made once per
 session). With options it runs on the user's checkpoint, configs and upstream-format data.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentDLM_mmdit.config import with_updates
 from latentDLM_mmdit.checkpoints import (
-    CheckpointContents, CheckpointError, LoadReport, ModelLayout, derive_layout, layout_differences, load_checkpoint_into,
+    CheckpointContents,
+    CheckpointError,
+    LoadReport,
+    ModelLayout,
+    derive_layout,
+    layout_differences,
+    load_checkpoint_into,
 )
 from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
@@ -27,8 +34,14 @@ from latentDLM_mmdit.seeding import seed_everything
 from latentDLM_mmdit.synthetic import synthetic_batch
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 from compat.inputs import (
-    GateVocab, check_options, default_seq_len, load_user_config, open_user_checkpoint, read_data_samples,
-    resolve_device, resolve_gate_vocab,
+    GateVocab,
+    check_options,
+    default_seq_len,
+    load_user_config,
+    open_user_checkpoint,
+    read_data_samples,
+    resolve_device,
+    resolve_gate_vocab,
 )
 from compat.options import CompatOptions
 from compat.oracle import TOLERANCES
@@ -43,9 +56,17 @@ LARGE_MODEL_PARAMS = 20_000_000
 PROXY_SEED = 1234
 PROXY_SIZES = {"hidden_size": 32, "cond_dim": 32, "n_blocks": 1, "max_seq_len": 32, "dropout": 0.0}
 # Model keys that decide the parameter layout; both configs must agree on them.
-LAYOUT_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams", "latent_dim", "cluster_size")
+LAYOUT_KEYS = (
+    "hidden_size",
+    "n_blocks",
+    "cond_dim",
+    "max_seq_len",
+    "num_residual_streams",
+    "latent_dim",
+    "cluster_size",
+)
 # Where the checkpoint's names and shapes give the sizes a config may not hold.
-EMBEDDING_KEY = "text_encoder.token_embed.weight"        # [V, H]
+EMBEDDING_KEY = "text_encoder.token_embed.weight"  # [V, H]
 LATENT_PROJECTION_KEY = "latent_encoder.projection.0.weight"  # [2H, D]
 
 
@@ -85,8 +106,10 @@ def layout_of(source, path: Path):
     try:
         return derive_layout(source.shapes, str(path))
     except CheckpointError as exc:
-        raise GateInputError(f"--checkpoint {path}: {exc}",
-                             "pass a checkpoint written by the stable trainer (upstream's or this project's)") from None
+        raise GateInputError(
+            f"--checkpoint {path}: {exc}",
+            "pass a checkpoint written by the stable trainer (upstream's or this project's)",
+        ) from None
 
 
 SENSITIVITY_SEED = 1357
@@ -103,18 +126,30 @@ def sensitivity(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[
     negated, the real tokens shifted."""
     B = batch["input_ids"].shape[0]
     device = batch["input_ids"].device
-    base = dict(text_tokens=batch["input_ids"], latents=batch["latent"], attention_mask=batch["attention_mask"],
-                text_timesteps=torch.full((B,), 0.3, device=device), latent_timesteps=torch.full((B,), 0.7, device=device))
-    shifted = torch.where(batch["attention_mask"].bool(), (batch["input_ids"] + 1) % model.vocab_size, batch["input_ids"])
-    changes = {"text_t": {"text_timesteps": torch.full((B,), 0.9, device=device)},
-               "latent_t": {"latent_timesteps": torch.full((B,), 0.1, device=device)},
-               "latents": {"latents": -batch["latent"]}, "text": {"text_tokens": shifted}}
+    base = dict(
+        text_tokens=batch["input_ids"],
+        latents=batch["latent"],
+        attention_mask=batch["attention_mask"],
+        text_timesteps=torch.full((B,), 0.3, device=device),
+        latent_timesteps=torch.full((B,), 0.7, device=device),
+    )
+    shifted = torch.where(
+        batch["attention_mask"].bool(), (batch["input_ids"] + 1) % model.vocab_size, batch["input_ids"]
+    )
+    changes = {
+        "text_t": {"text_timesteps": torch.full((B,), 0.9, device=device)},
+        "latent_t": {"latent_timesteps": torch.full((B,), 0.1, device=device)},
+        "latents": {"latents": -batch["latent"]},
+        "text": {"text_tokens": shifted},
+    }
     reference = model(**base)
     out = {}
     for name, change in changes.items():
         moved = model(**{**base, **change})
-        out[name] = min(float((moved[i] - reference[i]).abs().max() / reference[i].abs().max().clamp_min(1e-12))
-                        for i in SENSITIVITY_PROBES[name])
+        out[name] = min(
+            float((moved[i] - reference[i]).abs().max() / reference[i].abs().max().clamp_min(1e-12))
+            for i in SENSITIVITY_PROBES[name]
+        )
     return out
 
 
@@ -141,19 +176,23 @@ def require_sensitive(ctx, inputs: tuple[str, ...]) -> dict[str, float]:
     seen = ctx._sensitivity
     blind = [name for name in inputs if seen[name] < SENSITIVITY_MIN]
     if blind:
-        cannot_check(f"control: the model's outputs barely change (relative {', '.join(f'{seen[n]:.1e}' for n in blind)}"
-                     f") when {', '.join(blind)} change, below {SENSITIVITY_MIN:g}, even on a sensitized copy: this "
-                     "row would pass whether or not the trainers feed them right")
+        cannot_check(
+            f"control: the model's outputs barely change (relative {', '.join(f'{seen[n]:.1e}' for n in blind)}"
+            f") when {', '.join(blind)} change, below {SENSITIVITY_MIN:g}, even on a sensitized copy: this "
+            "row would pass whether or not the trainers feed them right"
+        )
     return seen
 
 
 def sensitivity_control(*inputs: str):
     """A row's control check: the model it runs on responds to every input the row compares (see
     `require_sensitive`); `row_test` makes every other check of the row require it too."""
+
     def check_model_sees_inputs(ctx, measure):
         seen = require_sensitive(ctx, inputs)
         measure("sensitivity", ", ".join(f"{k} {seen[k]:.2g}" for k in inputs))
         measure("semantic_model", ctx.semantic_note)
+
     check_model_sees_inputs.inputs = inputs
     return check_model_sees_inputs
 
@@ -194,7 +233,9 @@ class CompatContext:
     load_report: LoadReport | None = None
     load_error: str | None = None
     nonfinite: list[str] = field(default_factory=list)
-    stable_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(MultimodalDiffusionTrainer), "stable"))
+    stable_subject: Subject = field(
+        default_factory=lambda: Subject(TrainerSpec.of(MultimodalDiffusionTrainer), "stable")
+    )
     cycle_subject: Subject = field(default_factory=lambda: Subject(TrainerSpec.of(CycleVAETrainer), "cycle"))
     setup_seconds: float = 0.0
     _sensitivity: dict[str, float] | None = field(default=None, repr=False)
@@ -211,7 +252,9 @@ class CompatContext:
         device = resolve_device(options.device)
         stable_config, stable_path = load_user_config(options.stable_config, "stable")
         cycle_config, cycle_path = load_user_config(options.cycle_config, "cycle")
-        checkpoint = Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
+        checkpoint = (
+            Path(options.checkpoint) if options.checkpoint else make_embedded_checkpoint(stable_config, workdir)
+        )
         with open_user_checkpoint(checkpoint) as source:
             layout = layout_of(source, checkpoint)
             contents = source.contents
@@ -219,16 +262,34 @@ class CompatContext:
             n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
         # What the weights are (vocabulary, latent width) from the checkpoint; the cluster head from
         # the cycle config (what the user will train; a mismatch fails the strict load).
-        sizes = {"vocab_size": layout.vocab_size, "latent_dim": layout.latent_dim,
-                 "cluster_size": int(cycle_config.model.get("cluster_size", 0) or 0)}
+        sizes = {
+            "vocab_size": layout.vocab_size,
+            "latent_dim": layout.latent_dim,
+            "cluster_size": int(cycle_config.model.get("cluster_size", 0) or 0),
+        }
         max_seq_len = int(cycle_config.model.max_seq_len)
         gate_vocab = resolve_gate_vocab(options, sizes["vocab_size"], {"stable": stable_config, "cycle": cycle_config})
         vocab = gate_vocab.vocab
         samples = read_data_samples(options, vocab, max_seq_len, sizes["latent_dim"]) if options.data else None
         seq_len, seq_len_source = default_seq_len(options, samples, max_seq_len)
-        ctx = cls(options, workdir, stable_config, cycle_config, stable_path, cycle_path, checkpoint, device,
-                  sizes, n_params, seq_len, seq_len_source, samples, layout=layout, contents=contents,
-                  gate_vocab=gate_vocab)
+        ctx = cls(
+            options,
+            workdir,
+            stable_config,
+            cycle_config,
+            stable_path,
+            cycle_path,
+            checkpoint,
+            device,
+            sizes,
+            n_params,
+            seq_len,
+            seq_len_source,
+            samples,
+            layout=layout,
+            contents=contents,
+            gate_vocab=gate_vocab,
+        )
         if options.cycle_trainer:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
         if options.stable_trainer:
@@ -236,8 +297,9 @@ class CompatContext:
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
-            explained = [d for d in layout_differences(layout, cycle_config)
-                         if d.config_key != "tokenizer.vocab_size"]  # the vocabulary is taken from the checkpoint
+            explained = [
+                d for d in layout_differences(layout, cycle_config) if d.config_key != "tokenizer.vocab_size"
+            ]  # the vocabulary is taken from the checkpoint
             ctx.load_error = str(exc) + ("".join(f"; {d}" for d in explained) if explained else "")
         else:
             ctx.nonfinite = nonfinite_parameters(ctx.model)
@@ -246,12 +308,17 @@ class CompatContext:
     def describe(self) -> dict[str, str]:
         """What was checked, for the matrix's header."""
         return {
-            "checkpoint": str(self.checkpoint_path) if self.options.checkpoint
+            "checkpoint": str(self.checkpoint_path)
+            if self.options.checkpoint
             else f"embedded default (stable trainer, {EMBEDDED_PRETRAIN_STEPS} synthetic steps)",
             "stable config": self.stable_config_path,
             "cycle config": self.cycle_config_path,
-            "data": (f"{self.options.data_tokens} + {self.options.data_latents} "
-                     f"({len(self.data_samples or [])} samples read)") if self.options.data else "synthetic",
+            "data": (
+                f"{self.options.data_tokens} + {self.options.data_latents} "
+                f"({len(self.data_samples or [])} samples read)"
+            )
+            if self.options.data
+            else "synthetic",
             "batch": f"{self.options.batch_size} x {self.seq_len} tokens ({self.seq_len_source})",
             "vocabulary": ", ".join(f"{k}={getattr(self.vocab, k)} ({v})" for k, v in self.gate_vocab.sources.items()),
             "device": str(self.device),
@@ -272,8 +339,9 @@ class CompatContext:
         checkpoint under test), in eval mode (dropout off) on the compat device."""
         sizes = self.model_sizes()
         seed_everything(int(self.cycle_config.training.get("seed", 42)))
-        args = dict(vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"],
-                    cluster_size=sizes.get("cluster_size", 0))
+        args = dict(
+            vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"], cluster_size=sizes.get("cluster_size", 0)
+        )
         if load:  # allocated, not initialised: every tensor comes from the checkpoint
             model = build_model_uninitialized(self.cycle_config.model, **args)
             self.load_report = load_checkpoint_into(model, path or self.checkpoint_path)
@@ -294,11 +362,17 @@ class CompatContext:
         is what the semantics checks are about, at a cost independent of the checkpoint's size."""
         seed_everything(PROXY_SEED)
         sizes = self.model_sizes()
-        config = OmegaConf.merge(self.cycle_config.model, PROXY_SIZES,
-                                 {"max_seq_len": max(self.seq_len, int(PROXY_SIZES["max_seq_len"]))})
+        config = OmegaConf.merge(
+            self.cycle_config.model, PROXY_SIZES, {"max_seq_len": max(self.seq_len, int(PROXY_SIZES["max_seq_len"]))}
+        )
         cluster = sizes.get("cluster_size", 0) if cluster_size is None else cluster_size
-        return MultimodalMMDiT(config, vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"],
-                               cluster_size=cluster).eval().to(self.device)
+        return (
+            MultimodalMMDiT(
+                config, vocab_size=sizes["vocab_size"], latent_dim=sizes["latent_dim"], cluster_size=cluster
+            )
+            .eval()
+            .to(self.device)
+        )
 
     def semantic_model(self) -> MultimodalMMDiT:
         """The model for checks of the trainers' semantics: the checkpoint's model (for a large
@@ -315,10 +389,11 @@ class CompatContext:
                     self._semantic = sensitized_copy(base, scale)
                     if min(sensitivity(self._semantic, probe).values()) >= SENSITIVITY_MIN:
                         break
-                self.semantic_note = (f"semantics rows ran on a sensitized copy (every weight + {scale:g} N(0,1), "
-                                      f"seed {SENSITIVITY_SEED}): the {'proxy' if self.large else 'checkpoint'}'s "
-                                      "outputs barely respond to " + ", ".join(f"{k} (relative change {v:.1e})"
-                                                                               for k, v in blind.items()))
+                self.semantic_note = (
+                    f"semantics rows ran on a sensitized copy (every weight + {scale:g} N(0,1), "
+                    f"seed {SENSITIVITY_SEED}): the {'proxy' if self.large else 'checkpoint'}'s "
+                    "outputs barely respond to " + ", ".join(f"{k} (relative change {v:.1e})" for k, v in blind.items())
+                )
             else:
                 self._semantic = base
                 self.semantic_note = f"semantics rows ran on the {'proxy' if self.large else 'checkpoint'}'s own model"
@@ -332,19 +407,25 @@ class CompatContext:
     def model_note(self) -> str:
         if not self.large:
             return f"checkpoint model ({self.n_params / 1e6:.2f}M parameters)"
-        return (f"checkpoint of {self.n_params / 1e6:.0f}M parameters: rows that check the trainers' "
-                "semantics with many passes, backward passes or model copies ran on a tiny proxy built "
-                "from the same config; loading, outputs and both trainers' losses ran on the checkpoint")
+        return (
+            f"checkpoint of {self.n_params / 1e6:.0f}M parameters: rows that check the trainers' "
+            "semantics with many passes, backward passes or model copies ran on a tiny proxy built "
+            "from the same config; loading, outputs and both trainers' losses ran on the checkpoint"
+        )
 
     def require_model(self) -> MultimodalMMDiT:
         """The shared model. A row that needs it is NOT RUN (blocked by the pretrained-checkpoint
         row, which is then INCOMPATIBLE) when it did not load or holds non-finite weights."""
         if self.model is None:
-            blocked(f"the checkpoint does not load into the configured model (see the pretrained checkpoint "
-                    f"row): {self.load_error}")
+            blocked(
+                f"the checkpoint does not load into the configured model (see the pretrained checkpoint "
+                f"row): {self.load_error}"
+            )
         if self.nonfinite:
-            blocked(f"the checkpoint holds non-finite weights (see the pretrained checkpoint row): "
-                    f"{', '.join(self.nonfinite[:3])}")
+            blocked(
+                f"the checkpoint holds non-finite weights (see the pretrained checkpoint row): "
+                f"{', '.join(self.nonfinite[:3])}"
+            )
         return self.model
 
     # -- trainers -------------------------------------------------------------------------------
@@ -364,8 +445,9 @@ class CompatContext:
         return with_updates(config, updates, "compat row overrides")
 
     # -- trainers under test: observed, never asked ---------------------------------------------
-    def stable_config_for(self, mode: str, settings: dict[str, Any] | None = None,
-                          base: DictConfig | None = None) -> DictConfig:
+    def stable_config_for(
+        self, mode: str, settings: dict[str, Any] | None = None, base: DictConfig | None = None
+    ) -> DictConfig:
         """The stable config (or `base`) in `mode` and the comparison dtype, with `settings`
         (`loss.*` keys unless dotted)."""
         overrides = {"loss_type": mode, "training.dtype": self.trainer_dtype_name, **(settings or {})}
@@ -378,29 +460,68 @@ class CompatContext:
             overrides = {"loss_type": "cycle_vae", **overrides}
         return self._with_loss(self.cycle_config if base is None else base, overrides)
 
-    def run_cycle(self, batch: dict[str, torch.Tensor], *, settings: dict[str, Any] | None = None,
-                  step: int | None = None, draws: dict[str, torch.Tensor] | None = None,
-                  model: torch.nn.Module | None = None, seed: int = 0, grad: bool = True,
-                  config: DictConfig | None = None, after: StepRecord | None = None) -> StepRecord:
+    def run_cycle(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        settings: dict[str, Any] | None = None,
+        step: int | None = None,
+        draws: dict[str, torch.Tensor] | None = None,
+        model: torch.nn.Module | None = None,
+        seed: int = 0,
+        grad: bool = True,
+        config: DictConfig | None = None,
+        after: StepRecord | None = None,
+    ) -> StepRecord:
         """One step of the cycle trainer under test (`--cycle-trainer`, default the built-in one) on
         `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`)."""
         config = config if config is not None else self.cycle_config_for(settings)
         model = model if model is not None else self.semantic_model()
         unfreeze(model)  # a stable trainer over the same model may have frozen groups
-        return self.cycle_subject.step(model, self.vocab, dtype_from_config(config), config, batch, step=step,
-                                       draws=draws, seed=seed, mask_token_id=self.vocab.mask_token_id, grad=grad,
-                                       after=after)
+        return self.cycle_subject.step(
+            model,
+            self.vocab,
+            dtype_from_config(config),
+            config,
+            batch,
+            step=step,
+            draws=draws,
+            seed=seed,
+            mask_token_id=self.vocab.mask_token_id,
+            grad=grad,
+            after=after,
+        )
 
-    def run_stable(self, mode: str, batch: dict[str, torch.Tensor], *, settings: dict[str, Any] | None = None,
-                   step: int | None = None, draws: dict[str, torch.Tensor] | None = None,
-                   model: torch.nn.Module | None = None, seed: int = 0, grad: bool = True,
-                   config: DictConfig | None = None, after: StepRecord | None = None) -> StepRecord:
+    def run_stable(
+        self,
+        mode: str,
+        batch: dict[str, torch.Tensor],
+        *,
+        settings: dict[str, Any] | None = None,
+        step: int | None = None,
+        draws: dict[str, torch.Tensor] | None = None,
+        model: torch.nn.Module | None = None,
+        seed: int = 0,
+        grad: bool = True,
+        config: DictConfig | None = None,
+        after: StepRecord | None = None,
+    ) -> StepRecord:
         """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`."""
         config = config if config is not None else self.stable_config_for(mode, settings)
         model = model if model is not None else self.semantic_model()
-        return self.stable_subject.step(model, self.vocab, dtype_from_config(config), config, batch, step=step,
-                                        draws=draws, seed=seed, mask_token_id=self.vocab.mask_token_id, grad=grad,
-                                        after=after)
+        return self.stable_subject.step(
+            model,
+            self.vocab,
+            dtype_from_config(config),
+            config,
+            batch,
+            step=step,
+            draws=draws,
+            seed=seed,
+            mask_token_id=self.vocab.mask_token_id,
+            grad=grad,
+            after=after,
+        )
 
     def draws(self, batch: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
         """Every named draw a step of either trainer can use, from seeded generators: the latent
@@ -459,8 +580,9 @@ class CompatContext:
         lengths = [max(1, S - (i + 1) * S // (2 * batch_size)) for i in range(batch_size)]  # all < S: padded
         mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
         batch["attention_mask"] = mask
-        batch["input_ids"] = torch.where(mask.bool(), batch["input_ids"],
-                                         torch.full_like(batch["input_ids"], self.vocab.pad_token_id))
+        batch["input_ids"] = torch.where(
+            mask.bool(), batch["input_ids"], torch.full_like(batch["input_ids"], self.vocab.pad_token_id)
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _data_batch(self, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -492,7 +614,7 @@ def unfreeze(model: torch.nn.Module) -> None:
 
 def slice_batch(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """Sample i of a batch, as a batch of one."""
-    return {k: v[i:i + 1] for k, v in batch.items()}
+    return {k: v[i : i + 1] for k, v in batch.items()}
 
 
 def grads_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -508,8 +630,10 @@ def run_checks(checks: dict, ctx: CompatContext, measure=None) -> None:
 
 def row_runner(checks: dict):
     """A row module's `run_row(ctx, measure=None)`: all its checks, raising on the first failure."""
+
     def run_row(ctx: CompatContext, measure=None) -> None:
         run_checks(checks, ctx, measure)
+
     return run_row
 
 
@@ -526,4 +650,5 @@ def row_test(checks: dict):
         if control is not None and check is not control:
             require_sensitive(ctx, control.inputs)
         check(ctx, measure)
+
     return test_row

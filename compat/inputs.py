@@ -4,6 +4,7 @@ Every problem here is a `GateInputError` naming the file, key or option and the 
 exits 2 ("could not check") with the matrix written and every row NOT RUN for that one reason. No
 input is modified; the checkpoint is only read safely (see `latentDLM_mmdit.checkpoints`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,15 +24,20 @@ SYNTHETIC_SEQ_LEN = 16
 def check_options(options: CompatOptions) -> None:
     """The checks that need no file read: paired data options, paths that exist, sizes, device."""
     if bool(options.data_tokens) != bool(options.data_latents):
-        given, missing = (("--data-tokens", "--data-latents") if options.data_tokens
-                          else ("--data-latents", "--data-tokens"))
-        raise GateInputError(f"{given} was given without {missing}: the rows need both halves of upstream's "
-                             "data layout", f"pass {missing} DIR too, or neither to use synthetic batches")
-    for flag, value, kind in (("--checkpoint", options.checkpoint, "path"),
-                              ("--stable-config", options.stable_config, "file"),
-                              ("--cycle-config", options.cycle_config, "file"),
-                              ("--data-tokens", options.data_tokens, "dir"),
-                              ("--data-latents", options.data_latents, "dir")):
+        given, missing = (
+            ("--data-tokens", "--data-latents") if options.data_tokens else ("--data-latents", "--data-tokens")
+        )
+        raise GateInputError(
+            f"{given} was given without {missing}: the rows need both halves of upstream's data layout",
+            f"pass {missing} DIR too, or neither to use synthetic batches",
+        )
+    for flag, value, kind in (
+        ("--checkpoint", options.checkpoint, "path"),
+        ("--stable-config", options.stable_config, "file"),
+        ("--cycle-config", options.cycle_config, "file"),
+        ("--data-tokens", options.data_tokens, "dir"),
+        ("--data-latents", options.data_latents, "dir"),
+    ):
         if not value:
             continue
         path = Path(value)
@@ -40,11 +46,16 @@ def check_options(options: CompatOptions) -> None:
         if kind == "file" and not path.is_file():
             raise GateInputError(f"{flag} {path} is a directory, not a YAML file", f"pass the YAML file to {flag}")
         if kind == "dir" and not path.is_dir():
-            raise GateInputError(f"{flag} {path} is a file, not a directory",
-                                 f"pass the folder that holds the {'*.npz' if 'tokens' in flag else '*.npy'} files")
+            raise GateInputError(
+                f"{flag} {path} is a file, not a directory",
+                f"pass the folder that holds the {'*.npz' if 'tokens' in flag else '*.npy'} files",
+            )
     if options.batch_size < 2:
-        raise GateInputError(f"--batch-size {options.batch_size}: the rows compare a batch with its samples "
-                             "run one at a time, so a batch needs at least 2 samples", "pass --batch-size 2 or more")
+        raise GateInputError(
+            f"--batch-size {options.batch_size}: the rows compare a batch with its samples "
+            "run one at a time, so a batch needs at least 2 samples",
+            "pass --batch-size 2 or more",
+        )
     if options.seq_len is not None and options.seq_len < 1:
         raise GateInputError(f"--seq-len {options.seq_len} must be >= 1", "pass a positive --seq-len, or omit it")
     resolve_device(options.device)
@@ -61,12 +72,16 @@ def resolve_device(spec: str) -> torch.device:
     if device.type != "cuda":
         raise GateInputError(f"--device {spec}: only cpu and cuda devices are supported", "pass cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise GateInputError(f"--device {spec}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)",
-                             "run the gate on a CUDA machine, or pass --device cpu")
+        raise GateInputError(
+            f"--device {spec}: CUDA is not available on this machine "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)",
+            "run the gate on a CUDA machine, or pass --device cpu",
+        )
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise GateInputError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-                             f"pass an index below {torch.cuda.device_count()}")
+        raise GateInputError(
+            f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+            f"pass an index below {torch.cuda.device_count()}",
+        )
     return device
 
 
@@ -81,8 +96,9 @@ def load_user_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
     try:
         return resolve_config(resolved, vocab=False).config, str(resolved)
     except ConfigError as exc:
-        raise GateInputError(f"--{kind}-config {resolved}: {exc}",
-                             f"fix the {kind} config file (or pass another with --{kind}-config)") from None
+        raise GateInputError(
+            f"--{kind}-config {resolved}: {exc}", f"fix the {kind} config file (or pass another with --{kind}-config)"
+        ) from None
 
 
 def explicit_tokenizer_value(config: DictConfig, key: str) -> int | None:
@@ -126,8 +142,10 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
             if given is None:
                 continue
             if flag is not None and int(flag) != int(given):
-                raise GateInputError(f"tokenizer.{key}={given} in the {kind} config, but --{key.replace('_', '-')} "
-                                     f"gives {flag}", "make them agree (the checkpoint was trained with one id)")
+                raise GateInputError(
+                    f"tokenizer.{key}={given} in the {kind} config, but --{key.replace('_', '-')} gives {flag}",
+                    "make them agree (the checkpoint was trained with one id)",
+                )
             values.setdefault(key, int(given))
             sources.setdefault(key, f"tokenizer.{key} of the {kind} config")
     folder = options.tokenizer
@@ -142,28 +160,37 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
         except (ConfigError, OSError, ValueError) as exc:
             raise GateInputError(f"--tokenizer {folder}: {exc}", "pass a local tokenizer folder") from None
         if read.vocab_size != vocab_size:
-            raise GateInputError(f"the tokenizer folder {folder} has {read.vocab_size} ids, the checkpoint's embedding "
-                                 f"{vocab_size} rows: it is not the tokenizer this checkpoint was trained with",
-                                 "pass the tokenizer folder of the checkpoint's training run")
+            raise GateInputError(
+                f"the tokenizer folder {folder} has {read.vocab_size} ids, the checkpoint's embedding "
+                f"{vocab_size} rows: it is not the tokenizer this checkpoint was trained with",
+                "pass the tokenizer folder of the checkpoint's training run",
+            )
         for key in ("mask_token_id", "pad_token_id"):
             value = getattr(read, key)
             if key in values and values[key] != value:
-                raise GateInputError(f"the tokenizer folder {folder} gives {key}={value}, {sources[key]} gives "
-                                     f"{values[key]}", "make them agree (or leave one out)")
+                raise GateInputError(
+                    f"the tokenizer folder {folder} gives {key}={value}, {sources[key]} gives {values[key]}",
+                    "make them agree (or leave one out)",
+                )
             if key not in values and value is not None:
                 values[key], sources[key] = int(value), f"tokenizer folder {read.described[key]}"
     missing = [k for k in ("mask_token_id", "pad_token_id") if k not in values]
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} ID" for k in missing)
-        raise GateInputError(f"no {' or '.join(missing)}: the configs do not give "
-                             f"{'them' if len(missing) > 1 else 'it'} (upstream's configs hold only a tokenizer path, "
-                             f"{[configs[k].tokenizer.get('path') for k in ('cycle', 'stable')]}, not on this machine)",
-                             f"pass --tokenizer DIR (the local copy of the training run's tokenizer folder), or {flags}")
+        raise GateInputError(
+            f"no {' or '.join(missing)}: the configs do not give "
+            f"{'them' if len(missing) > 1 else 'it'} (upstream's configs hold only a tokenizer path, "
+            f"{[configs[k].tokenizer.get('path') for k in ('cycle', 'stable')]}, not on this machine)",
+            f"pass --tokenizer DIR (the local copy of the training run's tokenizer folder), or {flags}",
+        )
     try:
         vocab = SyntheticVocab(vocab_size, values["mask_token_id"], values["pad_token_id"])
     except ValueError as exc:
-        raise GateInputError(f"the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) does "
-                             f"not fit the checkpoint: {exc}", "pass the ids the checkpoint was trained with") from None
+        raise GateInputError(
+            f"the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) does "
+            f"not fit the checkpoint: {exc}",
+            "pass the ids the checkpoint was trained with",
+        ) from None
     return GateVocab(vocab, sources)
 
 
@@ -174,9 +201,11 @@ def open_user_checkpoint(path: Path):
     try:
         return open_checkpoint(path)
     except CheckpointError as exc:
-        raise GateInputError(f"--checkpoint {path} cannot be used: {exc}",
-                             "follow the advice above or pass another checkpoint; `python -m "
-                             "latentDLM_mmdit.checkpoints inspect FILE` says what a file holds") from None
+        raise GateInputError(
+            f"--checkpoint {path} cannot be used: {exc}",
+            "follow the advice above or pass another checkpoint; `python -m "
+            "latentDLM_mmdit.checkpoints inspect FILE` says what a file holds",
+        ) from None
 
 
 def read_data_samples(options: CompatOptions, vocab: Any, max_seq_len: int, latent_dim: int) -> list[dict]:
@@ -191,13 +220,16 @@ def read_data_samples(options: CompatOptions, vocab: Any, max_seq_len: int, late
     except DataError as exc:
         raise GateInputError(f"data: {exc}", fix) from None
     if dataset.latent_dim != latent_dim:
-        raise GateInputError(f"data: latents in {options.data_latents} have width {dataset.latent_dim}, the "
-                             f"checkpoint's model takes {latent_dim}",
-                             "pass the latent folder that matches this checkpoint")
+        raise GateInputError(
+            f"data: latents in {options.data_latents} have width {dataset.latent_dim}, the "
+            f"checkpoint's model takes {latent_dim}",
+            "pass the latent folder that matches this checkpoint",
+        )
     empty = [str(dataset.pairs[i][0]) for i, s in enumerate(samples) if int(s["attention_mask"].sum()) == 0]
     if empty:
-        raise GateInputError(f"data: {len(empty)} sample(s) have an all-zero attention_mask (no real token), "
-                             f"first {empty[0]}", fix)
+        raise GateInputError(
+            f"data: {len(empty)} sample(s) have an all-zero attention_mask (no real token), first {empty[0]}", fix
+        )
     return samples
 
 

@@ -14,6 +14,7 @@ each pass from its inputs and the batch:
 A second pass whose text equals the clean text (pseudo tokens that happen to be perfect) is
 cycle_latent: a step has one base T2L pass.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -83,10 +84,16 @@ class PassRecorder(nn.Module):
 
         latents = given.get("latents")
         record = ModelPass(
-            index=len(self.passes), positional=len(args), keywords=tuple(sorted(kwargs)),
-            text_tokens=get("text_tokens"), latents=get("latents"), text_t=get("text_timesteps"),
-            latent_t=get("latent_timesteps"), attention_mask=get("attention_mask"),
-            latents_require_grad=bool(torch.is_tensor(latents) and latents.requires_grad))
+            index=len(self.passes),
+            positional=len(args),
+            keywords=tuple(sorted(kwargs)),
+            text_tokens=get("text_tokens"),
+            latents=get("latents"),
+            text_t=get("text_timesteps"),
+            latent_t=get("latent_timesteps"),
+            attention_mask=get("attention_mask"),
+            latents_require_grad=bool(torch.is_tensor(latents) and latents.requires_grad),
+        )
         out = self.inner(*args, **kwargs)
         if self.keep_outputs:
             record.outputs = tuple(o.detach() for o in out)

@@ -1,5 +1,6 @@
 """The gate's options, declared once: the command line (`python -m compat --checkpoint ...`) and
 the pytest plugin (`pytest compat/ --compat-checkpoint ...`) are both built from `OPTIONS`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,31 +23,65 @@ class GateOption:
 
 
 OPTIONS: tuple[GateOption, ...] = (
-    GateOption("checkpoint", "checkpoint under test: this project's .safetensors, upstream's .pt/.pth, or upstream's "
-               "checkpoint folder; default: the embedded stable pretrain", metavar="CKPT"),
-    GateOption("stable-config", "the stable trainer's YAML (plain, or upstream's Hydra file with a defaults list); "
-               "default: the packaged tiny config", metavar="YAML"),
+    GateOption(
+        "checkpoint",
+        "checkpoint under test: this project's .safetensors, upstream's .pt/.pth, or upstream's "
+        "checkpoint folder; default: the embedded stable pretrain",
+        metavar="CKPT",
+    ),
+    GateOption(
+        "stable-config",
+        "the stable trainer's YAML (plain, or upstream's Hydra file with a defaults list); "
+        "default: the packaged tiny config",
+        metavar="YAML",
+    ),
     GateOption("cycle-config", "the cycle trainer's YAML; default: the packaged tiny config", metavar="YAML"),
     GateOption("data-tokens", "upstream-format token folder (<stem>_tokens.npz); needs --data-latents", metavar="DIR"),
     GateOption("data-latents", "upstream-format latent folder (<stem>.npy); needs --data-tokens", metavar="DIR"),
-    GateOption("tokenizer", "a local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
-               "tokenizer_config.json): the mask and pad ids when the configs do not give them (upstream's "
-               "configs hold only a tokenizer path)", metavar="DIR"),
+    GateOption(
+        "tokenizer",
+        "a local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
+        "tokenizer_config.json): the mask and pad ids when the configs do not give them (upstream's "
+        "configs hold only a tokenizer path)",
+        metavar="DIR",
+    ),
     GateOption("mask-token-id", "the mask token id (else from the configs or --tokenizer)", type=int, metavar="ID"),
     GateOption("pad-token-id", "the pad token id (else from the configs or --tokenizer)", type=int, metavar="ID"),
-    GateOption("cycle-trainer", "the cycle trainer class to judge: package.module:Class or path/to/file.py:Class "
-               "(upstream's protocol: Class(model, tokenizer, text_noise_schedule, dtype, config), "
-               "forward(batch) -> (loss, metrics)); default: this project's CycleVAETrainer", metavar="SPEC"),
-    GateOption("stable-trainer", "the stable reference class, as --cycle-trainer; default: this project's "
-               "MultimodalDiffusionTrainer (upstream parity)", metavar="SPEC"),
+    GateOption(
+        "cycle-trainer",
+        "the cycle trainer class to judge: package.module:Class or path/to/file.py:Class "
+        "(upstream's protocol: Class(model, tokenizer, text_noise_schedule, dtype, config), "
+        "forward(batch) -> (loss, metrics)); default: this project's CycleVAETrainer",
+        metavar="SPEC",
+    ),
+    GateOption(
+        "stable-trainer",
+        "the stable reference class, as --cycle-trainer; default: this project's "
+        "MultimodalDiffusionTrainer (upstream parity)",
+        metavar="SPEC",
+    ),
     GateOption("device", "cpu, cuda or cuda:N", default="cpu"),
     GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, default=4, metavar="N"),
-    GateOption("seq-len", "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
-               "(capped by model.max_seq_len)", type=int, default=None, metavar="N"),
-    GateOption("golden", "a golden trajectory file (from --record-golden) the trajectories row compares against; "
-               "default: the committed one for the embedded default, none for your inputs", metavar="FILE"),
-    GateOption("record-golden", "write the trajectories' per-step losses, gradient norms and final-weight "
-               "checksums to FILE (then compare against it)", metavar="FILE"),
+    GateOption(
+        "seq-len",
+        "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
+        "(capped by model.max_seq_len)",
+        type=int,
+        default=None,
+        metavar="N",
+    ),
+    GateOption(
+        "golden",
+        "a golden trajectory file (from --record-golden) the trajectories row compares against; "
+        "default: the committed one for the embedded default, none for your inputs",
+        metavar="FILE",
+    ),
+    GateOption(
+        "record-golden",
+        "write the trajectories' per-step losses, gradient norms and final-weight "
+        "checksums to FILE (then compare against it)",
+        metavar="FILE",
+    ),
 )
 
 

@@ -4,6 +4,7 @@ these, so a defect planted in a shared library function cannot hide by being on 
 
 Everything here runs in float64 where it can; comparisons use the tolerances in `TOLERANCES`.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,15 @@ import torch
 # One table of tolerances (rtol, atol) for every comparison the suite makes.
 TOLERANCES = {
     "bit_exact": (0.0, 0.0),
-    "float32_loss": (1e-5, 1e-5),          # the same computation, reordered
-    "float32_batching": (1e-5, 1e-5),      # batched vs one-at-a-time matmuls (TESTING_FACTS)
-    "float32_oracle": (1e-4, 1e-5),        # float64 oracle vs float32 trainer
-    "bfloat16": (1.6e-2, 1e-2),            # bfloat16 vs float32 losses
-    "cuda_float32": (1e-4, 1e-4),          # CUDA kernels vs CPU
+    "float32_loss": (1e-5, 1e-5),  # the same computation, reordered
+    "float32_batching": (1e-5, 1e-5),  # batched vs one-at-a-time matmuls (TESTING_FACTS)
+    "float32_oracle": (1e-4, 1e-5),  # float64 oracle vs float32 trainer
+    "bfloat16": (1.6e-2, 1e-2),  # bfloat16 vs float32 losses
+    "cuda_float32": (1e-4, 1e-4),  # CUDA kernels vs CPU
     # torch.autocast runs vs float32 (matmuls in the low dtype, losses reduced in float32).
     "autocast_bf16_loss": (1.6e-2, 1e-2),  # bfloat16 keeps 8 mantissa bits: 2^-7 relative per matmul
-    "autocast_fp16_loss": (2e-3, 1e-3),    # float16 keeps 11 bits
-    "autocast_bf16_grad": (8e-2, 0.0),     # ||g_amp - g_fp32|| / ||g_fp32|| over all parameters
+    "autocast_fp16_loss": (2e-3, 1e-3),  # float16 keeps 11 bits
+    "autocast_bf16_grad": (8e-2, 0.0),  # ||g_amp - g_fp32|| / ||g_fp32|| over all parameters
     "autocast_fp16_grad": (1e-2, 0.0),
     # A trainer's loss under autocast against the float64 oracle on the SAME low-precision outputs:
     # a float32 reduction agrees to ~1e-7, one in bfloat16 misses by ~1e-3 (measured 4.8e-4).
@@ -77,9 +78,9 @@ TOLERANCES = {
 # Statistical checks: significance level, sample size and the alternative the power is stated for.
 STATISTICS = {
     "categorical_sampling": {
-        "alpha": 1e-3,          # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
-        "min_draws": 1500,      # pseudo tokens drawn (steps x B x S)
-        "bins": 10,             # chi-square bins of the probability integral transform
+        "alpha": 1e-3,  # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
+        "min_draws": 1500,  # pseudo tokens drawn (steps x B x S)
+        "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
     },
 }
@@ -141,7 +142,9 @@ def target(x0: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor, parameteriza
     raise ValueError(f"oracle: unknown parameterization {parameterization!r}")
 
 
-def x0_from_prediction(xt: torch.Tensor, prediction: torch.Tensor, ab: torch.Tensor, parameterization: str) -> torch.Tensor:
+def x0_from_prediction(
+    xt: torch.Tensor, prediction: torch.Tensor, ab: torch.Tensor, parameterization: str
+) -> torch.Tensor:
     """Solves x_t = sqrt(ab) x0 + sqrt(1-ab) eps for x0 given eps, v (= sqrt(ab) eps - sqrt(1-ab) x0)
     or x0 itself."""
     ab = ab.reshape(-1, *([1] * (xt.dim() - 1)))
@@ -200,7 +203,9 @@ def categorical_pit(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Ge
     drawn from that categorical distribution the values are U[0, 1), whatever the distribution of
     each position. logits [N, V], ids [N] -> [N] float64."""
     probs = torch.softmax(logits.double(), dim=-1)
-    cdf_below = probs.cumsum(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) - probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    cdf_below = probs.cumsum(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) - probs.gather(
+        -1, ids.unsqueeze(-1)
+    ).squeeze(-1)
     u = torch.rand(ids.shape, generator=generator, dtype=torch.float64)
     return (cdf_below + u * probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)).clamp(0.0, 1.0 - 1e-12)
 
@@ -214,8 +219,9 @@ def uniformity_chi2(values: torch.Tensor, bins: int) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def categorical_power(logits: torch.Tensor, temperature: float, alpha: float, bins: int, repeats: int = 200,
-                      seed: int = 0) -> float:
+def categorical_power(
+    logits: torch.Tensor, temperature: float, alpha: float, bins: int, repeats: int = 200, seed: int = 0
+) -> float:
     """Share of `repeats` simulated runs in which `uniformity_chi2` on the PIT rejects at `alpha`
     when the ids are drawn from softmax(logits / temperature) instead: the test's power against
     that mistake, at this sample size and on these logits. logits [N, V]."""

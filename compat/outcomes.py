@@ -12,11 +12,12 @@ checked when it was not, and the gate's exit code tells "incompatible" from "cou
 
 The kind travels as the prefix of pytest's skip message (it survives xdist and junitxml alike).
 """
+
 from __future__ import annotations
 
 import pytest
 
-EXIT_OK = 0            # every applicable row ran, none INCOMPATIBLE
+EXIT_OK = 0  # every applicable row ran, none INCOMPATIBLE
 EXIT_INCOMPATIBLE = 1  # at least one row INCOMPATIBLE
 EXIT_CANNOT_CHECK = 2  # usage error, unreadable or unsafe input, device missing, a row that should have run did not
 
@@ -59,5 +60,5 @@ def skip_kind(message: str) -> tuple[str, str]:
     """(kind, reason) of a skip message; a plain `pytest.skip` is kind "skipped"."""
     for kind in SKIP_KINDS:
         if message.startswith(f"{kind}: "):
-            return kind, message[len(kind) + 2:]
+            return kind, message[len(kind) + 2 :]
     return "skipped", message

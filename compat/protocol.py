@@ -30,6 +30,7 @@ Optional, found by inspection (never by the class name):
 Everything the rows check they observe (`compat.observe`, `compat.subjects`): the model passes and
 what each was given, the returned loss, its gradients; never attributes or metric names.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Protocol, runtime_checkable
@@ -41,8 +42,14 @@ import torch
 class CompatTrainer(Protocol):
     """What the gate needs of a trainer (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, text_noise_schedule: torch.nn.Module,
-                 dtype: torch.dtype, config: Any) -> None: ...
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        text_noise_schedule: torch.nn.Module,
+        dtype: torch.dtype,
+        config: Any,
+    ) -> None: ...
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Mapping[str, Any]]: ...
 
@@ -52,5 +59,9 @@ class TrainerWithDraws(CompatTrainer, Protocol):
 
     DRAW_NAMES: tuple[str, ...]
 
-    def forward(self, batch: Mapping[str, torch.Tensor], step: int | None = None,
-                draws: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Mapping[str, Any]]: ...
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int | None = None,
+        draws: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Mapping[str, Any]]: ...

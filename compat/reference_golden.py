@@ -9,6 +9,7 @@ to code both trainers share fails even where the oracle agrees with itself. Re-r
 
 which rewrites `compat/data/reference_golden.json`; without `--write` it prints the differences.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ GOLDEN_PATH = Path(__file__).resolve().parent / "data" / "reference_golden.json"
 SCHEDULES = ("linear", "cosine", "sigmoid")
 T = 1000
 INDICES = (0, 1, 250, 499, 998, 999)
-MODEL_CONFIG = {"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 8, "dropout": 0.0,
-                "num_residual_streams": 2, "qk_rmsnorm": True}
+MODEL_CONFIG = {
+    "hidden_size": 32,
+    "n_blocks": 1,
+    "cond_dim": 32,
+    "max_seq_len": 8,
+    "dropout": 0.0,
+    "num_residual_streams": 2,
+    "qk_rmsnorm": True,
+}
 MODEL_SIZES = {"vocab_size": 12, "latent_dim": 6, "cluster_size": 0}
 MODEL_SEED = 7
 
@@ -48,9 +56,13 @@ def golden_inputs() -> dict:
     ids = torch.randint(0, MODEL_SIZES["vocab_size"], (2, MODEL_CONFIG["max_seq_len"]), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    return {"text_tokens": ids, "latents": torch.randn(2, 1, MODEL_SIZES["latent_dim"], generator=gen),
-            "text_timesteps": torch.tensor([0.25, 0.8]), "latent_timesteps": torch.tensor([0.9, 0.1]),
-            "attention_mask": mask}
+    return {
+        "text_tokens": ids,
+        "latents": torch.randn(2, 1, MODEL_SIZES["latent_dim"], generator=gen),
+        "text_timesteps": torch.tensor([0.25, 0.8]),
+        "latent_timesteps": torch.tensor([0.9, 0.1]),
+        "attention_mask": mask,
+    }
 
 
 def record() -> dict:
@@ -63,8 +75,10 @@ def record() -> dict:
         out["alphas_cumprod"][schedule] = {str(i): float(ab[i]) for i in INDICES}
     with torch.no_grad():
         text_logits, latent_pred = golden_model()(**golden_inputs())
-    out["model_forward"] = {"text_logits[:, :3, :5]": text_logits[:, :3, :5].tolist(),
-                            "latent_pred": latent_pred.tolist()}
+    out["model_forward"] = {
+        "text_logits[:, :3, :5]": text_logits[:, :3, :5].tolist(),
+        "latent_pred": latent_pred.tolist(),
+    }
     from latentDLM_mmdit.checkpoints import installed_versions
 
     out["recorded_with"] = {k: installed_versions()[k] for k in ("torch", "mmdit", "hyper-connections")}

@@ -6,6 +6,7 @@ Each row has one test module `compat/test_row_<id>.py` whose module mark
 any failure -> INCOMPATIBLE; every test skipped or deselected -> NOT RUN; a test that recorded a
 measured risk -> REVIEW; otherwise OK.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,43 +27,80 @@ class Row:
 
 
 ROWS = (
-    Row("forward_contract", "Model forward contract",
+    Row(
+        "forward_contract",
+        "Model forward contract",
         "keywords; (text_logits [B,S,V], latent_pred [B,1,D]) or a cluster 3-tuple",
-        "same keywords; per-batch loss terms = per-sample terms"),
-    Row("none_timesteps", "None timesteps",
-        "None mapped to zeros", "tensors (zeros)"),
-    Row("l2t_masking", "L2T text masking",
-        "all tokens masked, CE over every position", "all tokens masked, CE over every position"),
-    Row("t2l_latent_timestep", "T2L latent timestep",
-        "latent_t = 1 (full noise)", "loss.latent_t_mode (full | random)"),
-    Row("latent_loss_form", "Latent loss form",
-        "normalised MSE x latent_loss_weight", "normalised MSE x latent_loss_weight"),
-    Row("cycle_terms", "Cycle terms",
-        "none", "cycle_text + cycle_latent, weights with warmup/ramp, stop-grad"),
-    Row("x0_reconstruction", "x0 reconstruction",
-        "not used", "x0 from eps / v / x0 for cycle_text"),
-    Row("config_resolution", "Config resolution",
-        "upstream read latent keys from the config root", "reads model.* latent keys"),
-    Row("gradient_flow", "Gradient flow",
-        "l2t freezes the latent group, t2l the text group", "no freezing; per-term gradients"),
-    Row("pretrained_checkpoint", "Pretrained checkpoint",
-        "writes the checkpoint", "loads it strictly, identical outputs"),
-    Row("dependency_versions", "Dependency versions",
-        "recorded in the checkpoint", "installed mmdit / hyper-connections"),
-    Row("mixed_precision", "Mixed precision (autocast)",
-        "float32 reference; bf16 autocast", "autocast on every pass, losses and gradients near float32"),
-    Row("determinism", "Determinism",
-        "same seed, same losses", "same seed, same losses"),
-    Row("recommended_settings", "Recommended settings (section 5)",
-        "-", "latent_t_mode full, small cycle weights with a ramp, stop-grad on"),
-    Row("ddp", "DDP (2 gloo processes)",
-        "single-process loss and gradients", "single-process loss and gradients"),
-    Row("trajectories", "Trajectories (K loop steps)",
+        "same keywords; per-batch loss terms = per-sample terms",
+    ),
+    Row("none_timesteps", "None timesteps", "None mapped to zeros", "tensors (zeros)"),
+    Row(
+        "l2t_masking",
+        "L2T text masking",
+        "all tokens masked, CE over every position",
+        "all tokens masked, CE over every position",
+    ),
+    Row(
+        "t2l_latent_timestep", "T2L latent timestep", "latent_t = 1 (full noise)", "loss.latent_t_mode (full | random)"
+    ),
+    Row(
+        "latent_loss_form",
+        "Latent loss form",
+        "normalised MSE x latent_loss_weight",
+        "normalised MSE x latent_loss_weight",
+    ),
+    Row("cycle_terms", "Cycle terms", "none", "cycle_text + cycle_latent, weights with warmup/ramp, stop-grad"),
+    Row("x0_reconstruction", "x0 reconstruction", "not used", "x0 from eps / v / x0 for cycle_text"),
+    Row(
+        "config_resolution",
+        "Config resolution",
+        "upstream read latent keys from the config root",
+        "reads model.* latent keys",
+    ),
+    Row(
+        "gradient_flow",
+        "Gradient flow",
+        "l2t freezes the latent group, t2l the text group",
+        "no freezing; per-term gradients",
+    ),
+    Row(
+        "pretrained_checkpoint",
+        "Pretrained checkpoint",
+        "writes the checkpoint",
+        "loads it strictly, identical outputs",
+    ),
+    Row(
+        "dependency_versions",
+        "Dependency versions",
+        "recorded in the checkpoint",
+        "installed mmdit / hyper-connections",
+    ),
+    Row(
+        "mixed_precision",
+        "Mixed precision (autocast)",
+        "float32 reference; bf16 autocast",
+        "autocast on every pass, losses and gradients near float32",
+    ),
+    Row("determinism", "Determinism", "same seed, same losses", "same seed, same losses"),
+    Row(
+        "recommended_settings",
+        "Recommended settings (section 5)",
+        "-",
+        "latent_t_mode full, small cycle weights with a ramp, stop-grad on",
+    ),
+    Row("ddp", "DDP (2 gloo processes)", "single-process loss and gradients", "single-process loss and gradients"),
+    Row(
+        "trajectories",
+        "Trajectories (K loop steps)",
         "K steps of the real loop = the AdamW/clipping/schedule replay",
-        "the same; base losses kept against the stable continuation; golden values"),
-    Row("reference_integrity", "Reference integrity (shared components)",
+        "the same; base losses kept against the stable continuation; golden values",
+    ),
+    Row(
+        "reference_integrity",
+        "Reference integrity (shared components)",
         "schedules, masking, loss helpers, checkpoints, model forward",
-        "the same code: against the float64 oracle and recorded golden values"),
+        "the same code: against the float64 oracle and recorded golden values",
+    ),
 )
 
 ROWS_BY_ID = {row.id: row for row in ROWS}

@@ -17,6 +17,7 @@ A trainer that raises (constructor or step) or returns something else than `(los
 a `CandidateError`: an AssertionError, so the row that needed the step is INCOMPATIBLE, its message
 naming the exception and the last frame in the trainer's own file.
 """
+
 from __future__ import annotations
 
 import traceback
@@ -57,7 +58,7 @@ def served_from(draws: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], list
 
 def sample_draws(draws: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """The draws of sample i of a batch (row i of each), for running that sample alone."""
-    return {k: v[i:i + 1] for k, v in draws.items()}
+    return {k: v[i : i + 1] for k, v in draws.items()}
 
 
 def _failure(role: str, spec: TrainerSpec, phase: str, exc: BaseException) -> CandidateError:
@@ -66,8 +67,9 @@ def _failure(role: str, spec: TrainerSpec, phase: str, exc: BaseException) -> Ca
     chosen = [f for f in frames if own is not None and Path(f.filename).resolve().is_relative_to(own)] or frames
     where = f" at {chosen[-1].filename}:{chosen[-1].lineno} in {chosen[-1].name}" if chosen else ""
     message = " ".join(str(exc).split()) or "(no message)"
-    return CandidateError(f"the {role} trainer {spec.cls.__qualname__} raised {type(exc).__name__} in its {phase}: "
-                          f"{message}{where}")
+    return CandidateError(
+        f"the {role} trainer {spec.cls.__qualname__} raised {type(exc).__name__} in its {phase}: {message}{where}"
+    )
 
 
 @dataclass
@@ -91,8 +93,9 @@ class StepRecord:
     def one(self, kind: str) -> ModelPass:
         """The step's single pass of `kind`; AssertionError naming what the step did otherwise."""
         found = passes_of(self.passes, kind)
-        assert len(found) == 1, (f"expected one {kind} model pass, the step made {len(found)} "
-                                 f"(passes: {', '.join(self.kinds) or 'none'})")
+        assert len(found) == 1, (
+            f"expected one {kind} model pass, the step made {len(found)} (passes: {', '.join(self.kinds) or 'none'})"
+        )
         return found[0]
 
     def has(self, kind: str) -> bool:
@@ -105,8 +108,9 @@ class StepRecord:
             found += [(f"captured draw {d.describe()}", d.value) for d in self.capture.draws]
         return found
 
-    def noise_of(self, p: ModelPass, x0: torch.Tensor, alphas_cumprod: torch.Tensor, num_timesteps: int,
-                 tolerance: str) -> tuple[str, torch.Tensor]:
+    def noise_of(
+        self, p: ModelPass, x0: torch.Tensor, alphas_cumprod: torch.Tensor, num_timesteps: int, tolerance: str
+    ) -> tuple[str, torch.Tensor]:
         """(name, noise [B, D]) such that the pass's latents are sqrt(ab) x0 + sqrt(1 - ab) noise at
         the pass's own latent t under the configured schedule; AssertionError when none is."""
         B = p.batch_size
@@ -125,7 +129,8 @@ class StepRecord:
         tried_text = "; ".join(tried) or "no normal draw of that size"
         raise AssertionError(
             f"the {p.kind} pass's latents are not sqrt(ab) x0 + sqrt(1 - ab) n at its t (mean {float(t.mean()):.4g}) "
-            f"under the configured schedule for any noise the step drew ({tried_text}): the noising differs")
+            f"under the configured schedule for any noise the step drew ({tried_text}): the noising differs"
+        )
 
 
 class Subject:
@@ -146,9 +151,21 @@ class Subject:
         except Exception as exc:  # the trainer's own failure is a verdict, not a crash of the gate
             raise _failure(self.role, self.spec, "constructor", exc) from exc
 
-    def step(self, model: torch.nn.Module, vocab: Any, dtype: torch.dtype, config: Any, batch: dict, *,
-             step: int | None = None, draws: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
-             mask_token_id: int, grad: bool = True, after: StepRecord | None = None) -> StepRecord:
+    def step(
+        self,
+        model: torch.nn.Module,
+        vocab: Any,
+        dtype: torch.dtype,
+        config: Any,
+        batch: dict,
+        *,
+        step: int | None = None,
+        draws: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        mask_token_id: int,
+        grad: bool = True,
+        after: StepRecord | None = None,
+    ) -> StepRecord:
         """One step on `batch` (see the module docstring). `grad=False` runs without an autograd
         graph (values only). `after` continues the trainer of an earlier step (its own state, e.g.
         its generator) instead of building a fresh one."""
@@ -163,9 +180,16 @@ class Subject:
         passes = classify_passes(list(recorder.passes), batch, mask_token_id)
         return StepRecord(loss, metrics, passes, draws, mode, capture, trainer, recorder)
 
-    def call(self, trainer: Any, batch: dict, *, step: int | None = None,
-             draws: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
-             grad: bool = True) -> tuple[torch.Tensor, dict, DrawCapture | None, str]:
+    def call(
+        self,
+        trainer: Any,
+        batch: dict,
+        *,
+        step: int | None = None,
+        draws: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        grad: bool = True,
+    ) -> tuple[torch.Tensor, dict, DrawCapture | None, str]:
         """`trainer(batch)` with `step=` where it takes one and the draws given by name or served:
         (loss, metrics, the capture or None, how the draws reached it)."""
         draws = dict(draws or {})
@@ -202,11 +226,18 @@ class _nothing:
 
 
 def _protocol_output(subject: Subject, out) -> tuple[torch.Tensor, dict]:
-    if not (isinstance(out, (tuple, list)) and len(out) == 2 and torch.is_tensor(out[0])
-            and out[0].numel() == 1 and isinstance(out[1], Mapping)):
+    if not (
+        isinstance(out, (tuple, list))
+        and len(out) == 2
+        and torch.is_tensor(out[0])
+        and out[0].numel() == 1
+        and isinstance(out[1], Mapping)
+    ):
         shown = type(out).__name__ + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-        raise CandidateError(f"the {subject.role} trainer {subject.spec.cls.__qualname__} returned {shown}; the "
-                             "protocol is forward(batch) -> (scalar loss tensor, metrics dict)")
+        raise CandidateError(
+            f"the {subject.role} trainer {subject.spec.cls.__qualname__} returned {shown}; the "
+            "protocol is forward(batch) -> (scalar loss tensor, metrics dict)"
+        )
     return out[0], dict(out[1])
 
 

@@ -7,6 +7,7 @@ from the batch's x0, the pass's own latent t and the noise the pass is shown to 
 (`StepRecord.noise_of`); the L2T and cycle_text terms are the cross entropy of the observed logits
 over every position. The weights come from the config (`loss.*`), ramped by the step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,8 +33,12 @@ class LatentSchedule:
     @classmethod
     def of(cls, config: DictConfig) -> "LatentSchedule":
         s = resolve_latent_settings(config)
-        return cls(oracle.alphas_cumprod(s.beta_schedule, s.num_timesteps), s.num_timesteps, s.parameterization,
-                   s.beta_schedule)
+        return cls(
+            oracle.alphas_cumprod(s.beta_schedule, s.num_timesteps),
+            s.num_timesteps,
+            s.parameterization,
+            s.beta_schedule,
+        )
 
     def ab(self, t: torch.Tensor) -> torch.Tensor:
         """alphas_cumprod at continuous t [B]."""
@@ -53,8 +58,9 @@ class Terms:
     total: torch.Tensor | None = None
 
 
-def latent_term(record: StepRecord, p: ModelPass, x0: torch.Tensor, schedule: LatentSchedule,
-                tolerance: str) -> tuple[torch.Tensor, str]:
+def latent_term(
+    record: StepRecord, p: ModelPass, x0: torch.Tensor, schedule: LatentSchedule, tolerance: str
+) -> tuple[torch.Tensor, str]:
     """(normalised MSE of the pass's prediction to its target, name of the noise it used)."""
     name, noise = record.noise_of(p, x0, schedule.alphas_cumprod, schedule.num_timesteps, tolerance)
     target = oracle.target(x0, noise.double().cpu(), schedule.ab(p.timestep("latent")), schedule.parameterization)
@@ -67,13 +73,17 @@ def cycle_weights(config: DictConfig, step: int | None) -> dict[str, float]:
     out = {"latent_loss_weight": float(loss.latent_loss_weight)}
     for term in ("cycle_text", "cycle_latent"):
         base = float(loss[f"{term}_weight"])
-        out[term] = base if step is None else oracle.ramp(step, base, int(loss[f"{term}_warmup_steps"]),
-                                                           int(loss[f"{term}_ramp_steps"]))
+        out[term] = (
+            base
+            if step is None
+            else oracle.ramp(step, base, int(loss[f"{term}_warmup_steps"]), int(loss[f"{term}_ramp_steps"]))
+        )
     return out
 
 
-def cycle_terms(record: StepRecord, batch: dict, config: DictConfig, step: int | None, x0: torch.Tensor,
-                tolerance: str) -> Terms:
+def cycle_terms(
+    record: StepRecord, batch: dict, config: DictConfig, step: int | None, x0: torch.Tensor, tolerance: str
+) -> Terms:
     """The cycle step's four terms and its total (`latent_loss_weight * T2L + L2T + w_text *
     cycle_text + w_latent * cycle_latent`), each from its observed pass. A term whose weight is 0
     counts 0 (its pass, if made, is a cost the rows report)."""
@@ -87,15 +97,17 @@ def cycle_terms(record: StepRecord, batch: dict, config: DictConfig, step: int |
         terms.cycle_text = oracle.ce_every_position(record.one(CYCLE_TEXT).outputs[0].cpu(), ids)
         total = total + terms.weights["cycle_text"] * terms.cycle_text
     if terms.weights["cycle_latent"] > 0:
-        terms.cycle_latent, terms.noise[CYCLE_LATENT] = latent_term(record, record.one(CYCLE_LATENT), x0, schedule,
-                                                                    tolerance)
+        terms.cycle_latent, terms.noise[CYCLE_LATENT] = latent_term(
+            record, record.one(CYCLE_LATENT), x0, schedule, tolerance
+        )
         total = total + terms.weights["cycle_latent"] * terms.cycle_latent
     terms.total = total
     return terms
 
 
-def stable_terms(record: StepRecord, batch: dict, config: DictConfig, mode: str, x0: torch.Tensor,
-                 tolerance: str) -> Terms:
+def stable_terms(
+    record: StepRecord, batch: dict, config: DictConfig, mode: str, x0: torch.Tensor, tolerance: str
+) -> Terms:
     """The stable l2t (CE over every position) or t2l (latent_loss_weight x normalised MSE) step."""
     ids = batch["input_ids"].cpu()
     terms = Terms(weights={"latent_loss_weight": float(config.loss.latent_loss_weight)})

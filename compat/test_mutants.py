@@ -8,6 +8,7 @@ cycle trainer, and with the same class given as a SPEC through the plug-in path
 (`--cycle-trainer`), so that both paths are shown to have the same teeth. The results form the
 kill table the gate prints with `--kill-table`; every row has at least one mutant (checked).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,16 +80,33 @@ def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
 def test_mutant_is_caught(ctx, mutant, path, request):
     with cycle_trainer_path(ctx, path):
         control, control_detail = outcome_of(ctx, mutant.row, mutant.check)
-        assert control == "passed", (f"control: {mutant.row}/{mutant.check} does not pass unmutated ({control}: "
-                                     f"{control_detail}), so a failure under the mutant would prove nothing")
+        assert control == "passed", (
+            f"control: {mutant.row}/{mutant.check} does not pass unmutated ({control}: "
+            f"{control_detail}), so a failure under the mutant would prove nothing"
+        )
         with mutant.apply(), fresh_runs(ctx):
             got, detail = outcome_of(ctx, mutant.row, mutant.check)
     caught = got == mutant.expect
-    request.node.user_properties.append(("kill", json.dumps(
-        {"mutant": mutant.name, "row": mutant.row, "check": mutant.check, "path": path, "caught": caught,
-         "how": got, "detail": detail})))
-    assert caught, (f"mutant {mutant.name} ({mutant.description}) was not caught by {mutant.row}/{mutant.check} "
-                    f"on the {path} path: expected {mutant.expect}, got {got}: {detail}")
+    request.node.user_properties.append(
+        (
+            "kill",
+            json.dumps(
+                {
+                    "mutant": mutant.name,
+                    "row": mutant.row,
+                    "check": mutant.check,
+                    "path": path,
+                    "caught": caught,
+                    "how": got,
+                    "detail": detail,
+                }
+            ),
+        )
+    )
+    assert caught, (
+        f"mutant {mutant.name} ({mutant.description}) was not caught by {mutant.row}/{mutant.check} "
+        f"on the {path} path: expected {mutant.expect}, got {got}: {detail}"
+    )
 
 
 def test_every_row_has_a_planted_defect():

@@ -10,6 +10,7 @@ differently is flagged. Other settings that change the losses (the latent loss w
 are reported for what they are, not as incompatibilities; the loss rows compare both trainers in the
 cycle config's dtype.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,21 +41,32 @@ def check_same_yaml_same_settings(ctx, measure):
         schedule = LatentSchedule.of(config)
         stable = ctx.run_stable("t2l", batch, config=stable_config, draws=draws, grad=False)
         cycle = ctx.run_cycle(batch, config=cycle_config, draws=draws, grad=False)
-        torch.testing.assert_close(cycle.one(T2L).latents_2d, stable.one(T2L).latents_2d, **tol("float32_loss"),
-                                   msg=lambda m, lbl=label: f"{lbl}: the trainers noise the T2L latents differently\n{m}")
+        torch.testing.assert_close(
+            cycle.one(T2L).latents_2d,
+            stable.one(T2L).latents_2d,
+            **tol("float32_loss"),
+            msg=lambda m, lbl=label: f"{lbl}: the trainers noise the T2L latents differently\n{m}",
+        )
         x0 = ctx.x0_of(batch)
         for trainer, record, run_config in (("stable", stable, stable_config), ("cycle", cycle, cycle_config)):
             try:
                 term, _ = latent_term(record, record.one(T2L), x0, schedule, ctx.oracle_tolerance)
             except AssertionError as exc:
-                raise AssertionError(f"{label}: the {trainer} trainer does not noise under the schedule the config "
-                                     f"resolves to ({schedule.beta_schedule}, T={schedule.num_timesteps}): {exc}") from None
+                raise AssertionError(
+                    f"{label}: the {trainer} trainer does not noise under the schedule the config "
+                    f"resolves to ({schedule.beta_schedule}, T={schedule.num_timesteps}): {exc}"
+                ) from None
             weight = float(run_config.loss.latent_loss_weight)
             want = weight * term if trainer == "stable" else None
             if want is not None:
-                torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
-                                           msg=lambda m, lbl=label, sch=schedule: f"{lbl}: the stable trainer's loss is not the "
-                                                                  f"{sch.parameterization} target's\n{m}")
+                torch.testing.assert_close(
+                    record.loss.detach().double().cpu(),
+                    want,
+                    **tol(ctx.oracle_tolerance),
+                    msg=lambda m, lbl=label, sch=schedule: (
+                        f"{lbl}: the stable trainer's loss is not the {sch.parameterization} target's\n{m}"
+                    ),
+                )
     measure("cycle_settings", "/".join(str(v) for v in resolve_latent_settings(ctx.cycle_config).as_dict().values()))
 
 
@@ -66,7 +78,9 @@ def trained_with(ctx) -> tuple[dict, str]:
             recorded = source.metadata.get("config")
     if isinstance(recorded, dict) and recorded.get("model") is not None:
         return resolve_latent_settings(recorded).as_dict(), "the config recorded in the checkpoint"
-    return upstream_stable_reading(ctx.stable_config), "upstream's stable trainer reading of the stable config (root keys)"
+    return upstream_stable_reading(
+        ctx.stable_config
+    ), "upstream's stable trainer reading of the stable config (root keys)"
 
 
 def check_checkpoint_settings_match_cycle(ctx, measure):
@@ -74,8 +88,9 @@ def check_checkpoint_settings_match_cycle(ctx, measure):
     cycle = resolve_latent_settings(ctx.cycle_config).as_dict()
     measure("trained_with_source", source)
     diff = {k: (trained[k], cycle[k]) for k in cycle if str(trained[k]) != str(cycle[k])}
-    assert not diff, (f"the checkpoint was trained with {trained} ({source}) but the cycle trainer will use "
-                      f"{cycle}: differing {diff}")
+    assert not diff, (
+        f"the checkpoint was trained with {trained} ({source}) but the cycle trainer will use {cycle}: differing {diff}"
+    )
 
 
 def check_upstream_reading_flagged(ctx, measure):
@@ -85,8 +100,11 @@ def check_upstream_reading_flagged(ctx, measure):
         resolved = resolve_latent_settings(config).as_dict()
         differs = {k: (upstream[k], resolved[k]) for k in resolved if str(upstream[k]) != str(resolved[k])}
         if differs:
-            measure(f"{label}_config_read_differently_by_upstream_stable", differs,
-                    review=not source.startswith("the config recorded"))
+            measure(
+                f"{label}_config_read_differently_by_upstream_stable",
+                differs,
+                review=not source.startswith("the config recorded"),
+            )
     measure("upstream_reading_checked", True)
 
 
@@ -100,8 +118,12 @@ def check_model_layout_keys_agree(ctx, measure):
     for key in ("vocab_size", "mask_token_id", "pad_token_id"):
         # a config that does not give an id itself (or takes it from its tokenizer.path) uses the one
         # the gate resolved: flags, tokenizer folder
-        a, b = (explicit_tokenizer_value(c, key) if explicit_tokenizer_value(c, key) is not None
-                else getattr(ctx.vocab, key) for c in (ctx.stable_config, ctx.cycle_config))
+        a, b = (
+            explicit_tokenizer_value(c, key)
+            if explicit_tokenizer_value(c, key) is not None
+            else getattr(ctx.vocab, key)
+            for c in (ctx.stable_config, ctx.cycle_config)
+        )
         if a != b:
             diff[f"tokenizer.{key}"] = (a, b)
     assert not diff, f"the stable and cycle configs build different models or mask differently (stable, cycle): {diff}"
@@ -110,7 +132,8 @@ def check_model_layout_keys_agree(ctx, measure):
         configured = explicit_tokenizer_value(config, "vocab_size")
         assert configured is None or int(configured) == checkpoint_vocab, (
             f"the {label} config's tokenizer.vocab_size={configured} but the checkpoint's embedding has "
-            f"{checkpoint_vocab} rows: that config builds a model the checkpoint does not fit")
+            f"{checkpoint_vocab} rows: that config builds a model the checkpoint does not fit"
+        )
     measure("layout_keys", "equal")
 
 
@@ -125,21 +148,33 @@ def check_loss_settings(ctx, measure):
     stable_dtype = dtype_from_config(ctx.stable_config)
     cycle_dtype = dtype_from_config(ctx.cycle_config)
     if stable_dtype != cycle_dtype:
-        measure("training.dtype", f"differs: stable {ctx.stable_config.training.dtype}, cycle "
-                f"{ctx.cycle_config.training.dtype}; the loss rows compare both trainers in "
-                f"{ctx.trainer_dtype_name} (the cycle config's)", review=True)
+        measure(
+            "training.dtype",
+            f"differs: stable {ctx.stable_config.training.dtype}, cycle "
+            f"{ctx.cycle_config.training.dtype}; the loss rows compare both trainers in "
+            f"{ctx.trainer_dtype_name} (the cycle config's)",
+            review=True,
+        )
     else:
         measure("training.dtype", f"{ctx.trainer_dtype_name} in both")
     precision = [str(c.training.mixed_precision) for c in (ctx.stable_config, ctx.cycle_config)]
-    measure("training.mixed_precision", f"stable {precision[0]}, cycle {precision[1]}"
-            + ("; the mixed_precision row runs both under the cycle config's autocast" if precision[0] != precision[1]
-               else ""), review=precision[0] != precision[1])
+    measure(
+        "training.mixed_precision",
+        f"stable {precision[0]}, cycle {precision[1]}"
+        + (
+            "; the mixed_precision row runs both under the cycle config's autocast"
+            if precision[0] != precision[1]
+            else ""
+        ),
+        review=precision[0] != precision[1],
+    )
     fed = set()
     batch = ctx.batch(2, seed=81)
     for record in (ctx.run_stable("t2l", batch, grad=False), ctx.run_cycle(batch, settings=BASE_ONLY, grad=False)):
         fed |= {str(p.latent_t.dtype) for p in record.passes if p.latent_t is not None}
     assert fed == {str(cycle_dtype)}, (
-        f"the loss rows' trainers feed timesteps in {sorted(fed)}, not both in {cycle_dtype}")
+        f"the loss rows' trainers feed timesteps in {sorted(fed)}, not both in {cycle_dtype}"
+    )
 
 
 CHECKS = {

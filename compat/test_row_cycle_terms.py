@@ -19,6 +19,7 @@ Everything is read from what the trainer gives the model and returns, never from
 - stop-grad: with `cycle_stop_grad_latent` the x0 fed to cycle_text carries no graph and sends no
   gradient into latent_head; without it, it does (the control).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -32,18 +33,47 @@ from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("cycle_terms")
 
-NO_RAMP = row_settings({"cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0,
-           "cycle_latent_ramp_steps": 0})
+NO_RAMP = row_settings(
+    {
+        "cycle_text_warmup_steps": 0,
+        "cycle_text_ramp_steps": 0,
+        "cycle_latent_warmup_steps": 0,
+        "cycle_latent_ramp_steps": 0,
+    }
+)
 WEIGHTS_ZERO = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
-ALL_TERMS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
-             "cycle_latent_sampling": "argmax", **NO_RAMP})
+ALL_TERMS = row_settings(
+    {
+        "latent_t_mode": "full",
+        "cycle_text_weight": 0.3,
+        "cycle_latent_weight": 0.2,
+        "cycle_latent_sampling": "argmax",
+        **NO_RAMP,
+    }
+)
 CATEGORICAL = row_settings(dict(ALL_TERMS, cycle_latent_sampling="categorical"))
-RAMPS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.4, "cycle_text_warmup_steps": 3, "cycle_text_ramp_steps": 6,
-         "cycle_latent_weight": 0.25, "cycle_latent_warmup_steps": 5, "cycle_latent_ramp_steps": 10,
-         "cycle_latent_sampling": "argmax"})
+RAMPS = row_settings(
+    {
+        "latent_t_mode": "full",
+        "cycle_text_weight": 0.4,
+        "cycle_text_warmup_steps": 3,
+        "cycle_text_ramp_steps": 6,
+        "cycle_latent_weight": 0.25,
+        "cycle_latent_warmup_steps": 5,
+        "cycle_latent_ramp_steps": 10,
+        "cycle_latent_sampling": "argmax",
+    }
+)
 RAMP_STEPS = (0, 2, 3, 6, 9, 12, 15, 100)
-STOP_GRAD = row_settings({"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 1.0, "cycle_latent_weight": 0.0,
-             **NO_RAMP})
+STOP_GRAD = row_settings(
+    {
+        "latent_t_mode": "full",
+        "latent_loss_weight": 0.0,
+        "cycle_text_weight": 1.0,
+        "cycle_latent_weight": 0.0,
+        **NO_RAMP,
+    }
+)
 
 
 def check_weights_zero_equal_stable(ctx, measure, batch_size):
@@ -55,13 +85,21 @@ def check_weights_zero_equal_stable(ctx, measure, batch_size):
     t2l = ctx.run_stable("t2l", batch, settings={"latent_loss_weight": weight}, draws=draws, model=model, grad=False)
     cycle = ctx.run_cycle(batch, settings=WEIGHTS_ZERO, step=0, draws=draws, model=model, grad=False)
     want = l2t.loss.detach() + t2l.loss.detach()
-    torch.testing.assert_close(cycle.loss.detach(), want, **tol("float32_loss"),
-                               msg=lambda m: f"B={batch_size}: cycle loss with weights 0 != stable L2T + w * T2L\n{m}")
+    torch.testing.assert_close(
+        cycle.loss.detach(),
+        want,
+        **tol("float32_loss"),
+        msg=lambda m: f"B={batch_size}: cycle loss with weights 0 != stable L2T + w * T2L\n{m}",
+    )
     measure(f"B{batch_size}_weights0_abs_diff", float((cycle.loss.detach() - want).abs()))
     extra = [k for k in cycle.kinds if k not in (T2L, L2T)]
     if extra:
-        measure(f"B{batch_size}_passes_at_weight_0", f"{len(cycle.passes)} ({', '.join(cycle.kinds)}): "
-                f"{len(extra)} pass(es) for terms weighted 0 (a cost, not a difference)", review=True)
+        measure(
+            f"B{batch_size}_passes_at_weight_0",
+            f"{len(cycle.passes)} ({', '.join(cycle.kinds)}): "
+            f"{len(extra)} pass(es) for terms weighted 0 (a cost, not a difference)",
+            review=True,
+        )
 
 
 def check_terms_recomputed(ctx, measure):
@@ -72,21 +110,31 @@ def check_terms_recomputed(ctx, measure):
     B = batch["input_ids"].shape[0]
     for label, p, text_t, latent_t in (("cycle_text", ct, 1.0, 0.0), ("cycle_latent", cl, 0.0, None)):
         assert torch.equal(p.timestep("text"), torch.full((B,), text_t)), (
-            f"the {label} pass is given text t {p.timestep('text').tolist()}, expected {text_t}")
+            f"the {label} pass is given text t {p.timestep('text').tolist()}, expected {text_t}"
+        )
         if latent_t is not None:
             assert torch.equal(p.timestep("latent"), torch.full((B,), latent_t)), (
-                f"the {label} pass is given latent t {p.timestep('latent').tolist()}, expected {latent_t}")
+                f"the {label} pass is given latent t {p.timestep('latent').tolist()}, expected {latent_t}"
+            )
     assert torch.equal(cl.timestep("latent"), torch.ones(B)), (
-        f"full mode, yet the cycle_latent pass is given latent t {cl.timestep('latent').tolist()}")
+        f"full mode, yet the cycle_latent pass is given latent t {cl.timestep('latent').tolist()}"
+    )
     pseudo = l2t.outputs[0].argmax(-1).cpu()
     assert torch.equal(cl.text_tokens.cpu(), pseudo), (
         f"the cycle_latent pass is not given the argmax pseudo tokens of the L2T logits "
-        f"({int((cl.text_tokens.cpu() != pseudo).sum())} of {pseudo.numel()} positions differ)")
+        f"({int((cl.text_tokens.cpu() != pseudo).sum())} of {pseudo.numel()} positions differ)"
+    )
     config = ctx.cycle_config_for(ALL_TERMS)
     terms = cycle_terms(record, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
-    torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"the total is not w*T2L + L2T + w_text*cycle_text + w_latent*cycle_latent "
-                                             f"(weights {terms.weights}) recomputed from the passes\n{m}")
+    torch.testing.assert_close(
+        record.loss.detach().double().cpu(),
+        terms.total,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: (
+            f"the total is not w*T2L + L2T + w_text*cycle_text + w_latent*cycle_latent "
+            f"(weights {terms.weights}) recomputed from the passes\n{m}"
+        ),
+    )
     for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
         measure(name, float(getattr(terms, name)))
     measure("noise_used", ", ".join(f"{k}: {v}" for k, v in terms.noise.items()))
@@ -113,7 +161,8 @@ def check_categorical_sampling(ctx, measure):
             want = want.squeeze(-1).clamp(max=l2t_logits.shape[-1] - 1)
             assert torch.equal(pseudo, want), (
                 f"categorical pseudo tokens are not the inverse CDF of softmax(L2T logits) at the injected "
-                f"uniforms ({int((pseudo != want).sum())} of {pseudo.numel()} differ)")
+                f"uniforms ({int((pseudo != want).sum())} of {pseudo.numel()} differ)"
+            )
             exact_checked = True
     logits, ids = torch.cat(logits), torch.cat(ids)
     pit = oracle.categorical_pit(logits, ids, torch.Generator().manual_seed(67))
@@ -126,18 +175,23 @@ def check_categorical_sampling(ctx, measure):
     assert p_value >= spec["alpha"], (
         f"categorical pseudo tokens are not distributed as softmax(L2T logits): chi-square {statistic:.1f} on "
         f"{spec['bins']} bins of the probability integral transform, p = {p_value:.2g} < alpha {spec['alpha']} "
-        f"({ids.numel()} draws)")
+        f"({ids.numel()} draws)"
+    )
 
 
 def check_ramp(ctx, measure):
     """The total at steps around each term's warmup and ramp follows `oracle.ramp`."""
     if not ctx.cycle_subject.spec.accepts_step:
         loss = ctx.cycle_config_for().loss
-        ramps = [t for t in ("cycle_text", "cycle_latent")
-                 if loss[f"{t}_warmup_steps"] > 0 or loss[f"{t}_ramp_steps"] > 0]
-        measure("ramp", "the trainer takes no step=, so no loop can drive its warmup/ramp"
-                + (f"; the config ramps {', '.join(ramps)}, which the trainer cannot follow" if ramps else ""),
-                review=True)
+        ramps = [
+            t for t in ("cycle_text", "cycle_latent") if loss[f"{t}_warmup_steps"] > 0 or loss[f"{t}_ramp_steps"] > 0
+        ]
+        measure(
+            "ramp",
+            "the trainer takes no step=, so no loop can drive its warmup/ramp"
+            + (f"; the config ramps {', '.join(ramps)}, which the trainer cannot follow" if ramps else ""),
+            review=True,
+        )
         return
     batch = ctx.batch(2, seed=67)
     draws = ctx.draws(batch, seed=67)
@@ -146,13 +200,19 @@ def check_ramp(ctx, measure):
     for step in RAMP_STEPS:
         record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
         terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
-        torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
-                                   msg=lambda m, s=step, w=terms.weights: f"step {s}: the total does not follow the ramped weights "
-                                                         f"{w}\n{m}")
+        torch.testing.assert_close(
+            record.loss.detach().double().cpu(),
+            terms.total,
+            **tol(ctx.oracle_tolerance),
+            msg=lambda m, s=step, w=terms.weights: f"step {s}: the total does not follow the ramped weights {w}\n{m}",
+        )
         seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
         if step == 0 and len(record.passes) > 2:
-            measure("passes_in_warmup", f"{len(record.passes)} ({', '.join(record.kinds)}) while both weights are 0",
-                    review=True)
+            measure(
+                "passes_in_warmup",
+                f"{len(record.passes)} ({', '.join(record.kinds)}) while both weights are 0",
+                review=True,
+            )
     measure("ramp_weights_text/latent", " ".join(seen))
 
 
@@ -163,10 +223,13 @@ def _latent_head_grad(ctx, stop_grad: bool) -> tuple[float, bool]:
     unfreeze(model)
     model.zero_grad(set_to_none=True)
     batch = ctx.batch(2, seed=68)
-    record = ctx.run_cycle(batch, settings=dict(STOP_GRAD, cycle_stop_grad_latent=stop_grad), step=0,
-                           draws=ctx.draws(batch, seed=68))
+    record = ctx.run_cycle(
+        batch, settings=dict(STOP_GRAD, cycle_stop_grad_latent=stop_grad), step=0, draws=ctx.draws(batch, seed=68)
+    )
     record.loss.backward()
-    grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith("latent_head") and p.grad is not None]
+    grads = [
+        p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith("latent_head") and p.grad is not None
+    ]
     model.zero_grad(set_to_none=True)
     return (float(sum(grads)) if grads else 0.0), record.one(CYCLE_TEXT).latents_require_grad
 
@@ -178,15 +241,19 @@ def check_stop_grad(ctx, measure):
     measure("latent_head_grad_stop_grad_off", flowing)
     assert not stopped_graph and stopped == 0.0, (
         f"cycle_stop_grad_latent=true, yet the x0 fed to cycle_text {'carries' if stopped_graph else 'lacks'} an "
-        f"autograd graph and cycle_text sends |grad| {stopped:.3g} into latent_head")
-    assert flowing_graph and flowing > 0.0, "cycle_stop_grad_latent=false sends no gradient into latent_head: " \
-                                            "the check has no power"
+        f"autograd graph and cycle_text sends |grad| {stopped:.3g} into latent_head"
+    )
+    assert flowing_graph and flowing > 0.0, (
+        "cycle_stop_grad_latent=false sends no gradient into latent_head: the check has no power"
+    )
 
 
 CHECKS = {
     "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "weights0_equal_stable_batch_1": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, 1),
-    "weights0_equal_stable_batch_n": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, ctx.options.batch_size),
+    "weights0_equal_stable_batch_n": lambda ctx, measure: check_weights_zero_equal_stable(
+        ctx, measure, ctx.options.batch_size
+    ),
     "terms_recomputed": check_terms_recomputed,
     "categorical_sampling": check_categorical_sampling,
     "ramp": check_ramp,

@@ -16,6 +16,7 @@ that rebuilds the model from the checkpoint under test, joins a gloo group on a 
 with a 60 s timeout, and writes its losses and gradients to a file; every worker's exit code is
 checked and the group is torn down.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,18 @@ pytestmark = [pytest.mark.compat_row("ddp"), pytest.mark.ddp]
 WORLD = 2
 SEED = 130
 TIMEOUT_S = 60
-CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
-             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
+CYCLE = row_settings(
+    dict(
+        latent_t_mode="full",
+        cycle_text_weight=0.5,
+        cycle_latent_weight=0.5,
+        cycle_latent_sampling="argmax",
+        cycle_text_warmup_steps=0,
+        cycle_text_ramp_steps=0,
+        cycle_latent_warmup_steps=0,
+        cycle_latent_ramp_steps=0,
+    )
+)
 SETTINGS = ("stable_t2l", "cycle")
 
 
@@ -68,15 +79,18 @@ def shard(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor
     out = {}
     for key, value in tensors.items():
         half = value.shape[0] // WORLD
-        out[key] = value[rank * half:(rank + 1) * half]
+        out[key] = value[rank * half : (rank + 1) * half]
     return out
 
 
 def step(ctx, setting: str, batch, draws, model):
     """One single-process step and backward of the setting's trainer; its loss."""
     run = ctx.run_stable if setting == "stable_t2l" else ctx.run_cycle
-    record = run("t2l", batch, config=config_for(ctx, setting), draws=draws, model=model) \
-        if setting == "stable_t2l" else run(batch, config=config_for(ctx, setting), draws=draws, model=model)
+    record = (
+        run("t2l", batch, config=config_for(ctx, setting), draws=draws, model=model)
+        if setting == "stable_t2l"
+        else run(batch, config=config_for(ctx, setting), draws=draws, model=model)
+    )
     record.loss.backward()
     return record.loss.detach()
 
@@ -87,8 +101,9 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
 
     try:
         torch.set_num_threads(1)
-        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
         dctx = training.init_distributed("cpu", timeout=timedelta(seconds=TIMEOUT_S))
         try:
             batch, draws = inputs(ctx)
@@ -98,12 +113,15 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
                 config, subject = config_for(ctx, setting), subject_of(ctx, setting)
                 trainer = subject.build(model, ctx.vocab, dtype_from_config(config), config)
                 assert isinstance(getattr(trainer, "model", None), torch.nn.Module), (
-                    f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP")
+                    f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP"
+                )
                 training.wrap_model_for_ddp(trainer, dctx.device)
                 loss, _, _, _ = subject.call(trainer, shard(batch, rank), draws=shard(draws, rank), seed=SEED + rank)
                 loss.backward()
-                results[setting] = {"loss": loss.detach().clone(),
-                                    "grads": grads_by_name(training.bare_model(trainer.model))}
+                results[setting] = {
+                    "loss": loss.detach().clone(),
+                    "grads": grads_by_name(training.bare_model(trainer.model)),
+                }
             torch.save(results, out_dir / f"rank{rank}.pt")
         finally:
             dist.destroy_process_group()
@@ -140,8 +158,10 @@ def run_ddp(ctx) -> list[dict]:
         if error.exists():
             problems.append(f"rank {rank} raised:\n{error.read_text().strip().splitlines()[-1]}")
         elif w.exitcode != 0:
-            problems.append(f"rank {rank} exited with code {w.exitcode}"
-                            + (" (stopped: it did not finish in time)" if w.exitcode and w.exitcode < 0 else ""))
+            problems.append(
+                f"rank {rank} exited with code {w.exitcode}"
+                + (" (stopped: it did not finish in time)" if w.exitcode and w.exitcode < 0 else "")
+            )
     assert not problems, "DDP workers failed: " + "; ".join(problems)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
@@ -152,8 +172,10 @@ def check_ddp_matches_single_process(ctx, measure):
     if ctx.device.type != "cpu":
         not_applicable(f"the DDP row runs gloo on the CPU; --compat-device is {ctx.device}")
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        not_applicable("this process has already used CUDA, and forked workers cannot (run the DDP row in a "
-                    "session that has not touched CUDA, e.g. without -m gpu)")
+        not_applicable(
+            "this process has already used CUDA, and forked workers cannot (run the DDP row in a "
+            "session that has not touched CUDA, e.g. without -m gpu)"
+        )
     ctx.semantic_model()
     ranks = run_ddp(ctx)
     batch, draws = inputs(ctx)
@@ -162,26 +184,41 @@ def check_ddp_matches_single_process(ctx, measure):
         loss = step(ctx, setting, batch, draws, model)
         want = grads_by_name(model)
         losses = torch.stack([r[setting]["loss"] for r in ranks])
-        torch.testing.assert_close(losses.mean(), loss, **tol("float32_batching"),
-                                   msg=lambda m, s=setting: f"{s}: the mean of the {WORLD} ranks' losses differs from "
-                                                            f"the single-process full-batch loss\n{m}")
+        torch.testing.assert_close(
+            losses.mean(),
+            loss,
+            **tol("float32_batching"),
+            msg=lambda m, s=setting: (
+                f"{s}: the mean of the {WORLD} ranks' losses differs from the single-process full-batch loss\n{m}"
+            ),
+        )
         got = ranks[0][setting]["grads"]
         for rank in range(1, WORLD):
             other = ranks[rank][setting]["grads"]
             assert other.keys() == got.keys() and all(torch.equal(other[n], got[n]) for n in got), (
-                f"{setting}: rank {rank}'s gradients after DDP's all-reduce differ from rank 0's")
+                f"{setting}: rank {rank}'s gradients after DDP's all-reduce differ from rank 0's"
+            )
         extra = sorted(set(got) - set(want))
         missing = sorted(set(want) - set(got))
-        assert not extra, (f"{setting}: under DDP {len(extra)} parameter(s) get a gradient that the single process "
-                           f"leaves None ({', '.join(extra[:3])}): frozen weights would move (weight decay)")
-        assert not missing, (f"{setting}: under DDP {len(missing)} parameter(s) get no gradient "
-                             f"({', '.join(missing[:3])}): DDP did not synchronise them")
+        assert not extra, (
+            f"{setting}: under DDP {len(extra)} parameter(s) get a gradient that the single process "
+            f"leaves None ({', '.join(extra[:3])}): frozen weights would move (weight decay)"
+        )
+        assert not missing, (
+            f"{setting}: under DDP {len(missing)} parameter(s) get no gradient "
+            f"({', '.join(missing[:3])}): DDP did not synchronise them"
+        )
         worst = 0.0
         for name, g in want.items():
             worst = max(worst, float((got[name] - g).abs().max()))
-            torch.testing.assert_close(got[name], g, **tol("float32_batching"),
-                                       msg=lambda m, n=name, s=setting: f"{s}: DDP-averaged gradient of {n} differs "
-                                                                        f"from the single-process full batch\n{m}")
+            torch.testing.assert_close(
+                got[name],
+                g,
+                **tol("float32_batching"),
+                msg=lambda m, n=name, s=setting: (
+                    f"{s}: DDP-averaged gradient of {n} differs from the single-process full batch\n{m}"
+                ),
+            )
         measure(f"{setting}_loss_abs_diff", float((losses.mean() - loss).abs()))
         measure(f"{setting}_grad_max_abs_diff", worst)
 

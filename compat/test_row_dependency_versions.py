@@ -15,6 +15,7 @@ the checkpoint was written with must equal the installed ones. Checked:
   follows the pins: mmdit, hyper-connections and x-transformers must be pinned exactly and
   installed at the pin; torch must be inside its range.
 """
+
 from __future__ import annotations
 
 from importlib import metadata as importlib_metadata
@@ -85,12 +86,17 @@ def check_recorded_vs_installed(ctx, measure):
     library = checkpoints.compare_versions(recorded)
     assert library == differing, (
         f"latentDLM_mmdit.checkpoints.compare_versions reports {library or 'no difference'} where the recorded "
-        f"and installed versions differ by {differing or 'nothing'}: the loader would warn wrongly")
+        f"and installed versions differ by {differing or 'nothing'}: the loader would warn wrongly"
+    )
     assert not differing, (
-        "the checkpoint was written with " + ", ".join(f"{k} {v[0]}" for k, v in differing.items())
-        + " but " + ", ".join(f"{k} {v[1]}" for k, v in differing.items()) + " is installed: outputs can "
+        "the checkpoint was written with "
+        + ", ".join(f"{k} {v[0]}" for k, v in differing.items())
+        + " but "
+        + ", ".join(f"{k} {v[1]}" for k, v in differing.items())
+        + " is installed: outputs can "
         "change even when the weights load (hyper-connections changed its forward without changing the layout); "
-        "install the recorded versions or re-check the outputs")
+        "install the recorded versions or re-check the outputs"
+    )
 
 
 def check_installed_match_pins(ctx, measure):
@@ -102,16 +108,19 @@ def check_installed_match_pins(ctx, measure):
         assert req is not None, f"{where} does not require {name}: it must be pinned exactly"
         pins = [s.version for s in req.specifier if s.operator == "=="]
         assert len(pins) == 1 and len(req.specifier) == 1, (
-            f"{where} requires {req}, not an exact pin: {name} changes outputs between versions, pin it with ==")
+            f"{where} requires {req}, not an exact pin: {name} changes outputs between versions, pin it with =="
+        )
         measure(f"pin_{name}", pins[0])
         assert installed[name] == pins[0], (
             f"installed {name} {installed[name]} differs from the pin {name}=={pins[0]} ({where}): "
-            "outputs can differ from the recorded fixtures and checkpoints")
+            "outputs can differ from the recorded fixtures and checkpoints"
+        )
     torch_req = by_name.get("torch")
     if torch_req is not None:
         measure("torch_range", str(torch_req.specifier))
         assert torch_req.specifier.contains(Version(installed["torch"]), prereleases=True), (
-            f"installed torch {installed['torch']} is outside the supported range {torch_req.specifier} ({where})")
+            f"installed torch {installed['torch']} is outside the supported range {torch_req.specifier} ({where})"
+        )
 
 
 CHECKS = {

@@ -14,6 +14,7 @@ on the same batches, by observing what the model is given:
   (REVIEW): on a cluster its numbers depend on everything else that draws;
 - another `training.seed` gives other losses (the seed reaches the trainer's generator).
 """
+
 from __future__ import annotations
 
 import random
@@ -31,10 +32,20 @@ pytestmark = pytest.mark.compat_row("determinism")
 STEPS = 3
 SEED = 110
 BATCH = 2
-CYCLE_RANDOM = row_settings(dict(latent_t_mode="random", cycle_latent_sampling="categorical", cycle_text_weight=0.5,
-                    cycle_latent_weight=0.5, cycle_text_warmup_steps=0, cycle_text_ramp_steps=0,
-                    cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0, cycle_latent_t_min=0.1,
-                    cycle_latent_t_max=0.9))
+CYCLE_RANDOM = row_settings(
+    dict(
+        latent_t_mode="random",
+        cycle_latent_sampling="categorical",
+        cycle_text_weight=0.5,
+        cycle_latent_weight=0.5,
+        cycle_text_warmup_steps=0,
+        cycle_text_ramp_steps=0,
+        cycle_latent_warmup_steps=0,
+        cycle_latent_ramp_steps=0,
+        cycle_latent_t_min=0.1,
+        cycle_latent_t_max=0.9,
+    )
+)
 CYCLE_FULL = row_settings(dict(CYCLE_RANDOM, latent_t_mode="full", cycle_latent_sampling="argmax"))
 
 
@@ -83,17 +94,25 @@ def twice(ctx, measure, label: str, run) -> list:
     second = run_steps(ctx, run)
     changed = changed_rngs(before, global_rng_state(ctx))
     for step, (a, b) in enumerate(zip(first, second)):
-        assert torch.equal(a.loss, b.loss), (f"{label}: step {step} loss {a.loss.item()!r} then {b.loss.item()!r} "
-                                             "with the same seed")
+        assert torch.equal(a.loss, b.loss), (
+            f"{label}: step {step} loss {a.loss.item()!r} then {b.loss.item()!r} with the same seed"
+        )
         assert a.kinds == b.kinds and all(torch.equal(x, y) for x, y in zip(inputs_of(a), inputs_of(b))), (
-            f"{label}: step {step} gave the model other inputs with the same seed (passes {a.kinds} / {b.kinds})")
+            f"{label}: step {step} gave the model other inputs with the same seed (passes {a.kinds} / {b.kinds})"
+        )
     if first[0].draw_mode == CAPTURED:
-        measure(f"{label}_draws", "from the global RNG, captured and served by the harness (deterministic here; "
-                "on a cluster they depend on everything else that draws, and differ across ranks)", review=True)
+        measure(
+            f"{label}_draws",
+            "from the global RNG, captured and served by the harness (deterministic here; "
+            "on a cluster they depend on everything else that draws, and differ across ranks)",
+            review=True,
+        )
     else:
-        assert not changed, (f"{label}: the trainer changed the global {', '.join(changed)} RNG state: it draws "
-                             "from the global RNG, so its numbers depend on everything else that draws and differ "
-                             "across runs and DDP ranks; draw from the trainer's own generator")
+        assert not changed, (
+            f"{label}: the trainer changed the global {', '.join(changed)} RNG state: it draws "
+            "from the global RNG, so its numbers depend on everything else that draws and differ "
+            "across runs and DDP ranks; draw from the trainer's own generator"
+        )
         measure(f"{label}_draws", first[0].draw_mode if first[0].draws else "its own generator")
     measure(f"{label}_losses", ",".join(f"{r.loss.item():.6g}" for r in first))
     return first
@@ -101,28 +120,44 @@ def twice(ctx, measure, label: str, run) -> list:
 
 def check_stable_unconditional(ctx, measure):
     ctx.semantic_model()
-    records = twice(ctx, measure, "stable_unconditional",
-                    lambda batch, step, after: ctx.run_stable("unconditional", batch, step=step, grad=False,
-                                                              seed=SEED + step, after=after))
+    records = twice(
+        ctx,
+        measure,
+        "stable_unconditional",
+        lambda batch, step, after: ctx.run_stable(
+            "unconditional", batch, step=step, grad=False, seed=SEED + step, after=after
+        ),
+    )
     ts = torch.stack([r.passes[0].timestep("text") for r in records])
     assert not bool((ts == ts[0, 0]).all()), "the unconditional steps drew no text timesteps: nothing was exercised"
 
 
 def check_cycle_random_categorical(ctx, measure):
     ctx.semantic_model()
-    records = twice(ctx, measure, "cycle_random",
-                    lambda batch, step, after: ctx.run_cycle(batch, settings=CYCLE_RANDOM, step=step, grad=False,
-                                                             seed=SEED + step, after=after))
+    records = twice(
+        ctx,
+        measure,
+        "cycle_random",
+        lambda batch, step, after: ctx.run_cycle(
+            batch, settings=CYCLE_RANDOM, step=step, grad=False, seed=SEED + step, after=after
+        ),
+    )
     ts = torch.stack([r.one(T2L).timestep("latent") for r in records])
     assert not bool((ts == 1).any()) and ts.unique().numel() > 1, (
-        f"random mode drew no varying latent t ({ts.flatten().tolist()}): determinism was not exercised")
+        f"random mode drew no varying latent t ({ts.flatten().tolist()}): determinism was not exercised"
+    )
 
 
 def check_cycle_full(ctx, measure):
     ctx.semantic_model()
-    twice(ctx, measure, "cycle_full",
-          lambda batch, step, after: ctx.run_cycle(batch, settings=CYCLE_FULL, step=step, grad=False,
-                                                   seed=SEED + step, after=after))
+    twice(
+        ctx,
+        measure,
+        "cycle_full",
+        lambda batch, step, after: ctx.run_cycle(
+            batch, settings=CYCLE_FULL, step=step, grad=False, seed=SEED + step, after=after
+        ),
+    )
 
 
 def check_seed_matters(ctx, measure):
@@ -131,16 +166,25 @@ def check_seed_matters(ctx, measure):
     other = {"training.seed": seed + 1}
     batch = ctx.batch(BATCH, seed=SEED)
     for label, _subject, run in (
-            ("stable", ctx.stable_subject,
-             lambda extra: ctx.run_stable("unconditional", batch, settings=extra, grad=False)),
-            ("cycle", ctx.cycle_subject, lambda extra: ctx.run_cycle(batch, settings={**CYCLE_RANDOM, **extra},
-                                                                     grad=False))):
+        (
+            "stable",
+            ctx.stable_subject,
+            lambda extra: ctx.run_stable("unconditional", batch, settings=extra, grad=False),
+        ),
+        (
+            "cycle",
+            ctx.cycle_subject,
+            lambda extra: ctx.run_cycle(batch, settings={**CYCLE_RANDOM, **extra}, grad=False),
+        ),
+    ):
         a, b = run({}), run(other)
         if a.draw_mode == CAPTURED:
             measure(f"{label}_seed", "n/a: the trainer draws from the global RNG, which the harness serves")
             continue
-        assert not torch.equal(a.loss, b.loss), (f"{label}: training.seed {seed} and {seed + 1} give the same loss "
-                                                 f"{a.loss.item()!r}: the seed does not reach the trainer's generator")
+        assert not torch.equal(a.loss, b.loss), (
+            f"{label}: training.seed {seed} and {seed + 1} give the same loss "
+            f"{a.loss.item()!r}: the seed does not reach the trainer's generator"
+        )
     measure("seed_changes_losses", "yes")
 
 

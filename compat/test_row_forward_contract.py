@@ -14,6 +14,7 @@ under test, from what each trainer gives the model (observed passes, never its a
   here (defect 1);
 - padding content cannot reach the latent prediction (the attention mask is applied).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,9 +30,18 @@ from compat.terms import cycle_terms
 pytestmark = pytest.mark.compat_row("forward_contract")
 
 # Every term on, argmax pseudo tokens, no ramp: the cycle step makes all four passes.
-CYCLE_ALL_TERMS = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.3, "cycle_latent_weight": 0.2,
-                   "cycle_latent_sampling": "argmax", "cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0,
-                   "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0})
+CYCLE_ALL_TERMS = row_settings(
+    {
+        "latent_t_mode": "full",
+        "cycle_text_weight": 0.3,
+        "cycle_latent_weight": 0.2,
+        "cycle_latent_sampling": "argmax",
+        "cycle_text_warmup_steps": 0,
+        "cycle_text_ramp_steps": 0,
+        "cycle_latent_warmup_steps": 0,
+        "cycle_latent_ramp_steps": 0,
+    }
+)
 EXPECTED_PASSES = {"stable_l2t": [L2T], "stable_t2l": [T2L], "cycle": [T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]}
 
 
@@ -51,23 +61,34 @@ def check_keywords_and_shapes(ctx, measure):
     for setting, expected in EXPECTED_PASSES.items():
         record = run(ctx, setting, batch, draws)
         assert sorted(record.kinds) == sorted(expected), (
-            f"{setting}: the step made passes {record.kinds}, expected {expected}")
+            f"{setting}: the step made passes {record.kinds}, expected {expected}"
+        )
         for p in record.passes:
             shape = tuple(p.latents.shape)
             assert shape in ((B, 1, ctx.latent_dim), (B, ctx.latent_dim)), (
-                f"{setting} {p.kind} pass: latents passed as {list(shape)}, expected [B,1,D] = {[B, 1, ctx.latent_dim]}")
+                f"{setting} {p.kind} pass: latents passed as {list(shape)}, expected [B,1,D] = {[B, 1, ctx.latent_dim]}"
+            )
             if shape == (B, ctx.latent_dim):
                 flat_latents.append(f"{setting} {p.kind}")
-            assert p.attention_mask is not None and torch.equal(p.attention_mask.bool().cpu(),
-                                                                batch["attention_mask"].bool().cpu()), (
-                f"{setting} {p.kind} pass: the batch's attention mask was not passed to the model")
+            assert p.attention_mask is not None and torch.equal(
+                p.attention_mask.bool().cpu(), batch["attention_mask"].bool().cpu()
+            ), f"{setting} {p.kind} pass: the batch's attention mask was not passed to the model"
     if flat_latents:
         measure("latents_passed_as_BD", ", ".join(flat_latents) + " (the review's contract is [B,1,D])", review=True)
     with torch.no_grad():
-        out = model(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None,
-                    latent_timesteps=None, attention_mask=batch["attention_mask"])
-    expected = [(B, S, model.vocab_size), (B, 1, ctx.latent_dim)] + ([(B, S, model.vocab_size)] if model.cluster_size else [])
-    assert [tuple(o.shape) for o in out] == expected, f"model outputs {[tuple(o.shape) for o in out]}, expected {expected}"
+        out = model(
+            text_tokens=batch["input_ids"],
+            latents=batch["latent"],
+            text_timesteps=None,
+            latent_timesteps=None,
+            attention_mask=batch["attention_mask"],
+        )
+    expected = [(B, S, model.vocab_size), (B, 1, ctx.latent_dim)] + (
+        [(B, S, model.vocab_size)] if model.cluster_size else []
+    )
+    assert [tuple(o.shape) for o in out] == expected, (
+        f"model outputs {[tuple(o.shape) for o in out]}, expected {expected}"
+    )
     measure("arguments", ",".join(FORWARD_ARGUMENTS))
     measure("latent_pred", "[B,1,D]")
 
@@ -77,8 +98,13 @@ def check_cluster_head(ctx, measure):
     cluster = ctx.proxy_model(cluster_size=4)  # the trainers' handling of three outputs, at any scale
     batch = ctx.batch(2, seed=2)
     with torch.no_grad():
-        out = cluster(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=None,
-                      latent_timesteps=None, attention_mask=batch["attention_mask"])
+        out = cluster(
+            text_tokens=batch["input_ids"],
+            latents=batch["latent"],
+            text_timesteps=None,
+            latent_timesteps=None,
+            attention_mask=batch["attention_mask"],
+        )
     assert len(out) == 3, f"cluster-head model returned {len(out)} outputs"
     draws = ctx.draws(batch, seed=2)
     for setting in EXPECTED_PASSES:
@@ -96,19 +122,30 @@ def _batching(ctx, measure, setting: str):
     singles = [run(ctx, setting, slice_batch(batch, i), sample_draws(draws, i)) for i in range(B)]
     got = batched.loss.detach().double().cpu()
     mean = torch.stack([s.loss.detach().double().cpu() for s in singles]).mean()
-    torch.testing.assert_close(got, mean, **tol("float32_batching"),
-                               msg=lambda m: f"{setting}: the loss of a batch of {B} differs from the mean of its "
-                                             f"samples' losses run one at a time (a loss term mixes samples, e.g. "
-                                             f"[B,1,D] against [B,D] broadcasting to [B,B,D])\n{m}")
+    torch.testing.assert_close(
+        got,
+        mean,
+        **tol("float32_batching"),
+        msg=lambda m: (
+            f"{setting}: the loss of a batch of {B} differs from the mean of its "
+            f"samples' losses run one at a time (a loss term mixes samples, e.g. "
+            f"[B,1,D] against [B,D] broadcasting to [B,B,D])\n{m}"
+        ),
+    )
     if setting == "cycle":  # and term by term, from the observed passes
         config = ctx.cycle_config_for(CYCLE_ALL_TERMS)
         terms = cycle_terms(batched, batch, config, None, ctx.x0_of(batch), ctx.oracle_tolerance)
-        each = [cycle_terms(s, slice_batch(batch, i), config, None, ctx.x0_of(slice_batch(batch, i)),
-                            ctx.oracle_tolerance) for i, s in enumerate(singles)]
+        each = [
+            cycle_terms(s, slice_batch(batch, i), config, None, ctx.x0_of(slice_batch(batch, i)), ctx.oracle_tolerance)
+            for i, s in enumerate(singles)
+        ]
         for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
-            torch.testing.assert_close(getattr(terms, name), torch.stack([getattr(e, name) for e in each]).mean(),
-                                       **tol("float32_batching"),
-                                       msg=lambda m, n=name: f"cycle: the batch's {n} term differs from its samples'\n{m}")
+            torch.testing.assert_close(
+                getattr(terms, name),
+                torch.stack([getattr(e, name) for e in each]).mean(),
+                **tol("float32_batching"),
+                msg=lambda m, n=name: f"cycle: the batch's {n} term differs from its samples'\n{m}",
+            )
     measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()))
     measure(f"{setting}_draws", batched.draw_mode)
 
@@ -139,9 +176,14 @@ def check_padding_does_not_leak(ctx, measure):
     other["input_ids"] = torch.where(pad, scrambled, batch["input_ids"])
     for setting in ("stable_t2l", "cycle"):
         a, b = run(ctx, setting, batch, draws).one(T2L), run(ctx, setting, other, draws).one(T2L)
-        torch.testing.assert_close(b.outputs[1], a.outputs[1], **tol("float32_loss"),
-                                   msg=lambda m, s=setting: f"{s}: padding content changed the T2L latent prediction "
-                                                           f"(attention mask not applied)\n{m}")
+        torch.testing.assert_close(
+            b.outputs[1],
+            a.outputs[1],
+            **tol("float32_loss"),
+            msg=lambda m, s=setting: (
+                f"{s}: padding content changed the T2L latent prediction (attention mask not applied)\n{m}"
+            ),
+        )
     measure("padding_leak", "none")
 
 

@@ -24,6 +24,7 @@ reaches text_head. The terms' reach beyond the stable modes (T2L also trains the
 stable t2l froze; L2T also trains the latent encoder that stable l2t froze) is a behaviour
 difference, not a crash: measured with review.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,15 +108,22 @@ def stable_reach(ctx, mode: str) -> tuple[set[str], dict]:
     return _reached(grads), grads
 
 
-def cycle_term_grads(ctx, latent_loss_weight: float, w_text: float, w_latent: float,
-                     stop_grad: bool = True) -> dict:
+def cycle_term_grads(ctx, latent_loss_weight: float, w_text: float, w_latent: float, stop_grad: bool = True) -> dict:
     """Gradients of the cycle loss with these weights (full mode, argmax pseudo tokens, no ramp)."""
     model = ctx.semantic_model()
     batch, draws = _inputs(ctx)
-    settings = dict(latent_t_mode="full", cycle_latent_sampling="argmax", latent_loss_weight=latent_loss_weight,
-                    cycle_text_weight=w_text, cycle_latent_weight=w_latent, cycle_text_warmup_steps=0,
-                    cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0,
-                    cycle_stop_grad_latent=stop_grad)
+    settings = dict(
+        latent_t_mode="full",
+        cycle_latent_sampling="argmax",
+        latent_loss_weight=latent_loss_weight,
+        cycle_text_weight=w_text,
+        cycle_latent_weight=w_latent,
+        cycle_text_warmup_steps=0,
+        cycle_text_ramp_steps=0,
+        cycle_latent_warmup_steps=0,
+        cycle_latent_ramp_steps=0,
+        cycle_stop_grad_latent=stop_grad,
+    )
     return _grads(model, lambda: ctx.run_cycle(batch, settings=settings, step=0, draws=draws).loss)
 
 
@@ -139,10 +147,11 @@ def check_stable_modes(ctx, measure):
             reached, grads = stable_reach(ctx, mode)
             got = _groups(reached)
             measure(f"stable_{mode}_groups", _fmt(got))
-            leaked = sorted(n for n, g in grads.items()
-                            if parameter_group(n) in frozen_groups(mode) and g is not None)
-            assert not leaked, (f"stable {mode} should freeze the {'/'.join(frozen_groups(mode))} group, yet "
-                                f"{len(leaked)} of its parameters got a gradient ({', '.join(leaked[:3])})")
+            leaked = sorted(n for n, g in grads.items() if parameter_group(n) in frozen_groups(mode) and g is not None)
+            assert not leaked, (
+                f"stable {mode} should freeze the {'/'.join(frozen_groups(mode))} group, yet "
+                f"{len(leaked)} of its parameters got a gradient ({', '.join(leaked[:3])})"
+            )
             assert got == want, f"stable {mode} updates groups {_fmt(got)}, upstream's {mode} updates {_fmt(want)}"
 
 
@@ -156,21 +165,26 @@ def check_cycle_terms(ctx, measure):
     for term in reach:
         assert reach[term], f"the {term} term of the cycle trainer sends no gradient anywhere (term inert)"
     forbidden = {"base_L2T": "latent_head", "cycle_text": "latent_head", "cycle_latent": "text_head"}
-    why = {"base_L2T": "the L2T loss is a text loss: latent_head must not be in its graph",
-           "cycle_text": "cycle_stop_grad_latent=true must detach the x0 estimate from the T2L prediction",
-           "cycle_latent": "pseudo tokens must be detached from the L2T logits"}
+    why = {
+        "base_L2T": "the L2T loss is a text loss: latent_head must not be in its graph",
+        "cycle_text": "cycle_stop_grad_latent=true must detach the x0 estimate from the T2L prediction",
+        "cycle_latent": "pseudo tokens must be detached from the L2T logits",
+    }
     for term, module in forbidden.items():
         hit = sorted(n for n in reach[term] if n.split(".")[0] == module)
-        assert not hit, (f"the {term} term of the cycle trainer sends gradient into {module} "
-                         f"({', '.join(hit[:3])}): {why[term]}")
+        assert not hit, (
+            f"the {term} term of the cycle trainer sends gradient into {module} ({', '.join(hit[:3])}): {why[term]}"
+        )
     measure("forbidden_paths", "none (" + ", ".join(f"{t}->{m}" for t, m in forbidden.items()) + ")")
     # Behaviour differences from the stable modes (pretrained reuse), reported, not failing.
     for term, mode in (("base_T2L", "t2l"), ("base_L2T", "l2t")):
         beyond = {n for n in reach[term] if parameter_group(n) in frozen_groups(mode)}
         if beyond:
-            measure(f"{term}_beyond_stable_{mode}",
-                    f"also updates {_fmt(_groups(beyond))} ({_fmt(_modules(beyond))}), frozen by stable {mode}",
-                    review=True)
+            measure(
+                f"{term}_beyond_stable_{mode}",
+                f"also updates {_fmt(_groups(beyond))} ({_fmt(_modules(beyond))}), frozen by stable {mode}",
+                review=True,
+            )
 
 
 def check_cycle_total(ctx, measure):
@@ -186,9 +200,12 @@ def check_cycle_total(ctx, measure):
     missing_groups = _groups(stable) - _groups(reached)
     missing_modules = _modules(stable) - _modules(reached)
     missing = ([f"group(s) {_fmt(missing_groups)}"] if missing_groups else []) + (
-        [f"module(s) {_fmt(missing_modules)}"] if missing_modules else [])
-    assert not missing, (f"the configured cycle step sends no gradient to {' and '.join(missing)} that the stable "
-                         "modes train: those weights are silently frozen")
+        [f"module(s) {_fmt(missing_modules)}"] if missing_modules else []
+    )
+    assert not missing, (
+        f"the configured cycle step sends no gradient to {' and '.join(missing)} that the stable "
+        "modes train: those weights are silently frozen"
+    )
     assert not frozen_now, f"a cycle trainer step left parameters frozen ({', '.join(frozen_now[:3])})"
 
 

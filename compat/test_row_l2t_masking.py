@@ -7,6 +7,7 @@ t_latent = 0 exactly, the latents are the batch's clean ones; the two passes' lo
 bit-identical (same model, same inputs); each trainer's loss equals the float64 oracle's CE over
 every position of its own L2T logits (the cycle trainer with its other terms weighted 0).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,9 @@ from compat.oracle import ce_every_position, tol
 
 pytestmark = pytest.mark.compat_row("l2t_masking")
 # The cycle loss is then exactly its base L2T term.
-CYCLE_L2T_ONLY = row_settings({"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 0.0,
-                  "cycle_latent_weight": 0.0})
+CYCLE_L2T_ONLY = row_settings(
+    {"latent_t_mode": "full", "latent_loss_weight": 0.0, "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+)
 
 
 def l2t_pass_ok(ctx, label: str, p, batch) -> None:
@@ -30,7 +32,8 @@ def l2t_pass_ok(ctx, label: str, p, batch) -> None:
         t = p.timestep(which)
         assert torch.equal(t, torch.full_like(t, want)), f"{label}: L2T {which} timestep is {t.tolist()}, not {want}"
     assert torch.equal(p.latents_2d.float().cpu(), ctx.x0_of(batch).float()), (
-        f"{label}: the L2T pass is not conditioned on the clean latents")
+        f"{label}: the L2T pass is not conditioned on the clean latents"
+    )
 
 
 def check_l2t_loss(ctx, measure, batch_size):
@@ -42,16 +45,27 @@ def check_l2t_loss(ctx, measure, batch_size):
     s_pass, c_pass = stable.one(L2T), cycle.one(L2T)
     l2t_pass_ok(ctx, "stable l2t", s_pass, batch)
     l2t_pass_ok(ctx, "cycle", c_pass, batch)
-    torch.testing.assert_close(c_pass.outputs[0], s_pass.outputs[0], **tol("bit_exact"),
-                               msg=lambda m: f"the L2T logits differ between the trainers on identical inputs\n{m}")
+    torch.testing.assert_close(
+        c_pass.outputs[0],
+        s_pass.outputs[0],
+        **tol("bit_exact"),
+        msg=lambda m: f"the L2T logits differ between the trainers on identical inputs\n{m}",
+    )
     ids = batch["input_ids"].cpu()
     for label, record, p in (("stable l2t", stable, s_pass), ("cycle", cycle, c_pass)):
         want = ce_every_position(p.outputs[0].cpu(), ids)
-        torch.testing.assert_close(record.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
-                                   msg=lambda m, lbl=label: f"{lbl}: the L2T loss is not CE over every position "
-                                                          f"(padding included)\n{m}")
-    torch.testing.assert_close(cycle.loss.detach().cpu(), stable.loss.detach().cpu(), **tol("float32_loss"),
-                               msg=lambda m: f"the L2T loss differs between the trainers on the same batch\n{m}")
+        torch.testing.assert_close(
+            record.loss.detach().double().cpu(),
+            want,
+            **tol(ctx.oracle_tolerance),
+            msg=lambda m, lbl=label: f"{lbl}: the L2T loss is not CE over every position (padding included)\n{m}",
+        )
+    torch.testing.assert_close(
+        cycle.loss.detach().cpu(),
+        stable.loss.detach().cpu(),
+        **tol("float32_loss"),
+        msg=lambda m: f"the L2T loss differs between the trainers on the same batch\n{m}",
+    )
     measure(f"B{batch_size}_l2t_loss_stable", float(stable.loss))
     measure(f"B{batch_size}_l2t_loss_cycle", float(cycle.loss))
 

@@ -7,6 +7,7 @@ oracle rebuilds the target from x0, the pass's own t and the noise it is shown t
 each trainer's returned loss must be `latent_loss_weight x` that term (stable t2l) or
 `latent_loss_weight x T2L + L2T` (the cycle trainer with its cycle terms weighted 0).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,11 +28,17 @@ WEIGHT = 0.25  # not the default 0.1, so a hard-coded weight shows
 def check_loss_form(ctx, measure, parameterization: str, schedule: str):
     batch = ctx.batch(ctx.options.batch_size, seed=50)
     draws = ctx.draws(batch, seed=50)
-    latent = {"model.latent_parameterization": parameterization, "model.latent_beta_schedule": schedule,
-              "latent_loss_weight": WEIGHT}
+    latent = {
+        "model.latent_parameterization": parameterization,
+        "model.latent_beta_schedule": schedule,
+        "latent_loss_weight": WEIGHT,
+    }
     stable = ctx.run_stable("t2l", batch, settings=latent, draws=draws)
-    cycle = ctx.run_cycle(batch, settings={"latent_t_mode": "full", "cycle_text_weight": 0.0,
-                                           "cycle_latent_weight": 0.0, **latent}, draws=draws)
+    cycle = ctx.run_cycle(
+        batch,
+        settings={"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0, **latent},
+        draws=draws,
+    )
     config = ctx.cycle_config_for(latent)
     sched = LatentSchedule.of(config)
     assert (sched.parameterization, sched.beta_schedule) == (parameterization, schedule)
@@ -40,22 +47,36 @@ def check_loss_form(ctx, measure, parameterization: str, schedule: str):
     stable_term, _ = latent_term(stable, stable.one(T2L), x0, sched, ctx.oracle_tolerance)
     cycle_term, _ = latent_term(cycle, cycle.one(T2L), x0, sched, ctx.oracle_tolerance)
     l2t = oracle.ce_every_position(cycle.one(L2T).outputs[0].cpu(), batch["input_ids"].cpu())
-    torch.testing.assert_close(stable.loss.detach().double().cpu(), WEIGHT * stable_term, **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"{label}: the stable t2l loss is not latent_loss_weight x the normalised "
-                                             f"MSE to the target\n{m}")
-    torch.testing.assert_close(cycle.loss.detach().double().cpu(), WEIGHT * cycle_term + l2t,
-                               **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"{label}: the cycle loss is not latent_loss_weight x T2L (normalised MSE "
-                                             f"to the target) + L2T\n{m}")
-    torch.testing.assert_close(cycle_term, stable_term, **tol("float32_loss"),
-                               msg=lambda m: f"{label}: the T2L latent loss differs between the trainers\n{m}")
+    torch.testing.assert_close(
+        stable.loss.detach().double().cpu(),
+        WEIGHT * stable_term,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: f"{label}: the stable t2l loss is not latent_loss_weight x the normalised MSE to the target\n{m}",
+    )
+    torch.testing.assert_close(
+        cycle.loss.detach().double().cpu(),
+        WEIGHT * cycle_term + l2t,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: (
+            f"{label}: the cycle loss is not latent_loss_weight x T2L (normalised MSE to the target) + L2T\n{m}"
+        ),
+    )
+    torch.testing.assert_close(
+        cycle_term,
+        stable_term,
+        **tol("float32_loss"),
+        msg=lambda m: f"{label}: the T2L latent loss differs between the trainers\n{m}",
+    )
     measure(f"{parameterization}_{schedule}", float(stable_term))
 
 
 CHECKS = {
     "control_sensitivity": sensitivity_control("latent_t", "latents"),
-    **{f"{p}-{s}": (lambda ctx, measure, p=p, s=s: check_loss_form(ctx, measure, p, s))
-          for p in PARAMETERIZATIONS for s in SCHEDULES},
+    **{
+        f"{p}-{s}": (lambda ctx, measure, p=p, s=s: check_loss_form(ctx, measure, p, s))
+        for p in PARAMETERIZATIONS
+        for s in SCHEDULES
+    },
 }
 
 

@@ -23,6 +23,7 @@ draws, with both trainers run under the autocast the training loop uses (`latent
 A `gpu` test in this module (skipped without CUDA) compares CUDA float32 and CUDA autocast against
 CPU float32. The draws are made on the CPU and injected, so every device sees the same numbers.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,13 +37,25 @@ from latentDLM_mmdit.precision import autocast, autocast_dtype
 pytestmark = pytest.mark.compat_row("mixed_precision")
 
 SEED = 100
-CYCLE = row_settings(dict(latent_t_mode="full", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="argmax",
-             cycle_text_warmup_steps=0, cycle_text_ramp_steps=0, cycle_latent_warmup_steps=0, cycle_latent_ramp_steps=0))
+CYCLE = row_settings(
+    dict(
+        latent_t_mode="full",
+        cycle_text_weight=0.5,
+        cycle_latent_weight=0.5,
+        cycle_latent_sampling="argmax",
+        cycle_text_warmup_steps=0,
+        cycle_text_ramp_steps=0,
+        cycle_latent_warmup_steps=0,
+        cycle_latent_ramp_steps=0,
+    )
+)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SETTINGS = ("stable_l2t", "stable_t2l", "cycle")
 # The table's entries per autocast dtype: (losses, gradients).
-AUTOCAST_TOLERANCES = {"bf16": ("autocast_bf16_loss", "autocast_bf16_grad"),
-                       "fp16": ("autocast_fp16_loss", "autocast_fp16_grad")}
+AUTOCAST_TOLERANCES = {
+    "bf16": ("autocast_bf16_loss", "autocast_bf16_grad"),
+    "fp16": ("autocast_fp16_loss", "autocast_fp16_grad"),
+}
 # The reduction check weighs the latent terms up so that they dominate the cycle step's total: a latent
 # MSE reduced in bfloat16 must move the returned loss visibly, not vanish beside the text terms.
 CYCLE_LATENT_HEAVY = row_settings({**CYCLE, "latent_loss_weight": 100.0, "cycle_latent_weight": 100.0})
@@ -66,8 +79,11 @@ def run_all(ctx, model, device, *, mixed_precision="no", dtype=torch.float32, gr
             "stable_t2l": ctx.run_stable("t2l", batch, settings=override, draws=draws, model=model, grad=grad),
             "cycle": ctx.run_cycle(batch, settings={**cycle, **override}, draws=draws, model=model, grad=grad),
         }
-    configs = {"stable_l2t": ctx.stable_config_for("l2t", override), "stable_t2l": ctx.stable_config_for("t2l", override),
-               "cycle": ctx.cycle_config_for({**cycle, **override})}
+    configs = {
+        "stable_l2t": ctx.stable_config_for("l2t", override),
+        "stable_t2l": ctx.stable_config_for("t2l", override),
+        "cycle": ctx.cycle_config_for({**cycle, **override}),
+    }
     return {name: (records[name], configs[name], batch) for name in SETTINGS}
 
 
@@ -107,8 +123,10 @@ def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what:
             bad.append(f"{key}: {value:.6g} vs float32 {ref:.6g} (rel {rel:.2e})")
     for setting, rel in worst.items():
         measure(f"{what}_{setting}_max_rel", rel)
-    assert not bad, (f"{what} differs from the float32 reference beyond tol('{tolerance}') "
-                     f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']}): " + "; ".join(bad))
+    assert not bad, (
+        f"{what} differs from the float32 reference beyond tol('{tolerance}') "
+        f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']}): " + "; ".join(bad)
+    )
     return worst
 
 
@@ -117,11 +135,16 @@ def check_autocast_exercised(ctx, measure):
     want = autocast_dtype(mode)
     runs = run_all(ctx, ctx.semantic_model(), ctx.device, mixed_precision=mode)
     measure("autocast", f"{mode} ({str(want).removeprefix('torch.')}, {ctx.device.type})")
-    wrong = [f"{name} pass {p.kind} returned {sorted({str(o.dtype) for o in p.outputs})}"
-             for name, (r, _, _) in runs.items() for p in r.passes
-             if {o.dtype for o in p.outputs if o.is_floating_point()} != {want}]
-    assert not wrong, (f"under {mode} autocast every model pass should compute in {want}; "
-                       f"{'; '.join(wrong)} (a trainer turned autocast off or ran its model in float32)")
+    wrong = [
+        f"{name} pass {p.kind} returned {sorted({str(o.dtype) for o in p.outputs})}"
+        for name, (r, _, _) in runs.items()
+        for p in r.passes
+        if {o.dtype for o in p.outputs if o.is_floating_point()} != {want}
+    ]
+    assert not wrong, (
+        f"under {mode} autocast every model pass should compute in {want}; "
+        f"{'; '.join(wrong)} (a trainer turned autocast off or ran its model in float32)"
+    )
 
 
 def check_autocast_matches_fp32(ctx, measure):
@@ -155,10 +178,12 @@ def check_autocast_matches_fp32(ctx, measure):
     floor_loss, floor_grad = tol(loss_tol)["rtol"] / 10, rtol / 10
     assert drift["cycle"] <= factor * max(stable_loss, floor_loss), (
         f"the cycle trainer's losses drift {drift['cycle']:.3g} under {mode} autocast, more than {factor} x the "
-        f"stable trainer's {stable_loss:.3g}: the cycle trainer is the one that drifts")
+        f"stable trainer's {stable_loss:.3g}: the cycle trainer is the one that drifts"
+    )
     assert grad_drift["cycle"] <= factor * max(stable_grad, floor_grad), (
         f"the cycle trainer's gradients drift {grad_drift['cycle']:.3g} under {mode} autocast, more than "
-        f"{factor} x the stable trainer's {stable_grad:.3g}: the cycle trainer is the one that drifts")
+        f"{factor} x the stable trainer's {stable_grad:.3g}: the cycle trainer is the one that drifts"
+    )
 
 
 def check_losses_computed_in_float32(ctx, measure):
@@ -173,14 +198,21 @@ def check_losses_computed_in_float32(ctx, measure):
         measure(f"{name}_loss_vs_oracle_rel", rel)
         if not abs(got - want) <= limit["atol"] + limit["rtol"] * abs(want):
             (bad if name.startswith("stable") else low.setdefault(name, [])).append(
-                f"{name}: returned {got:.7g}, oracle from its own {mode} outputs {want:.7g} (rel {rel:.2e})")
-    assert not bad, ("under autocast the stable reference must reduce its loss in float32 from the model's outputs "
-                     f"(tol('autocast_loss_reduction')): " + "; ".join(bad))
+                f"{name}: returned {got:.7g}, oracle from its own {mode} outputs {want:.7g} (rel {rel:.2e})"
+            )
+    assert not bad, (
+        "under autocast the stable reference must reduce its loss in float32 from the model's outputs "
+        "(tol('autocast_loss_reduction')): " + "; ".join(bad)
+    )
     if low:
         # The cycle trainer's own loss code: CUDA autocast runs mse_loss and cross_entropy in float32 by
         # itself, CPU autocast does not, so a reduction in the low dtype here is a risk, not a verdict.
-        measure("cycle_loss_reduced_in_low_precision", "; ".join(low["cycle"]) + " (cast the outputs with .float() "
-                "before the loss to be the same on every device)", review=True)
+        measure(
+            "cycle_loss_reduced_in_low_precision",
+            "; ".join(low["cycle"]) + " (cast the outputs with .float() "
+            "before the loss to be the same on every device)",
+            review=True,
+        )
 
 
 def check_bf16_cast_matches_fp32(ctx, measure):
@@ -210,8 +242,9 @@ def check_cuda_matches_cpu(ctx, measure):
     want = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cpu), cpu), ctx.oracle_tolerance)
     got32 = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda), "cuda_float32")
     compare(got32, want, "cuda_float32", "cuda_fp32", measure)
-    got_amp = loss_values(ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda, mixed_precision=mode),
-                          AUTOCAST_TOLERANCES[mode][0])
+    got_amp = loss_values(
+        ctx, run_all(ctx, ctx.fresh_semantic_model().to(cuda), cuda, mixed_precision=mode), AUTOCAST_TOLERANCES[mode][0]
+    )
     compare(got_amp, want, AUTOCAST_TOLERANCES[mode][0], f"cuda_autocast_{mode}", measure)
 
 

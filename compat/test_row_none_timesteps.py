@@ -5,6 +5,7 @@ against the cycle trainer, which passes zero tensors for clean modalities. Compa
 model's None path equals explicit zeros bit for bit in float32, and if each trainer's clean
 modality really is given t = 0.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -32,11 +33,18 @@ def check_none_equals_zeros(ctx, measure):
     with torch.no_grad():
         for text_t, latent_t, label in cases[:1] if ctx.large else cases:
             got = model(**args, text_timesteps=text_t, latent_timesteps=latent_t)
-            want = model(**args, text_timesteps=zeros if text_t is None else text_t,
-                         latent_timesteps=zeros if latent_t is None else latent_t)
+            want = model(
+                **args,
+                text_timesteps=zeros if text_t is None else text_t,
+                latent_timesteps=zeros if latent_t is None else latent_t,
+            )
             for name, g, w in zip(("text_logits", "latent_pred", "cluster_logits"), got, want):
-                torch.testing.assert_close(g, w, **tol("bit_exact"),
-                                           msg=lambda m, n=name, lbl=label: f"None {lbl} timestep(s) != zeros in {n}\n{m}")
+                torch.testing.assert_close(
+                    g,
+                    w,
+                    **tol("bit_exact"),
+                    msg=lambda m, n=name, lbl=label: f"None {lbl} timestep(s) != zeros in {n}\n{m}",
+                )
     measure("none_vs_zeros_max_abs", 0.0)
 
 
@@ -50,14 +58,21 @@ def check_clean_modalities_get_zero(ctx, measure):
         "stable t2l": ctx.run_stable("t2l", batch, draws=draws),
         "cycle": ctx.run_cycle(batch, settings=CYCLE_BASE_ONLY, draws=draws),
     }
-    expectations = [("stable l2t", L2T, 1.0, 0.0), ("stable t2l", T2L, 0.0, 1.0),
-                    ("cycle", T2L, 0.0, 1.0), ("cycle", L2T, 1.0, 0.0)]
+    expectations = [
+        ("stable l2t", L2T, 1.0, 0.0),
+        ("stable t2l", T2L, 0.0, 1.0),
+        ("cycle", T2L, 0.0, 1.0),
+        ("cycle", L2T, 1.0, 0.0),
+    ]
     for label, kind, text_t, latent_t in expectations:
         p = records[label].one(kind)
         for which, want in (("text", text_t), ("latent", latent_t)):
-            torch.testing.assert_close(p.timestep(which), torch.full((2,), want), **tol("bit_exact"),
-                                       msg=lambda m, lbl=label, k=kind, w=which, wt=want: f"{lbl} {k} pass: {w} timestep is not "
-                                                                               f"{wt}\n{m}")
+            torch.testing.assert_close(
+                p.timestep(which),
+                torch.full((2,), want),
+                **tol("bit_exact"),
+                msg=lambda m, lbl=label, k=kind, w=which, wt=want: f"{lbl} {k} pass: {w} timestep is not {wt}\n{m}",
+            )
     measure("clean_t", "0 in both trainers")
 
 

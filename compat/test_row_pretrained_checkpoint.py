@@ -22,6 +22,7 @@ gave. Checked on the checkpoint under test (embedded default: written by the sta
     CheckpointError that says it comes from another mmdit version;
 (e) measured: number of tensors, file size, writer and step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,16 +64,22 @@ def model_outputs(ctx, model, batch) -> tuple[torch.Tensor, ...]:
     text_t = torch.linspace(0.1, 0.9, B, device=ctx.device)
     latent_t = torch.linspace(0.8, 0.2, B, device=ctx.device)
     with torch.no_grad():
-        out = model(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=text_t,
-                    latent_timesteps=latent_t, attention_mask=batch["attention_mask"])
+        out = model(
+            text_tokens=batch["input_ids"],
+            latents=batch["latent"],
+            text_timesteps=text_t,
+            latent_timesteps=latent_t,
+            attention_mask=batch["attention_mask"],
+        )
     return tuple(o.detach() for o in out)
 
 
 def assert_same_outputs(got, want, what: str) -> None:
     assert len(got) == len(want), f"{what}: {len(got)} outputs, the shared model gives {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, **tol("bit_exact"),
-                                   msg=lambda m, i=i: f"{what}: output {i} differs from the shared model's\n{m}")
+        torch.testing.assert_close(
+            g, w, **tol("bit_exact"), msg=lambda m, i=i: f"{what}: output {i} differs from the shared model's\n{m}"
+        )
 
 
 def poisoned_model(ctx, like: MultimodalMMDiT | None = None) -> MultimodalMMDiT:
@@ -103,12 +110,15 @@ def check_loads_strictly(ctx, measure):
     path = Path(ctx.checkpoint_path)
     measure("file_bytes", path.stat().st_size)
     if ctx.load_error is not None:
-        raise AssertionError(f"the checkpoint under test does not load strictly into the configured model: "
-                             f"{ctx.load_error}")
+        raise AssertionError(
+            f"the checkpoint under test does not load strictly into the configured model: {ctx.load_error}"
+        )
     measure("nonfinite_tensors", len(ctx.nonfinite))
-    assert not ctx.nonfinite, (f"the checkpoint holds non-finite weights in {len(ctx.nonfinite)} tensor(s): "
-                               f"{'; '.join(ctx.nonfinite[:8])}{' ...' if len(ctx.nonfinite) > 8 else ''} "
-                               "(fine-tuning from it trains on NaN; use an earlier checkpoint)")
+    assert not ctx.nonfinite, (
+        f"the checkpoint holds non-finite weights in {len(ctx.nonfinite)} tensor(s): "
+        f"{'; '.join(ctx.nonfinite[:8])}{' ...' if len(ctx.nonfinite) > 8 else ''} "
+        "(fine-tuning from it trains on NaN; use an earlier checkpoint)"
+    )
     if ctx.large:  # no second copy of a full-size model: the shared model's own strict load is the evidence
         model, report = ctx.require_model(), ctx.load_report
     else:
@@ -116,21 +126,32 @@ def check_loads_strictly(ctx, measure):
         try:
             report = checkpoints.load_checkpoint_into(model, path)
         except CheckpointError as exc:
-            raise AssertionError(f"the checkpoint does not load strictly into a fresh model of the configured "
-                                 f"layout: {exc}") from None
+            raise AssertionError(
+                f"the checkpoint does not load strictly into a fresh model of the configured layout: {exc}"
+            ) from None
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
     measure("written_by", written_by(report))
     if report.contents is not None:
-        measure("weights_from", f"{', '.join(report.contents.keys_used)} of {Path(report.contents.file).name}"
-                + (f"; ignored {', '.join(report.contents.ignored)}" if report.contents.ignored else "")
-                + (f"; prefixes stripped {', '.join(report.contents.prefixes_stripped)}"
-                   if report.contents.prefixes_stripped else ""))
-    assert report.n_tensors == expected, (f"the checkpoint provides {report.n_tensors} tensors, the model has "
-                                          f"{expected}: a strict load must provide every one")
-    assert_same_outputs(model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
-                        model_outputs(ctx, ctx.require_model(), ctx.batch(2, seed=SEED)),
-                        "a fresh load of the checkpoint")
+        measure(
+            "weights_from",
+            f"{', '.join(report.contents.keys_used)} of {Path(report.contents.file).name}"
+            + (f"; ignored {', '.join(report.contents.ignored)}" if report.contents.ignored else "")
+            + (
+                f"; prefixes stripped {', '.join(report.contents.prefixes_stripped)}"
+                if report.contents.prefixes_stripped
+                else ""
+            ),
+        )
+    assert report.n_tensors == expected, (
+        f"the checkpoint provides {report.n_tensors} tensors, the model has "
+        f"{expected}: a strict load must provide every one"
+    )
+    assert_same_outputs(
+        model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
+        model_outputs(ctx, ctx.require_model(), ctx.batch(2, seed=SEED)),
+        "a fresh load of the checkpoint",
+    )
 
 
 def check_fresh_instances_identical(ctx, measure):
@@ -152,21 +173,36 @@ def check_fresh_instances_identical(ctx, measure):
     t2l = ctx.run_stable("t2l", batch, draws=draws, model=for_stable, grad=False)
     cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=for_cycle, grad=False)
     for kind, stable_record, output in ((L2T, l2t, 0), (T2L, t2l, 1)):
-        torch.testing.assert_close(cycle.one(kind).outputs[output], stable_record.one(kind).outputs[output],
-                                   **tol("bit_exact"),
-                                   msg=lambda m, k=kind: f"{k}: the cycle trainer's pass on the pretrained weights "
-                                                         f"does not reproduce the stable trainer's output\n{m}")
+        torch.testing.assert_close(
+            cycle.one(kind).outputs[output],
+            stable_record.one(kind).outputs[output],
+            **tol("bit_exact"),
+            msg=lambda m, k=kind: (
+                f"{k}: the cycle trainer's pass on the pretrained weights "
+                f"does not reproduce the stable trainer's output\n{m}"
+            ),
+        )
     schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
     x0 = ctx.x0_of(batch)
     cycle_t2l, _ = latent_term(cycle, cycle.one(T2L), x0, schedule, ctx.oracle_tolerance)
     stable_t2l, _ = latent_term(t2l, t2l.one(T2L), x0, schedule, ctx.oracle_tolerance)
     weight = float(ctx.cycle_config_for(BASE_ONLY).loss.latent_loss_weight)
     want = l2t.loss.detach().double().cpu() + weight * stable_t2l
-    torch.testing.assert_close(cycle.loss.detach().double().cpu(), want, **tol(ctx.oracle_tolerance),
-                               msg=lambda m: "the cycle trainer's base loss on the pretrained weights is not the "
-                                             f"stable L2T loss + w x the stable T2L term\n{m}")
-    torch.testing.assert_close(cycle_t2l, stable_t2l, **tol("bit_exact"),
-                               msg=lambda m: f"T2L latent loss: the trainers differ on the pretrained weights\n{m}")
+    torch.testing.assert_close(
+        cycle.loss.detach().double().cpu(),
+        want,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: (
+            "the cycle trainer's base loss on the pretrained weights is not the "
+            f"stable L2T loss + w x the stable T2L term\n{m}"
+        ),
+    )
+    torch.testing.assert_close(
+        cycle_t2l,
+        stable_t2l,
+        **tol("bit_exact"),
+        msg=lambda m: f"T2L latent loss: the trainers differ on the pretrained weights\n{m}",
+    )
     measure("l2t_text_loss", float(l2t.loss))
     measure("t2l_latent_loss", float(stable_t2l))
     assert sha256(path) == before, f"loading {path} changed the file"
@@ -218,7 +254,8 @@ def check_upstream_layouts(ctx, measure):
         except CheckpointError as exc:
             raise AssertionError(f"upstream layout {name} does not load strictly: {exc}") from None
         assert report.n_tensors == len(model.state_dict()), (
-            f"upstream layout {name}: {report.n_tensors} tensors loaded, the model has {len(model.state_dict())}")
+            f"upstream layout {name}: {report.n_tensors} tensors loaded, the model has {len(model.state_dict())}"
+        )
         assert_same_outputs(model_outputs(ctx, model, batch), want, f"upstream layout {name}")
         assert sha256(path) == before, f"loading upstream layout {name} changed the source file {path}"
         path.unlink()
@@ -235,18 +272,25 @@ def check_other_mmdit_layout(ctx, measure):
     if installed.split(".")[:2] == str(recorded).split(".")[:2]:
         not_applicable(f"the installed mmdit {installed} has the fixture's layout ({recorded}): nothing to refuse")
     sizes, config = meta["model_sizes"], meta["config"]
-    model = MultimodalMMDiT(config["model"], vocab_size=int(sizes["vocab_size"]), latent_dim=int(sizes["latent_dim"]),
-                            cluster_size=int(sizes.get("cluster_size", 0) or 0))
+    model = MultimodalMMDiT(
+        config["model"],
+        vocab_size=int(sizes["vocab_size"]),
+        latent_dim=int(sizes["latent_dim"]),
+        cluster_size=int(sizes.get("cluster_size", 0) or 0),
+    )
     try:
         checkpoints.load_checkpoint_into(model, MMDIT02_FIXTURE)
     except CheckpointError as exc:
         message = str(exc)
     else:
-        raise AssertionError(f"a checkpoint written with mmdit {recorded} loaded into a model built with mmdit "
-                             f"{installed}: the residual-stream layouts differ, the load must be refused")
+        raise AssertionError(
+            f"a checkpoint written with mmdit {recorded} loaded into a model built with mmdit "
+            f"{installed}: the residual-stream layouts differ, the load must be refused"
+        )
     assert "another mmdit version" in message, (
         f"loading an mmdit {recorded} checkpoint under mmdit {installed} failed without saying why "
-        f"(no 'another mmdit version' in the message): {message}")
+        f"(no 'another mmdit version' in the message): {message}"
+    )
     measure("mmdit_0.2_checkpoint", "refused: another mmdit version")
 
 

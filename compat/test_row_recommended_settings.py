@@ -15,6 +15,7 @@ configured layout then drives the trainer):
   ramped weights, its noised passes get t = 1 in full mode, and the x0 it feeds cycle_text carries
   no graph when stop-grad is on (observed); a trainer that ignores a key fails the row.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,8 @@ def check_latent_t_mode(ctx, measure):
     measure("latent_t_mode", mode)
     assert mode in FULL_ALIASES, (
         f"loss.latent_t_mode={mode!r}: the cycle T2L passes see t < 1 while the pretrained stable T2L only trained at "
-        "t = 1 (a distribution shift); review section 5: set loss.latent_t_mode=full")
+        "t = 1 (a distribution shift); review section 5: set loss.latent_t_mode=full"
+    )
     if mode != "full":
         measure("latent_t_mode_spelling", f"{mode!r} (an alias of full; the review writes 'full')", review=True)
 
@@ -58,27 +60,39 @@ def check_cycle_weights_small(ctx, measure):
         base = float(loss[f"{term}_weight"])
         measure(f"{term}_weight", base)
         if base > SMALL_WEIGHT:
-            measure(f"{term}_weight_not_small", f"{base:g} > {SMALL_WEIGHT:g} (review section 5: start at 0.1)",
-                    review=True)
+            measure(
+                f"{term}_weight_not_small", f"{base:g} > {SMALL_WEIGHT:g} (review section 5: start at 0.1)", review=True
+            )
 
 
 def check_ramps(ctx, measure):
     loss = loss_settings(ctx)
     for term in TERMS:
-        base, warmup, ramp = float(loss[f"{term}_weight"]), int(loss[f"{term}_warmup_steps"]), int(loss[f"{term}_ramp_steps"])
+        base, warmup, ramp = (
+            float(loss[f"{term}_weight"]),
+            int(loss[f"{term}_warmup_steps"]),
+            int(loss[f"{term}_ramp_steps"]),
+        )
         measure(f"{term}_warmup_steps", warmup)
         measure(f"{term}_ramp_steps", ramp)
         if base > 0 and ramp <= 0:
-            measure(f"{term}_no_ramp", f"weight {base:g} applies in full from step {warmup} "
-                                       "(review section 5: ramp it in over N steps)", review=True)
+            measure(
+                f"{term}_no_ramp",
+                f"weight {base:g} applies in full from step {warmup} (review section 5: ramp it in over N steps)",
+                review=True,
+            )
 
 
 def check_stop_grad(ctx, measure):
     stop = bool(loss_settings(ctx).cycle_stop_grad_latent)
     measure("cycle_stop_grad_latent", stop)
     if not stop:
-        measure("stop_grad_off", "x0 from the T2L prediction is not detached in cycle_text "
-                                 "(review section 5: keep cycle_stop_grad_latent true)", review=True)
+        measure(
+            "stop_grad_off",
+            "x0 from the T2L prediction is not detached in cycle_text "
+            "(review section 5: keep cycle_stop_grad_latent true)",
+            review=True,
+        )
 
 
 def check_trainer_honours_config(ctx, measure):
@@ -88,27 +102,40 @@ def check_trainer_honours_config(ctx, measure):
     ramp_ends = [int(loss[f"{t}_warmup_steps"]) + max(1, int(loss[f"{t}_ramp_steps"])) for t in TERMS]
     step = max(1, min(ramp_ends) - 1) if ctx.cycle_subject.spec.accepts_step else None
     batch = ctx.batch(2, seed=120)
-    record = ctx.run_cycle(batch, config=config, step=step, draws=ctx.draws(batch, seed=120),
-                           model=model_for_settings(ctx), grad=True)
+    record = ctx.run_cycle(
+        batch, config=config, step=step, draws=ctx.draws(batch, seed=120), model=model_for_settings(ctx), grad=True
+    )
     terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
-    torch.testing.assert_close(record.loss.detach().double().cpu(), terms.total, **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"at step {step} the trainer's loss is not the one its config gives "
-                                             f"(weights {terms.weights})\n{m}")
+    torch.testing.assert_close(
+        record.loss.detach().double().cpu(),
+        terms.total,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: (
+            f"at step {step} the trainer's loss is not the one its config gives (weights {terms.weights})\n{m}"
+        ),
+    )
     if str(loss.latent_t_mode) in FULL_ALIASES:
         for p in record.passes:
             if p.kind in (T2L, CYCLE_LATENT):
                 assert torch.equal(p.timestep("latent"), torch.ones(p.batch_size)), (
-                    f"latent_t_mode full, yet the {p.kind} pass got t {p.timestep('latent').tolist()}")
+                    f"latent_t_mode full, yet the {p.kind} pass got t {p.timestep('latent').tolist()}"
+                )
     if record.has(CYCLE_TEXT) and terms.weights["cycle_text"] > 0:
         graph = record.one(CYCLE_TEXT).latents_require_grad
         assert graph == (not bool(loss.cycle_stop_grad_latent)), (
             f"cycle_stop_grad_latent={bool(loss.cycle_stop_grad_latent)}, yet the x0 fed to cycle_text "
-            f"{'carries' if graph else 'lacks'} an autograd graph")
+            f"{'carries' if graph else 'lacks'} an autograd graph"
+        )
     if step is None:
-        measure("trainer_takes_step", "no: its cycle weights stay at their base values; the ramps cannot apply",
-                review=any(int(loss[f"{t}_ramp_steps"]) > 0 for t in TERMS))
-    measure("trainer_honours_config", f"yes (weights at step {step}: "
-            + ", ".join(f"{t} {terms.weights[t]:g}" for t in TERMS) + ")")
+        measure(
+            "trainer_takes_step",
+            "no: its cycle weights stay at their base values; the ramps cannot apply",
+            review=any(int(loss[f"{t}_ramp_steps"]) > 0 for t in TERMS),
+        )
+    measure(
+        "trainer_honours_config",
+        f"yes (weights at step {step}: " + ", ".join(f"{t} {terms.weights[t]:g}" for t in TERMS) + ")",
+    )
 
 
 CHECKS = {

@@ -16,6 +16,7 @@ library) and against golden values this project recorded and committed
   naming the key;
 - a model forward: the golden tiny model's outputs equal the recorded ones.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -43,16 +44,23 @@ def check_schedules(ctx, measure):
         for T in (reference_golden.T, 50):
             got = ContinuousDiffusion(T, schedule).alphas_cumprod.double()
             want = oracle.alphas_cumprod(schedule, T)
-            torch.testing.assert_close(got, want, **tol("float32_oracle"),
-                                       msg=lambda m, s=schedule, n=T: f"{s} alphas_cumprod (T={n}) differs from the "
-                                                                      f"closed form\n{m}")
+            torch.testing.assert_close(
+                got,
+                want,
+                **tol("float32_oracle"),
+                msg=lambda m, s=schedule, n=T: f"{s} alphas_cumprod (T={n}) differs from the closed form\n{m}",
+            )
             worst = max(worst, float((got - want).abs().max()))
         table = ContinuousDiffusion(reference_golden.T, schedule).alphas_cumprod
         for index, value in golden[schedule].items():
-            torch.testing.assert_close(table[int(index)].double(), torch.tensor(value, dtype=torch.float64),
-                                       **tol("float32_loss"),
-                                       msg=lambda m, s=schedule, i=index: f"{s} alphas_cumprod[{i}] differs from the "
-                                                                          f"recorded golden value\n{m}")
+            torch.testing.assert_close(
+                table[int(index)].double(),
+                torch.tensor(value, dtype=torch.float64),
+                **tol("float32_loss"),
+                msg=lambda m, s=schedule, i=index: (
+                    f"{s} alphas_cumprod[{i}] differs from the recorded golden value\n{m}"
+                ),
+            )
     measure("schedules_max_abs_vs_oracle", worst)
 
 
@@ -69,15 +77,27 @@ def check_timesteps_and_noising(ctx, measure):
             ab = oracle.alphas_cumprod(schedule, T)[oracle.timestep_index(t, T)]
             xt, target = d.add_noise(x0, t, noise)
             label = f"{schedule}/{parameterization}"
-            torch.testing.assert_close(xt.double(), oracle.noised(x0, noise, ab), **tol("float32_oracle"),
-                                       msg=lambda m, lbl=label: f"{lbl}: x_t differs from sqrt(ab) x0 + sqrt(1-ab) eps\n{m}")
-            torch.testing.assert_close(target.double(), oracle.target(x0, noise, ab, parameterization),
-                                       **tol("float32_oracle"), msg=lambda m, lbl=label: f"{lbl}: the target differs\n{m}")
+            torch.testing.assert_close(
+                xt.double(),
+                oracle.noised(x0, noise, ab),
+                **tol("float32_oracle"),
+                msg=lambda m, lbl=label: f"{lbl}: x_t differs from sqrt(ab) x0 + sqrt(1-ab) eps\n{m}",
+            )
+            torch.testing.assert_close(
+                target.double(),
+                oracle.target(x0, noise, ab, parameterization),
+                **tol("float32_oracle"),
+                msg=lambda m, lbl=label: f"{lbl}: the target differs\n{m}",
+            )
             keep = t < 0.99  # x0 from eps divides by sqrt(ab) ~ 0 at t = 1
             got = d.x0_from_prediction(xt, t, target)[keep].double()
-            torch.testing.assert_close(got, oracle.x0_from_prediction(xt, target, ab, parameterization)[keep],
-                                       rtol=1e-4, atol=1e-4,
-                                       msg=lambda m, lbl=label: f"{lbl}: x0 from the prediction differs from the oracle's\n{m}")
+            torch.testing.assert_close(
+                got,
+                oracle.x0_from_prediction(xt, target, ab, parameterization)[keep],
+                rtol=1e-4,
+                atol=1e-4,
+                msg=lambda m, lbl=label: f"{lbl}: x0 from the prediction differs from the oracle's\n{m}",
+            )
     measure("noising", "x_t, targets and x0 conversions equal the oracle's (3 schedules x 3 parameterizations)")
 
 
@@ -93,17 +113,23 @@ def check_masking(ctx, measure):
     masked = masking.sample_zt(ids, t, uniform=uniform)
     want_masked = uniform.double() < oracle.move_chance(t)[:, None]
     assert torch.equal(masked == vocab.mask_token_id, want_masked), (
-        "tokens are masked elsewhere than where the uniforms fall below 1 - exp(-sigma(t))")
+        "tokens are masked elsewhere than where the uniforms fall below 1 - exp(-sigma(t))"
+    )
     assert torch.equal(masked[~want_masked], ids[~want_masked]), "unmasked tokens changed"
     worst_p = 1.0
     for value in (0.1, 0.5, 0.9):
-        draws = masking.sample_zt(torch.ones(1, MASKING_DRAWS, dtype=torch.long), torch.tensor([value]),
-                                  generator=torch.Generator().manual_seed(int(value * 100)))
+        draws = masking.sample_zt(
+            torch.ones(1, MASKING_DRAWS, dtype=torch.long),
+            torch.tensor([value]),
+            generator=torch.Generator().manual_seed(int(value * 100)),
+        )
         hits = int((draws == vocab.mask_token_id).sum())
         p = stats.binomtest(hits, MASKING_DRAWS, float(oracle.move_chance(torch.tensor([value]))[0])).pvalue
         worst_p = min(worst_p, p)
-        assert p >= MASKING_ALPHA, (f"at t={value} {hits} of {MASKING_DRAWS} tokens were masked; the move chance "
-                                    f"{float(oracle.move_chance(torch.tensor([value]))[0]):.4f} makes that p = {p:.2g}")
+        assert p >= MASKING_ALPHA, (
+            f"at t={value} {hits} of {MASKING_DRAWS} tokens were masked; the move chance "
+            f"{float(oracle.move_chance(torch.tensor([value]))[0]):.4f} makes that p = {p:.2g}"
+        )
     measure("masking_rate_min_p", worst_p)
 
 
@@ -111,8 +137,12 @@ def check_loss_helpers(ctx, measure):
     gen = torch.Generator().manual_seed(9)
     logits, ids = torch.randn(3, 7, 11, generator=gen), torch.randint(0, 11, (3, 7), generator=gen)
     every = torch.ones(3, 7, dtype=torch.bool)
-    torch.testing.assert_close(masked_text_ce(logits, ids, every).double(), oracle.ce_every_position(logits, ids),
-                               **tol("float32_oracle"), msg=lambda m: f"masked_text_ce over every position\n{m}")
+    torch.testing.assert_close(
+        masked_text_ce(logits, ids, every).double(),
+        oracle.ce_every_position(logits, ids),
+        **tol("float32_oracle"),
+        msg=lambda m: f"masked_text_ce over every position\n{m}",
+    )
     # Partial masks (upstream's unconditional mode), a mask of one position, and a vocabulary past
     # 100 with the id 100 among the targets (a helper with an ignore index there would drop it).
     big_logits = torch.randn(2, 9, 130, generator=gen)
@@ -122,10 +152,17 @@ def check_loss_helpers(ctx, measure):
     partial[0, 0] = True
     one = torch.zeros(2, 9, dtype=torch.bool)
     one[1, 4] = True
-    for name, mask in (("a partial mask", partial), ("a mask of one position", one), ("every position", partial | True)):
-        torch.testing.assert_close(masked_text_ce(big_logits, big_ids, mask).double(),
-                                   oracle.masked_ce(big_logits, big_ids, mask), **tol("float32_oracle"),
-                                   msg=lambda m, name=name: f"masked_text_ce over {name}\n{m}")
+    for name, mask in (
+        ("a partial mask", partial),
+        ("a mask of one position", one),
+        ("every position", partial | True),
+    ):
+        torch.testing.assert_close(
+            masked_text_ce(big_logits, big_ids, mask).double(),
+            oracle.masked_ce(big_logits, big_ids, mask),
+            **tol("float32_oracle"),
+            msg=lambda m, name=name: f"masked_text_ce over {name}\n{m}",
+        )
         got, want = token_accuracy(big_logits, big_ids, mask), oracle.token_accuracy(big_logits, big_ids, mask)
         assert abs(got - want) <= 1e-6, f"token_accuracy over {name}: {got}, the oracle's {want}"  # a float32 mean
     big_logits[1, 4, big_ids[1, 4]] = 50.0  # the one masked position predicted right
@@ -133,8 +170,12 @@ def check_loss_helpers(ctx, measure):
     with pytest.raises(ValueError, match="shapes disagree"):
         masked_text_ce(big_logits, big_ids, partial[:, :5])
     pred, target = torch.randn(3, 1, 5, generator=gen), torch.randn(3, 5, generator=gen)
-    torch.testing.assert_close(normalized_latent_mse(pred, target).double(), oracle.normalized_mse(pred, target),
-                               **tol("float32_oracle"), msg=lambda m: f"normalized_latent_mse\n{m}")
+    torch.testing.assert_close(
+        normalized_latent_mse(pred, target).double(),
+        oracle.normalized_mse(pred, target),
+        **tol("float32_oracle"),
+        msg=lambda m: f"normalized_latent_mse\n{m}",
+    )
     measure("loss_helpers", "equal the oracle's (every, partial and one-position masks; ids past 100; accuracy)")
 
 
@@ -144,8 +185,13 @@ def check_checkpoint_round_trips(ctx, measure):
     model = reference_golden.golden_model()
     folder = ctx.workdir / "reference_integrity"
     folder.mkdir(parents=True, exist_ok=True)
-    path = checkpoints.save_checkpoint(folder / "golden.safetensors", model, config={"model": reference_golden.MODEL_CONFIG},
-                                       trainer_kind="stable", step=0)
+    path = checkpoints.save_checkpoint(
+        folder / "golden.safetensors",
+        model,
+        config={"model": reference_golden.MODEL_CONFIG},
+        trainer_kind="stable",
+        step=0,
+    )
     fresh = type(model)(reference_golden.MODEL_CONFIG, **reference_golden.MODEL_SIZES)
     checkpoints.load_checkpoint_into(fresh, path)
     for name, value in model.state_dict().items():
@@ -161,7 +207,9 @@ def check_checkpoint_round_trips(ctx, measure):
         bad = folder / f"{label}.safetensors"
         save_file(tensors, str(bad))
         with pytest.raises(checkpoints.CheckpointError) as refused:
-            checkpoints.load_checkpoint_into(type(model)(reference_golden.MODEL_CONFIG, **reference_golden.MODEL_SIZES), bad)
+            checkpoints.load_checkpoint_into(
+                type(model)(reference_golden.MODEL_CONFIG, **reference_golden.MODEL_SIZES), bad
+            )
         key = "unexpected_head.weight" if label == "extra" else victim
         assert key in str(refused.value), f"a {label} key was refused without naming {key}: {refused.value}"
     measure("checkpoint_round_trip", "bit-exact; missing, extra and mis-shaped keys refused by name")
@@ -171,10 +219,18 @@ def check_model_forward_golden(ctx, measure):
     golden = reference_golden.load()["model_forward"]
     with torch.no_grad():
         text_logits, latent_pred = reference_golden.golden_model()(**reference_golden.golden_inputs())
-    torch.testing.assert_close(text_logits[:, :3, :5], torch.tensor(golden["text_logits[:, :3, :5]"]),
-                               **tol("float32_oracle"), msg=lambda m: f"the golden model's text logits changed\n{m}")
-    torch.testing.assert_close(latent_pred, torch.tensor(golden["latent_pred"]), **tol("float32_oracle"),
-                               msg=lambda m: f"the golden model's latent prediction changed\n{m}")
+    torch.testing.assert_close(
+        text_logits[:, :3, :5],
+        torch.tensor(golden["text_logits[:, :3, :5]"]),
+        **tol("float32_oracle"),
+        msg=lambda m: f"the golden model's text logits changed\n{m}",
+    )
+    torch.testing.assert_close(
+        latent_pred,
+        torch.tensor(golden["latent_pred"]),
+        **tol("float32_oracle"),
+        msg=lambda m: f"the golden model's latent prediction changed\n{m}",
+    )
     measure("model_forward", "equals the recorded golden outputs")
 
 

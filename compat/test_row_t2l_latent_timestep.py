@@ -14,6 +14,7 @@ cycle_latent) see. Checked from the observed passes:
 - in full mode the cycle trainer's T2L latent loss equals the stable one on the same batch and
   noise, on the checkpoint's own model.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,16 @@ pytestmark = pytest.mark.compat_row("t2l_latent_timestep")
 STEPS = 6
 LATENT_T_CAP = 0.9999  # upstream's clamp of random t below 1
 # Both noised passes made, no ramp.
-BOTH_NOISED = row_settings({"cycle_text_weight": 0.1, "cycle_latent_weight": 0.1, "cycle_text_warmup_steps": 0,
-               "cycle_text_ramp_steps": 0, "cycle_latent_warmup_steps": 0, "cycle_latent_ramp_steps": 0})
+BOTH_NOISED = row_settings(
+    {
+        "cycle_text_weight": 0.1,
+        "cycle_latent_weight": 0.1,
+        "cycle_text_warmup_steps": 0,
+        "cycle_text_ramp_steps": 0,
+        "cycle_latent_warmup_steps": 0,
+        "cycle_latent_ramp_steps": 0,
+    }
+)
 RANDOM = row_settings(dict(BOTH_NOISED, latent_t_mode="random", cycle_latent_t_min=0.2, cycle_latent_t_max=0.7))
 BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0})
 
@@ -53,13 +62,22 @@ def check_stable_uses_t1(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=41)
     record = ctx.run_stable("t2l", batch, draws=ctx.draws(batch, seed=41))
     p = record.one(T2L)
-    torch.testing.assert_close(p.timestep("latent"), torch.ones(batch["input_ids"].shape[0]), **tol("bit_exact"),
-                               msg=lambda m: f"stable t2l latent t is not 1\n{m}")
-    torch.testing.assert_close(p.timestep("text"), torch.zeros(batch["input_ids"].shape[0]), **tol("bit_exact"),
-                               msg=lambda m: f"stable t2l text t is not 0\n{m}")
+    torch.testing.assert_close(
+        p.timestep("latent"),
+        torch.ones(batch["input_ids"].shape[0]),
+        **tol("bit_exact"),
+        msg=lambda m: f"stable t2l latent t is not 1\n{m}",
+    )
+    torch.testing.assert_close(
+        p.timestep("text"),
+        torch.zeros(batch["input_ids"].shape[0]),
+        **tol("bit_exact"),
+        msg=lambda m: f"stable t2l text t is not 0\n{m}",
+    )
     schedule = LatentSchedule.of(ctx.stable_config_for("t2l"))
-    name, _ = record.noise_of(p, ctx.x0_of(batch), schedule.alphas_cumprod, schedule.num_timesteps,
-                              ctx.oracle_tolerance)
+    name, _ = record.noise_of(
+        p, ctx.x0_of(batch), schedule.alphas_cumprod, schedule.num_timesteps, ctx.oracle_tolerance
+    )
     assert name == "latent_noise", f"stable t2l noised its latents with {name}, not the latent_noise draw"
     measure("stable_t", 1.0)
 
@@ -76,7 +94,8 @@ def check_cycle_distribution(ctx, measure):
     assert share == 0.0, (
         f"distribution shift: with latent_t_mode={mode} the cycle trainer's noised passes see t != 1 in "
         f"{share:.0%} of samples (mean t {float(ts.mean()):.4g}, min {float(ts.min()):.4g}, max "
-        f"{float(ts.max()):.4g}) while the pretrained stable T2L only saw t = 1: set loss.latent_t_mode=full")
+        f"{float(ts.max()):.4g}) while the pretrained stable T2L only saw t = 1: set loss.latent_t_mode=full"
+    )
 
 
 def check_random_mode_is_a_shift(ctx, measure):
@@ -85,16 +104,22 @@ def check_random_mode_is_a_shift(ctx, measure):
     low, high = RANDOM["cycle_latent_t_min"], min(RANDOM["cycle_latent_t_max"], LATENT_T_CAP)
     measure("random_mode_t_mean", float(ts.mean()))
     assert float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6, (
-        f"latent_t_mode random with t in [{low}, {high}] gave t from {float(ts.min()):.4g} to {float(ts.max()):.4g}")
+        f"latent_t_mode random with t in [{low}, {high}] gave t from {float(ts.min()):.4g} to {float(ts.max()):.4g}"
+    )
     assert float((ts < 1).float().mean()) > 0.9, "random mode gave t = 1 for most samples"
     for _batch, draws, record in records:
         if record.draw_mode != INJECTED:
             continue
         for kind, name in ((T2L, "latent_t"), (CYCLE_LATENT, "cycle_latent_t")):
             want = (low + (RANDOM["cycle_latent_t_max"] - low) * draws[name]).clamp(max=LATENT_T_CAP)
-            torch.testing.assert_close(record.one(kind).timestep("latent"), want.float().cpu(), **tol("float32_loss"),
-                                       msg=lambda m, k=kind: f"random mode: the {k} pass's t is not "
-                                                             f"t_min + (t_max - t_min) u for its draw u\n{m}")
+            torch.testing.assert_close(
+                record.one(kind).timestep("latent"),
+                want.float().cpu(),
+                **tol("float32_loss"),
+                msg=lambda m, k=kind: (
+                    f"random mode: the {k} pass's t is not t_min + (t_max - t_min) u for its draw u\n{m}"
+                ),
+            )
 
 
 def check_full_matches_stable_loss(ctx, measure):
@@ -103,15 +128,22 @@ def check_full_matches_stable_loss(ctx, measure):
     model = ctx.require_model()  # the checkpoint's T2L path
     stable = ctx.run_stable("t2l", batch, draws=draws, model=model, grad=False)
     cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=model, grad=False)
-    torch.testing.assert_close(cycle.one(T2L).outputs[1], stable.one(T2L).outputs[1], **tol("bit_exact"),
-                               msg=lambda m: f"full mode: the T2L prediction differs from stable t2l's on the same "
-                                             f"batch and noise\n{m}")
+    torch.testing.assert_close(
+        cycle.one(T2L).outputs[1],
+        stable.one(T2L).outputs[1],
+        **tol("bit_exact"),
+        msg=lambda m: f"full mode: the T2L prediction differs from stable t2l's on the same batch and noise\n{m}",
+    )
     schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
     x0 = ctx.x0_of(batch)
     cycle_term, noise_name = latent_term(cycle, cycle.one(T2L), x0, schedule, ctx.oracle_tolerance)
     stable_term, _ = latent_term(stable, stable.one(T2L), x0, schedule, ctx.oracle_tolerance)
-    torch.testing.assert_close(cycle_term, stable_term, **tol("float32_loss"),
-                               msg=lambda m: f"full mode: the T2L latent loss differs from stable t2l's\n{m}")
+    torch.testing.assert_close(
+        cycle_term,
+        stable_term,
+        **tol("float32_loss"),
+        msg=lambda m: f"full mode: the T2L latent loss differs from stable t2l's\n{m}",
+    )
     measure("t2l_latent_loss", float(stable_term))
     measure("t2l_noise", noise_name)
 

@@ -27,6 +27,7 @@ Re-recording the committed golden file after a deliberate change of training num
 `python -m compat --record-golden compat/data/golden_trajectories.json` (on the embedded default,
 CPU), then review and commit the diff.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,27 +62,50 @@ def runs(ctx, *parts: str) -> dict:
         model = ctx.proxy_model() if large else ctx.require_model()
         overrides = PROXY_SIZES if large else None
         vocab = ctx.gate_vocab.vocab  # the gate's vocabulary (a config's tokenizer.path need not exist here)
-        fixed = {"tokenizer.vocab_size": vocab.vocab_size, "tokenizer.mask_token_id": vocab.mask_token_id,
-                 "tokenizer.pad_token_id": vocab.pad_token_id}
+        fixed = {
+            "tokenizer.vocab_size": vocab.vocab_size,
+            "tokenizer.mask_token_id": vocab.mask_token_id,
+            "tokenizer.pad_token_id": vocab.pad_token_id,
+        }
         workdir = Path(tempfile.mkdtemp(prefix="trajectories-", dir=ctx.workdir))  # one per cache, never reused
-        configs = {kind: T.trajectory_config(config, batch_size=BATCH_SIZE, seq_len=ctx.seq_len,
-                                             model_overrides=overrides, updates=fixed)
-                   for kind, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config))}
-        cache.update(model=model, proxy=large, configs=configs, workdir=workdir,
-                     init=T.save_init(model, configs["stable"], workdir / "init.safetensors"))
-    subjects = {"stable": (ctx.stable_subject, ctx.stable_config_path), "cycle": (ctx.cycle_subject, ctx.cycle_config_path)}
+        configs = {
+            kind: T.trajectory_config(
+                config, batch_size=BATCH_SIZE, seq_len=ctx.seq_len, model_overrides=overrides, updates=fixed
+            )
+            for kind, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config))
+        }
+        cache.update(
+            model=model,
+            proxy=large,
+            configs=configs,
+            workdir=workdir,
+            init=T.save_init(model, configs["stable"], workdir / "init.safetensors"),
+        )
+    subjects = {
+        "stable": (ctx.stable_subject, ctx.stable_config_path),
+        "cycle": (ctx.cycle_subject, ctx.cycle_config_path),
+    }
     data = {"token_dir": ctx.options.data_tokens, "latent_dir": ctx.options.data_latents} if ctx.options.data else {}
     for part in parts:
         kind = part.removesuffix("_replay")
         subject, config_path = subjects[kind]
         spec = subject.spec
         if kind not in cache:
-            cache[kind] = T.run_trajectory(kind, spec.cls, spec.accepts_step, cache["configs"][kind], cache["init"],
-                                           cache["workdir"] / f"run-{len(cache)}", config_path=config_path,
-                                           device=str(ctx.device), **data)
+            cache[kind] = T.run_trajectory(
+                kind,
+                spec.cls,
+                spec.accepts_step,
+                cache["configs"][kind],
+                cache["init"],
+                cache["workdir"] / f"run-{len(cache)}",
+                config_path=config_path,
+                device=str(ctx.device),
+                **data,
+            )
         if part.endswith("_replay") and part not in cache:
-            cache[part] = T.replay_with_oracle(cache[kind], spec.cls, spec.accepts_step, cache["init"],
-                                               device=str(ctx.device))
+            cache[part] = T.replay_with_oracle(
+                cache[kind], spec.cls, spec.accepts_step, cache["init"], device=str(ctx.device)
+            )
     return cache
 
 
@@ -96,16 +120,21 @@ def check_loop_matches_oracle(kind: str):
     def check(ctx, measure):
         r = runs(ctx, kind, f"{kind}_replay")
         run, replay = r[kind], r[f"{kind}_replay"]
-        measure(f"{kind}_steps", f"{len(run.metrics)} (K), batch {BATCH_SIZE}, "
-                f"{'proxy model' if r['proxy'] else 'the checkpoint'}, mixed_precision "
-                f"{run.config.training.mixed_precision}")
+        measure(
+            f"{kind}_steps",
+            f"{len(run.metrics)} (K), batch {BATCH_SIZE}, "
+            f"{'proxy model' if r['proxy'] else 'the checkpoint'}, mixed_precision "
+            f"{run.config.training.mixed_precision}",
+        )
         assert len(run.metrics) == T.STEPS, f"the {kind} loop ran {len(run.metrics)} steps, not {T.STEPS}"
         problems = []
         lrs = [m.get("lr") for m in run.metrics]
         bad = first_mismatch(lrs, replay.lrs, 1e-12, 0.0)
         if bad:
-            problems.append(f"learning rate at step {bad[0] + 1}: the loop used {bad[1]}, the schedule of "
-                            f"training.lr_schedule/warmup_steps/optimizer.lr gives {bad[2]:.6g}")
+            problems.append(
+                f"learning rate at step {bad[0] + 1}: the loop used {bad[1]}, the schedule of "
+                f"training.lr_schedule/warmup_steps/optimizer.lr gives {bad[2]:.6g}"
+            )
         rtol, atol = TOLERANCES["trajectory_oracle_loss"]
         bad = first_mismatch(run.losses, replay.losses, rtol, atol)
         if bad:
@@ -127,11 +156,16 @@ def check_loop_matches_oracle(kind: str):
                 off.append(name)
         measure(f"{kind}_max_weight_diff_vs_oracle", f"{worst:.3g} ({worst_name})")
         if off:
-            problems.append(f"final weights differ from the AdamW/clipping replay in {len(off)} tensors "
-                            f"(e.g. {off[0]}; largest difference {worst:.3g}); optimizer settings: "
-                            f"{dict(run.config.optimizer)}")
-        assert not problems, (f"the {kind} entry point's training loop does not step as its config says "
-                              f"(replayed outside the loop): " + "; ".join(problems))
+            problems.append(
+                f"final weights differ from the AdamW/clipping replay in {len(off)} tensors "
+                f"(e.g. {off[0]}; largest difference {worst:.3g}); optimizer settings: "
+                f"{dict(run.config.optimizer)}"
+            )
+        assert not problems, (
+            f"the {kind} entry point's training loop does not step as its config says "
+            f"(replayed outside the loop): " + "; ".join(problems)
+        )
+
     return check
 
 
@@ -142,7 +176,9 @@ def base_losses(ctx, weights: dict[str, torch.Tensor], template: torch.nn.Module
     model.eval()
     batch = ctx.batch(ctx.options.batch_size, seed=EVAL_SEED)
     draws = ctx.draws(batch, seed=EVAL_SEED)
-    return {mode: float(ctx.run_stable(mode, batch, draws=draws, model=model, grad=False).loss) for mode in ("l2t", "t2l")}
+    return {
+        mode: float(ctx.run_stable(mode, batch, draws=draws, model=model, grad=False).loss) for mode in ("l2t", "t2l")
+    }
 
 
 def check_cycle_keeps_base_losses(ctx, measure):
@@ -153,10 +189,13 @@ def check_cycle_keeps_base_losses(ctx, measure):
     limit = TOLERANCES["trajectory_base_rise"][0]
     rises = {mode: (cycle[mode] - stable[mode]) / max(abs(stable[mode]), 1e-12) for mode in stable}
     for mode in stable:
-        measure(f"base_{mode}", f"start {before[mode]:.5g}, stable {stable[mode]:.5g}, cycle {cycle[mode]:.5g} "
-                f"(rise {rises[mode]:+.2%})")
-    nonfinite = [m for m in cycle if not math.isfinite(cycle[m])] + \
-                [f"step {r['step']} loss" for r in r["cycle"].metrics if not math.isfinite(float(r["loss"]))]
+        measure(
+            f"base_{mode}",
+            f"start {before[mode]:.5g}, stable {stable[mode]:.5g}, cycle {cycle[mode]:.5g} (rise {rises[mode]:+.2%})",
+        )
+    nonfinite = [m for m in cycle if not math.isfinite(cycle[m])] + [
+        f"step {r['step']} loss" for r in r["cycle"].metrics if not math.isfinite(float(r["loss"]))
+    ]
     assert not nonfinite, f"the cycle run went non-finite: {', '.join(nonfinite)}"
     worst = max(rises, key=rises.get)
     measure("largest_base_rise", f"{rises[worst]:+.2%} ({worst})")
@@ -165,12 +204,16 @@ def check_cycle_keeps_base_losses(ctx, measure):
     if stable_norms and cycle_norms:
         factor = max(cycle_norms) / max(max(stable_norms), 1e-12)
         spike = factor > TOLERANCES["trajectory_grad_spike"][0]
-        measure("grad_norm_max", f"cycle {max(cycle_norms):.4g}, stable {max(stable_norms):.4g} (x{factor:.2g})",
-                review=spike)
+        measure(
+            "grad_norm_max",
+            f"cycle {max(cycle_norms):.4g}, stable {max(stable_norms):.4g} (x{factor:.2g})",
+            review=spike,
+        )
     assert rises[worst] <= limit, (
         f"after {T.STEPS} steps the cycle run's base {worst} loss is {cycle[worst]:.5g} against the stable "
         f"continuation's {stable[worst]:.5g} (+{rises[worst]:.1%} > {limit:.0%}, trajectory_base_rise): "
-        "fine-tuning with this cycle trainer and config undoes the pretraining")
+        "fine-tuning with this cycle trainer and config undoes the pretraining"
+    )
 
 
 def golden_record(ctx) -> dict:
@@ -180,19 +223,30 @@ def golden_record(ctx) -> dict:
         "inputs": golden_inputs(ctx),
         "versions": {"torch": torch.__version__.split("+")[0], **installed_versions()},
         "steps": T.STEPS,
-        "runs": {kind: {"losses": r[kind].losses, "grad_norms": r[kind].grad_norms,
-                        "weights": T.weights_checksum(r[kind].final_weights)} for kind in ("stable", "cycle")},
+        "runs": {
+            kind: {
+                "losses": r[kind].losses,
+                "grad_norms": r[kind].grad_norms,
+                "weights": T.weights_checksum(r[kind].final_weights),
+            }
+            for kind in ("stable", "cycle")
+        },
     }
 
 
 def golden_inputs(ctx) -> dict:
     o = ctx.options
-    return {"checkpoint": "embedded" if o.embedded else Path(o.checkpoint).name,
-            "stable_config": Path(ctx.stable_config_path).name, "cycle_config": Path(ctx.cycle_config_path).name,
-            "stable_trainer": ctx.stable_subject.spec.describe().split(" ")[0],
-            "cycle_trainer": ctx.cycle_subject.spec.describe().split(" ")[0],
-            "data": "synthetic" if not o.data else "user", "device": ctx.device.type, "batch_size": BATCH_SIZE,
-            "seq_len": ctx.seq_len}
+    return {
+        "checkpoint": "embedded" if o.embedded else Path(o.checkpoint).name,
+        "stable_config": Path(ctx.stable_config_path).name,
+        "cycle_config": Path(ctx.cycle_config_path).name,
+        "stable_trainer": ctx.stable_subject.spec.describe().split(" ")[0],
+        "cycle_trainer": ctx.cycle_subject.spec.describe().split(" ")[0],
+        "data": "synthetic" if not o.data else "user",
+        "device": ctx.device.type,
+        "batch_size": BATCH_SIZE,
+        "seq_len": ctx.seq_len,
+    }
 
 
 def golden_file(ctx) -> Path | None:
@@ -230,8 +284,12 @@ def check_golden_values(ctx, measure):
                 moved.append(f"{kind} final weights {what}: {g:.10g} (golden {w:.10g})")
         measure(f"golden_{kind}_bit_identical", have["weights"]["sha256"] == want["weights"]["sha256"])
     measure("golden_file", f"{path} (torch {golden['versions'].get('torch')})")
-    assert not moved, (f"training numerics moved against {path} (tol('golden_trajectory')): " + "; ".join(moved)
-                       + ". If the change is deliberate, re-record: python -m compat --record-golden " + str(path))
+    assert not moved, (
+        f"training numerics moved against {path} (tol('golden_trajectory')): "
+        + "; ".join(moved)
+        + ". If the change is deliberate, re-record: python -m compat --record-golden "
+        + str(path)
+    )
 
 
 CHECKS = {

@@ -13,6 +13,7 @@ amplified that much. The review's "medium, keep stop-grad" verdict does not surv
 fails when the configured cycle_text is on in full mode and the gain exceeds 100, and asks for
 review above 10.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.compat_row("x0_reconstruction")
 PARAMETERIZATIONS = ("epsilon", "x0", "v_param")
 GAIN_INCOMPATIBLE = 100.0
 GAIN_REVIEW = 10.0
-CYCLE_TEXT_ON = row_settings({"cycle_text_weight": 1.0, "cycle_latent_weight": 0.0, "cycle_text_warmup_steps": 0,
-                 "cycle_text_ramp_steps": 0})
+CYCLE_TEXT_ON = row_settings(
+    {"cycle_text_weight": 1.0, "cycle_latent_weight": 0.0, "cycle_text_warmup_steps": 0, "cycle_text_ramp_steps": 0}
+)
 SMALL_T = row_settings(dict(CYCLE_TEXT_ON, latent_t_mode="random", cycle_latent_t_min=0.0, cycle_latent_t_max=0.05))
 
 
@@ -40,12 +42,19 @@ def check_formula(ctx, measure, parameterization):
     t2l, ct = record.one(T2L), record.one(CYCLE_TEXT)
     schedule = LatentSchedule.of(ctx.cycle_config_for(settings))
     ab = schedule.ab(t2l.timestep("latent"))
-    want = oracle.x0_from_prediction(t2l.latents_2d.cpu(), t2l.outputs[1].reshape(t2l.batch_size, -1).cpu(), ab,
-                                     parameterization)
+    want = oracle.x0_from_prediction(
+        t2l.latents_2d.cpu(), t2l.outputs[1].reshape(t2l.batch_size, -1).cpu(), ab, parameterization
+    )
     got = ct.latents_2d.double().cpu()
-    torch.testing.assert_close(got, want, **tol(ctx.oracle_tolerance),
-                               msg=lambda m: f"{parameterization}: the x0 fed to cycle_text is not x0 reconstructed "
-                                             f"from the T2L pass's latents, t and prediction\n{m}")
+    torch.testing.assert_close(
+        got,
+        want,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: (
+            f"{parameterization}: the x0 fed to cycle_text is not x0 reconstructed "
+            f"from the T2L pass's latents, t and prediction\n{m}"
+        ),
+    )
     measure(f"{parameterization}_max_abs_err", float((got - want).abs().max()))
 
 
@@ -58,8 +67,15 @@ class PerturbedT2L(torch.nn.Module):
         self.inner, self.clean_ids, self.delta, self.done = inner, clean_ids, delta, False
 
     def forward(self, text_tokens, latents, text_timesteps, latent_timesteps, attention_mask=None):
-        out = list(self.inner(text_tokens=text_tokens, latents=latents, text_timesteps=text_timesteps,
-                              latent_timesteps=latent_timesteps, attention_mask=attention_mask))
+        out = list(
+            self.inner(
+                text_tokens=text_tokens,
+                latents=latents,
+                text_timesteps=text_timesteps,
+                latent_timesteps=latent_timesteps,
+                attention_mask=attention_mask,
+            )
+        )
         if not self.done and self.delta is not None and torch.equal(text_tokens, self.clean_ids):
             self.done = True
             out[1] = out[1] + self.delta.reshape(out[1].shape).to(out[1])
@@ -93,11 +109,19 @@ def check_gain_at_t1(ctx, measure):
     schedule = LatentSchedule.of(config)
     gain, t = measured_gain(ctx, dict(CYCLE_TEXT_ON, latent_t_mode="full"))
     ab = schedule.ab(t)
-    closed = {"epsilon": ((1 - ab).sqrt() / ab.sqrt()), "v_param": (1 - ab).sqrt(),
-              "x0": torch.ones_like(ab)}[schedule.parameterization].max()
-    torch.testing.assert_close(torch.tensor(gain, dtype=torch.float64), closed, rtol=0.05, atol=1e-3,
-                               msg=lambda m: f"the measured x0 error gain differs from the closed form for "
-                                             f"{schedule.parameterization}/{schedule.beta_schedule} at t = 1\n{m}")
+    closed = {"epsilon": ((1 - ab).sqrt() / ab.sqrt()), "v_param": (1 - ab).sqrt(), "x0": torch.ones_like(ab)}[
+        schedule.parameterization
+    ].max()
+    torch.testing.assert_close(
+        torch.tensor(gain, dtype=torch.float64),
+        closed,
+        rtol=0.05,
+        atol=1e-3,
+        msg=lambda m: (
+            f"the measured x0 error gain differs from the closed form for "
+            f"{schedule.parameterization}/{schedule.beta_schedule} at t = 1\n{m}"
+        ),
+    )
     measure(f"{schedule.parameterization}_x0_error_gain_t1", gain)
     mode, w_text = str(config.loss.latent_t_mode), float(config.loss.cycle_text_weight)
     if mode not in ("full", "ones", "t1") or w_text <= 0:
@@ -105,7 +129,8 @@ def check_gain_at_t1(ctx, measure):
     assert gain <= GAIN_INCOMPATIBLE, (
         f"with latent_t_mode={mode} and cycle_text_weight={w_text}, cycle_text conditions on x0 whose error is "
         f"amplified {gain:.3g}x ({schedule.parameterization}, {schedule.beta_schedule}): use v_param or x0 "
-        "parameterization, or cycle_text_weight=0")
+        "parameterization, or cycle_text_weight=0"
+    )
     if gain > GAIN_REVIEW:
         measure("x0_gain_above_10", gain, review=True)
 

@@ -11,6 +11,7 @@ The protocol (`compat.protocol.CompatTrainer`) is upstream's: the constructor
 What a class supports beyond that is found by inspecting it, never by its name: a `step=` keyword,
 a `draws=` keyword with a `DRAW_NAMES` tuple.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,37 +54,53 @@ class TrainerSpec:
             source = Path(inspect.getsourcefile(trainer_cls) or "").resolve()
         except TypeError:
             source = None
-        return cls(spec or f"{trainer_cls.__module__}:{trainer_cls.__qualname__}", trainer_cls,
-                   source if source and source.is_file() else None, _git_commit(source),
-                   "step" in names or var_kw, ("draws" in names or var_kw) and bool(draw_names), draw_names)
+        return cls(
+            spec or f"{trainer_cls.__module__}:{trainer_cls.__qualname__}",
+            trainer_cls,
+            source if source and source.is_file() else None,
+            _git_commit(source),
+            "step" in names or var_kw,
+            ("draws" in names or var_kw) and bool(draw_names),
+            draw_names,
+        )
 
     @classmethod
     def load(cls, spec: str, option: str = "--cycle-trainer") -> "TrainerSpec":
         """Imports the class a SPEC names; GateInputError when it cannot (the message says why)."""
         if spec.count(":") != 1 or not all(spec.split(":")):
-            raise GateInputError(f"{option} {spec!r} is not a SPEC", "write package.module:Class or path/to/file.py:Class")
+            raise GateInputError(
+                f"{option} {spec!r} is not a SPEC", "write package.module:Class or path/to/file.py:Class"
+            )
         target, name = spec.split(":")
         try:
             module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
         except GateInputError:
             raise
         except Exception as exc:  # the user's module failed to import: say how, not a traceback
-            raise GateInputError(f"{option} {spec}: importing {target} failed with {type(exc).__name__}: {exc}",
-                                 "fix the import (run `python -c 'import ...'` in your repository)") from None
+            raise GateInputError(
+                f"{option} {spec}: importing {target} failed with {type(exc).__name__}: {exc}",
+                "fix the import (run `python -c 'import ...'` in your repository)",
+            ) from None
         trainer_cls = getattr(module, name, None)
         if not inspect.isclass(trainer_cls):
             found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
-            raise GateInputError(f"{option} {spec}: {target} has no class {name!r} (classes there: "
-                                 f"{', '.join(found) or 'none'})", "name the trainer class after the colon")
+            raise GateInputError(
+                f"{option} {spec}: {target} has no class {name!r} (classes there: {', '.join(found) or 'none'})",
+                "name the trainer class after the colon",
+            )
         if not callable(getattr(trainer_cls, "forward", None)) and not callable(trainer_cls):
-            raise GateInputError(f"{option} {spec}: {name} has no forward(batch) method",
-                                 "a trainer must implement forward(batch) -> (loss, metrics)")
+            raise GateInputError(
+                f"{option} {spec}: {name} has no forward(batch) method",
+                "a trainer must implement forward(batch) -> (loss, metrics)",
+            )
         return cls.of(trainer_cls, spec)
 
     def describe(self) -> str:
         where = f" ({self.source_file}" + (f" @ {self.commit}" if self.commit else "") + ")" if self.source_file else ""
-        extras = ["step=" if self.accepts_step else "no step=",
-                  f"draws= {list(self.draw_names)}" if self.accepts_draws else "no draws= (global RNG captured)"]
+        extras = [
+            "step=" if self.accepts_step else "no step=",
+            f"draws= {list(self.draw_names)}" if self.accepts_draws else "no draws= (global RNG captured)",
+        ]
         return f"{self.cls.__module__}.{self.cls.__qualname__}{where}; {', '.join(extras)}"
 
 
@@ -144,8 +161,9 @@ def _git_commit(path: Path | None) -> str | None:
     if path is None or not path.exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(path.parent), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -13,6 +13,7 @@ global-norm clipping, linear warmup + cosine) in float64. A loop that steps diff
 config says (another beta, a clipping norm read from a different key, a schedule off by one, a
 skipped accumulation) moves the weights away from the replay.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,9 +67,15 @@ def weights_checksum(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"sum": total, "abs_sum": abs_total, "sha256": digest.hexdigest()}
 
 
-def trajectory_config(config: DictConfig, *, batch_size: int, seq_len: int, steps: int = STEPS,
-                      model_overrides: dict[str, Any] | None = None,
-                      updates: dict[str, Any] | None = None) -> DictConfig:
+def trajectory_config(
+    config: DictConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    steps: int = STEPS,
+    model_overrides: dict[str, Any] | None = None,
+    updates: dict[str, Any] | None = None,
+) -> DictConfig:
     """`config` for a K-step run: its optimizer, schedule, clipping, accumulation and precision as
     they are; the run length, batch size and synthetic data sized for the gate."""
     accum = int(config.training.gradient_accumulation_steps)
@@ -105,9 +112,19 @@ def recording_class(trainer_cls: type, accepts_step: bool) -> type:
     return Recording
 
 
-def run_trajectory(kind: str, trainer_cls: type, accepts_step: bool, config: DictConfig, init: Path,
-                   workdir: Path, *, config_path: str, device: str = "cpu", token_dir=None,
-                   latent_dir=None) -> Trajectory:
+def run_trajectory(
+    kind: str,
+    trainer_cls: type,
+    accepts_step: bool,
+    config: DictConfig,
+    init: Path,
+    workdir: Path,
+    *,
+    config_path: str,
+    device: str = "cpu",
+    token_dir=None,
+    latent_dir=None,
+) -> Trajectory:
     """K steps of `trainer_cls` through the shared training loop from the weights in `init`."""
     recorded: list = []
     base = recording_class(trainer_cls, accepts_step)
@@ -120,9 +137,17 @@ def run_trajectory(kind: str, trainer_cls: type, accepts_step: bool, config: Dic
     Keep.__name__ = Keep.__qualname__ = base.__name__
     entry = TrainerEntry(kind, Keep, Path(config_path), "compat.trajectories", f"{kind} trajectory")
     synthetic = token_dir is None
-    result = run_training(config, trainer=entry, output_dir=workdir / kind, synthetic=synthetic,
-                          token_dir=token_dir, latent_dir=latent_dir, init_from=init, progress=False,
-                          device=device)
+    result = run_training(
+        config,
+        trainer=entry,
+        output_dir=workdir / kind,
+        synthetic=synthetic,
+        token_dir=token_dir,
+        latent_dir=latent_dir,
+        init_from=init,
+        progress=False,
+        device=device,
+    )
     weights = load_file(str(result.checkpoints[-1]))
     return Trajectory(kind, config, list(result.metrics), list(recorded), weights)
 
@@ -168,8 +193,8 @@ class OracleAdamW:
             p.mul_(1 - lr * self.weight_decay)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = m / (1 - b1 ** t)
-            v_hat = v / (1 - b2 ** t)
+            m_hat = m / (1 - b1**t)
+            v_hat = v / (1 - b2**t)
             p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
@@ -190,8 +215,9 @@ class Replay:
     final_weights: dict[str, torch.Tensor]
 
 
-def replay_with_oracle(run: Trajectory, trainer_cls: type, accepts_step: bool, init: Path,
-                       device: str = "cpu") -> Replay:
+def replay_with_oracle(
+    run: Trajectory, trainer_cls: type, accepts_step: bool, init: Path, device: str = "cpu"
+) -> Replay:
     """Redoes `run`'s steps outside the loop (see the module docstring)."""
     config = run.config
     seed = int(config.training.seed)
@@ -214,8 +240,9 @@ def replay_with_oracle(run: Trajectory, trainer_cls: type, accepts_step: bool, i
     for step in sorted(by_step):
         micro = by_step[step]
         if len(micro) != accum:
-            raise AssertionError(f"the loop fed {len(micro)} micro-batches at step {step}, "
-                                 f"training.gradient_accumulation_steps={accum}")
+            raise AssertionError(
+                f"the loop fed {len(micro)} micro-batches at step {step}, training.gradient_accumulation_steps={accum}"
+            )
         for p in model.parameters():
             p.grad = None
         step_losses = []
@@ -256,5 +283,3 @@ def differing_settings(a: DictConfig, b: DictConfig, sections: tuple[str, ...]) 
             if left.get(key) != right.get(key):
                 out.append(f"{name}.{key}={left.get(key)!r}/{right.get(key)!r}")
     return out
-
-

@@ -19,6 +19,7 @@ Also: `derive_layout` (the model's sizes from names and shapes alone), `layout_d
 (config vs checkpoint, key by key), `find_non_finite` (NaN/Inf, one tensor at a time), and the
 command line `python -m latentDLM_mmdit.checkpoints inspect IN` / `convert IN OUT.safetensors`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,7 +99,7 @@ def normalize_key(key: str) -> str | None:
         changed = False
         for prefix in STRIPPED_PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     if key.startswith(DROPPED_PREFIXES):
         return None
     return key
@@ -133,10 +134,21 @@ def _key_changes(keys: Iterable[str]) -> tuple[dict[str, int], list[str]]:
 
 # -- safetensors header ----------------------------------------------------------------------------
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -169,15 +181,20 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             if size == 0:
                 raise CheckpointError(f"{path}: the file is empty (0 bytes); was its write interrupted?")
             if size < 8:
-                raise CheckpointError(f"{path}: {size} bytes, shorter than the 8-byte header length every "
-                                      "safetensors file starts with")
+                raise CheckpointError(
+                    f"{path}: {size} bytes, shorter than the 8-byte header length every safetensors file starts with"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_SAFETENSORS_HEADER:
-                raise CheckpointError(f"{path}: declares a {header_len}-byte header, beyond the {MAX_SAFETENSORS_HEADER}"
-                                      "-byte limit (a header bomb or a damaged file); nothing was allocated")
+                raise CheckpointError(
+                    f"{path}: declares a {header_len}-byte header, beyond the {MAX_SAFETENSORS_HEADER}"
+                    "-byte limit (a header bomb or a damaged file); nothing was allocated"
+                )
             if header_len > size - 8:
-                raise CheckpointError(f"{path}: declares a {header_len}-byte header but the file has only "
-                                      f"{size - 8} bytes after the length: truncated, or not a safetensors file")
+                raise CheckpointError(
+                    f"{path}: declares a {header_len}-byte header but the file has only "
+                    f"{size - 8} bytes after the length: truncated, or not a safetensors file"
+                )
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
@@ -188,7 +205,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: its header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CheckpointError(f"{path}: its __metadata__ is not a JSON object of strings")
     data_len = size - 8 - header_len
     entries = {name: _header_entry(path, name, info, data_len) for name, info in header.items()}
@@ -201,23 +220,33 @@ def _header_entry(path: Path, name: str, info: Any, data_len: int) -> Safetensor
         raise CheckpointError(f"{path}: header entry {name!r} is not an object with dtype, shape and data_offsets")
     dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r} "
-                              f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r} (known: {', '.join(SAFETENSORS_DTYPES)})"
+        )
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with "
-                              "0 <= begin <= end")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+        )
     begin, end = offsets
     needed = torch.Size(shape).numel() * dtype.itemsize
     if end - begin != needed:
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) "
-                              f"but shape {shape} x {info['dtype']} needs {needed} bytes")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) "
+            f"but shape {shape} x {info['dtype']} needs {needed} bytes"
+        )
     if end > data_len:
-        raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of a data section of {data_len} bytes: "
-                              "the file is truncated or its header lies")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends at byte {end} of a data section of {data_len} bytes: "
+            "the file is truncated or its header lies"
+        )
     return SafetensorsEntry(dtype, tuple(shape), begin, end)
 
 
@@ -225,8 +254,10 @@ def _check_coverage(path: Path, entries: dict[str, SafetensorsEntry], data_len: 
     position, previous = 0, None
     for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if entry.begin < position:
-            raise CheckpointError(f"{path}: tensors {previous!r} and {name!r} overlap (data offsets "
-                                  f"{entries[previous].begin}-{position} and {entry.begin}-{entry.end})")
+            raise CheckpointError(
+                f"{path}: tensors {previous!r} and {name!r} overlap (data offsets "
+                f"{entries[previous].begin}-{position} and {entry.begin}-{entry.end})"
+            )
         if entry.begin > position:
             raise CheckpointError(f"{path}: {entry.begin - position} bytes before tensor {name!r} belong to no tensor")
         position, previous = entry.end, name
@@ -244,7 +275,7 @@ def _tensor_count(value: Any, seen: set[int] | None = None) -> tuple[int, int]:
         return 0, 0
     seen.add(id(value))
     total = (0, 0)
-    for item in (value.values() if isinstance(value, Mapping) else value):
+    for item in value.values() if isinstance(value, Mapping) else value:
         n, b = _tensor_count(item, seen)
         total = (total[0] + n, total[1] + b)
     return total
@@ -298,16 +329,22 @@ class CheckpointContents:
         if self.folder_note:
             out.append(f"folder: {self.folder_note}")
         out.append(f"format: {self.format}")
-        out.append(f"weights from: {', '.join(self.keys_used)} ({self.n_tensors} model tensors, "
-                   f"{self.n_elements} values, {_human_bytes(self.nbytes)})")
+        out.append(
+            f"weights from: {', '.join(self.keys_used)} ({self.n_tensors} model tensors, "
+            f"{self.n_elements} values, {_human_bytes(self.nbytes)})"
+        )
         if self.metadata_keys:
             out.append(f"metadata: {', '.join(self.metadata_keys)}")
         out.append("ignored: " + ("; ".join(f"{k}: {v}" for k, v in self.ignored.items()) or "nothing"))
         out.append("records: " + ("; ".join(self.records) or "none"))
         if self.numpy_scalars:
-            out.append(f"numpy scalars: {'; '.join(self.numpy_scalars[:8])}"
-                       + (f" (+{len(self.numpy_scalars) - 8} more)" if len(self.numpy_scalars) > 8 else ""))
-        out.append("prefixes stripped: " + (", ".join(f"{p!r} x{n}" for p, n in self.prefixes_stripped.items()) or "none"))
+            out.append(
+                f"numpy scalars: {'; '.join(self.numpy_scalars[:8])}"
+                + (f" (+{len(self.numpy_scalars) - 8} more)" if len(self.numpy_scalars) > 8 else "")
+            )
+        out.append(
+            "prefixes stripped: " + (", ".join(f"{p!r} x{n}" for p, n in self.prefixes_stripped.items()) or "none")
+        )
         out.append("dropped (not model weights): " + (", ".join(self.dropped_keys) or "none"))
         return out
 
@@ -365,8 +402,10 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, torch.Tensor], str | None]
         wrapper = next((k for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
     state = obj[wrapper] if wrapper else obj
     if isinstance(state, InertRecord):
-        raise CheckpointError(f"{source}: holds a pickled {state.global_name} object (read as an inert record), "
-                              "not a state dict; save its state_dict() instead")
+        raise CheckpointError(
+            f"{source}: holds a pickled {state.global_name} object (read as an inert record), "
+            "not a state dict; save its state_dict() instead"
+        )
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a state dict")
     bad = sorted(str(k) for k, v in state.items() if not torch.is_tensor(v))
@@ -414,8 +453,12 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
     return source
 
 
-def _summarize(contents: CheckpointContents, source_keys: Iterable[str], shapes: dict[str, tuple[int, ...]],
-               dtypes: dict[str, torch.dtype]) -> None:
+def _summarize(
+    contents: CheckpointContents,
+    source_keys: Iterable[str],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
+) -> None:
     contents.prefixes_stripped, contents.dropped_keys = _key_changes(source_keys)
     contents.n_tensors = len(shapes)
     contents.n_elements = sum(torch.Size(s).numel() for s in shapes.values())
@@ -431,13 +474,25 @@ def _open_safetensors(path: Path) -> CheckpointSource:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     shapes = {mk: header.entries[sk].shape for mk, sk in mapping.items()}
     dtypes = {mk: header.entries[sk].dtype for mk, sk in mapping.items()}
-    contents = CheckpointContents(str(path), str(path), "safetensors",
-                                  keys_used=[f"every tensor in the file ({len(header.entries)})"],
-                                  metadata_keys=sorted(header.metadata))
+    contents = CheckpointContents(
+        str(path),
+        str(path),
+        "safetensors",
+        keys_used=[f"every tensor in the file ({len(header.entries)})"],
+        metadata_keys=sorted(header.metadata),
+    )
     _summarize(contents, header.entries, shapes, dtypes)
-    return CheckpointSource(path, mapping, shapes, _decode_metadata(header.metadata), _getter=handle.get_tensor,
-                            _closer=lambda: handle.__exit__(None, None, None), dtypes=dtypes, contents=contents,
-                            header=header)
+    return CheckpointSource(
+        path,
+        mapping,
+        shapes,
+        _decode_metadata(header.metadata),
+        _getter=handle.get_tensor,
+        _closer=lambda: handle.__exit__(None, None, None),
+        dtypes=dtypes,
+        contents=contents,
+        header=header,
+    )
 
 
 def _open_torch(path: Path) -> CheckpointSource:
@@ -449,8 +504,9 @@ def _open_torch(path: Path) -> CheckpointSource:
     mapping = normalize_keys(state.keys(), str(path))
     shapes = {mk: tuple(state[sk].shape) for mk, sk in mapping.items()}
     dtypes = {mk: state[sk].dtype for mk, sk in mapping.items()}
-    contents = CheckpointContents(str(path), str(path), loaded.container, records=loaded.records,
-                                  numpy_scalars=loaded.numpy_scalars)
+    contents = CheckpointContents(
+        str(path), str(path), loaded.container, records=loaded.records, numpy_scalars=loaded.numpy_scalars
+    )
     contents.keys_used = [wrapper] if wrapper else ["the whole file (a bare state dict)"]
     metadata: dict[str, Any] = {}
     if wrapper:
@@ -461,8 +517,9 @@ def _open_torch(path: Path) -> CheckpointSource:
             if _tensor_count(value)[0] == 0:  # small entries (step, config, records) are kept as metadata
                 metadata[key] = value
     _summarize(contents, state, shapes, dtypes)
-    return CheckpointSource(path, mapping, shapes, metadata, _getter=state.__getitem__, dtypes=dtypes,
-                            contents=contents)
+    return CheckpointSource(
+        path, mapping, shapes, metadata, _getter=state.__getitem__, dtypes=dtypes, contents=contents
+    )
 
 
 def _as_source(checkpoint: CheckpointSource | str | Path) -> tuple[CheckpointSource, bool]:
@@ -494,23 +551,33 @@ def check_model_sizes(sizes: Any, shapes: Mapping[str, tuple[int, ...]], source:
         shapes: model key -> shape, from the checkpoint's header or pickle.
         source: the file, for messages."""
     if not isinstance(sizes, dict) or set(sizes) != set(MODEL_SIZE_KEYS):
-        raise CheckpointError(f"{source}: metadata model_sizes is {sizes!r}; expected a JSON object with exactly "
-                              f"{', '.join(MODEL_SIZE_KEYS)}")
+        raise CheckpointError(
+            f"{source}: metadata model_sizes is {sizes!r}; expected a JSON object with exactly "
+            f"{', '.join(MODEL_SIZE_KEYS)}"
+        )
     for key, value in sizes.items():
         if type(value) is not int or value < (0 if key == "cluster_size" else 1):
-            raise CheckpointError(f"{source}: metadata model_sizes.{key} is {value!r}, not a "
-                                  f"{'non-negative' if key == 'cluster_size' else 'positive'} integer")
+            raise CheckpointError(
+                f"{source}: metadata model_sizes.{key} is {value!r}, not a "
+                f"{'non-negative' if key == 'cluster_size' else 'positive'} integer"
+            )
     for key, tensor, dim in (("vocab_size", TOKEN_EMBED, 0), ("latent_dim", LATENT_IN, 1)):
         shape = shapes.get(tensor)
         if shape is None or len(shape) != 2:
-            raise CheckpointError(f"{source}: metadata model_sizes.{key} = {sizes[key]} cannot be checked: the "
-                                  f"checkpoint has no 2-D {tensor} (shape {shape})")
+            raise CheckpointError(
+                f"{source}: metadata model_sizes.{key} = {sizes[key]} cannot be checked: the "
+                f"checkpoint has no 2-D {tensor} (shape {shape})"
+            )
         if shape[dim] != sizes[key]:
-            raise CheckpointError(f"{source}: metadata model_sizes.{key} = {sizes[key]} contradicts {tensor} "
-                                  f"{list(shape)} ({key} {shape[dim]}); the metadata is wrong or forged")
+            raise CheckpointError(
+                f"{source}: metadata model_sizes.{key} = {sizes[key]} contradicts {tensor} "
+                f"{list(shape)} ({key} {shape[dim]}); the metadata is wrong or forged"
+            )
     if (sizes["cluster_size"] > 0) != (CLUSTER_HEAD in shapes):
-        raise CheckpointError(f"{source}: metadata model_sizes.cluster_size = {sizes['cluster_size']} but the "
-                              f"checkpoint {'has' if CLUSTER_HEAD in shapes else 'has no'} {CLUSTER_HEAD}")
+        raise CheckpointError(
+            f"{source}: metadata model_sizes.cluster_size = {sizes['cluster_size']} but the "
+            f"checkpoint {'has' if CLUSTER_HEAD in shapes else 'has no'} {CLUSTER_HEAD}"
+        )
     return dict(sizes)
 
 
@@ -552,18 +619,23 @@ def derive_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoi
         shapes: model key (prefixes stripped, as `CheckpointSource.shapes`) -> shape.
         source: what the shapes came from, for messages.
     Raises CheckpointError naming the key when a needed tensor is missing or shapes disagree."""
+
     def need(key: str, ndim: int) -> tuple[int, ...]:
         shape = shapes.get(key)
         if shape is None or len(shape) != ndim:
-            raise CheckpointError(f"{source}: cannot derive the model layout: {key} is "
-                                  f"{'missing' if shape is None else f'{list(shape)}, not {ndim}-D'} "
-                                  "(not a MultimodalMMDiT state dict?)")
+            raise CheckpointError(
+                f"{source}: cannot derive the model layout: {key} is "
+                f"{'missing' if shape is None else f'{list(shape)}, not {ndim}-D'} "
+                "(not a MultimodalMMDiT state dict?)"
+            )
         return tuple(shape)
 
     def agree(what: str, key: str, got: int, want: int) -> None:
         if got != want:
-            raise CheckpointError(f"{source}: {key} {list(shapes[key])} gives {what} {got}, "
-                                  f"{TOKEN_EMBED} {list(shapes[TOKEN_EMBED])} gives {want}")
+            raise CheckpointError(
+                f"{source}: {key} {list(shapes[key])} gives {what} {got}, "
+                f"{TOKEN_EMBED} {list(shapes[TOKEN_EMBED])} gives {want}"
+            )
 
     vocab, hidden = need(TOKEN_EMBED, 2)
     _, max_seq_len, pos_hidden = need(POSITION_EMBED, 3)
@@ -575,12 +647,15 @@ def derive_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoi
         raise CheckpointError(f"{source}: {COND_OUT} {list(shapes[COND_OUT])} is not [C, 4C]")
     for head in (TEXT_HEAD, CLUSTER_HEAD):
         if head in shapes and tuple(shapes[head]) != (vocab, hidden):
-            raise CheckpointError(f"{source}: {head} {list(shapes[head])} is not [vocab_size, hidden_size] = "
-                                  f"{[vocab, hidden]} as {TOKEN_EMBED} gives")
+            raise CheckpointError(
+                f"{source}: {head} {list(shapes[head])} is not [vocab_size, hidden_size] = "
+                f"{[vocab, hidden]} as {TOKEN_EMBED} gives"
+            )
     blocks = sorted({int(m.group(1)) for k in shapes if (m := BLOCK_KEY.match(k))})
     if not blocks or blocks != list(range(len(blocks))):
-        raise CheckpointError(f"{source}: cannot derive n_blocks: mmdit.blocks.<i> indices are {blocks or 'absent'}, "
-                              "not 0..n-1")
+        raise CheckpointError(
+            f"{source}: cannot derive n_blocks: mmdit.blocks.<i> indices are {blocks or 'absent'}, not 0..n-1"
+        )
     alphas = {tuple(s) for k, s in shapes.items() if STATIC_ALPHA_KEY.match(k)}
     if not any(RESIDUAL_CONTAINER in k for k in shapes):
         streams = 1  # mmdit builds hyper-connection parameters only for more than one stream
@@ -588,19 +663,41 @@ def derive_layout(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoi
         streams = next(iter(alphas))[0]
     else:
         streams = None
-    residual_layout = ("0.2.x" if any(m in k for k in shapes for m in MMDIT_02_MARKERS)
-                       else "0.3.x" if any(m in k for k in shapes for m in MMDIT_03_MARKERS) else None)
+    residual_layout = (
+        "0.2.x"
+        if any(m in k for k in shapes for m in MMDIT_02_MARKERS)
+        else "0.3.x"
+        if any(m in k for k in shapes for m in MMDIT_03_MARKERS)
+        else None
+    )
     evidence = {
-        "vocab_size": f"{TOKEN_EMBED} {[vocab, hidden]}", "hidden_size": f"{TOKEN_EMBED} {[vocab, hidden]}",
+        "vocab_size": f"{TOKEN_EMBED} {[vocab, hidden]}",
+        "hidden_size": f"{TOKEN_EMBED} {[vocab, hidden]}",
         "latent_dim": f"{LATENT_IN} {[latent_width, latent_dim]}",
         "max_seq_len": f"{POSITION_EMBED} {list(shapes[POSITION_EMBED])}",
-        "n_blocks": f"mmdit.blocks.0..{blocks[-1]}", "cond_dim": f"{COND_OUT} {[cond_dim, cond_in]}",
+        "n_blocks": f"mmdit.blocks.0..{blocks[-1]}",
+        "cond_dim": f"{COND_OUT} {[cond_dim, cond_in]}",
         "cluster_head": f"{CLUSTER_HEAD} {'present' if CLUSTER_HEAD in shapes else 'absent'}",
-        "num_residual_streams": (f"static_alpha {list(next(iter(alphas)))}" if alphas and streams
-                                 else "no residual_fns parameters" if streams == 1 else "residual shapes inconclusive"),
+        "num_residual_streams": (
+            f"static_alpha {list(next(iter(alphas)))}"
+            if alphas and streams
+            else "no residual_fns parameters"
+            if streams == 1
+            else "residual shapes inconclusive"
+        ),
     }
-    return ModelLayout(vocab, hidden, latent_dim, max_seq_len, len(blocks), cond_dim, CLUSTER_HEAD in shapes,
-                       streams, residual_layout, evidence)
+    return ModelLayout(
+        vocab,
+        hidden,
+        latent_dim,
+        max_seq_len,
+        len(blocks),
+        cond_dim,
+        CLUSTER_HEAD in shapes,
+        streams,
+        residual_layout,
+        evidence,
+    )
 
 
 def checkpoint_layout(checkpoint: CheckpointSource | str | Path) -> ModelLayout:
@@ -646,9 +743,14 @@ def layout_differences(layout: ModelLayout, config: Any) -> list[LayoutDifferenc
         config: a run config (dict or OmegaConf, read only) with `model.*` and
             `tokenizer.vocab_size`; an unset key is a difference, except
             model.num_residual_streams, whose unset value builds MODEL_DEFAULT_RESIDUAL_STREAMS."""
-    pairs = [("tokenizer.vocab_size", "vocab_size"), ("model.hidden_size", "hidden_size"),
-             ("model.latent_dim", "latent_dim"), ("model.max_seq_len", "max_seq_len"),
-             ("model.n_blocks", "n_blocks"), ("model.cond_dim", "cond_dim")]
+    pairs = [
+        ("tokenizer.vocab_size", "vocab_size"),
+        ("model.hidden_size", "hidden_size"),
+        ("model.latent_dim", "latent_dim"),
+        ("model.max_seq_len", "max_seq_len"),
+        ("model.n_blocks", "n_blocks"),
+        ("model.cond_dim", "cond_dim"),
+    ]
     out = []
     for key, name in pairs:
         value = _config_value(config, key)
@@ -657,14 +759,23 @@ def layout_differences(layout: ModelLayout, config: Any) -> list[LayoutDifferenc
     cluster = _config_value(config, "model.cluster_size")
     cluster_on = cluster is not _MISSING and cluster is not None and cluster > 0
     if cluster_on != layout.cluster_head:
-        out.append(LayoutDifference("model.cluster_size", cluster, "> 0" if layout.cluster_head else 0,
-                                    layout.evidence["cluster_head"]))
+        out.append(
+            LayoutDifference(
+                "model.cluster_size", cluster, "> 0" if layout.cluster_head else 0, layout.evidence["cluster_head"]
+            )
+        )
     if layout.num_residual_streams is not None:
         streams = _config_value(config, "model.num_residual_streams")
         built = MODEL_DEFAULT_RESIDUAL_STREAMS if streams is _MISSING or streams is None else streams
         if built != layout.num_residual_streams:
-            out.append(LayoutDifference("model.num_residual_streams", streams, layout.num_residual_streams,
-                                        layout.evidence["num_residual_streams"]))
+            out.append(
+                LayoutDifference(
+                    "model.num_residual_streams",
+                    streams,
+                    layout.num_residual_streams,
+                    layout.evidence["num_residual_streams"],
+                )
+            )
     return out
 
 
@@ -673,8 +784,10 @@ def explain_layout_differences(layout: ModelLayout, config: Any, source: str = "
     differences = layout_differences(layout, config)
     if not differences:
         return None
-    return "\n".join([f"the config does not build the layout of {source}; set these keys to the checkpoint's values:"]
-                     + [f"  {d}" for d in differences])
+    return "\n".join(
+        [f"the config does not build the layout of {source}; set these keys to the checkpoint's values:"]
+        + [f"  {d}" for d in differences]
+    )
 
 
 # -- non-finite weights ----------------------------------------------------------------------------
@@ -692,7 +805,7 @@ def _count_non_finite(tensor: torch.Tensor) -> tuple[int, int, int]:
     flat = tensor.reshape(-1)
     nan = posinf = neginf = 0
     for start in range(0, flat.numel(), NON_FINITE_CHUNK):
-        chunk = flat[start:start + NON_FINITE_CHUNK]
+        chunk = flat[start : start + NON_FINITE_CHUNK]
         nan += int(torch.isnan(chunk).sum())
         if not chunk.is_complex():
             posinf += int(torch.isposinf(chunk).sum())
@@ -743,9 +856,11 @@ def compare_versions(recorded: Mapping[str, str] | None) -> dict[str, tuple[str,
     if not recorded:
         return {}
     installed = installed_versions()
-    return {name: (str(recorded[name]), installed[name])
-            for name in ("mmdit", "hyper-connections", "x-transformers")
-            if name in recorded and str(recorded[name]) != installed[name]}
+    return {
+        name: (str(recorded[name]), installed[name])
+        for name in ("mmdit", "hyper-connections", "x-transformers")
+        if name in recorded and str(recorded[name]) != installed[name]
+    }
 
 
 def residual_stream_hint(model_keys: set[str], ckpt_keys: set[str], differing: list[str]) -> str | None:
@@ -762,12 +877,16 @@ def residual_stream_hint(model_keys: set[str], ckpt_keys: set[str], differing: l
 
     model_layout, ckpt_layout = layout(model_keys), layout(ckpt_keys)
     if model_layout and ckpt_layout and model_layout != ckpt_layout:
-        return (f"the residual-stream parameters are laid out as mmdit {ckpt_layout} writes them "
-                f"(0.2.x: HyperConnections, 0.3.x: ManifoldConstrainedHyperConnections) and the model "
-                f"as mmdit {model_layout}: the checkpoint was probably written with another mmdit version")
+        return (
+            f"the residual-stream parameters are laid out as mmdit {ckpt_layout} writes them "
+            f"(0.2.x: HyperConnections, 0.3.x: ManifoldConstrainedHyperConnections) and the model "
+            f"as mmdit {model_layout}: the checkpoint was probably written with another mmdit version"
+        )
     if (model_layout is None) != (ckpt_layout is None):
-        return ("one side has hyper-connection residual streams and the other has none: "
-                "model.num_residual_streams probably differs from the checkpoint's (1 vs > 1)")
+        return (
+            "one side has hyper-connection residual streams and the other has none: "
+            "model.num_residual_streams probably differs from the checkpoint's (1 vs > 1)"
+        )
     return "the residual-stream parameters differ in shape: model.num_residual_streams probably differs"
 
 
@@ -799,8 +918,9 @@ def _check_dtype(path, key: str, dtype: torch.dtype, target: torch.Tensor) -> No
         raise CheckpointError(f"{path}: {key} has dtype {dtype}, the model's has {target.dtype}")
 
 
-def _read_safetensors_into(path: Path, header: SafetensorsHeader, mapping: dict[str, str],
-                           targets: dict[str, torch.Tensor]) -> None:
+def _read_safetensors_into(
+    path: Path, header: SafetensorsHeader, mapping: dict[str, str], targets: dict[str, torch.Tensor]
+) -> None:
     """Reads each tensor's bytes straight into the model's parameter memory when dtype and device
     allow (no second copy of the weights in memory, no mmap of the whole file); otherwise through a
     per-tensor temporary. The header was validated by read_safetensors_header."""
@@ -811,8 +931,12 @@ def _read_safetensors_into(path: Path, header: SafetensorsHeader, mapping: dict[
             _check_dtype(path, model_key, entry.dtype, target)
             f.seek(header.data_start + entry.begin)
             nbytes = entry.end - entry.begin
-            direct = (target.dtype == entry.dtype and target.device.type == "cpu" and target.is_contiguous()
-                      and target.numel() * target.element_size() == nbytes)
+            direct = (
+                target.dtype == entry.dtype
+                and target.device.type == "cpu"
+                and target.is_contiguous()
+                and target.numel() * target.element_size() == nbytes
+            )
             if direct:
                 buffer = target.detach().reshape(-1).view(torch.uint8).numpy()
                 read = f.readinto(memoryview(buffer))
@@ -857,8 +981,15 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | Path) -> LoadReport
                 ", ".join(f"{k} {v[0]}" for k, v in differences.items()),
                 ", ".join(f"{k} {v[1]}" for k, v in differences.items()),
             )
-        return LoadReport(str(source.path), len(source.mapping), dict(source.metadata), recorded,
-                          installed_versions(), differences, source.contents)
+        return LoadReport(
+            str(source.path),
+            len(source.mapping),
+            dict(source.metadata),
+            recorded,
+            installed_versions(),
+            differences,
+            source.contents,
+        )
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -894,8 +1025,16 @@ def _write_train_state(tmp: Path, state: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, *, config: Any, trainer_kind: str, step: int,
-                    model_sizes: Mapping[str, int] | None = None, train_state: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    config: Any,
+    trainer_kind: str,
+    step: int,
+    model_sizes: Mapping[str, int] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+) -> Path:
     """Writes `path` (.safetensors) and, when given, `train_state` beside it (`train_state_path`).
 
     A reader never sees the weights without their train state: both are written to `<name>.tmp`
@@ -964,8 +1103,10 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if path.suffix != ".safetensors":
         raise CheckpointError(f"resume needs a .safetensors checkpoint written by this training loop, got {path}")
     if not state_path.is_file():
-        raise CheckpointError(f"resume needs {state_path} beside {path}; it does not exist (removed, or copied "
-                              "without it): resume from a checkpoint that has both files")
+        raise CheckpointError(
+            f"resume needs {state_path} beside {path}; it does not exist (removed, or copied "
+            "without it): resume from a checkpoint that has both files"
+        )
     meta = read_safetensors_header(path).metadata
     state = torch.load(str(state_path), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
@@ -976,7 +1117,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{state_path} (step {ours[0]}, pair {ours[1]}) is not the train state of {path} (step {theirs[0]}, "
             f"pair {theirs[1]}): a save of that step was interrupted, or the files come from different runs; "
-            "resume from another checkpoint")
+            "resume from another checkpoint"
+        )
     return state
 
 
@@ -992,8 +1134,10 @@ def remove_interrupted_saves(directory: str | Path) -> list[Path]:
             continue
         if entry.name.endswith(TMP_SUFFIX):
             why = "an unfinished write"
-        elif entry.name.endswith(".train_state.pt") and not entry.with_name(
-                entry.name.removesuffix(".train_state.pt") + ".safetensors").exists():
+        elif (
+            entry.name.endswith(".train_state.pt")
+            and not entry.with_name(entry.name.removesuffix(".train_state.pt") + ".safetensors").exists()
+        ):
             why = "a train state whose weights were never published"
         else:
             continue
@@ -1027,7 +1171,11 @@ def write_safetensors(path: Path, source: CheckpointSource, metadata: Mapping[st
         if dtype not in SAFETENSORS_NAMES:
             raise CheckpointError(f"{source.path}: {key} has dtype {dtype}, which safetensors cannot hold")
         nbytes = torch.Size(shape).numel() * dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header["__metadata__"] = dict(metadata)
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -1038,8 +1186,10 @@ def write_safetensors(path: Path, source: CheckpointSource, metadata: Mapping[st
         for key in source.mapping:
             value = source.tensor(key).detach().to("cpu").contiguous()
             if value.dtype != source.dtypes[key] or tuple(value.shape) != source.shapes[key]:
-                raise CheckpointError(f"{source.path}: {key} read as {value.dtype} {list(value.shape)}, "
-                                      f"its header says {source.dtypes[key]} {list(source.shapes[key])}")
+                raise CheckpointError(
+                    f"{source.path}: {key} read as {value.dtype} {list(value.shape)}, "
+                    f"its header says {source.dtypes[key]} {list(source.shapes[key])}"
+                )
             f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
             del value
 
@@ -1061,7 +1211,9 @@ def _converted_metadata(source: CheckpointSource, requested: Path) -> dict[str, 
             if key in source.header.metadata:
                 meta[key] = source.header.metadata[key]
     else:
-        states = [v for k, v in source.metadata.items() if k in ("state", "training_state") and isinstance(v, TrainingState)]
+        states = [
+            v for k, v in source.metadata.items() if k in ("state", "training_state") and isinstance(v, TrainingState)
+        ]
         if len(states) == 1:
             meta["step"] = str(states[0].step)
             meta["training_state"] = json.dumps(dataclasses.asdict(states[0]))
@@ -1076,20 +1228,32 @@ def _converted_metadata(source: CheckpointSource, requested: Path) -> dict[str, 
     if layout is not None:
         meta["layout"] = json.dumps(layout.as_dict())
         if "model_sizes" not in meta and not layout.cluster_head:  # cluster_size is exact (0) only without a head
-            meta["model_sizes"] = json.dumps({"vocab_size": layout.vocab_size, "latent_dim": layout.latent_dim,
-                                              "cluster_size": 0})
-    meta["converted_from"] = json.dumps({
-        "path": str(requested), "file": str(source.path), "sha256": _sha256(source.path), "format": contents.format,
-        "folder": contents.folder_note, "weights_from": contents.keys_used, "ignored": contents.ignored,
-        "records": contents.records, "prefixes_stripped": contents.prefixes_stripped,
-        "dropped_keys": contents.dropped_keys,
-    })
+            meta["model_sizes"] = json.dumps(
+                {"vocab_size": layout.vocab_size, "latent_dim": layout.latent_dim, "cluster_size": 0}
+            )
+    meta["converted_from"] = json.dumps(
+        {
+            "path": str(requested),
+            "file": str(source.path),
+            "sha256": _sha256(source.path),
+            "format": contents.format,
+            "folder": contents.folder_note,
+            "weights_from": contents.keys_used,
+            "ignored": contents.ignored,
+            "records": contents.records,
+            "prefixes_stripped": contents.prefixes_stripped,
+            "dropped_keys": contents.dropped_keys,
+        }
+    )
     return meta
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
 
 
 def convert_checkpoint(source_path: str | Path, out_path: str | Path) -> tuple[Path, CheckpointContents]:
@@ -1151,13 +1315,20 @@ def inspect_lines(path: str | Path) -> list[str]:
         installed = installed_versions()
         if isinstance(recorded, dict):
             differences = compare_versions(recorded)
-            lines.append(f"versions recorded: {recorded}; "
-                         + (f"differing from installed: {differences}" if differences else "installed ones match"))
+            lines.append(
+                f"versions recorded: {recorded}; "
+                + (f"differing from installed: {differences}" if differences else "installed ones match")
+            )
         else:
             lines.append(f"versions: not recorded; installed {installed}")
         bad = find_non_finite(source)
-        lines.append("non-finite tensors: " + ("; ".join(
-            f"{t.name} ({t.nan} NaN, {t.posinf} +Inf, {t.neginf} -Inf of {t.numel})" for t in bad) or "none"))
+        lines.append(
+            "non-finite tensors: "
+            + (
+                "; ".join(f"{t.name} ({t.nan} NaN, {t.posinf} +Inf, {t.neginf} -Inf of {t.numel})" for t in bad)
+                or "none"
+            )
+        )
     return lines
 
 
@@ -1165,7 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m latentDLM_mmdit.checkpoints",
         description="Inspect a checkpoint, or convert one to this project's safetensors, without running "
-                    "anything from it. Exit 0 on success, 2 on a problem with the input.")
+        "anything from it. Exit 0 on success, 2 on a problem with the input.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="what a checkpoint holds and what loading it would use")
     inspect.add_argument("checkpoint", help=".safetensors, .pt/.pth/.bin, or upstream's checkpoint folder")

@@ -25,6 +25,7 @@ Every other global torch does not allow already is refused before unpickling, wi
 that names it and says how the pickle uses it; globals of modules that can run code (os, posix,
 builtins, subprocess, ...) are never given a stand-in, whatever the use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,24 +51,78 @@ UPSTREAM_TRAINING_STATE = "latentDLM_mmdit.checkpoints_mmdit.TrainingState"
 # Top-level modules whose globals are refused outright, however the pickle uses them: they run
 # commands, import or execute code, touch files, sockets or memory, or re-enter pickle. (Globals
 # of `torch` that torch's own allowlist refuses are refused too, see plan_globals.)
-DANGEROUS_MODULES = frozenset({
-    "builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib",
-    "runpy", "pickle", "marshal", "ctypes", "socket", "code", "codeop", "io", "tempfile", "pathlib",
-    "glob", "functools", "operator", "types", "inspect", "copyreg", "copy_reg", "multiprocessing",
-    "threading", "signal", "pty", "webbrowser", "urllib", "http", "ftplib", "smtplib", "asyncio",
-    "pdb", "bdb", "timeit", "trace", "cProfile", "profile", "zipimport", "pkgutil", "site",
-    "sysconfig", "distutils", "setuptools", "pip", "shlex", "platform", "gc", "weakref", "dill",
-    "cloudpickle", "joblib",
-})
+DANGEROUS_MODULES = frozenset(
+    {
+        "builtins",
+        "__builtin__",
+        "os",
+        "posix",
+        "nt",
+        "sys",
+        "subprocess",
+        "shutil",
+        "importlib",
+        "runpy",
+        "pickle",
+        "marshal",
+        "ctypes",
+        "socket",
+        "code",
+        "codeop",
+        "io",
+        "tempfile",
+        "pathlib",
+        "glob",
+        "functools",
+        "operator",
+        "types",
+        "inspect",
+        "copyreg",
+        "copy_reg",
+        "multiprocessing",
+        "threading",
+        "signal",
+        "pty",
+        "webbrowser",
+        "urllib",
+        "http",
+        "ftplib",
+        "smtplib",
+        "asyncio",
+        "pdb",
+        "bdb",
+        "timeit",
+        "trace",
+        "cProfile",
+        "profile",
+        "zipimport",
+        "pkgutil",
+        "site",
+        "sysconfig",
+        "distutils",
+        "setuptools",
+        "pip",
+        "shlex",
+        "platform",
+        "gc",
+        "weakref",
+        "dill",
+        "cloudpickle",
+        "joblib",
+    }
+)
 # numpy's scalar reconstructors (numpy 2 and 1.x module names) and dtype, see _numpy_scalar.
 NUMPY_SCALAR_GLOBALS = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar")
 NUMPY_DTYPE_GLOBAL = "numpy.dtype"
-NUMPY_SCALAR_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8",
-                                "f2", "f4", "f8", "c8", "c16"})
+NUMPY_SCALAR_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"})
 MAX_PICKLE_BYTES = 1 << 30  # data.pkl of a state dict is ~100 bytes per tensor
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's pre-1.6 format starts with this pickled number
-USE_TEXT = {"called": "calls it (REDUCE)", "instantiated": "creates an instance with NEWOBJ",
-            "built": "fills an instance with BUILD", "value": "uses it as a plain value"}
+USE_TEXT = {
+    "called": "calls it (REDUCE)",
+    "instantiated": "creates an instance with NEWOBJ",
+    "built": "fills an instance with BUILD",
+    "value": "uses it as a plain value",
+}
 
 
 @dataclass
@@ -96,7 +151,8 @@ class _RecordMeta(type):
     def __call__(cls, *args, **kwargs):
         raise RecordCalledError(
             f"the pickle calls {cls.global_name}(...) (REDUCE); it was admitted only as a plain "
-            "record (NEWOBJ + BUILD), so it is refused")
+            "record (NEWOBJ + BUILD), so it is refused"
+        )
 
 
 class InertRecord(metaclass=_RecordMeta):
@@ -118,8 +174,12 @@ class InertRecord(metaclass=_RecordMeta):
         return record
 
     def __setstate__(self, state: Any) -> None:  # BUILD
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) \
-                and (state[0] is None or isinstance(state[0], dict)):
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and isinstance(state[1], dict)
+            and (state[0] is None or isinstance(state[0], dict))
+        ):
             self._fields.update(state[0] or {})  # (instance dict, slot values)
             self._fields.update(state[1])
         elif isinstance(state, dict):
@@ -157,9 +217,16 @@ class InertRecord(metaclass=_RecordMeta):
 
 def record_stand_in(global_name: str) -> type:
     """A fresh InertRecord subclass standing in for `global_name` (module.qualname)."""
-    return _RecordMeta(global_name.rpartition(".")[2], (InertRecord,), {
-        "__slots__": (), "__module__": __name__, "__qualname__": f"InertRecord[{global_name}]",
-        "global_name": global_name})
+    return _RecordMeta(
+        global_name.rpartition(".")[2],
+        (InertRecord,),
+        {
+            "__slots__": (),
+            "__module__": __name__,
+            "__qualname__": f"InertRecord[{global_name}]",
+            "global_name": global_name,
+        },
+    )
 
 
 def training_state_from_record(record: InertRecord) -> tuple[TrainingState | None, str | None]:
@@ -191,17 +258,25 @@ class _NumpyDTypeSpec:
         self.code, self.byteorder = code, None
 
     def __setstate__(self, state: Any) -> None:  # BUILD: numpy's dtype state, version 3
-        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
-                and state[2:] == (None, None, None, -1, -1, 0)):
-            raise UnreadableTorchFile(f"a numpy dtype {self.code!r} has an unexpected state {state!r} "
-                                      "(only plain numeric dtypes are read)")
+        if not (
+            isinstance(state, tuple)
+            and len(state) == 8
+            and state[0] == 3
+            and state[1] in ("<", ">", "|", "=")
+            and state[2:] == (None, None, None, -1, -1, 0)
+        ):
+            raise UnreadableTorchFile(
+                f"a numpy dtype {self.code!r} has an unexpected state {state!r} (only plain numeric dtypes are read)"
+            )
         self.byteorder = state[1]
 
 
 def _numpy_dtype(code: Any, align: Any = False, copy: Any = True) -> _NumpyDTypeSpec:
     if code not in NUMPY_SCALAR_CODES or align not in (0, 1) or copy not in (0, 1):
-        raise UnreadableTorchFile(f"numpy.dtype{(code, align, copy)!r}: only numeric dtypes "
-                                  f"({', '.join(sorted(NUMPY_SCALAR_CODES))}) are read")
+        raise UnreadableTorchFile(
+            f"numpy.dtype{(code, align, copy)!r}: only numeric dtypes "
+            f"({', '.join(sorted(NUMPY_SCALAR_CODES))}) are read"
+        )
     return _NumpyDTypeSpec(code)
 
 
@@ -210,8 +285,10 @@ def _numpy_scalar(spec: Any, data: Any = None) -> np.generic:
         raise UnreadableTorchFile(f"numpy scalar with dtype {spec!r}: only plain numeric dtypes are read")
     dtype = np.dtype(("" if spec.byteorder == "|" else spec.byteorder) + spec.code)
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise UnreadableTorchFile(f"numpy {dtype} scalar with {type(data).__name__} data of "
-                                  f"{len(data) if isinstance(data, bytes) else '?'} bytes; needs {dtype.itemsize} bytes")
+        raise UnreadableTorchFile(
+            f"numpy {dtype} scalar with {type(data).__name__} data of "
+            f"{len(data) if isinstance(data, bytes) else '?'} bytes; needs {dtype.itemsize} bytes"
+        )
     return np.frombuffer(data, dtype=dtype)[0]
 
 
@@ -231,8 +308,22 @@ class _NewObject:
     name: str
 
 
-_PUSHES_PLAIN = {"NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET",
-                 "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "LONG1"}
+_PUSHES_PLAIN = {
+    "NONE",
+    "NEWFALSE",
+    "NEWTRUE",
+    "EMPTY_TUPLE",
+    "EMPTY_LIST",
+    "EMPTY_DICT",
+    "EMPTY_SET",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "BINFLOAT",
+    "BINUNICODE",
+    "SHORT_BINSTRING",
+    "LONG1",
+}
 
 
 @dataclass
@@ -369,11 +460,15 @@ def plan_globals(unsafe: list[str], scan: PickleScan) -> GlobalsPlan:
         if uses is None:  # torch saw a global this scan did not: do not guess what it does
             plan.refused[name] = "named by the pickle in a way this reader could not analyse"
         elif name.startswith("torch."):
-            plan.refused[name] = (f"{_how(uses)}; torch's own weights_only allowlist does not allow it, and this "
-                                  "reader never imitates torch's classes")
+            plan.refused[name] = (
+                f"{_how(uses)}; torch's own weights_only allowlist does not allow it, and this "
+                "reader never imitates torch's classes"
+            )
         elif is_dangerous(name):
-            plan.refused[name] = (f"{_how(uses)}; module {name.split('.', 1)[0]} can run code or reach "
-                                  "the system, and this reader never imports or imitates it")
+            plan.refused[name] = (
+                f"{_how(uses)}; module {name.split('.', 1)[0]} can run code or reach "
+                "the system, and this reader never imports or imitates it"
+            )
         elif name in NUMPY_SCALAR_GLOBALS or name == NUMPY_DTYPE_GLOBAL:
             if uses == {"called"}:
                 plan.numpy.append(name)
@@ -382,8 +477,10 @@ def plan_globals(unsafe: list[str], scan: PickleScan) -> GlobalsPlan:
         elif "instantiated" in uses and uses <= {"instantiated", "built"}:
             plan.records[name] = record_stand_in(name)
         else:
-            plan.refused[name] = (f"{_how(uses)}; only classes the pickle creates with NEWOBJ and fills "
-                                  "with BUILD (dataclasses, plain objects) are read, as inert records")
+            plan.refused[name] = (
+                f"{_how(uses)}; only classes the pickle creates with NEWOBJ and fills "
+                "with BUILD (dataclasses, plain objects) are read, as inert records"
+            )
     return plan
 
 
@@ -404,32 +501,43 @@ def _safe_way_forward(path: Path, refused: dict[str, str]) -> str:
     otherwise a one-line re-export to safetensors, run where the file was written."""
     dangerous = [n for n in refused if is_dangerous(n)]
     if dangerous:
-        return (f"{', '.join(dangerous)} has no place in a weights file: treat {path.name} as hostile, do not "
-                "unpickle it anywhere, and get the weights again from whoever published them (as safetensors if "
-                "possible), then check them with `python -m latentDLM_mmdit.checkpoints inspect FILE`.")
+        return (
+            f"{', '.join(dangerous)} has no place in a weights file: treat {path.name} as hostile, do not "
+            "unpickle it anywhere, and get the weights again from whoever published them (as safetensors if "
+            "possible), then check them with `python -m latentDLM_mmdit.checkpoints inspect FILE`."
+        )
     names = [n for n in refused if "." in n and not n.startswith("torch.")]
     if any(n.startswith("torch.nn.modules.") for n in refused):
-        return (f"{path.name} holds a whole pickled torch.nn module, not a state dict. A safe way forward: where "
-                "it was written, save the module's weights instead, e.g. "
-                "`safetensors.torch.save_model(model, \"weights.safetensors\")`, and use that file here.")
+        return (
+            f"{path.name} holds a whole pickled torch.nn module, not a state dict. A safe way forward: where "
+            "it was written, save the module's weights instead, e.g. "
+            '`safetensors.torch.save_model(model, "weights.safetensors")`, and use that file here.'
+        )
     imports = "".join(f"from {n.rpartition('.')[0]} import {n.rpartition('.')[2]}; " for n in names)
-    allow = (f"torch.serialization.add_safe_globals([{', '.join(n.rpartition('.')[2] for n in names)}]); "
-             if names else "")
+    allow = (
+        f"torch.serialization.add_safe_globals([{', '.join(n.rpartition('.')[2] for n in names)}]); " if names else ""
+    )
     out = path.with_suffix(".safetensors")
-    code = (f"import torch; from safetensors.torch import save_file; {imports}{allow}"
-            f"ck = torch.load({json.dumps(str(path))}, map_location=\"cpu\", weights_only=True); "
-            f"sd = ck.get(\"model_state_dict\", ck); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, {json.dumps(str(out))})")
-    return ("A safe way forward: where the file was written, if you trust it, re-export the weights as "
-            f"safetensors with torch's weights_only reader (allowing {'only ' + ', '.join(names) if names else 'nothing beyond torch'}): "
-            f"python -c {shlex.quote(code)} and use {out} here, or convert it with "
-            f"`python -m latentDLM_mmdit.checkpoints convert {out} NEW.safetensors`.")
+    code = (
+        f"import torch; from safetensors.torch import save_file; {imports}{allow}"
+        f'ck = torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=True); '
+        f'sd = ck.get("model_state_dict", ck); '
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, {json.dumps(str(out))})"
+    )
+    return (
+        "A safe way forward: where the file was written, if you trust it, re-export the weights as "
+        f"safetensors with torch's weights_only reader (allowing {'only ' + ', '.join(names) if names else 'nothing beyond torch'}): "
+        f"python -c {shlex.quote(code)} and use {out} here, or convert it with "
+        f"`python -m latentDLM_mmdit.checkpoints convert {out} NEW.safetensors`."
+    )
 
 
 def refusal_message(path: Path, refused: dict[str, str]) -> str:
     listed = "; ".join(f"GLOBAL {name}: {reason}" for name, reason in refused.items())
-    return (f"{path}: refused before unpickling (nothing in it was run): its pickle needs globals this "
-            f"reader does not provide. {listed}. {_safe_way_forward(path, refused)}")
+    return (
+        f"{path}: refused before unpickling (nothing in it was run): its pickle needs globals this "
+        f"reader does not provide. {listed}. {_safe_way_forward(path, refused)}"
+    )
 
 
 def _torch_reason(exc: BaseException) -> str:
@@ -490,8 +598,9 @@ def _map_records(obj: Any) -> tuple[list[str], list[str]]:
             note = f"{where}: {value.global_name} -> {_short(state)}"
         elif value.global_name == UPSTREAM_TRAINING_STATE:
             why = why or "it sits inside a tuple"
-            note = (f"{where}: {value.global_name} -> inert record {_short(value)} (not mapped onto "
-                    f"TrainingState: {why})")
+            note = (
+                f"{where}: {value.global_name} -> inert record {_short(value)} (not mapped onto TrainingState: {why})"
+            )
         else:
             note = f"{where}: {value.global_name} -> inert record {_short(value)}"
         if first:
@@ -502,15 +611,23 @@ def _map_records(obj: Any) -> tuple[list[str], list[str]]:
 def _data_pickle(path: Path, archive: zipfile.ZipFile) -> bytes:
     names = archive.namelist()
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise UnreadableTorchFile(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint; "
-                                  "export the scripted module's state_dict() with torch.save or as safetensors")
-    found = [info for info in archive.infolist() if info.filename.count("/") == 1 and info.filename.endswith("/data.pkl")]
+        raise UnreadableTorchFile(
+            f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint; "
+            "export the scripted module's state_dict() with torch.save or as safetensors"
+        )
+    found = [
+        info for info in archive.infolist() if info.filename.count("/") == 1 and info.filename.endswith("/data.pkl")
+    ]
     if len(found) != 1:
-        raise UnreadableTorchFile(f"{path}: a zip archive without exactly one <archive>/data.pkl "
-                                  f"({len(found)} found): not a torch.save checkpoint")
+        raise UnreadableTorchFile(
+            f"{path}: a zip archive without exactly one <archive>/data.pkl "
+            f"({len(found)} found): not a torch.save checkpoint"
+        )
     if found[0].file_size > MAX_PICKLE_BYTES:
-        raise UnreadableTorchFile(f"{path}: its data.pkl declares {found[0].file_size} bytes, more than "
-                                  f"{MAX_PICKLE_BYTES} bytes: not a state dict")
+        raise UnreadableTorchFile(
+            f"{path}: its data.pkl declares {found[0].file_size} bytes, more than "
+            f"{MAX_PICKLE_BYTES} bytes: not a state dict"
+        )
     return archive.read(found[0])
 
 
@@ -547,8 +664,9 @@ def load_torch_file(path: Path) -> TorchFile:
         return _load_legacy(path)
     if len(head) > 8 and head[8:9] == b"{":
         raise UnreadableTorchFile(f"{path}: looks like a safetensors file; give it the .safetensors suffix")
-    raise UnreadableTorchFile(f"{path}: not a torch checkpoint (it starts with {head[:8]!r}, neither a zip "
-                              "archive nor a pickle)")
+    raise UnreadableTorchFile(
+        f"{path}: not a torch checkpoint (it starts with {head[:8]!r}, neither a zip archive nor a pickle)"
+    )
 
 
 def _load_zip(path: Path) -> TorchFile:
@@ -556,18 +674,22 @@ def _load_zip(path: Path) -> TorchFile:
         with zipfile.ZipFile(path) as archive:
             data = _data_pickle(path, archive)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise UnreadableTorchFile(f"{path}: a damaged or truncated zip archive ({exc}); copy the file again "
-                                  "from its source") from exc
+        raise UnreadableTorchFile(
+            f"{path}: a damaged or truncated zip archive ({exc}); copy the file again from its source"
+        ) from exc
     try:
         scan = scan_pickle(io.BytesIO(data))
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except (ValueError, RuntimeError) as exc:
-        raise UnreadableTorchFile(f"{path}: its pickle cannot be analysed ({exc}); not a torch.save checkpoint "
-                                  "or a damaged one") from exc
+        raise UnreadableTorchFile(
+            f"{path}: its pickle cannot be analysed ({exc}); not a torch.save checkpoint or a damaged one"
+        ) from exc
     if scan.unsupported:
-        raise UnreadableTorchFile(f"{path}: its pickle uses opcodes {sorted(scan.unsupported)} that torch's "
-                                  "weights_only reader does not support (torch.save writes protocol 2); re-save "
-                                  "the state dict with torch.save's defaults, or as safetensors")
+        raise UnreadableTorchFile(
+            f"{path}: its pickle uses opcodes {sorted(scan.unsupported)} that torch's "
+            "weights_only reader does not support (torch.save writes protocol 2); re-save "
+            "the state dict with torch.save's defaults, or as safetensors"
+        )
     plan = plan_globals(unsafe, scan)
     if plan.refused:
         raise UnreadableTorchFile(refusal_message(path, plan.refused))
@@ -584,13 +706,15 @@ def _load_legacy(path: Path) -> TorchFile:
         scan = _scan_legacy(path)
     except ValueError as exc:
         raise UnreadableTorchFile(f"{path}: not a readable pickle ({exc}); truncated or not a checkpoint") from exc
-    dangerous = {n: f"{_how(u)}; module {n.split('.', 1)[0]} can run code or reach the system, and this reader "
-                    "never imports or imitates it" for n, u in sorted(scan.uses.items())
-                 if is_dangerous(n) and n not in _TORCH_LEGACY_GLOBALS and not n.startswith("torch.")}
+    dangerous = {
+        n: f"{_how(u)}; module {n.split('.', 1)[0]} can run code or reach the system, and this reader "
+        "never imports or imitates it"
+        for n, u in sorted(scan.uses.items())
+        if is_dangerous(n) and n not in _TORCH_LEGACY_GLOBALS and not n.startswith("torch.")
+    }
     if dangerous:
         raise UnreadableTorchFile(refusal_message(path, dangerous))
     return _unpickle(path, GlobalsPlan(), "torch legacy", mmap=False)
-
 
 
 def _unpickle(path: Path, plan: GlobalsPlan, container: str, mmap: bool) -> TorchFile:
@@ -599,17 +723,23 @@ def _unpickle(path: Path, plan: GlobalsPlan, container: str, mmap: bool) -> Torc
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except (RecordCalledError, UnreadableTorchFile) as exc:
         provided = {name: "" for name in [*plan.records, *plan.numpy]}
-        raise UnreadableTorchFile(f"{path}: refused while unpickling (nothing in it was run): {exc}. "
-                                  f"{_safe_way_forward(path, provided)}") from None
+        raise UnreadableTorchFile(
+            f"{path}: refused while unpickling (nothing in it was run): {exc}. {_safe_way_forward(path, provided)}"
+        ) from None
     # torch's reader raises UnpicklingError, RuntimeError, EOFError, struct.error, ... on a damaged or
     # hostile file; every one is reported as the file's problem.
     except Exception as exc:  # noqa: BLE001
         reason = _torch_reason(exc)
-        extra = (" Records (NEWOBJ + BUILD) are read from torch's zip format only (torch.save's default "
-                 "since 1.6)." if container == "torch legacy" else "")
+        extra = (
+            " Records (NEWOBJ + BUILD) are read from torch's zip format only (torch.save's default since 1.6)."
+            if container == "torch legacy"
+            else ""
+        )
         named = {name: "" for name in re.findall(r"GLOBAL ([\w.]+)", reason)}
-        raise UnreadableTorchFile(f"{path}: torch's weights_only reader refused it ({type(exc).__name__}: "
-                                  f"{reason}).{extra} {_safe_way_forward(path, named)}") from None
+        raise UnreadableTorchFile(
+            f"{path}: torch's weights_only reader refused it ({type(exc).__name__}: "
+            f"{reason}).{extra} {_safe_way_forward(path, named)}"
+        ) from None
     records, scalars = _map_records(obj)
     return TorchFile(obj, container, records, scalars)
 
@@ -625,7 +755,8 @@ def resolve_upstream_folder(path: Path) -> tuple[Path, str]:
         raise UnreadableTorchFile(
             f"{path} is a directory holding {what} of upstream's checkpoint files "
             f"({', '.join(UPSTREAM_CHECKPOINT_FILES)}); it holds {listing or 'nothing'}. Pass the checkpoint "
-            "file itself")
+            "file itself"
+        )
     others = sorted(p.name for p in path.iterdir() if p.name != present[0])
     note = f"upstream checkpoint folder {path}: used {present[0]}"
     if others:

@@ -29,6 +29,7 @@ name (`logging.save_freq` for `logging.save_every`) sets it under that name.
 The returned config is validated, typed and in struct mode: reading a key that does not exist raises
 instead of returning None. Nothing passed in is modified.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -86,8 +87,10 @@ def packaged_config_path(package: str, relative: str) -> Path:
     for base in searched:
         if (base / relative).is_file():
             return base / relative
-    raise ConfigError(f"packaged config {relative} of {package} is missing (searched {', '.join(map(str, searched))}); "
-                      "reinstall the package")
+    raise ConfigError(
+        f"packaged config {relative} of {package} is missing (searched {', '.join(map(str, searched))}); "
+        "reinstall the package"
+    )
 
 
 def default_config_path(kind: str = "stable") -> Path:
@@ -98,14 +101,17 @@ def default_config_path(kind: str = "stable") -> Path:
     return packaged_config_path(*PACKAGED_CONFIGS[kind])
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = (), *, tokenizer_dir: str | Path | None = None) -> DictConfig:
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), *, tokenizer_dir: str | Path | None = None
+) -> DictConfig:
     """The validated config of a YAML file (plain or Hydra) with `key.path=value` overrides; see
     `resolve_config` and the module docstring."""
     return resolve_config(path, overrides, tokenizer_dir=tokenizer_dir).config
 
 
-def resolve_config(path: str | Path, overrides: Sequence[str] = (), *,
-                   tokenizer_dir: str | Path | None = None, vocab: bool = True) -> ResolvedConfig:
+def resolve_config(
+    path: str | Path, overrides: Sequence[str] = (), *, tokenizer_dir: str | Path | None = None, vocab: bool = True
+) -> ResolvedConfig:
     """Reads a YAML config (composing a Hydra file), applies overrides, resolves interpolations,
     validates every key and fills the vocabulary.
 
@@ -205,18 +211,23 @@ def _compose_hydra(path: Path, group_overrides: list[str]) -> dict:
     if path.suffix != ".yaml":
         raise ConfigError(f"config file {path} has a Hydra defaults list, so it must end in .yaml (Hydra's rule)")
     if GlobalHydra.instance().is_initialized():
-        raise ConfigError(f"cannot compose {path}: Hydra is already initialised in this process "
-                          "(load configs outside @hydra.main, or pass the composed config itself)")
+        raise ConfigError(
+            f"cannot compose {path}: Hydra is already initialised in this process "
+            "(load configs outside @hydra.main, or pass the composed config itself)"
+        )
     folder = path.resolve().parent
     try:
         with warnings.catch_warnings():
             # Hydra 1.3.3+ warns that version_base 1.1 is for compatibility: it is chosen on purpose.
             warnings.filterwarnings("ignore", message=r"(?s).*version_base=.1\.1")
-            with initialize_config_dir(config_dir=str(folder), version_base=HYDRA_VERSION_BASE, job_name="mmdit_compat"):
+            with initialize_config_dir(
+                config_dir=str(folder), version_base=HYDRA_VERSION_BASE, job_name="mmdit_compat"
+            ):
                 composed = compose(config_name=path.stem, overrides=group_overrides)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot compose {path} with Hydra (config groups are looked up in {folder}): "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"cannot compose {path} with Hydra (config groups are looked up in {folder}): {type(exc).__name__}: {exc}"
+        ) from exc
     return OmegaConf.to_container(composed, resolve=False)
 
 
@@ -226,11 +237,15 @@ def _resolve_interpolations(raw: dict, hydra_section: Any, source: str) -> dict:
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config file {source}: cannot resolve an interpolation ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from exc
+        raise ConfigError(
+            f"config file {source}: cannot resolve an interpolation ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     if hydra_section is not None:
-        hydra_raw = OmegaConf.to_container(hydra_section, resolve=False) if isinstance(
-            hydra_section, DictConfig) else hydra_section
+        hydra_raw = (
+            OmegaConf.to_container(hydra_section, resolve=False)
+            if isinstance(hydra_section, DictConfig)
+            else hydra_section
+        )
         try:
             with_hydra = OmegaConf.create({**raw, "hydra": hydra_raw})
             resolved["hydra"] = OmegaConf.to_container(with_hydra.hydra, resolve=True)
@@ -243,13 +258,20 @@ def _upstream_stable_notes(resolved: ResolvedConfig) -> list[str]:
     """Differences from upstream's stable training script worth knowing for a Hydra config."""
     cfg = resolved.config
     notes = []
-    if resolved.sources.get("training.gradient_accumulation_steps") != "default" and cfg.training.gradient_accumulation_steps > 1:
-        notes.append(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} is used here; "
-                     "upstream's stable training script accumulated nothing (one optimizer step per batch)")
+    if (
+        resolved.sources.get("training.gradient_accumulation_steps") != "default"
+        and cfg.training.gradient_accumulation_steps > 1
+    ):
+        notes.append(
+            f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} is used here; "
+            "upstream's stable training script accumulated nothing (one optimizer step per batch)"
+        )
     if cfg.training.lr_schedule == "cosine":
-        notes.append("training.lr_schedule=cosine: this loop warms up over (step+1)/warmup_steps and decays to 0 at "
-                     "num_train_steps; upstream's stable script warmed up over step/warmup_steps and decayed to "
-                     "0.1 x optimizer.lr")
+        notes.append(
+            "training.lr_schedule=cosine: this loop warms up over (step+1)/warmup_steps and decays to 0 at "
+            "num_train_steps; upstream's stable script warmed up over step/warmup_steps and decayed to "
+            "0.1 x optimizer.lr"
+        )
     return notes
 
 
@@ -289,24 +311,31 @@ def _set(raw: dict, key: str, value: Any, source: str) -> None:
         so_far = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not _INT_RE.match(part) or not 0 <= int(part) < len(node):
-                raise ConfigError(f"unknown config key {so_far!r} in {source}: "
-                                  f"{'.'.join(parts[:depth])} is a list of {len(node)} item(s)")
+                raise ConfigError(
+                    f"unknown config key {so_far!r} in {source}: "
+                    f"{'.'.join(parts[:depth])} is a list of {len(node)} item(s)"
+                )
             node = node[int(part)]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"unknown config key {key!r} in {source}: {'.'.join(parts[:depth])} is a value, not a section")
+            raise ConfigError(
+                f"unknown config key {key!r} in {source}: {'.'.join(parts[:depth])} is a value, not a section"
+            )
         child = node.get(part)
         if child is None:
             if _INT_RE.match(parts[depth + 1]):
-                raise ConfigError(f"unknown config key {key!r} in {source}: {so_far} is not in the config, so it "
-                                  f"has no item {parts[depth + 1]}; give the whole list ({so_far}=[...])")
+                raise ConfigError(
+                    f"unknown config key {key!r} in {source}: {so_far} is not in the config, so it "
+                    f"has no item {parts[depth + 1]}; give the whole list ({so_far}=[...])"
+                )
             child = node[part] = {}
         node = child
     last = parts[-1]
     if isinstance(node, list):
         if not _INT_RE.match(last) or not 0 <= int(last) < len(node):
-            raise ConfigError(f"unknown config key {key!r} in {source}: "
-                              f"{'.'.join(parts[:-1])} is a list of {len(node)} item(s)")
+            raise ConfigError(
+                f"unknown config key {key!r} in {source}: {'.'.join(parts[:-1])} is a list of {len(node)} item(s)"
+            )
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
@@ -334,9 +363,11 @@ def _apply_override(raw: dict, override: str, source: str, given_sources: dict[s
     target = key
     if kind is not None:
         if key in ("optimizer.beta1", "optimizer.beta2") and _lookup(raw, BETAS_KEY)[0]:
-            raise ConfigError(f"override {override!r} for {source}: this config sets optimizer.betas (upstream's "
-                              "optimizer group, which upstream's stable trainer read instead of beta1/beta2); "
-                              "override optimizer.betas=[beta1, beta2] instead")
+            raise ConfigError(
+                f"override {override!r} for {source}: this config sets optimizer.betas (upstream's "
+                "optimizer group, which upstream's stable trainer read instead of beta1/beta2); "
+                "override optimizer.betas=[beta1, beta2] instead"
+            )
         for alias, (aliased, _) in ALIASES.items():
             if aliased == key and _lookup(raw, alias)[0]:
                 target = alias  # the file's own spelling stays the one in effect
@@ -348,8 +379,10 @@ def _apply_override(raw: dict, override: str, source: str, given_sources: dict[s
     elif present:
         kind = _kind_of_value(current)
         if kind is not None and kind.base is dict:
-            raise ConfigError(f"override {key}={text!r} for {source}: {key} is a section; override its keys "
-                              f"({', '.join(map(str, current))})")
+            raise ConfigError(
+                f"override {key}={text!r} for {source}: {key} is a section; override its keys "
+                f"({', '.join(map(str, current))})"
+            )
     elif key != BETAS_KEY and upstream_entry(key) is None:
         raise ConfigError(unknown_key_message(key, source))
     value = parse_override_value(key, text, kind, source)

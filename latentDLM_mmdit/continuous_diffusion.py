@@ -5,6 +5,7 @@ Names follow Ho et al. (2020) and Nichol & Dhariwal (2021): `betas`, `alphas_cum
 (a tensor whose max is <= 1, mapped to index floor(t * (T - 1))) or integer indices in [0, T).
 The schedule tables are float32, as upstream, whatever the dtype of the data.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,9 +98,7 @@ class ContinuousDiffusion:
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}"
-            )
+            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
         if int(num_timesteps) != num_timesteps or num_timesteps < 2:
             raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
         self.num_timesteps = int(num_timesteps)
@@ -160,8 +159,13 @@ class ContinuousDiffusion:
         raise ValueError(f"unknown parameterization {self.parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
 
     # -- forward process ------------------------------------------------------------------------
-    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None):
+    def add_noise(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Returns (xt, target): xt = sqrt(ab) x0 + sqrt(1 - ab) noise; target per parameterization.
 
         Args:
@@ -171,8 +175,12 @@ class ContinuousDiffusion:
             generator: torch.Generator for the noise draw when `noise` is None.
         """
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
-                                device=generator.device if generator is not None else x0.device).to(x0.device)
+            noise = torch.randn(
+                x0.shape,
+                generator=generator,
+                dtype=x0.dtype,
+                device=generator.device if generator is not None else x0.device,
+            ).to(x0.device)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
         if t.shape[0] != x0.shape[0]:
@@ -253,8 +261,9 @@ class ContinuousDiffusion:
         target = self.device if device is None else _checked_device(device)
         return (generator.device if generator is not None else target), target
 
-    def sample_timesteps(self, batch_size: int, device: str | torch.device | None = None,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch_size: int, device: str | torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Upstream name: integer timestep indices [B] uniform in [0, T).
 
         Args:
@@ -267,8 +276,9 @@ class ContinuousDiffusion:
         draw_on, target = self._draw_device(device, generator)
         return torch.randint(0, self.num_timesteps, (size,), generator=generator, device=draw_on).to(target)
 
-    def sample_continuous_timesteps(self, batch_size: int, device: str | torch.device | None = None,
-                                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_continuous_timesteps(
+        self, batch_size: int, device: str | torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Upstream name: continuous timesteps [B], U[0, 1) float32.
 
         Args:

@@ -15,6 +15,7 @@ missing key, a mis-shaped array, token ids outside the vocabulary, a sequence lo
 Every sample is a dict: `input_ids` [S] int64, `attention_mask` [S] int64, `latent` [1,D] float32;
 `collate` stacks samples into a batch with `latent` [B,1,D], the layout the trainers take.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,13 +48,16 @@ def _read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"token file {path} cannot be read as .npz ({type(exc).__name__}: {exc})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"token file {path} is a single .npy array, not an .npz archive with {' and '.join(TOKEN_KEYS)}")
+        raise DataError(
+            f"token file {path} is a single .npy array, not an .npz archive with {' and '.join(TOKEN_KEYS)}"
+        )
     try:
         with archive:
             missing = [k for k in TOKEN_KEYS if k not in archive.files]
             if missing:
-                raise DataError(f"token file {path} lacks {', '.join(missing)} "
-                                f"(it holds: {', '.join(archive.files) or 'nothing'})")
+                raise DataError(
+                    f"token file {path} lacks {', '.join(missing)} (it holds: {', '.join(archive.files) or 'nothing'})"
+                )
             arrays = []
             for key in TOKEN_KEYS:
                 try:
@@ -61,9 +65,11 @@ def _read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 except ValueError as exc:
                     if "allow_pickle" not in str(exc):
                         raise
-                    raise DataError(f"token file {path}: {key} is an object array (pickled Python objects), which "
-                                    "is never unpickled here; re-save it as an integer array, e.g. np.savez(path, "
-                                    f"{key}=np.asarray(values, dtype=np.int64), ...)") from None
+                    raise DataError(
+                        f"token file {path}: {key} is an object array (pickled Python objects), which "
+                        "is never unpickled here; re-save it as an integer array, e.g. np.savez(path, "
+                        f"{key}=np.asarray(values, dtype=np.int64), ...)"
+                    ) from None
             return arrays[0], arrays[1]
     except DataError:
         raise
@@ -149,12 +155,15 @@ class UpstreamLatentDataset(torch.utils.data.Dataset):
             suffixed.append(stem.endswith(TOKEN_SUFFIX))
             stem = stem.removesuffix(TOKEN_SUFFIX)
             if stem in seen:
-                raise DataError(f"token files {self.token_dir / seen[stem]} and {self.token_dir / name} both pair "
-                                f"with latent stem {stem!r}")
+                raise DataError(
+                    f"token files {self.token_dir / seen[stem]} and {self.token_dir / name} both pair "
+                    f"with latent stem {stem!r}"
+                )
             seen[stem] = name
             if stem not in latent_stems:
-                raise DataError(f"token file {self.token_dir / name} has no latent: expected "
-                                f"{self.latent_dir / (stem + '.npy')}")
+                raise DataError(
+                    f"token file {self.token_dir / name} has no latent: expected {self.latent_dir / (stem + '.npy')}"
+                )
             stems.append(stem)
         orphans = sorted(latent_stems - set(seen))
         if orphans:
@@ -177,14 +186,20 @@ class UpstreamLatentDataset(torch.utils.data.Dataset):
         ids = _as_row(ids, "input_ids", token_file)
         mask = _as_row(mask, "attention_mask", token_file)
         if ids.shape != mask.shape:
-            raise DataError(f"token file {token_file}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape")
+            raise DataError(
+                f"token file {token_file}: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape"
+            )
         if not np.issubdtype(ids.dtype, np.integer):
             raise DataError(f"token file {token_file}: input_ids must be integers, got dtype {ids.dtype}")
         if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
-            raise DataError(f"token file {token_file}: attention_mask must be integers or bools, got dtype {mask.dtype}")
+            raise DataError(
+                f"token file {token_file}: attention_mask must be integers or bools, got dtype {mask.dtype}"
+            )
         length = int(ids.shape[0])
         if length > self.max_seq_len:
-            raise DataError(f"token file {token_file}: sequence length {length} exceeds model.max_seq_len={self.max_seq_len}")
+            raise DataError(
+                f"token file {token_file}: sequence length {length} exceeds model.max_seq_len={self.max_seq_len}"
+            )
         if self.seq_len is not None and length != self.seq_len:
             raise DataError(
                 f"token file {token_file}: sequence length {length} differs from {self.seq_len} "
@@ -276,8 +291,9 @@ def _samples(samples: Any) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def write_upstream_format(directory: str | Path, samples: Any, *, flat_latents: bool = False,
-                          stem_format: str = "sample_{:06d}") -> tuple[Path, Path]:
+def write_upstream_format(
+    directory: str | Path, samples: Any, *, flat_latents: bool = False, stem_format: str = "sample_{:06d}"
+) -> tuple[Path, Path]:
     """Writes samples in upstream's layout under `directory/tokens` and `directory/latents`.
 
     Args:
@@ -298,10 +314,11 @@ def write_upstream_format(directory: str | Path, samples: Any, *, flat_latents: 
     rows = _samples(samples)
     for i, sample in enumerate(rows):
         stem = stem_format.format(i)
-        np.savez(token_dir / f"{stem}{TOKEN_SUFFIX}.npz",
-                 input_ids=sample["input_ids"].astype(np.int64),
-                 attention_mask=sample["attention_mask"].astype(np.int64))
+        np.savez(
+            token_dir / f"{stem}{TOKEN_SUFFIX}.npz",
+            input_ids=sample["input_ids"].astype(np.int64),
+            attention_mask=sample["attention_mask"].astype(np.int64),
+        )
         latent = sample["latent"].astype(np.float32).reshape(-1)
         np.save(latent_dir / f"{stem}.npy", latent if flat_latents else latent.reshape(1, -1))
     return token_dir, latent_dir
-

@@ -6,6 +6,7 @@ replaced by the mask id where a uniform draw is below the move chance.
 The module's buffers (`log_prior`, `log_gamma`, `log_B`) are those upstream checkpoints carry as
 `text_noise_schedule.*`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,8 +62,13 @@ class MaskedDiffusion(nn.Module):
         """Probability that a token is masked at time t, [B]."""
         return 1 - torch.exp(-self.sigma(t))
 
-    def sample_zt(self, input_ids: torch.Tensor, t: torch.Tensor, uniform: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_zt(
+        self,
+        input_ids: torch.Tensor,
+        t: torch.Tensor,
+        uniform: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Masks each token of `input_ids` [B, S] with probability move_chance(t) [B].
 
         Args:

@@ -5,6 +5,7 @@ it is used (after a shape check); otherwise it comes from the trainer's own `tor
 never from the global RNG. The generator lives on the CPU so that a CUDA run draws exactly the
 numbers a CPU run draws. Every draw used is recorded in `used`.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -18,14 +19,19 @@ logger = logging.getLogger(__name__)
 
 class DrawSource:
     """Args:
-        generator: the trainer's CPU generator.
-        injected: optional mapping name -> tensor supplied by the caller.
-        allowed: the names this trainer understands; any other injected name is an error.
-        owner: the trainer's name, for error messages.
+    generator: the trainer's CPU generator.
+    injected: optional mapping name -> tensor supplied by the caller.
+    allowed: the names this trainer understands; any other injected name is an error.
+    owner: the trainer's name, for error messages.
     """
 
-    def __init__(self, generator: torch.Generator, injected: Mapping[str, torch.Tensor] | None,
-                 allowed: tuple[str, ...], owner: str):
+    def __init__(
+        self,
+        generator: torch.Generator,
+        injected: Mapping[str, torch.Tensor] | None,
+        allowed: tuple[str, ...],
+        owner: str,
+    ):
         injected = dict(injected or {})
         unknown = sorted(set(injected) - set(allowed))
         if unknown:
@@ -59,8 +65,9 @@ class DrawSource:
         reported so that a caller can tell."""
         names = sorted(set(self.injected) - set(self.used))
         if names:
-            logger.info("%s: injected draw(s) %s not used by this step (it drew %s)", self.owner, names,
-                        sorted(self.used))
+            logger.info(
+                "%s: injected draw(s) %s not used by this step (it drew %s)", self.owner, names, sorted(self.used)
+            )
         return names
 
     def uniform(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Building the model, the vocabulary and the text noise process from a run config."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,14 @@ from latentDLM_mmdit.seeding import seed_everything
 from latentDLM_mmdit.settings import require, validate_settings
 from latentDLM_mmdit.tokenizer import SyntheticVocab, vocab_from_config
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def dtype_from_config(config: Any) -> torch.dtype:
@@ -30,8 +37,12 @@ def build_model(config: Any, seed: int | None = None) -> MultimodalMMDiT:
     vocab = vocab_from_config(settings)
     if seed is not None:
         seed_everything(seed)
-    return MultimodalMMDiT(settings.model, vocab_size=vocab.vocab_size, latent_dim=settings.model.latent_dim,
-                           cluster_size=settings.model.cluster_size)
+    return MultimodalMMDiT(
+        settings.model,
+        vocab_size=vocab.vocab_size,
+        latent_dim=settings.model.latent_dim,
+        cluster_size=settings.model.cluster_size,
+    )
 
 
 def build_text_side(config: Any) -> tuple[SyntheticVocab, MaskedDiffusion]:
@@ -39,8 +50,9 @@ def build_text_side(config: Any) -> tuple[SyntheticVocab, MaskedDiffusion]:
     return vocab, MaskedDiffusion(vocab)
 
 
-def build_model_uninitialized(model_config: Any, vocab_size: int, latent_dim: int, cluster_size: int = 0,
-                              device: str | torch.device = "cpu") -> MultimodalMMDiT:
+def build_model_uninitialized(
+    model_config: Any, vocab_size: int, latent_dim: int, cluster_size: int = 0, device: str | torch.device = "cpu"
+) -> MultimodalMMDiT:
     """A model whose parameters are allocated but not initialised (built on the meta device), for
     loading a checkpoint into: no time spent on random init, no second copy of the weights.
     Every parameter and persistent buffer must then be loaded (a strict load does that); the

@@ -8,6 +8,7 @@ On finite inputs its losses equal upstream's. Differences, all deliberate:
 - a cluster-head model (three outputs) works (upstream defect 3);
 - a non-finite term is reported in the metrics, and `loss.on_nonfinite: raise` raises.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,15 +21,34 @@ from latentDLM_mmdit.draws import DrawSource
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse, token_accuracy
 from latentDLM_mmdit.settings import BASE_MODES, STABLE_LOSS_TYPES, require
 from latentDLM_mmdit.trainer_base import (  # noqa: F401  (as_config, prepare_batch: upstream's names)
-    FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, as_config, prepare_batch, split_model_outputs,
+    FALLBACK_TOTAL_LOSS,
+    DiffusionTrainerBase,
+    as_config,
+    prepare_batch,
+    split_model_outputs,
 )
 
 logger = logging.getLogger(__name__)
 
-TEXT_GROUP_KEYS = ("text_embed", "text_head", "vocab", "token_embed", "text_proj", "text_norm",
-                   "text_out", "text_encoder")
-LATENT_GROUP_KEYS = ("latent_proj", "latent_head", "latent_embed", "latent_norm", "latent_out",
-                     "latent_linear", "latent_encoder")
+TEXT_GROUP_KEYS = (
+    "text_embed",
+    "text_head",
+    "vocab",
+    "token_embed",
+    "text_proj",
+    "text_norm",
+    "text_out",
+    "text_encoder",
+)
+LATENT_GROUP_KEYS = (
+    "latent_proj",
+    "latent_head",
+    "latent_embed",
+    "latent_norm",
+    "latent_out",
+    "latent_linear",
+    "latent_encoder",
+)
 LOSS_TYPES = STABLE_LOSS_TYPES
 
 
@@ -70,8 +90,9 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
 
     DRAW_NAMES = ("text_t", "latent_t", "mask_uniform", "latent_noise")
 
-    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
-                 dtype: torch.dtype, config: Any):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module, dtype: torch.dtype, config: Any
+    ):
         super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
         require(self.settings, ["loss.loss_type"], type(self).__name__)
         self.loss_type = self.settings.loss.loss_type
@@ -121,8 +142,12 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         return sorted(n for n, g in self.param_groups.items() if g not in frozen)
 
     # -- the step -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, torch.Tensor], step: int | None = None,
-                draws: Mapping[str, torch.Tensor] | None = None):
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int | None = None,
+        draws: Mapping[str, torch.Tensor] | None = None,
+    ):
         """One stable step. Returns (loss, metrics).
 
         Args:
@@ -163,18 +188,20 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         self.unused_draws = source.unused()
         self.last_draws = source.used
 
-        text_logits, latent_pred = split_model_outputs(self.model(
-            text_tokens=noisy_ids,
-            latents=model_latents.unsqueeze(1),  # [B, 1, D]
-            text_timesteps=text_t.to(self.dtype),
-            latent_timesteps=latent_t.to(self.dtype),
-            attention_mask=attention_mask,
-        ))
-        return self._loss_and_metrics(mode, text_logits, latent_pred, text_target, text_mask,
-                                      latent_target, latents, device)
+        text_logits, latent_pred = split_model_outputs(
+            self.model(
+                text_tokens=noisy_ids,
+                latents=model_latents.unsqueeze(1),  # [B, 1, D]
+                text_timesteps=text_t.to(self.dtype),
+                latent_timesteps=latent_t.to(self.dtype),
+                attention_mask=attention_mask,
+            )
+        )
+        return self._loss_and_metrics(
+            mode, text_logits, latent_pred, text_target, text_mask, latent_target, latents, device
+        )
 
-    def _loss_and_metrics(self, mode, text_logits, latent_pred, text_target, text_mask,
-                          latent_target, latents, device):
+    def _loss_and_metrics(self, mode, text_logits, latent_pred, text_target, text_mask, latent_target, latents, device):
         zero = torch.tensor(0.0, device=device, dtype=self.dtype)
         total = zero
         nonfinite: list[str] = []
@@ -211,18 +238,43 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
                 raise FloatingPointError(message)
             logger.warning("%s; replaced as upstream does (loss.on_nonfinite=upstream)", message)
 
-        return total, self._metrics(mode, total, text_loss, latent_loss, text_logits, text_target, text_mask,
-                                    latent_pred, latent_target, latents, nonfinite)
+        return total, self._metrics(
+            mode,
+            total,
+            text_loss,
+            latent_loss,
+            text_logits,
+            text_target,
+            text_mask,
+            latent_pred,
+            latent_target,
+            latents,
+            nonfinite,
+        )
 
     @torch.compiler.disable  # Python floats for the log: outside a compiled step's graph
-    def _metrics(self, mode, total, text_loss, latent_loss, text_logits, text_target, text_mask, latent_pred,
-                 latent_target, latents, nonfinite) -> dict[str, Any]:
+    def _metrics(
+        self,
+        mode,
+        total,
+        text_loss,
+        latent_loss,
+        text_logits,
+        text_target,
+        text_mask,
+        latent_pred,
+        latent_target,
+        latents,
+        nonfinite,
+    ) -> dict[str, Any]:
         with torch.no_grad():
             metrics: dict[str, Any] = {
                 "loss": float(total.item()),
                 "text_loss": float(text_loss.item()),
                 "latent_loss": float(latent_loss.item()),
-                "text_accuracy": token_accuracy(text_logits, text_target, text_mask) if text_target is not None else 0.0,
+                "text_accuracy": token_accuracy(text_logits, text_target, text_mask)
+                if text_target is not None
+                else 0.0,
                 "training_mode": mode,
                 "latent_norm": float(latents.norm(dim=-1).mean().item()),
             }

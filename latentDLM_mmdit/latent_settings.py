@@ -6,6 +6,7 @@ its configs and the cycle trainer put them under `model.*` (upstream defect 4). 
 read `model.*` of the validated config: the schema (`settings.ModelSettings`) states the defaults,
 a root spelling fills `model.*`, and a config where the two disagree is an error naming both keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,11 @@ from typing import Any
 from latentDLM_mmdit.settings import LATENT_KEYS, ResolvedConfig, validate_settings
 
 # What upstream's trainers fell back to when their key was absent (a fact about upstream's code).
-UPSTREAM_LATENT_DEFAULTS = {"latent_timesteps": 1000, "latent_beta_schedule": "cosine",
-                            "latent_parameterization": "epsilon"}
+UPSTREAM_LATENT_DEFAULTS = {
+    "latent_timesteps": 1000,
+    "latent_beta_schedule": "cosine",
+    "latent_parameterization": "epsilon",
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,9 @@ def latent_settings_of(resolved: ResolvedConfig) -> LatentSettings:
     sources = {}
     for key in LATENT_KEYS:
         origin = resolved.sources.get(f"model.{key}", "default")
-        sources[key] = "default" if origin == "default" else (key if origin.startswith("config root") else f"model.{key}")
+        sources[key] = (
+            "default" if origin == "default" else (key if origin.startswith("config root") else f"model.{key}")
+        )
     return LatentSettings(model.latent_timesteps, model.latent_beta_schedule, model.latent_parameterization, sources)
 
 
@@ -59,12 +65,16 @@ def _get(node: Any, key: str) -> Any:
 
 def upstream_stable_reading(config: Any) -> dict:
     """What upstream's stable trainer would have used for this config (root keys or its defaults)."""
-    return {key: (_get(config, key) if _get(config, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
-            for key in LATENT_KEYS}
+    return {
+        key: (_get(config, key) if _get(config, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
+        for key in LATENT_KEYS
+    }
 
 
 def upstream_cycle_reading(config: Any) -> dict:
     """What upstream's cycle trainer would have used (model.* keys or its defaults)."""
     model = _get(config, "model")
-    return {key: (_get(model, key) if _get(model, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
-            for key in LATENT_KEYS}
+    return {
+        key: (_get(model, key) if _get(model, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
+        for key in LATENT_KEYS
+    }

@@ -1,4 +1,5 @@
 """Loss terms shared by the stable and the cycle trainer, in upstream's numerical form."""
+
 from __future__ import annotations
 
 import torch

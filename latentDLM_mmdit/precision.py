@@ -13,6 +13,7 @@ gradient scaler for float16.
 The weights, the optimizer and the gradients stay float32 (autocast never changes parameters);
 `training.dtype` is a different thing (it casts the trainers' inputs) and the two are independent.
 """
+
 from __future__ import annotations
 
 import contextlib

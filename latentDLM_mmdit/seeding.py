@@ -1,5 +1,6 @@
 """Seeding every RNG a run touches: Python's `random` (the backbone's residual-stream init draws
 from it), NumPy and torch."""
+
 from __future__ import annotations
 
 import random

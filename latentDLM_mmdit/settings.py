@@ -22,6 +22,7 @@ Rules:
 - The latent diffusion keys may also be spelt at the config root (upstream's stable trainer read
   them there); a root value fills `model.*`, and a disagreement between the two is an error.
 """
+
 from __future__ import annotations
 
 import collections
@@ -76,12 +77,12 @@ def _below_one(v: float) -> str | None:
     return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
 
 
-def setting(default: Any = MISSING, *, check: Callable[[Any], str | None] | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
+def setting(
+    default: Any = MISSING, *, check: Callable[[Any], str | None] | None = None, choices: tuple[str, ...] | None = None
+) -> Any:
     """A schema field: its default (MISSING: required by whoever reads it), a range check returning
     an error text or None, and the valid values of a string key."""
     return field(default=default, metadata={"check": check, "choices": choices})
-
 
 
 # -- the schema -----------------------------------------------------------------------------------
@@ -250,8 +251,10 @@ ALIASES = {
     "optimizer.type": ("optimizer.name", {"adam": "adamw", "adamw": "adamw"}),
 }
 # Upstream values of schema keys: key -> {upstream value: (value here, why)}.
-_MULTIMODAL_MDLM = ("upstream's stable trainer fell back to unconditional for a loss_type other than l2t, t2l, "
-                    "unconditional, sequential and random; multimodal_mdlm (its mmdit.yaml) trained unconditional")
+_MULTIMODAL_MDLM = (
+    "upstream's stable trainer fell back to unconditional for a loss_type other than l2t, t2l, "
+    "unconditional, sequential and random; multimodal_mdlm (its mmdit.yaml) trained unconditional"
+)
 VALUE_ALIASES = {"loss.loss_type": {"multimodal_mdlm": ("unconditional", _MULTIMODAL_MDLM)}}
 BETAS_KEY = "optimizer.betas"
 _DATA_LOADER = "upstream's data loader option; this project reads data.token_dir / data.latent_dir with its own loader"
@@ -268,8 +271,10 @@ class UpstreamKey:
 
 
 UPSTREAM_UNUSED: dict[str, UpstreamKey] = {
-    "hydra": UpstreamKey("Hydra's own settings (run and sweep directories); the output directory here is "
-                         "--output-dir or logging.log_dir/logging.run_name"),
+    "hydra": UpstreamKey(
+        "Hydra's own settings (run and sweep directories); the output directory here is "
+        "--output-dir or logging.log_dir/logging.run_name"
+    ),
     "data.data_dir": UpstreamKey(_DATA_LOADER),
     "data.data_files": UpstreamKey(_DATA_LOADER),
     "data.dataset_name": UpstreamKey(_DATA_LOADER),
@@ -286,34 +291,49 @@ UPSTREAM_UNUSED: dict[str, UpstreamKey] = {
     "data.cache_dir": UpstreamKey("nothing is downloaded here"),
     "data.local_files_only": UpstreamKey("nothing is downloaded here"),
     "data.sequential_schedule": UpstreamKey("upstream's stable trainer read training.sequential_schedule"),
-    "model.type": UpstreamKey("upstream chose its model class by it; MultimodalMMDiT is the model here",
-                              allowed=("multimodal_mmdit",)),
-    "model.diffusion_process": UpstreamKey("upstream's stable script built MaskedDiffusion whatever it says; so does this project"),
-    "model.latent_diffusion_process": UpstreamKey("upstream's trainers built ContinuousDiffusion whatever it says; "
-                                                  "so does this project"),
+    "model.type": UpstreamKey(
+        "upstream chose its model class by it; MultimodalMMDiT is the model here", allowed=("multimodal_mmdit",)
+    ),
+    "model.diffusion_process": UpstreamKey(
+        "upstream's stable script built MaskedDiffusion whatever it says; so does this project"
+    ),
+    "model.latent_diffusion_process": UpstreamKey(
+        "upstream's trainers built ContinuousDiffusion whatever it says; so does this project"
+    ),
     "model.use_multimodal": UpstreamKey(_NOT_READ),
-    "model.latent_beta_min": UpstreamKey("upstream's trainers built ContinuousDiffusion without it (betas 1e-4 to "
-                                         "0.02 for the linear and sigmoid schedules); so does this project"),
-    "model.latent_beta_max": UpstreamKey("upstream's trainers built ContinuousDiffusion without it (betas 1e-4 to "
-                                         "0.02 for the linear and sigmoid schedules); so does this project"),
-    "model.p_uniform": UpstreamKey("upstream's stable script built MaskedDiffusion(tokenizer) without it "
-                                   "(pure masking); so does this project"),
-    "model.t_eps": UpstreamKey("upstream's stable script built MaskedDiffusion(tokenizer) without it; so does this project"),
+    "model.latent_beta_min": UpstreamKey(
+        "upstream's trainers built ContinuousDiffusion without it (betas 1e-4 to "
+        "0.02 for the linear and sigmoid schedules); so does this project"
+    ),
+    "model.latent_beta_max": UpstreamKey(
+        "upstream's trainers built ContinuousDiffusion without it (betas 1e-4 to "
+        "0.02 for the linear and sigmoid schedules); so does this project"
+    ),
+    "model.p_uniform": UpstreamKey(
+        "upstream's stable script built MaskedDiffusion(tokenizer) without it (pure masking); so does this project"
+    ),
+    "model.t_eps": UpstreamKey(
+        "upstream's stable script built MaskedDiffusion(tokenizer) without it; so does this project"
+    ),
     "model.n_heads": UpstreamKey("read by nothing, as upstream: the mmdit backbone runs 8 heads of 64 dims"),
-    "model.use_stub_if_no_mmdit": UpstreamKey("upstream's cycle entry point could fall back to a stub model; "
-                                              "the real mmdit is always used here"),
+    "model.use_stub_if_no_mmdit": UpstreamKey(
+        "upstream's cycle entry point could fall back to a stub model; the real mmdit is always used here"
+    ),
     "training.eval_batch_size": UpstreamKey("no evaluation loop here"),
-    "training.num_epochs": UpstreamKey("this loop runs training.num_train_steps optimizer steps; upstream's stable "
-                                       "script ran num_epochs passes over its data and used num_train_steps only "
-                                       "in its LR schedule"),
+    "training.num_epochs": UpstreamKey(
+        "this loop runs training.num_train_steps optimizer steps; upstream's stable "
+        "script ran num_epochs passes over its data and used num_train_steps only "
+        "in its LR schedule"
+    ),
     "training.compile_model": UpstreamKey("no torch.compile here (eager mode, the same numbers)"),
     "training.world_size": UpstreamKey("set by the launcher at run time (torchrun)"),
     "training.resume": UpstreamKey("resume with --resume CKPT", allowed=(None,)),
     "training.total_steps": UpstreamKey(_NOT_READ),
     "training.save_every_n_steps": UpstreamKey(_NOT_READ),
     "training.loss_type": UpstreamKey("upstream's trainers read loss.loss_type"),
-    "loss.loss_scale": UpstreamKey("upstream multiplied the loss by it before backward; only 1.0 is supported here",
-                                   allowed=(1, 1.0)),
+    "loss.loss_scale": UpstreamKey(
+        "upstream multiplied the loss by it before backward; only 1.0 is supported here", allowed=(1, 1.0)
+    ),
     "loss.reduction": UpstreamKey(_NOT_READ),
     "loss.use_cross_entropy": UpstreamKey(_NOT_READ),
     "loss.text_loss_weight": UpstreamKey(_NOT_READ + " (the text loss has weight 1)"),
@@ -328,8 +348,10 @@ UPSTREAM_UNUSED: dict[str, UpstreamKey] = {
     "logging.wandb_entity": UpstreamKey("no wandb here: every step goes to metrics.jsonl"),
     "logging.wandb_dir": UpstreamKey("no wandb here: every step goes to metrics.jsonl"),
 }
-BETAS_OVER_BETA1_BETA2 = ("upstream's stable trainer built AdamW from optimizer.betas (its optimizer group) "
-                          "and never read beta1/beta2; optimizer.betas sets both here")
+BETAS_OVER_BETA1_BETA2 = (
+    "upstream's stable trainer built AdamW from optimizer.betas (its optimizer group) "
+    "and never read beta1/beta2; optimizer.betas sets both here"
+)
 
 
 # -- the result -----------------------------------------------------------------------------------
@@ -368,22 +390,30 @@ class ResolvedConfig:
     @property
     def defaulted(self) -> dict[str, Any]:
         """Keys the config did not give, with the default they took (schema or profile)."""
-        return {key: OmegaConf.select(self.config, key) for key, origin in self.sources.items()
-                if origin in ("default", "profile upstream")}
+        return {
+            key: OmegaConf.select(self.config, key)
+            for key, origin in self.sources.items()
+            if origin in ("default", "profile upstream")
+        }
 
     def summary(self) -> list[str]:
         """Human-readable lines: defaults taken, upstream keys not used, notes."""
         lines = []
         defaulted = {k: v for k, v in self.defaulted.items() if v is not None}
         if defaulted:
-            lines.append("not in the config, from the schema defaults: "
-                         + ", ".join(f"{k}={v!r}" + (" (profile upstream)" if self.sources[k] == "profile upstream" else "")
-                                     for k, v in defaulted.items()))
+            lines.append(
+                "not in the config, from the schema defaults: "
+                + ", ".join(
+                    f"{k}={v!r}" + (" (profile upstream)" if self.sources[k] == "profile upstream" else "")
+                    for k, v in defaulted.items()
+                )
+            )
         by_reason: dict[str, list[str]] = {}
         for u in self.unused:
             by_reason.setdefault(u.reason, []).append(f"{u.key}={u.value!r}")
-        lines += [f"upstream keys accepted, not used here ({reason}): {', '.join(keys)}"
-                  for reason, keys in by_reason.items()]
+        lines += [
+            f"upstream keys accepted, not used here ({reason}): {', '.join(keys)}" for reason, keys in by_reason.items()
+        ]
         lines += [f"note: {n}" for n in self.notes]
         return lines
 
@@ -468,7 +498,7 @@ def _known_names(prefix: str) -> list[str]:
     names = set()
     for key in list(schema_keys()) + list(ALIASES) + list(UPSTREAM_UNUSED) + [BETAS_KEY]:
         if key.startswith(prefix) and key != prefix.rstrip("."):
-            names.add(key[len(prefix):].split(".")[0])
+            names.add(key[len(prefix) :].split(".")[0])
     return sorted(names)
 
 
@@ -496,7 +526,7 @@ def unknown_key_message(key: str, source: str) -> str:
     nearest = nearest_key(key)
     hint = f"; nearest valid key: {nearest!r}" if nearest else ""
     valid = [k for k in schema_keys() if k.startswith(prefix + ".")] if prefix else list(schema_fields(RunSettings))
-    known = sorted({k[len(prefix) + 1:].split(".")[0] if prefix else k for k in valid})
+    known = sorted({k[len(prefix) + 1 :].split(".")[0] if prefix else k for k in valid})
     where = f"keys of {prefix}" if prefix else "valid root keys"
     return f"unknown config key {key!r} in {source}{hint} ({where}: {', '.join(known)})"
 
@@ -568,11 +598,14 @@ class _Problems:
         if self.lines:
             if len(self.lines) == 1:
                 raise ConfigError(self.lines[0])
-            raise ConfigError(f"{len(self.lines)} problems in {self.source}:\n" + "\n".join(f"- {p}" for p in self.lines))
+            raise ConfigError(
+                f"{len(self.lines)} problems in {self.source}:\n" + "\n".join(f"- {p}" for p in self.lines)
+            )
 
 
-def _translate(flat: dict[str, Any], problems: _Problems
-               ) -> tuple[dict[str, Any], dict[str, str], list[UnusedKey], list[str]]:
+def _translate(
+    flat: dict[str, Any], problems: _Problems
+) -> tuple[dict[str, Any], dict[str, str], list[UnusedKey], list[str]]:
     """Upstream spellings onto schema keys; upstream keys not used here set aside. Returns the
     schema-keyed leaves, their origin (the upstream name), the unused keys and notes."""
     source = problems.source
@@ -586,8 +619,11 @@ def _translate(flat: dict[str, Any], problems: _Problems
             value, why = VALUE_ALIASES[key][value]
             notes.append(f"{key}={flat[key]!r} is read as {value!r}: {why}")
         if key == BETAS_KEY:
-            if (not isinstance(value, (list, tuple)) or len(value) != 2
-                    or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in value)):
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 2
+                or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in value)
+            ):
                 problems.add(f"{source}: optimizer.betas={value!r} must be a list of two numbers [beta1, beta2]")
                 continue
             for name, beta in zip(("beta1", "beta2"), value):
@@ -600,13 +636,17 @@ def _translate(flat: dict[str, Any], problems: _Problems
             target, values = ALIASES[key]
             if values is not None:
                 if value not in values:
-                    problems.add(f"{source}: {key}={value!r} is not supported here; valid: {', '.join(values)} "
-                                 f"(it sets {target})")
+                    problems.add(
+                        f"{source}: {key}={value!r} is not supported here; valid: {', '.join(values)} "
+                        f"(it sets {target})"
+                    )
                     continue
                 value = values[value]
             if target in flat and flat[target] != value:
-                problems.add(f"{source}: {key}={flat[key]!r} (upstream's name) and {target}={flat[target]!r} "
-                             "set the same setting differently; keep one")
+                problems.add(
+                    f"{source}: {key}={flat[key]!r} (upstream's name) and {target}={flat[target]!r} "
+                    "set the same setting differently; keep one"
+                )
                 continue
             out[target], origin[target] = value, key  # when both spellings agree, the upstream one is recorded
             continue
@@ -614,8 +654,10 @@ def _translate(flat: dict[str, Any], problems: _Problems
         if entry is not None:
             name, spec = entry
             if spec.allowed is not None and value not in spec.allowed:
-                problems.add(f"{source}: {key}={value!r} changes training upstream and is not supported here "
-                             f"({spec.reason}); valid: {', '.join(map(repr, spec.allowed))}")
+                problems.add(
+                    f"{source}: {key}={value!r} changes training upstream and is not supported here "
+                    f"({spec.reason}); valid: {', '.join(map(repr, spec.allowed))}"
+                )
                 continue
             unused.append(UnusedKey(key, value, spec.reason))
             continue
@@ -632,8 +674,9 @@ def _check_leaves(given: dict[str, Any], problems: _Problems) -> None:
             problems.add(unknown_key_message(key, problems.source))
             continue
         if kind.is_section:
-            problems.add(f"{problems.source}: {key} is a section (keys: {', '.join(schema_fields(kind.base))}), "
-                         f"got {value!r}")
+            problems.add(
+                f"{problems.source}: {key} is a section (keys: {', '.join(schema_fields(kind.base))}), got {value!r}"
+            )
             continue
         problem = _type_problem(value, kind)
         if problem:
@@ -642,8 +685,10 @@ def _check_leaves(given: dict[str, Any], problems: _Problems) -> None:
         if kind.base is list and dataclasses.is_dataclass(kind.item):
             for i, item in enumerate(value):
                 if not isinstance(item, Mapping):
-                    problems.add(f"{problems.source}: {key}.{i} must be a mapping "
-                                 f"({', '.join(schema_fields(kind.item))}), got {item!r}")
+                    problems.add(
+                        f"{problems.source}: {key}.{i} must be a mapping "
+                        f"({', '.join(schema_fields(kind.item))}), got {item!r}"
+                    )
                     continue
                 for name, sub in item.items():
                     sub_kind = schema_fields(kind.item).get(name)
@@ -665,8 +710,10 @@ def _fold_root_latent_keys(given: dict[str, Any], sources: dict[str, str], probl
         if root is None:
             continue
         if nested is not None and nested != root:
-            problems.add(f"{problems.source}: config sets model.{key}={nested!r} and root {key}={root!r}: they "
-                         f"disagree; upstream's stable trainer read the root key, its cycle trainer model.{key}. Keep one.")
+            problems.add(
+                f"{problems.source}: config sets model.{key}={nested!r} and root {key}={root!r}: they "
+                f"disagree; upstream's stable trainer read the root key, its cycle trainer model.{key}. Keep one."
+            )
         elif nested is None:
             given[f"model.{key}"] = root
             sources[f"model.{key}"] = f"config root ({key})"
@@ -695,28 +742,38 @@ def _range_problems(config: DictConfig, sources: Mapping[str, str], problems: _P
             if kind.choices is not None and value not in kind.choices:
                 close = difflib.get_close_matches(str(value), kind.choices, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.add(f"{problems.source}: {key}={value!r}{where(key)} is not valid; "
-                             f"valid: {', '.join(kind.choices)}{hint}")
+                problems.add(
+                    f"{problems.source}: {key}={value!r}{where(key)} is not valid; "
+                    f"valid: {', '.join(kind.choices)}{hint}"
+                )
             elif kind.check is not None and (problem := kind.check(value)):
                 problems.add(f"{problems.source}: {key}={value!r}{where(key)} {problem}")
 
     walk(RunSettings, config, "")
     loss, tok, training = config.loss, config.tokenizer, config.training
     if not 0.0 <= loss.cycle_latent_t_min < loss.cycle_latent_t_max <= 1.0:
-        problems.add(f"{problems.source}: loss.cycle_latent_t_min={loss.cycle_latent_t_min} and "
-                     f"loss.cycle_latent_t_max={loss.cycle_latent_t_max} must satisfy 0 <= t_min < t_max <= 1")
+        problems.add(
+            f"{problems.source}: loss.cycle_latent_t_min={loss.cycle_latent_t_min} and "
+            f"loss.cycle_latent_t_max={loss.cycle_latent_t_max} must satisfy 0 <= t_min < t_max <= 1"
+        )
     weights = list(training.mode_weights)
-    if (len(weights) != 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0):
-        problems.add(f"{problems.source}: training.mode_weights={weights} must be 3 finite non-negative weights "
-                     "(unconditional, l2t, t2l) with a positive sum")
+    if len(weights) != 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        problems.add(
+            f"{problems.source}: training.mode_weights={weights} must be 3 finite non-negative weights "
+            "(unconditional, l2t, t2l) with a positive sum"
+        )
     if tok.vocab_size is not None:
         for name in ("mask_token_id", "pad_token_id"):
             value = tok[name]
             if value is not None and value >= tok.vocab_size:
-                problems.add(f"{problems.source}: tokenizer.{name}={value} is outside the vocabulary "
-                             f"[0, tokenizer.vocab_size={tok.vocab_size})")
+                problems.add(
+                    f"{problems.source}: tokenizer.{name}={value} is outside the vocabulary "
+                    f"[0, tokenizer.vocab_size={tok.vocab_size})"
+                )
     if tok.mask_token_id is not None and tok.mask_token_id == tok.pad_token_id:
-        problems.add(f"{problems.source}: tokenizer.mask_token_id and tokenizer.pad_token_id are both {tok.mask_token_id}")
+        problems.add(
+            f"{problems.source}: tokenizer.mask_token_id and tokenizer.pad_token_id are both {tok.mask_token_id}"
+        )
 
 
 # Results of validate_settings by input (trainers, the factory and the compat harness validate the
@@ -725,8 +782,9 @@ _VALIDATED: collections.OrderedDict[str, tuple[Any, dict, list, list]] = collect
 _VALIDATED_SIZE = 256
 
 
-def validate_settings(config: Any, source: str, *, given_sources: Mapping[str, str] | None = None,
-                      shared: bool = False) -> ResolvedConfig:
+def validate_settings(
+    config: Any, source: str, *, given_sources: Mapping[str, str] | None = None, shared: bool = False
+) -> ResolvedConfig:
     """Validates `config` (a mapping or a DictConfig; only read) against the schema.
 
     Args:
@@ -752,8 +810,9 @@ def validate_settings(config: Any, source: str, *, given_sources: Mapping[str, s
     if memo_key in _VALIDATED:  # validation is a pure function of the input: reuse the result
         _VALIDATED.move_to_end(memo_key)
         validated, sources, unused, notes = _VALIDATED[memo_key]
-        return ResolvedConfig(validated if shared else _own_copy(validated), source, dict(sources), list(unused),
-                              list(notes))
+        return ResolvedConfig(
+            validated if shared else _own_copy(validated), source, dict(sources), list(unused), list(notes)
+        )
     given, origin, unused, notes = _translate(flat, problems)
     _check_leaves(given, problems)
     problems.raise_if_any()
@@ -801,5 +860,7 @@ def require(config: Any, keys: list[str] | tuple[str, ...], owner: str) -> None:
     missing = [key for key in keys if is_missing(config, key)]
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
-        raise ConfigError(f"{owner} needs {', '.join(missing)} (no default): set "
-                          f"{'it' if len(missing) == 1 else 'them'} in the config or on the command line ({example})")
+        raise ConfigError(
+            f"{owner} needs {', '.join(missing)} (no default): set "
+            f"{'it' if len(missing) == 1 else 'them'} in the config or on the command line ({example})"
+        )

@@ -1,4 +1,5 @@
 """Seeded synthetic batches in the upstream batch layout (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,14 @@ import torch
 from latentDLM_mmdit.tokenizer import VocabSpec
 
 
-def synthetic_batch(vocab: VocabSpec, batch_size: int, seq_len: int, latent_dim: int,
-                    generator: torch.Generator, min_len: int | None = None) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    vocab: VocabSpec,
+    batch_size: int,
+    seq_len: int,
+    latent_dim: int,
+    generator: torch.Generator,
+    min_len: int | None = None,
+) -> dict[str, torch.Tensor]:
     """A batch like the upstream data loader yields.
 
     Args:

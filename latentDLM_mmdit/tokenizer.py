@@ -15,6 +15,7 @@ had no mask token, whatever `tokenizer.add_mask_token` said (no code read that k
 `[MASK]` when the vocabulary has it, else a new id `len(tokenizer)`, which grows the vocabulary by
 one. `add_mask_token: true` (the default) does the same here; `false` makes such a folder an error.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from latentDLM_mmdit.settings import ConfigError, validate_settings
 
 VOCAB_KEYS = ("vocab_size", "mask_token_id", "pad_token_id")
 UPSTREAM_MASK_TOKEN = "[MASK]"  # what upstream's get_tokenizer added when a tokenizer had no mask token
-FOLDER_HELP = ("a local folder with tokenizer.json, or vocab.txt, and special_tokens_map.json or "
-               "tokenizer_config.json naming the mask and pad tokens")
+FOLDER_HELP = (
+    "a local folder with tokenizer.json, or vocab.txt, and special_tokens_map.json or "
+    "tokenizer_config.json naming the mask and pad tokens"
+)
 
 
 class VocabSpec(Protocol):
@@ -103,7 +106,7 @@ def _token_text(value: Any, path: Path, name: str) -> str | None:
         return value["content"]
     if isinstance(value, str):
         return value
-    raise ConfigError(f"tokenizer file {path}: {name} must be a string or {{\"content\": ...}}, got {value!r}")
+    raise ConfigError(f'tokenizer file {path}: {name} must be a string or {{"content": ...}}, got {value!r}')
 
 
 def _declared_special_tokens(folder: Path) -> dict[str, tuple[str, str]]:
@@ -130,8 +133,14 @@ def _read_vocabulary(folder: Path) -> tuple[dict[str, int], int, str]:
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_json))
         except Exception as exc:  # the Rust library raises plain Exceptions
-            raise ConfigError(f"tokenizer file {tokenizer_json} cannot be read by the tokenizers library: {exc}") from exc
-        return tokenizer.get_vocab(with_added_tokens=True), tokenizer.get_vocab_size(with_added_tokens=True), "tokenizer.json"
+            raise ConfigError(
+                f"tokenizer file {tokenizer_json} cannot be read by the tokenizers library: {exc}"
+            ) from exc
+        return (
+            tokenizer.get_vocab(with_added_tokens=True),
+            tokenizer.get_vocab_size(with_added_tokens=True),
+            "tokenizer.json",
+        )
     vocab_txt = folder / "vocab.txt"
     if not vocab_txt.is_file():
         raise ConfigError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.txt; pass {FOLDER_HELP}")
@@ -144,8 +153,9 @@ def _read_vocabulary(folder: Path) -> tuple[dict[str, int], int, str]:
     vocab: dict[str, int] = {}
     for index, token in enumerate(lines):
         if token in vocab:
-            raise ConfigError(f"tokenizer file {vocab_txt}: token {token!r} appears on lines {vocab[token] + 1} "
-                              f"and {index + 1}")
+            raise ConfigError(
+                f"tokenizer file {vocab_txt}: token {token!r} appears on lines {vocab[token] + 1} and {index + 1}"
+            )
         vocab[token] = index
     files = "vocab.txt"
     added_path = folder / "added_tokens.json"
@@ -173,23 +183,31 @@ def read_tokenizer_folder(folder: str | Path, add_mask_token: bool = True) -> Fo
             continue
         text, filename = declared[name]
         if text not in vocab:
-            raise ConfigError(f"tokenizer folder {folder}: {filename} declares {name} {text!r}, which the vocabulary "
-                              f"({files}) lacks; give tokenizer.{name}_id and tokenizer.vocab_size explicitly")
+            raise ConfigError(
+                f"tokenizer folder {folder}: {filename} declares {name} {text!r}, which the vocabulary "
+                f"({files}) lacks; give tokenizer.{name}_id and tokenizer.vocab_size explicitly"
+            )
         ids[name] = vocab[text]
         described[f"{name}_id"] = f"{folder}/{filename} ({name} {text!r}) + {files}"
     if ids["mask_token"] is None:
         if not add_mask_token:
-            raise ConfigError(f"tokenizer folder {folder} declares no mask token and tokenizer.add_mask_token is false; "
-                              "set tokenizer.add_mask_token=true to add [MASK] as upstream's get_tokenizer did, or give "
-                              "tokenizer.mask_token_id and tokenizer.vocab_size explicitly")
+            raise ConfigError(
+                f"tokenizer folder {folder} declares no mask token and tokenizer.add_mask_token is false; "
+                "set tokenizer.add_mask_token=true to add [MASK] as upstream's get_tokenizer did, or give "
+                "tokenizer.mask_token_id and tokenizer.vocab_size explicitly"
+            )
         if UPSTREAM_MASK_TOKEN in vocab:
             ids["mask_token"] = vocab[UPSTREAM_MASK_TOKEN]
-            described["mask_token_id"] = f"{folder}/{files} ({UPSTREAM_MASK_TOKEN}, no mask token declared: upstream's get_tokenizer)"
+            described["mask_token_id"] = (
+                f"{folder}/{files} ({UPSTREAM_MASK_TOKEN}, no mask token declared: upstream's get_tokenizer)"
+            )
         else:
             ids["mask_token"] = size
             size += 1
-            described["mask_token_id"] = (f"added as a new id {ids['mask_token']} (no mask token in {folder}: "
-                                          "upstream's get_tokenizer added [MASK]; tokenizer.add_mask_token)")
+            described["mask_token_id"] = (
+                f"added as a new id {ids['mask_token']} (no mask token in {folder}: "
+                "upstream's get_tokenizer added [MASK]; tokenizer.add_mask_token)"
+            )
             described["vocab_size"] += " + the added [MASK]"
     return FolderVocab(folder, size, int(ids["mask_token"]), ids["pad_token"], described)
 
@@ -212,9 +230,11 @@ class VocabResolution:
 
 def _unavailable(missing: list[str], owner: str, why: str) -> ConfigError:
     explicit = " ".join(f"tokenizer.{k}=N" for k in missing)
-    return ConfigError(f"{owner}: no {', '.join('tokenizer.' + k for k in missing)} ({why}); pass --tokenizer DIR "
-                       f"({FOLDER_HELP}), set tokenizer.path in the config, or give the value"
-                       f"{'s' if len(missing) > 1 else ''} explicitly: {explicit}")
+    return ConfigError(
+        f"{owner}: no {', '.join('tokenizer.' + k for k in missing)} ({why}); pass --tokenizer DIR "
+        f"({FOLDER_HELP}), set tokenizer.path in the config, or give the value"
+        f"{'s' if len(missing) > 1 else ''} explicitly: {explicit}"
+    )
 
 
 def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: str = "config") -> VocabResolution:
@@ -247,21 +267,27 @@ def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: s
         folder_value = getattr(from_folder, key) if from_folder is not None else None
         if key in explicit:
             if folder_value is not None and folder_value != explicit[key]:
-                raise ConfigError(f"{owner}: tokenizer.{key}={explicit[key]} but the tokenizer folder gives "
-                                  f"{folder_value} ({from_folder.described[key]}); remove one of them")
+                raise ConfigError(
+                    f"{owner}: tokenizer.{key}={explicit[key]} but the tokenizer folder gives "
+                    f"{folder_value} ({from_folder.described[key]}); remove one of them"
+                )
             values[key], sources[key] = int(explicit[key]), "config"
         elif folder_value is not None:
             values[key], sources[key] = int(folder_value), f"tokenizer folder {from_folder.described[key]}"
     missing = [k for k in VOCAB_KEYS if k not in values]
     if missing:
-        why = (f"the tokenizer folder {folder_path} does not declare it" if from_folder is not None
-               else "the config's tokenizer section does not give it and no tokenizer folder was given")
+        why = (
+            f"the tokenizer folder {folder_path} does not declare it"
+            if from_folder is not None
+            else "the config's tokenizer section does not give it and no tokenizer folder was given"
+        )
         raise _unavailable(missing, owner, why)
     try:
         vocab = SyntheticVocab(values["vocab_size"], values["mask_token_id"], values["pad_token_id"])
     except ValueError as exc:
-        raise ConfigError(f"{owner}: the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) "
-                          f"is not usable: {exc}") from exc
+        raise ConfigError(
+            f"{owner}: the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) is not usable: {exc}"
+        ) from exc
     return VocabResolution(vocab, sources, folder_path if from_folder is not None else None)
 
 

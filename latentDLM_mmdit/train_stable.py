@@ -6,6 +6,7 @@
 
 Overrides are positional key.path=value arguments; see --help and `latentDLM_mmdit.training`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,13 @@ from latentDLM_mmdit.config import default_config_path  # noqa: E402
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer  # noqa: E402
 from latentDLM_mmdit.training import TrainerEntry, cli_main  # noqa: E402
 
-STABLE = TrainerEntry("stable", MultimodalDiffusionTrainer, default_config_path("stable"),
-                      "latentDLM_mmdit.train_stable", "the stable L2T / T2L trainer")
+STABLE = TrainerEntry(
+    "stable",
+    MultimodalDiffusionTrainer,
+    default_config_path("stable"),
+    "latentDLM_mmdit.train_stable",
+    "the stable L2T / T2L trainer",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

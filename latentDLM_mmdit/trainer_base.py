@@ -1,6 +1,7 @@
 """What the stable and the cycle trainer share: the trainer base (model, text side, the validated
 settings, latent diffusion, latent loss weight, non-finite policy, the trainer's own generator),
 batch preparation and the splitting of the model's outputs."""
+
 from __future__ import annotations
 
 import logging
@@ -85,8 +86,9 @@ class DiffusionTrainerBase(nn.Module):
     of `model.latent_*`, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own
     generator (seeded from `training.seed`)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
-                 dtype: torch.dtype, config: Any):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module, dtype: torch.dtype, config: Any
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer

@@ -41,6 +41,7 @@ weight_decay, beta1, beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, n
 synthetic_seq_len, synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
 and loss sections are read by the factory and the trainers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,13 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
 from latentDLM_mmdit.checkpoints import (
-    CheckpointError, load_checkpoint_into, load_train_state, open_checkpoint, remove_interrupted_saves,
-    save_checkpoint, train_state_path,
+    CheckpointError,
+    load_checkpoint_into,
+    load_train_state,
+    open_checkpoint,
+    remove_interrupted_saves,
+    save_checkpoint,
+    train_state_path,
 )
 from latentDLM_mmdit.config import ConfigError, resolve_config
 from latentDLM_mmdit.data import DataError, SyntheticDataset, UpstreamLatentDataset, collate
@@ -74,7 +80,12 @@ from latentDLM_mmdit.precision import LossScaler, autocast
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
 from latentDLM_mmdit.seeding import rng_state, seed_everything, set_rng_state
 from latentDLM_mmdit.settings import (  # noqa: F401
-    LR_SCHEDULES, OPTIMIZERS, RunSettings, TrainingSettings, require, validate_settings,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    RunSettings,
+    TrainingSettings,
+    require,
+    validate_settings,
 )
 from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
 
@@ -199,6 +210,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: LoopSettings)
         optimizer: its param groups' `lr` must be `settings.lr` (the base the factor scales).
         settings: the loop's settings (lr, warmup_steps, lr_schedule, num_train_steps).
     """
+
     def factor(step: int) -> float:
         return learning_rate(step, settings) / settings.lr
 
@@ -258,17 +270,21 @@ def init_distributed(device: str | None = None, timeout: timedelta = DIST_TIMEOU
     initialized_here = False
     if not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank,
-                                    world_size=world_size, timeout=timeout)
+            dist.init_process_group(
+                "nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world_size, timeout=timeout
+            )
         except dist.DistError as exc:
             raise TrainingError(
                 f"rank {rank} of {world_size} could not form the process group at "
                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within {timeout} "
-                f"(training.ddp_timeout_minutes): {exc}; check that every rank started") from exc
+                f"(training.ddp_timeout_minutes): {exc}; check that every rank started"
+            ) from exc
         initialized_here = True
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise TrainingError(f"process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
-                            f"environment says {rank} of {world_size}")
+        raise TrainingError(
+            f"process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"environment says {rank} of {world_size}"
+        )
     return DistContext(rank, world_size, local_rank, target, initialized_here)
 
 
@@ -315,8 +331,10 @@ class BatchOrder:
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int):
         global_batch = batch_size * world_size
         if num_samples < global_batch:
-            raise TrainingError(f"the data has {num_samples} sample(s), fewer than one global batch of "
-                                f"{batch_size} x {world_size} process(es) = {global_batch}")
+            raise TrainingError(
+                f"the data has {num_samples} sample(s), fewer than one global batch of "
+                f"{batch_size} x {world_size} process(es) = {global_batch}"
+            )
         self.num_samples, self.batch_size = num_samples, batch_size
         self.world_size, self.rank = world_size, rank
         self.batches_per_epoch = num_samples // global_batch
@@ -332,19 +350,27 @@ class BatchOrder:
             self.position = 0
         start = self.position * self.batch_size * self.world_size + self.rank * self.batch_size
         self.position += 1
-        return self.permutation[start:start + self.batch_size].tolist()
+        return self.permutation[start : start + self.batch_size].tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch, "position": self.position,
-                "permutation": self.permutation, "num_samples": self.num_samples,
-                "batch_size": self.batch_size, "world_size": self.world_size}
+        return {
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "permutation": self.permutation,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key in ("num_samples", "batch_size", "world_size"):
             if state[key] != getattr(self, key):
-                raise TrainingError(f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
-                                    f"this run {getattr(self, key)} (resume with the same data, "
-                                    "training.train_batch_size and number of processes)")
+                raise TrainingError(
+                    f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
+                    f"this run {getattr(self, key)} (resume with the same data, "
+                    "training.train_batch_size and number of processes)"
+                )
         self.generator.set_state(state["generator"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.permutation = state["permutation"]
@@ -414,8 +440,9 @@ class BatchFeed:
         seed: seeds the generator the DataLoader draws its workers' base seed from (never the global RNG).
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, order: BatchOrder, *, num_workers: int,
-                 device: torch.device, seed: int):
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, order: BatchOrder, *, num_workers: int, device: torch.device, seed: int
+    ):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset, self.order, self.num_workers, self.device = dataset, order, num_workers, device
@@ -424,9 +451,14 @@ class BatchFeed:
 
     def _start(self) -> Iterator[Any]:
         loader = torch.utils.data.DataLoader(
-            _BatchReads(self.dataset), batch_size=None, sampler=_OrderSampler(self.order),
-            num_workers=self.num_workers, collate_fn=_as_read, pin_memory=self.device.type == "cuda",
-            generator=make_generator(self.seed))
+            _BatchReads(self.dataset),
+            batch_size=None,
+            sampler=_OrderSampler(self.order),
+            num_workers=self.num_workers,
+            collate_fn=_as_read,
+            pin_memory=self.device.type == "cuda",
+            generator=make_generator(self.seed),
+        )
         return iter(loader)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -438,8 +470,10 @@ class BatchFeed:
             raise DataError(read.message)
         expected = self.order.next_indices()
         if read["indices"].tolist() != expected:
-            raise RuntimeError(f"the data loader delivered samples {read['indices'].tolist()}, the data order "
-                               f"expects {expected} (a defect of BatchFeed)")
+            raise RuntimeError(
+                f"the data loader delivered samples {read['indices'].tolist()}, the data order "
+                f"expects {expected} (a defect of BatchFeed)"
+            )
         non_blocking = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=non_blocking) for k, v in read.items() if k != "indices"}
 
@@ -482,18 +516,28 @@ def build_dataset(config: DictConfig, settings: LoopSettings, *, synthetic: bool
         if token_dir is not None or latent_dir is not None:
             raise TrainingError("pass either synthetic data or token/latent directories, not both")
         if settings.synthetic_seq_len > max_seq_len:
-            raise TrainingError(f"data.synthetic_seq_len={settings.synthetic_seq_len} exceeds "
-                                f"model.max_seq_len={max_seq_len}")
-        return SyntheticDataset(vocab, settings.synthetic_num_samples, settings.synthetic_seq_len, latent_dim,
-                                settings.seed + SYNTHETIC_DATA_SEED_OFFSET), "synthetic"
+            raise TrainingError(
+                f"data.synthetic_seq_len={settings.synthetic_seq_len} exceeds model.max_seq_len={max_seq_len}"
+            )
+        return SyntheticDataset(
+            vocab,
+            settings.synthetic_num_samples,
+            settings.synthetic_seq_len,
+            latent_dim,
+            settings.seed + SYNTHETIC_DATA_SEED_OFFSET,
+        ), "synthetic"
     token_dir = token_dir if token_dir is not None else (settings.token_dir or None)
     latent_dir = latent_dir if latent_dir is not None else (settings.latent_dir or None)
     if token_dir is None or latent_dir is None:
-        raise TrainingError("no training data: pass --synthetic, or --data-tokens DIR and --data-latents DIR "
-                            "(or set data.token_dir and data.latent_dir)")
+        raise TrainingError(
+            "no training data: pass --synthetic, or --data-tokens DIR and --data-latents DIR "
+            "(or set data.token_dir and data.latent_dir)"
+        )
     dataset = UpstreamLatentDataset(token_dir, latent_dir, max_seq_len, vocab)
     if dataset.latent_dim != latent_dim:
-        raise TrainingError(f"latents in {latent_dir} have width {dataset.latent_dim}, model.latent_dim is {latent_dim}")
+        raise TrainingError(
+            f"latents in {latent_dir} have width {dataset.latent_dim}, model.latent_dim is {latent_dim}"
+        )
     return dataset, f"{token_dir} + {latent_dir} ({len(dataset)} samples)"
 
 
@@ -540,11 +584,21 @@ class TrainResult:
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, synthetic: bool,
-                 token_dir: str | Path | None = None, latent_dir: str | Path | None = None,
-                 init_from: str | Path | None = None, resume: str | Path | None = None,
-                 progress: bool = True, stop_at_step: int | None = None, device: str | None = None,
-                 dist_timeout: timedelta | None = None) -> TrainResult:
+def run_training(
+    config: Any,
+    *,
+    trainer: TrainerEntry,
+    output_dir: str | Path,
+    synthetic: bool,
+    token_dir: str | Path | None = None,
+    latent_dir: str | Path | None = None,
+    init_from: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    device: str | None = None,
+    dist_timeout: timedelta | None = None,
+) -> TrainResult:
     """Trains the stable or the cycle trainer; see the module docstring.
 
     Args:
@@ -572,22 +626,51 @@ def run_training(config: Any, *, trainer: TrainerEntry, output_dir: str | Path, 
     settings = LoopSettings.from_config(config)
     ctx = init_distributed(device, settings.ddp_timeout if dist_timeout is None else dist_timeout)
     try:
-        return _train(config, settings, ctx, trainer, Path(output_dir), synthetic, token_dir, latent_dir,
-                      init_from, resume, progress, stop_at_step)
+        return _train(
+            config,
+            settings,
+            ctx,
+            trainer,
+            Path(output_dir),
+            synthetic,
+            token_dir,
+            latent_dir,
+            init_from,
+            resume,
+            progress,
+            stop_at_step,
+        )
     finally:
         if ctx.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, latent_dir,
-           init_from, resume, progress, stop_at_step) -> TrainResult:
+def _train(
+    config,
+    settings,
+    ctx,
+    entry,
+    output_dir,
+    synthetic,
+    token_dir,
+    latent_dir,
+    init_from,
+    resume,
+    progress,
+    stop_at_step,
+) -> TrainResult:
     metrics_path = output_dir / METRICS_NAME
     resume_state = None
     if resume is not None:
         resume_state = _read_resume_state(resume, entry.kind, ctx, config)
-    _on_main_then_share(ctx, lambda: prepare_output_dir(
-        output_dir, None if resume is None else Path(resume),
-        None if resume_state is None else int(resume_state["step"])))
+    _on_main_then_share(
+        ctx,
+        lambda: prepare_output_dir(
+            output_dir,
+            None if resume is None else Path(resume),
+            None if resume_state is None else int(resume_state["step"]),
+        ),
+    )
 
     # Model: every RNG seeded first (the residual-stream init draws from Python's `random`).
     seed_everything(settings.seed)
@@ -605,16 +688,24 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     except ValueError as exc:
         raise TrainingError(f"cannot build the {entry.kind} trainer from the config: {exc}") from exc
     trainer.generator.manual_seed(settings.seed + ctx.rank)
-    dataset, data_description = build_dataset(config, settings, synthetic=synthetic, token_dir=token_dir,
-                                              latent_dir=latent_dir)
-    order = BatchOrder(len(dataset), settings.batch_size, ctx.world_size, ctx.rank,
-                       settings.seed + DATA_ORDER_SEED_OFFSET)
-    feed = BatchFeed(dataset, order, num_workers=settings.num_workers, device=ctx.device,
-                     seed=settings.seed + LOADER_SEED_OFFSET + ctx.rank)
+    dataset, data_description = build_dataset(
+        config, settings, synthetic=synthetic, token_dir=token_dir, latent_dir=latent_dir
+    )
+    order = BatchOrder(
+        len(dataset), settings.batch_size, ctx.world_size, ctx.rank, settings.seed + DATA_ORDER_SEED_OFFSET
+    )
+    feed = BatchFeed(
+        dataset,
+        order,
+        num_workers=settings.num_workers,
+        device=ctx.device,
+        seed=settings.seed + LOADER_SEED_OFFSET + ctx.rank,
+    )
     model.to(ctx.device)
     trainer.to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+    )
     scaler = LossScaler(settings.mixed_precision, ctx.device)
     scheduler = build_lr_scheduler(optimizer, settings)
     # Per-rank global streams (dropout) from here on.
@@ -624,8 +715,10 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scaler.enabled and not resume_state.get("grad_scaler"):
-            raise TrainingError(f"{resume}: its train state has no fp16 loss-scaler state (saved without "
-                                "training.mixed_precision=fp16); resume with the mixed precision it was trained in")
+            raise TrainingError(
+                f"{resume}: its train state has no fp16 loss-scaler state (saved without "
+                "training.mixed_precision=fp16); resume with the mixed precision it was trained in"
+            )
         scaler.load_state_dict(resume_state.get("grad_scaler") or {})
         order.load_state_dict(resume_state["data_order"])
         _load_scheduler_state(scheduler, resume_state, resume, settings)
@@ -639,11 +732,20 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
 
     end = settings.num_train_steps if stop_at_step is None else min(stop_at_step, settings.num_train_steps)
     if step >= end:
-        raise TrainingError(f"the checkpoint is at step {step}; nothing to do up to step {end} "
-                            "(raise training.num_train_steps)")
+        raise TrainingError(
+            f"the checkpoint is at step {step}; nothing to do up to step {end} (raise training.num_train_steps)"
+        )
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%s trainer: %d parameters on %s, %d process(es), data: %s, steps %d -> %d",
-                entry.kind, n_params, ctx.device, ctx.world_size, data_description, step, end)
+    logger.info(
+        "%s trainer: %d parameters on %s, %d process(es), data: %s, steps %d -> %d",
+        entry.kind,
+        n_params,
+        ctx.device,
+        ctx.world_size,
+        data_description,
+        step,
+        end,
+    )
 
     checkpoints: list[Path] = []
     history: list[dict[str, Any]] = []
@@ -656,34 +758,58 @@ def _train(config, settings, ctx, entry, output_dir, synthetic, token_dir, laten
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=settings.num_train_steps, initial=step, disable=not show_bar, desc=entry.kind,
-               dynamic_ncols=True)
+    bar = tqdm(total=settings.num_train_steps, initial=step, disable=not show_bar, desc=entry.kind, dynamic_ncols=True)
     try:
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
-                record = _optimizer_step(trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler,
-                                         last_outputs)
+                record = _optimizer_step(
+                    trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler, last_outputs
+                )
                 step += 1
                 if "skipped" in record:
                     skipped_nonfinite_steps += 1
                     if ctx.is_main:
-                        logger.warning("step %d: optimizer step skipped (%s; loss.on_nonfinite=upstream); %d "
-                                       "step(s) skipped so far", step, record["skipped"], skipped_nonfinite_steps)
+                        logger.warning(
+                            "step %d: optimizer step skipped (%s; loss.on_nonfinite=upstream); %d "
+                            "step(s) skipped so far",
+                            step,
+                            record["skipped"],
+                            skipped_nonfinite_steps,
+                        )
                 record = {"step": step, **record, "skipped_nonfinite_steps": skipped_nonfinite_steps}
                 history.append(record)
                 if metrics_file is not None:
                     metrics_file.write(metrics_line(record) + "\n")
                     metrics_file.flush()
                 if step % settings.log_every == 0 or step == end:
-                    logger.info("step %d: %s", step, ", ".join(
-                        f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step"))
+                    logger.info(
+                        "step %d: %s",
+                        step,
+                        ", ".join(
+                            f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items()
+                            if k != "step"
+                        ),
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if step % settings.save_every == 0 or step == end:
                     if metrics_file is not None:  # the metrics up to a checkpoint are as durable as it is
                         os.fsync(metrics_file.fileno())
-                    path = _save(output_dir, model, trainer, optimizer, order, config, entry.kind, step, ctx,
-                                 skipped_nonfinite_steps, scaler, lr_scheduler=scheduler)
+                    path = _save(
+                        output_dir,
+                        model,
+                        trainer,
+                        optimizer,
+                        order,
+                        config,
+                        entry.kind,
+                        step,
+                        ctx,
+                        skipped_nonfinite_steps,
+                        scaler,
+                        lr_scheduler=scheduler,
+                    )
                     if path is not None:
                         checkpoints.append(path)
     finally:
@@ -708,8 +834,9 @@ class StepProblem:
     what: str
 
 
-def _loss_problem(loss: torch.Tensor | None, metrics: Mapping[str, Any], error: str | None,
-                  policy: str) -> StepProblem | None:
+def _loss_problem(
+    loss: torch.Tensor | None, metrics: Mapping[str, Any], error: str | None, policy: str
+) -> StepProblem | None:
     """What is wrong with one micro-batch's loss (`error`: the trainer's FloatingPointError), or None."""
     nonfinite = SKIP if policy == "upstream" else STOP
     if error is not None:
@@ -719,10 +846,16 @@ def _loss_problem(loss: torch.Tensor | None, metrics: Mapping[str, Any], error: 
     if not loss.requires_grad:
         terms = metrics.get("nonfinite")
         if not terms:
-            return StepProblem(STOP, "the trainer returned a loss without a graph and reported no non-finite term "
-                                     "(nothing to train on; a trainer defect)")
-        return StepProblem(nonfinite, f"every loss term non-finite ({', '.join(terms)}); the trainer returned a "
-                                      f"constant loss {float(loss.detach()):.6g} without a graph")
+            return StepProblem(
+                STOP,
+                "the trainer returned a loss without a graph and reported no non-finite term "
+                "(nothing to train on; a trainer defect)",
+            )
+        return StepProblem(
+            nonfinite,
+            f"every loss term non-finite ({', '.join(terms)}); the trainer returned a "
+            f"constant loss {float(loss.detach()):.6g} without a graph",
+        )
     return None
 
 
@@ -761,8 +894,18 @@ class LastOutputs:
         torch.autograd.backward(sum(t.sum() * 0.0 for t in tensors))
 
 
-def _optimizer_step(trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler: LossScaler,
-                    last_outputs: LastOutputs | None = None) -> dict[str, Any]:
+def _optimizer_step(
+    trainer,
+    optimizer,
+    scheduler,
+    ddp,
+    feed,
+    settings,
+    step,
+    ctx,
+    scaler: LossScaler,
+    last_outputs: LastOutputs | None = None,
+) -> dict[str, Any]:
     """One optimizer step over `settings.grad_accum` micro-batches; returns its metrics record.
 
     A micro-batch whose loss is non-finite, or a constant without a graph (the trainers' replacement
@@ -804,12 +947,15 @@ def _optimizer_step(trainer, optimizer, scheduler, ddp, feed, settings, step, ct
             norm = _grad_norm(params, settings.grad_clip_norm)
             grad_norm = float(norm)
             if not math.isfinite(grad_norm):  # the same on every rank: DDP averaged the gradients
-                problem = StepProblem(SKIP if settings.on_nonfinite == "upstream" else STOP,
-                                      f"non-finite gradient norm {grad_norm}")
+                problem = StepProblem(
+                    SKIP if settings.on_nonfinite == "upstream" else STOP, f"non-finite gradient norm {grad_norm}"
+                )
     if problem is not None and problem.severity == STOP:
-        raise TrainingError(f"step {step + 1}: {problem.what}; stopped by loss.on_nonfinite={settings.on_nonfinite} "
-                            "(the last checkpoint can be resumed; loss.on_nonfinite=upstream skips such steps as "
-                            "upstream's training script did)")
+        raise TrainingError(
+            f"step {step + 1}: {problem.what}; stopped by loss.on_nonfinite={settings.on_nonfinite} "
+            "(the last checkpoint can be resumed; loss.on_nonfinite=upstream skips such steps as "
+            "upstream's training script did)"
+        )
     stepped = False
     if problem is None:
         stepped = scaler.step(optimizer)  # fp16: the scaler itself skips a step with inf/NaN gradients
@@ -852,8 +998,21 @@ def metrics_line(record: Mapping[str, Any]) -> str:
     return json.dumps(line, allow_nan=False)
 
 
-def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, step, ctx,
-          skipped_nonfinite_steps, scaler, *, lr_scheduler) -> Path | None:
+def _save(
+    output_dir,
+    model,
+    trainer,
+    optimizer,
+    order,
+    config,
+    trainer_kind,
+    step,
+    ctx,
+    skipped_nonfinite_steps,
+    scaler,
+    *,
+    lr_scheduler,
+) -> Path | None:
     local = {"rng": rng_state(), "trainer_generator": trainer.generator.get_state()}
     if ctx.distributed:
         ranks: list[Any] = [None] * ctx.world_size
@@ -875,8 +1034,9 @@ def _save(output_dir, model, trainer, optimizer, order, config, trainer_kind, st
             "ranks": ranks,
             "skipped_nonfinite_steps": skipped_nonfinite_steps,
         }
-        save_checkpoint(path, bare_model(model), config=config, trainer_kind=trainer_kind, step=step,
-                        train_state=train_state)
+        save_checkpoint(
+            path, bare_model(model), config=config, trainer_kind=trainer_kind, step=step, train_state=train_state
+        )
         logger.info("checkpoint %s", path)
     if ctx.distributed:
         dist.barrier()
@@ -888,18 +1048,26 @@ def _read_resume_state(resume, trainer_kind, ctx, config) -> dict[str, Any]:
         metadata = dict(source.metadata)
     recorded_kind = metadata.get("trainer_kind")
     if recorded_kind is not None and recorded_kind != trainer_kind:
-        raise TrainingError(f"{resume} was written by the {recorded_kind} trainer; resume it with that trainer's "
-                            f"entry point, or start the {trainer_kind} trainer from it with --init-from")
+        raise TrainingError(
+            f"{resume} was written by the {recorded_kind} trainer; resume it with that trainer's "
+            f"entry point, or start the {trainer_kind} trainer from it with --init-from"
+        )
     state = load_train_state(resume)
     if state.get("format") != TRAIN_STATE_FORMAT:
-        raise TrainingError(f"{resume}: its train state has format {state.get('format')!r}, expected "
-                            f"{TRAIN_STATE_FORMAT!r} (written by this version of the training loop); start from "
-                            "its weights with --init-from instead")
+        raise TrainingError(
+            f"{resume}: its train state has format {state.get('format')!r}, expected "
+            f"{TRAIN_STATE_FORMAT!r} (written by this version of the training loop); start from "
+            "its weights with --init-from instead"
+        )
     if state["trainer_kind"] != trainer_kind:
-        raise TrainingError(f"{resume} was written by the {state['trainer_kind']} trainer, this is the {trainer_kind} trainer")
+        raise TrainingError(
+            f"{resume} was written by the {state['trainer_kind']} trainer, this is the {trainer_kind} trainer"
+        )
     if state["world_size"] != ctx.world_size:
-        raise TrainingError(f"{resume} was written by {state['world_size']} process(es), this run has "
-                            f"{ctx.world_size}; resume with the same number of processes")
+        raise TrainingError(
+            f"{resume} was written by {state['world_size']} process(es), this run has "
+            f"{ctx.world_size}; resume with the same number of processes"
+        )
     differences = _config_differences(config, metadata.get("config"))
     if differences:
         logger.warning("resuming %s with a config that differs from its own in: %s", resume, ", ".join(differences))
@@ -910,16 +1078,22 @@ def _load_scheduler_state(scheduler, state, resume, settings) -> None:
     """Restores the LR scheduler of a train state; it must be at the checkpoint's step with the
     config's optimizer.lr as its base."""
     if "lr_scheduler" not in state:
-        raise TrainingError(f"{resume}: its train state has no lr_scheduler (written before the LR schedule "
-                            "was saved); continue from its weights with --init-from instead of --resume")
+        raise TrainingError(
+            f"{resume}: its train state has no lr_scheduler (written before the LR schedule "
+            "was saved); continue from its weights with --init-from instead of --resume"
+        )
     saved = state["lr_scheduler"]
     if saved["last_epoch"] != state["step"]:
-        raise TrainingError(f"{resume}: its LR scheduler is at step {saved['last_epoch']}, the checkpoint at "
-                            f"step {state['step']}; the train state is inconsistent")
+        raise TrainingError(
+            f"{resume}: its LR scheduler is at step {saved['last_epoch']}, the checkpoint at "
+            f"step {state['step']}; the train state is inconsistent"
+        )
     if list(saved["base_lrs"]) != [settings.lr] * len(scheduler.base_lrs):
-        raise TrainingError(f"{resume} was trained with base learning rate {saved['base_lrs'][0]}, this run has "
-                            f"optimizer.lr={settings.lr}; resume with the same optimizer.lr (or start a new run "
-                            "from its weights with --init-from)")
+        raise TrainingError(
+            f"{resume} was trained with base learning rate {saved['base_lrs'][0]}, this run has "
+            f"optimizer.lr={settings.lr}; resume with the same optimizer.lr (or start a new run "
+            "from its weights with --init-from)"
+        )
     scheduler.load_state_dict(saved)
 
 
@@ -1002,16 +1176,21 @@ def prepare_output_dir(output_dir: Path, resume: Path | None, resume_step: int |
     metrics_path, ckpt_dir = output_dir / METRICS_NAME, output_dir / CHECKPOINT_DIR
     published = published_checkpoints(ckpt_dir)
     held = ([METRICS_NAME] if metrics_path.exists() else []) + (
-        [f"{len(published)} checkpoint(s) in {CHECKPOINT_DIR}/"] if published else [])
+        [f"{len(published)} checkpoint(s) in {CHECKPOINT_DIR}/"] if published else []
+    )
     if resume is None:
         if held:
-            raise TrainingError(f"{output_dir} already holds a run ({', '.join(held)}); choose another output "
-                                "directory, or --resume one of its checkpoints")
+            raise TrainingError(
+                f"{output_dir} already holds a run ({', '.join(held)}); choose another output "
+                "directory, or --resume one of its checkpoints"
+            )
         remove_interrupted_saves(ckpt_dir)
         return None
     if held and resume.resolve().parent != ckpt_dir.resolve():
-        raise TrainingError(f"{output_dir} holds another run ({', '.join(held)}) than the one {resume} belongs to; "
-                            f"resume into an empty output directory, or into the run of that checkpoint")
+        raise TrainingError(
+            f"{output_dir} holds another run ({', '.join(held)}) than the one {resume} belongs to; "
+            f"resume into an empty output directory, or into the run of that checkpoint"
+        )
     remove_interrupted_saves(ckpt_dir)
     later = [published[s] for s in sorted(published) if s > resume_step]
     lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True) if metrics_path.exists() else []
@@ -1032,45 +1211,79 @@ def prepare_output_dir(output_dir: Path, resume: Path | None, resume_step: int |
             os.replace(weights, aside / CHECKPOINT_DIR / weights.name)
     if dropped:
         _write_durably(metrics_path, "".join(keep))
-    logger.warning("resuming %s at step %d: the abandoned run's %d metrics line(s) after it and %d later "
-                   "checkpoint(s) (%s) were moved to %s", output_dir, resume_step, len(dropped), len(later),
-                   ", ".join(p.name for p in later) or "none", aside)
+    logger.warning(
+        "resuming %s at step %d: the abandoned run's %d metrics line(s) after it and %d later "
+        "checkpoint(s) (%s) were moved to %s",
+        output_dir,
+        resume_step,
+        len(dropped),
+        len(later),
+        ", ".join(p.name for p in later) or "none",
+        aside,
+    )
     return aside
 
 
 # -- command line ----------------------------------------------------------------------------------
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, OmegaConfBaseException)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    TrainingError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    OmegaConfBaseException,
+)
+
 
 def build_parser(entry: TrainerEntry) -> argparse.ArgumentParser:
     module, what = entry.module, entry.description
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=f"Train {what}. Config overrides are positional key.path=value arguments, e.g. "
-                    "training.num_train_steps=100 optimizer.lr=5e-5 model.n_blocks=1; an unknown key or a "
-                    "value of the wrong type is an error.",
+        "training.num_train_steps=100 optimizer.lr=5e-5 model.n_blocks=1; an unknown key or a "
+        "value of the wrong type is an error.",
         epilog="Multi-process: torchrun --nproc_per_node=N -m " + module + " ... (gloo on CPU, nccl on CUDA).",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. training.num_train_steps=10 loss.cycle_text_weight=0.2")
-    parser.add_argument("--config", default=None,
-                        help=f"YAML config, plain or upstream's Hydra format with a defaults list "
-                             f"(default: the packaged {entry.default_config.name})")
-    parser.add_argument("--tokenizer", metavar="DIR", default=None,
-                        help="local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
-                             "tokenizer_config.json) giving tokenizer.vocab_size, mask_token_id and pad_token_id; "
-                             "replaces tokenizer.path")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. training.num_train_steps=10 loss.cycle_text_weight=0.2",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config, plain or upstream's Hydra format with a defaults list "
+        f"(default: the packaged {entry.default_config.name})",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="local tokenizer folder (tokenizer.json, or vocab.txt with special_tokens_map.json / "
+        "tokenizer_config.json) giving tokenizer.vocab_size, mask_token_id and pad_token_id; "
+        "replaces tokenizer.path",
+    )
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--synthetic", action="store_true", help="seeded synthetic samples (data.synthetic_*)")
     data.add_argument("--data-tokens", metavar="DIR", help="upstream token dir of <stem>_tokens.npz files")
     data.add_argument("--data-latents", metavar="DIR", help="upstream latent dir of <stem>.npy files")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--init-from", metavar="CKPT", help="start from pretrained weights (strict load; "
-                       ".safetensors written here or an upstream .pt)")
+    start.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from pretrained weights (strict load; .safetensors written here or an upstream .pt)",
+    )
     start.add_argument("--resume", metavar="CKPT", help="continue a run from a checkpoint this loop wrote")
     parser.add_argument("--output-dir", metavar="DIR", help="default: <logging.log_dir>/<logging.run_name>")
-    parser.add_argument("--stop-at-step", type=int, metavar="N",
-                        help="stop after step N (the LR schedule still spans training.num_train_steps)")
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        metavar="N",
+        help="stop after step N (the LR schedule still spans training.num_train_steps)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -1089,8 +1302,9 @@ def cli_main(entry: TrainerEntry, argv: Sequence[str] | None = None) -> int:
     if bool(args.data_tokens) != bool(args.data_latents):
         parser.error("--data-tokens and --data-latents go together")
     is_main = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config_path = args.config or entry.default_config
         resolved = resolve_config(config_path, args.overrides, tokenizer_dir=args.tokenizer)
@@ -1098,17 +1312,30 @@ def cli_main(entry: TrainerEntry, argv: Sequence[str] | None = None) -> int:
             for line in resolved.summary():
                 logger.info("config %s: %s", config_path, line)
         config = resolved.config
-        output_dir = Path(args.output_dir) if args.output_dir else Path(config.logging.log_dir) / config.logging.run_name
-        result = run_training(config, trainer=entry, output_dir=output_dir, synthetic=args.synthetic,
-                              token_dir=args.data_tokens, latent_dir=args.data_latents, init_from=args.init_from,
-                              resume=args.resume, progress=not args.no_progress, stop_at_step=args.stop_at_step,
-                              device=args.device)
+        output_dir = (
+            Path(args.output_dir) if args.output_dir else Path(config.logging.log_dir) / config.logging.run_name
+        )
+        result = run_training(
+            config,
+            trainer=entry,
+            output_dir=output_dir,
+            synthetic=args.synthetic,
+            token_dir=args.data_tokens,
+            latent_dir=args.data_latents,
+            init_from=args.init_from,
+            resume=args.resume,
+            progress=not args.no_progress,
+            stop_at_step=args.stop_at_step,
+            device=args.device,
+        )
     except USER_ERRORS as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     if is_main:
         last = result.metrics[-1] if result.metrics else {}
-        print(f"{entry.kind} trainer: step {result.final_step}, final loss {last.get('loss', float('nan')):.6g}; "
-              f"metrics {result.metrics_path}; "
-              f"last checkpoint {result.checkpoints[-1] if result.checkpoints else 'none'}")
+        print(
+            f"{entry.kind} trainer: step {result.final_step}, final loss {last.get('loss', float('nan')):.6g}; "
+            f"metrics {result.metrics_path}; "
+            f"last checkpoint {result.checkpoints[-1] if result.checkpoints else 'none'}"
+        )
     return 0

@@ -5,6 +5,7 @@ that needs other sizes passes them to these builders and says why in one line be
 `tests/test_hygiene.py` fails when a file constructs its own model outside a test function.
 Import as `from tests.builders import ...` (tests/conftest.py exposes some as fixtures).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -20,17 +21,25 @@ from latentDLM_mmdit.tokenizer import SyntheticVocab
 
 # The model section of the tiny model: one block, two residual streams (upstream's value, not
 # mmdit's default 4). Read-only: a file that needs other sizes makes `dict(TINY_MODEL, key=value)`.
-TINY_MODEL = MappingProxyType({"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 8,
-                               "num_residual_streams": 2})
+TINY_MODEL = MappingProxyType(
+    {"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 8, "num_residual_streams": 2}
+)
 # V = 16 with the mask id last and the pad id first, as a BERT-style vocabulary has them.
 TINY_VOCAB = SyntheticVocab(16, mask_token_id=15, pad_token_id=0)
 # The same shrinking as config overrides, for the packaged configs (stable.yaml, cycle.yaml).
 TINY_OVERRIDES = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32"]
 
 
-def tiny_model(seed: int | None = 0, *, vocab_size: int = len(TINY_VOCAB), latent_dim: int = 4,
-               cluster_size: int = 0, base: Mapping = TINY_MODEL, device: str | torch.device | None = None,
-               **config) -> MultimodalMMDiT:
+def tiny_model(
+    seed: int | None = 0,
+    *,
+    vocab_size: int = len(TINY_VOCAB),
+    latent_dim: int = 4,
+    cluster_size: int = 0,
+    base: Mapping = TINY_MODEL,
+    device: str | torch.device | None = None,
+    **config,
+) -> MultimodalMMDiT:
     """A MultimodalMMDiT at the sizes of `base` (TINY_MODEL unless given) updated by `config`.
 
     Args:
@@ -44,8 +53,9 @@ def tiny_model(seed: int | None = 0, *, vocab_size: int = len(TINY_VOCAB), laten
     if seed is not None:
         seed_everything(seed)
     with torch.device(device) if device is not None else nullcontext():
-        return MultimodalMMDiT(dict(base, **config), vocab_size=vocab_size, latent_dim=latent_dim,
-                               cluster_size=cluster_size)
+        return MultimodalMMDiT(
+            dict(base, **config), vocab_size=vocab_size, latent_dim=latent_dim, cluster_size=cluster_size
+        )
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -78,19 +88,31 @@ def sensitized(model: torch.nn.Module, seed: int, fill_std: float = 0.2, time_ga
     return model
 
 
-def tiny_batch(batch_size: int, seq_len: int, latent_dim: int, seed: int, vocab: SyntheticVocab = TINY_VOCAB,
-               min_len: int | None = None) -> dict[str, torch.Tensor]:
+def tiny_batch(
+    batch_size: int,
+    seq_len: int,
+    latent_dim: int,
+    seed: int,
+    vocab: SyntheticVocab = TINY_VOCAB,
+    min_len: int | None = None,
+) -> dict[str, torch.Tensor]:
     """`synthetic_batch` from a generator seeded with `seed`: input_ids [B, S], attention_mask
     [B, S] (real lengths in [min_len, S], default S // 2), latent [B, 1, D]."""
-    return synthetic_batch(vocab, batch_size, seq_len, latent_dim, torch.Generator().manual_seed(seed),
-                           min_len=min_len)
+    return synthetic_batch(vocab, batch_size, seq_len, latent_dim, torch.Generator().manual_seed(seed), min_len=min_len)
 
 
 def draw_shapes(batch_size: int, seq_len: int, latent_dim: int) -> dict[str, tuple[int, ...]]:
     """The shape of every draw a trainer takes, by the trainers' draw names."""
     b, s, d = batch_size, seq_len, latent_dim
-    return {"text_t": (b,), "latent_t": (b,), "cycle_latent_t": (b,), "mask_uniform": (b, s),
-            "pseudo_token_uniform": (b, s), "latent_noise": (b, d), "cycle_latent_noise": (b, d)}
+    return {
+        "text_t": (b,),
+        "latent_t": (b,),
+        "cycle_latent_t": (b,),
+        "mask_uniform": (b, s),
+        "pseudo_token_uniform": (b, s),
+        "latent_noise": (b, d),
+        "cycle_latent_noise": (b, d),
+    }
 
 
 def tiny_draws(names, batch_size: int, seq_len: int, latent_dim: int, seed: int) -> dict[str, torch.Tensor]:
@@ -101,5 +123,6 @@ def tiny_draws(names, batch_size: int, seq_len: int, latent_dim: int, seed: int)
     if unknown:
         raise KeyError(f"tiny_draws: unknown draw names {unknown}; known: {sorted(shapes)}")
     gen = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn if name.endswith("_noise") else torch.rand)(shapes[name], generator=gen)
-            for name in names}
+    return {
+        name: (torch.randn if name.endswith("_noise") else torch.rand)(shapes[name], generator=gen) for name in names
+    }

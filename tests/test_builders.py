@@ -1,6 +1,7 @@
 """The shared builders of tests/builders.py do what the tests rely on: seeded and reproducible,
 the global RNG left alone after seeding, perturbations that reach every parameter, and a clear
 error for a draw name they do not know."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ bit-exactly like a run that was never interrupted.
 The kill lands deterministically: the subprocess below wraps the functions a save goes through
 (safetensors' save_file, torch.save, os.replace) so that, in the save of step 4 only, the chosen
 phase writes a marker file and sleeps; the test kills the process once the marker appears."""
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,18 @@ from latentDLM_mmdit.train_stable import STABLE
 from latentDLM_mmdit.training import run_training
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32", "training.num_train_steps=4",
-             "logging.save_every=2"]
+OVERRIDES = [
+    "model.n_blocks=1",
+    "model.hidden_size=32",
+    "model.cond_dim=32",
+    "training.num_train_steps=4",
+    "logging.save_every=2",
+]
 KILL_STEP, PREVIOUS = 4, 2
 # The phases of a save, whatever order the writer goes through them in.
 PHASES = ("state_write", "weights_write", "rename_1", "rename_2", "published")
 
-SAVER = '''
+SAVER = """
 import os, sys, time
 from pathlib import Path
 import torch
@@ -98,7 +104,7 @@ training.save_checkpoint, checkpoints.save_file, torch.save, os.replace = save, 
 training.run_training(load_config(config_path("stable"), overrides), trainer=STABLE, output_dir=out_dir,
                       synthetic=True, progress=False, device="cpu")
 sys.exit(3)  # the phase was never reached
-'''
+"""
 
 
 def _config():
@@ -110,8 +116,9 @@ def _train_in_process(output_dir: Path, **kwargs):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_training(_config(), trainer=STABLE, output_dir=output_dir, synthetic=True, progress=False,
-                            device="cpu", **kwargs)
+        return run_training(
+            _config(), trainer=STABLE, output_dir=output_dir, synthetic=True, progress=False, device="cpu", **kwargs
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -127,10 +134,19 @@ def killed(tmp_path_factory):
     started = {}
     for phase in PHASES:
         marker = root / f"{phase}.reached"
-        command = [sys.executable, str(script), phase, str(root / phase), str(marker), ",".join(OVERRIDES),
-                   str(KILL_STEP)]
-        started[phase] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True), marker)
+        command = [
+            sys.executable,
+            str(script),
+            phase,
+            str(root / phase),
+            str(marker),
+            ",".join(OVERRIDES),
+            str(KILL_STEP),
+        ]
+        started[phase] = (
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            marker,
+        )
     reference = _train_in_process(root / "reference")
     deadline = time.monotonic() + 300
     for phase, (process, marker) in started.items():
@@ -168,8 +184,11 @@ def test_a_kill_while_saving_leaves_a_resumable_run(killed, phase, caplog):
     resumed = _train_in_process(run_dir, resume=_checkpoint(run_dir, PREVIOUS))
     # The next start removed what the save left (temporaries, a train state without its weights).
     leftovers = [p.name for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
-    orphans = [p.name for p in ckpt_dir.glob("step_*.train_state.pt")
-               if not p.with_name(p.name.removesuffix(".train_state.pt") + ".safetensors").exists()]
+    orphans = [
+        p.name
+        for p in ckpt_dir.glob("step_*.train_state.pt")
+        if not p.with_name(p.name.removesuffix(".train_state.pt") + ".safetensors").exists()
+    ]
     assert leftovers == [] and orphans == [], (leftovers, orphans)
     if phase in ("state_write", "weights_write", "rename_1"):
         assert "left by an interrupted save" in caplog.text

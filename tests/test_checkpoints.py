@@ -1,5 +1,6 @@
 """Checkpoints: bit-exact round trips (safetensors and upstream `.pt` layouts), metadata, the
 train-state file, read-only loading, and every refusal with a readable message."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,11 @@ from tests.builders import TINY_MODEL, TINY_VOCAB, perturbed, tiny_model
 V, D = 16, 4
 VOCAB = TINY_VOCAB
 CONFIG = dict(TINY_MODEL)
-RUN_CONFIG = {"model": dict(CONFIG, latent_dim=D), "tokenizer": {"vocab_size": V, "mask_token_id": 15},
-              "training": {"seed": 3}}
+RUN_CONFIG = {
+    "model": dict(CONFIG, latent_dim=D),
+    "tokenizer": {"vocab_size": V, "mask_token_id": 15},
+    "training": {"seed": 3},
+}
 
 
 def make_model(seed: int, cluster_size: int = 0, **overrides) -> MultimodalMMDiT:
@@ -73,8 +77,9 @@ def test_models_differ_before_loading(source_model, target_model):
 
 # -- safetensors -----------------------------------------------------------------------------------
 def test_safetensors_round_trip_is_bit_exact(tmp_path, source_model, target_model):
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", source_model, config=RUN_CONFIG,
-                           trainer_kind="stable", step=7)
+    path = save_checkpoint(
+        tmp_path / "ckpt.safetensors", source_model, config=RUN_CONFIG, trainer_kind="stable", step=7
+    )
     assert path == tmp_path / "ckpt.safetensors" and path.is_file()
     assert not list(tmp_path.glob("*.tmp")), "the temporary file must be renamed away"
     report = load_checkpoint_into(target_model, path)
@@ -85,8 +90,9 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path, source_model, target_mode
 
 
 def test_safetensors_metadata_is_recorded(tmp_path, source_model):
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", source_model, config=RUN_CONFIG,
-                           trainer_kind="cycle", step=123)
+    path = save_checkpoint(
+        tmp_path / "ckpt.safetensors", source_model, config=RUN_CONFIG, trainer_kind="cycle", step=123
+    )
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["format"] == FORMAT
@@ -141,7 +147,10 @@ def trainer_layout(state: dict) -> dict:
     inner = {f"model.{k}": v for k, v in state.items()}
     inner.update({f"text_noise_schedule.{k}": v for k, v in schedule.items()})
     assert sorted(k for k in inner if k.startswith("text_noise_schedule.")) == [
-        "text_noise_schedule.log_B", "text_noise_schedule.log_gamma", "text_noise_schedule.log_prior"]
+        "text_noise_schedule.log_B",
+        "text_noise_schedule.log_gamma",
+        "text_noise_schedule.log_prior",
+    ]
     return {"model_state_dict": inner, "epoch": 3, "step": 1000, "config": {"lr": 1e-4}}
 
 
@@ -160,8 +169,12 @@ PT_LAYOUTS = {
     "orig_mod-module": prefixed("_orig_mod.module."),
     "module-model": prefixed("module.model."),
     "model-module-orig_mod": prefixed("model.module._orig_mod."),
-    "ddp-trainer-wrapped": lambda state: {"model_state_dict": {f"module.{k}": v for k, v in trainer_layout(state)["model_state_dict"].items()}},
-    "compiled-trainer-in-state_dict": lambda state: {"state_dict": {f"_orig_mod.model.{k}": v for k, v in state.items()}},
+    "ddp-trainer-wrapped": lambda state: {
+        "model_state_dict": {f"module.{k}": v for k, v in trainer_layout(state)["model_state_dict"].items()}
+    },
+    "compiled-trainer-in-state_dict": lambda state: {
+        "state_dict": {f"_orig_mod.model.{k}": v for k, v in state.items()}
+    },
 }
 
 
@@ -181,11 +194,15 @@ def test_pt_from_a_real_stable_trainer_state_dict(tmp_path, source_model, target
     """The exact layout upstream writes: MultimodalDiffusionTrainer.state_dict() under model_state_dict."""
     from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 
-    trainer = MultimodalDiffusionTrainer(source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                                         {"loss": {"loss_type": "l2t"}})
+    trainer = MultimodalDiffusionTrainer(
+        source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, {"loss": {"loss_type": "l2t"}}
+    )
     state = trainer.state_dict()
     assert {k for k in state if not k.startswith("model.")} == {
-        "text_noise_schedule.log_prior", "text_noise_schedule.log_gamma", "text_noise_schedule.log_B"}
+        "text_noise_schedule.log_prior",
+        "text_noise_schedule.log_gamma",
+        "text_noise_schedule.log_B",
+    }
     path = tmp_path / "trainer.pt"
     torch.save({"model_state_dict": state, "optimizer_state_dict": {}, "step": 5}, str(path))
     load_checkpoint_into(target_model, path)
@@ -206,8 +223,14 @@ def test_train_state_round_trips_rng_and_optimizer(tmp_path, source_model):
     optimizer = torch.optim.AdamW(source_model.parameters(), lr=1e-3)
     state = rng_state()
     expected_draws = (random.random(), float(np.random.rand()), torch.rand(3))
-    path = save_checkpoint(tmp_path / "resume.safetensors", source_model, config={}, trainer_kind="stable",
-                           step=9, train_state={"step": 9, "rng": state, "optimizer": optimizer.state_dict()})
+    path = save_checkpoint(
+        tmp_path / "resume.safetensors",
+        source_model,
+        config={},
+        trainer_kind="stable",
+        step=9,
+        train_state={"step": 9, "rng": state, "optimizer": optimizer.state_dict()},
+    )
     assert train_state_path(path) == tmp_path / "resume.train_state.pt"
     assert train_state_path(path).is_file()
     # The file is loadable under weights_only=True (no arbitrary pickled objects).
@@ -364,5 +387,6 @@ def test_recorded_version_difference_is_reported_and_logged(tmp_path, source_mod
     assert report.recorded_versions["mmdit"] == "0.2.2"
     assert_same_weights(source_model, target_model)  # the weights still load: only a warning
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("mmdit 0.2.2" in r.getMessage() and installed in r.getMessage() for r in warnings), \
-        [r.getMessage() for r in caplog.records]
+    assert any("mmdit 0.2.2" in r.getMessage() and installed in r.getMessage() for r in warnings), [
+        r.getMessage() for r in caplog.records
+    ]

@@ -5,6 +5,7 @@ trainer's state dict under `model_state_dict`, the optimizer state, and a `Train
 dataclass of module `latentDLM_mmdit.checkpoints_mmdit`, which here is a class defined in this
 test and registered under that module name only while saving, so loading cannot import it.
 Also: plain records, numpy scalars, and pickles that would run code (refused, nothing run)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -133,8 +134,15 @@ def upstream_save_checkpoint(path: Path, model, optimizer, state, config=None) -
     """Upstream's save_checkpoint(path, trainer, optimizer, state): path/checkpoint.pt."""
     path.mkdir(parents=True, exist_ok=True)
     model_state = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
-    torch.save({"model_state_dict": model_state, "optimizer_state_dict": optimizer.state_dict(),
-                "state": state, "config": config}, path / "checkpoint.pt")
+    torch.save(
+        {
+            "model_state_dict": model_state,
+            "optimizer_state_dict": optimizer.state_dict(),
+            "state": state,
+            "config": config,
+        },
+        path / "checkpoint.pt",
+    )
     return path / "checkpoint.pt"
 
 
@@ -142,13 +150,19 @@ def upstream_save_full_model(path: Path, model, config, training_state=None, is_
     """Upstream's save_full_model (tokenizer files aside): path/model.pth or model_final.pth."""
     path.mkdir(parents=True, exist_ok=True)
     model_file = path / ("model_final.pth" if is_final else "model.pth")
-    torch.save({"model_state_dict": model.state_dict(), "config": config, "training_state": training_state},
-               model_file)
+    torch.save({"model_state_dict": model.state_dict(), "config": config, "training_state": training_state}, model_file)
     return model_file
 
 
-UPSTREAM_STATE = {"epoch": 1, "epoch_start_step": 24, "step": 30, "total_tokens": 7680,
-                  "total_flops": np.float64(5.5e9), "start_time": 1700000000.25, "curr_time": 1700000123.5}
+UPSTREAM_STATE = {
+    "epoch": 1,
+    "epoch_start_step": 24,
+    "step": 30,
+    "total_tokens": 7680,
+    "total_flops": np.float64(5.5e9),
+    "start_time": 1700000000.25,
+    "curr_time": 1700000123.5,
+}
 
 
 class UpstreamRun:
@@ -164,8 +178,9 @@ def source_model() -> MultimodalMMDiT:
 def upstream_run(tmp_path_factory, source_model) -> Path:
     """A checkpoint folder as upstream's stable training script leaves it at step 30 (the number
     of optimizer-state tensors is kept in UpstreamRun)."""
-    trainer = MultimodalDiffusionTrainer(source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                                         {"loss": {"loss_type": "l2t"}})
+    trainer = MultimodalDiffusionTrainer(
+        source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, {"loss": {"loss_type": "l2t"}}
+    )
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-4)
     before = {k: v.clone() for k, v in source_model.state_dict().items()}
     sum((p * p).sum() for p in trainer.parameters() if p.requires_grad).backward()
@@ -176,8 +191,9 @@ def upstream_run(tmp_path_factory, source_model) -> Path:
     with registered_as(UPSTREAM_MODULE, TrainingState=UpstreamTrainingState):
         upstream_save_checkpoint(folder, trainer, optimizer, UpstreamTrainingState(**UPSTREAM_STATE))
     torch.save({"torch": torch.get_rng_state(), "cuda": None}, folder / "rng_state_0.pt")  # as save_rng_state
-    UpstreamRun.n_optimizer_tensors = sum(torch.is_tensor(v) for state in optimizer.state.values()
-                                          for v in state.values())
+    UpstreamRun.n_optimizer_tensors = sum(
+        torch.is_tensor(v) for state in optimizer.state.values() for v in state.values()
+    )
     return folder
 
 
@@ -223,33 +239,46 @@ def test_upstream_checkpoint_reports_what_was_used(upstream_run):
     assert contents.records == [f"state: {UPSTREAM_MODULE}.TrainingState -> {contents.ignored['state']}"]
     assert contents.numpy_scalars == ["state.total_flops: numpy float64 5500000000.0"]
     assert contents.prefixes_stripped == {"model.": N_MODEL_TENSORS}
-    assert sorted(contents.dropped_keys) == ["text_noise_schedule.log_B", "text_noise_schedule.log_gamma",
-                                             "text_noise_schedule.log_prior"]
+    assert sorted(contents.dropped_keys) == [
+        "text_noise_schedule.log_B",
+        "text_noise_schedule.log_gamma",
+        "text_noise_schedule.log_prior",
+    ]
     lines = "\n".join(contents.lines())
     assert "ignored: optimizer_state_dict: dict of 2 entries" in lines and "config: None" in lines
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_upstream_checkpoint_with_ddp_and_compile_prefixes(tmp_path, source_model, prefix):
-    trainer = MultimodalDiffusionTrainer(source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                                         {"loss": {"loss_type": "l2t"}})
+    trainer = MultimodalDiffusionTrainer(
+        source_model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, {"loss": {"loss_type": "l2t"}}
+    )
     state = {f"{prefix}{k}": v for k, v in trainer.state_dict().items()}
     with registered_as(UPSTREAM_MODULE, TrainingState=UpstreamTrainingState):
-        torch.save({"model_state_dict": state, "optimizer_state_dict": {}, "state": UpstreamTrainingState(step=3),
-                    "config": None}, tmp_path / "checkpoint.pt")
+        torch.save(
+            {
+                "model_state_dict": state,
+                "optimizer_state_dict": {},
+                "state": UpstreamTrainingState(step=3),
+                "config": None,
+            },
+            tmp_path / "checkpoint.pt",
+        )
     model = make_model(seed=3)
     report = load_checkpoint_into(model, tmp_path / "checkpoint.pt")
     assert_bit_identical(outputs(model), outputs(source_model))
     assert report.contents.prefixes_stripped == {f"{prefix}model.": N_MODEL_TENSORS}
-    assert sorted(report.contents.dropped_keys) == sorted(f"{prefix}text_noise_schedule.{k}"
-                                                          for k in ("log_prior", "log_gamma", "log_B"))
+    assert sorted(report.contents.dropped_keys) == sorted(
+        f"{prefix}text_noise_schedule.{k}" for k in ("log_prior", "log_gamma", "log_B")
+    )
 
 
 @pytest.mark.parametrize("is_final", [False, True])
 def test_save_full_model_folder_loads(tmp_path, source_model, is_final):
     with registered_as(UPSTREAM_MODULE, TrainingState=UpstreamTrainingState):
-        written = upstream_save_full_model(tmp_path / "full", source_model, {"model": dict(CONFIG)},
-                                           UpstreamTrainingState(step=99), is_final=is_final)
+        written = upstream_save_full_model(
+            tmp_path / "full", source_model, {"model": dict(CONFIG)}, UpstreamTrainingState(step=99), is_final=is_final
+        )
     (tmp_path / "full" / "config.yaml").write_text("model: {}\n")
     model = make_model(seed=4)
     report = load_checkpoint_into(model, tmp_path / "full")
@@ -294,8 +323,9 @@ def _save_with(path: Path, extra: dict, state_dict: dict) -> Path:
 
 def test_other_records_stay_inert(tmp_path, source_model):
     with registered_as("someone_elses_training", RunInfo=RunInfo, Slotted=Slotted):
-        path = _save_with(tmp_path / "r.pt", {"info": RunInfo("run-7", 3e-4), "slots": Slotted(1, [2, 3])},
-                          source_model.state_dict())
+        path = _save_with(
+            tmp_path / "r.pt", {"info": RunInfo("run-7", 3e-4), "slots": Slotted(1, [2, 3])}, source_model.state_dict()
+        )
     with open_checkpoint(path) as source:
         info, slots = source.metadata["info"], source.metadata["slots"]
         records = source.contents.records
@@ -305,8 +335,10 @@ def test_other_records_stay_inert(tmp_path, source_model):
     assert info.fields == {"name": "run-7", "lr": 3e-4} and info.state is None and info.newargs == ()
     assert repr(info) == "RunInfo(name='run-7', lr=0.0003)"
     assert slots.fields == {"a": 1, "b": [2, 3]}
-    assert records == ["info: someone_elses_training.RunInfo -> inert record RunInfo(name='run-7', lr=0.0003)",
-                       "slots: someone_elses_training.Slotted -> inert record Slotted(a=1, b=[2, 3])"]
+    assert records == [
+        "info: someone_elses_training.RunInfo -> inert record RunInfo(name='run-7', lr=0.0003)",
+        "slots: someone_elses_training.Slotted -> inert record Slotted(a=1, b=[2, 3])",
+    ]
     with pytest.raises(RecordCalledError, match="someone_elses_training.RunInfo"):
         type(info)("called", 1.0)
 
@@ -324,14 +356,19 @@ def test_records_holding_themselves_are_read(tmp_path, source_model):
     with open_checkpoint(path) as source:
         graph = source.metadata["graph"]
         assert graph.fields["links"][0] is graph
-        assert source.contents.records == ["graph: someone_elses_training.Node -> inert record Node(name='a', links=[...])"]
+        assert source.contents.records == [
+            "graph: someone_elses_training.Node -> inert record Node(name='a', links=[...])"
+        ]
 
 
 def test_a_file_holding_one_pickled_object_is_not_a_state_dict(tmp_path):
     with registered_as("someone_elses_training", RunInfo=RunInfo):
         torch.save(RunInfo("a", 1.0), tmp_path / "obj.pt")
-    with pytest.raises(CheckpointError, match=r"holds a pickled someone_elses_training.RunInfo object \(read as an "
-                                              r"inert record\), not a state dict; save its state_dict\(\) instead"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a pickled someone_elses_training.RunInfo object \(read as an "
+        r"inert record\), not a state dict; save its state_dict\(\) instead",
+    ):
         open_checkpoint(tmp_path / "obj.pt")
 
 
@@ -343,8 +380,11 @@ def assert_no_unsafe_advice(message: str) -> None:
 def test_records_in_torchs_legacy_format_are_refused_without_unsafe_advice(tmp_path, source_model):
     with registered_as("someone_elses_training", RunInfo=RunInfo):
         path = tmp_path / "legacy.pt"
-        torch.save({"model_state_dict": source_model.state_dict(), "info": RunInfo("a", 1.0)}, path,
-                   _use_new_zipfile_serialization=False)
+        torch.save(
+            {"model_state_dict": source_model.state_dict(), "info": RunInfo("a", 1.0)},
+            path,
+            _use_new_zipfile_serialization=False,
+        )
     with pytest.raises(CheckpointError) as info:
         open_checkpoint(path)
     message = str(info.value)
@@ -425,8 +465,14 @@ def test_a_called_class_is_refused_before_unpickling(tmp_path, source_model, mon
 
 # -- numpy scalars ---------------------------------------------------------------------------------
 def test_numpy_scalars_are_read_as_numbers(tmp_path, source_model):
-    values = {"f64": np.float64(0.1), "f32": np.float32(-2.5), "i64": np.int64(-7), "u8": np.uint8(200),
-              "b": np.bool_(True), "c": np.complex128(1 - 2j)}
+    values = {
+        "f64": np.float64(0.1),
+        "f32": np.float32(-2.5),
+        "i64": np.int64(-7),
+        "u8": np.uint8(200),
+        "b": np.bool_(True),
+        "c": np.complex128(1 - 2j),
+    }
     path = _save_with(tmp_path / "np.pt", {"values": values}, source_model.state_dict())
     with open_checkpoint(path) as source:
         got = source.metadata["values"]
@@ -436,10 +482,14 @@ def test_numpy_scalars_are_read_as_numbers(tmp_path, source_model):
     assert len(scalars) == len(values) and "values.f64: numpy float64 0.1" in scalars
 
 
-@pytest.mark.parametrize("payload, expected", [
-    (np.ones(3), "numpy.core.multiarray._reconstruct"),
-    (np.dtype("O"), "numpy.dtype"),
-], ids=["array", "object-dtype"])
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        (np.ones(3), "numpy.core.multiarray._reconstruct"),
+        (np.dtype("O"), "numpy.dtype"),
+    ],
+    ids=["array", "object-dtype"],
+)
 def test_numpy_beyond_numeric_scalars_is_refused(tmp_path, source_model, payload, expected):
     path = _save_with(tmp_path / "np.pt", {"x": payload}, source_model.state_dict())
     with pytest.raises(CheckpointError) as info:
@@ -476,8 +526,9 @@ class SystemCall:
 def _payload_files(tmp_path: Path, marker: Path, state_dict: dict) -> dict[str, Path]:
     files = {"zip": tmp_path / "evil.pt", "legacy": tmp_path / "evil_legacy.pt", "raw-pickle": tmp_path / "evil.bin"}
     torch.save({"model_state_dict": state_dict, "x": SystemCall(marker)}, files["zip"])
-    torch.save({"model_state_dict": state_dict, "x": SystemCall(marker)}, files["legacy"],
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"model_state_dict": state_dict, "x": SystemCall(marker)}, files["legacy"], _use_new_zipfile_serialization=False
+    )
     files["raw-pickle"].write_bytes(pickle.dumps(SystemCall(marker), protocol=2))
     return files
 
@@ -504,6 +555,7 @@ def test_system_call_payload_is_refused_with_nothing_run(tmp_path, source_model,
 
 def test_dangerous_module_is_refused_even_as_a_plain_record(tmp_path, source_model, monkeypatch):
     """A NEWOBJ + BUILD record would be inert, but globals of os & co. never get a stand-in."""
+
     @dataclasses.dataclass
     class Settings:
         name: str
@@ -511,8 +563,11 @@ def test_dangerous_module_is_refused_even_as_a_plain_record(tmp_path, source_mod
     monkeypatch.setattr(os, "Settings", Settings, raising=False)  # pickle writes GLOBAL os.Settings
     Settings.__module__, Settings.__qualname__ = "os", "Settings"  # a class local to this test
     path = _save_with(tmp_path / "os_record.pt", {"info": Settings("x")}, source_model.state_dict())
-    with pytest.raises(CheckpointError, match=r"GLOBAL os\.Settings: the pickle creates an instance with NEWOBJ; "
-                                              r"the pickle fills an instance with BUILD; module os"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"GLOBAL os\.Settings: the pickle creates an instance with NEWOBJ; "
+        r"the pickle fills an instance with BUILD; module os",
+    ):
         open_checkpoint(path)
 
 
@@ -536,13 +591,16 @@ def _damaged(tmp_path: Path, kind: str, state_dict: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("empty", "the file is empty"),
-    ("truncated", "damaged or truncated zip archive"),
-    ("garbage", "not a torch checkpoint"),
-    ("truncated-pickle", "not a readable pickle"),
-    ("safetensors-named-pt", "looks like a safetensors file"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("empty", "the file is empty"),
+        ("truncated", "damaged or truncated zip archive"),
+        ("garbage", "not a torch checkpoint"),
+        ("truncated-pickle", "not a readable pickle"),
+        ("safetensors-named-pt", "looks like a safetensors file"),
+    ],
+)
 def test_damaged_torch_files_give_clear_errors(tmp_path, source_model, kind, expected):
     path = _damaged(tmp_path, kind, source_model.state_dict())
     before = digests(path)
@@ -569,8 +627,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "latentDLM_mmdit.checkpoints", *map(str, args)],
-                          check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "latentDLM_mmdit.checkpoints", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 def test_cli_inspect_of_an_upstream_folder(upstream_run):
@@ -584,10 +648,14 @@ def test_cli_inspect_of_an_upstream_folder(upstream_run):
         f"ignored: optimizer_state_dict: dict of 2 entries holding {UpstreamRun.n_optimizer_tensors} tensors",
         f"records: state: {UPSTREAM_MODULE}.TrainingState -> TrainingState(epoch=1, epoch_start_step=24, step=30,",
         f"prefixes stripped: 'model.' x{N_MODEL_TENSORS}",
-        ("dropped (not model weights): text_noise_schedule.log_prior, text_noise_schedule.log_gamma, "
-         "text_noise_schedule.log_B"),
-        ("layout: vocab_size=16, hidden_size=32, latent_dim=4, max_seq_len=8, n_blocks=2, cond_dim=24, "
-         "cluster_head=False, num_residual_streams=2, residual_layout=0.3.x"),
+        (
+            "dropped (not model weights): text_noise_schedule.log_prior, text_noise_schedule.log_gamma, "
+            "text_noise_schedule.log_B"
+        ),
+        (
+            "layout: vocab_size=16, hidden_size=32, latent_dim=4, max_seq_len=8, n_blocks=2, cond_dim=24, "
+            "cluster_head=False, num_residual_streams=2, residual_layout=0.3.x"
+        ),
         "versions: not recorded",
         "non-finite tensors: none",
     ]:
@@ -629,8 +697,9 @@ def test_cli_convert_writes_loadable_safetensors_with_provenance(upstream_run, s
 
 def test_cli_convert_carries_this_projects_metadata(tmp_path, source_model):
     config = {"model": dict(CONFIG, latent_dim=D), "tokenizer": {"vocab_size": V}}
-    original = save_checkpoint(tmp_path / "mine.safetensors", source_model, config=config, trainer_kind="cycle",
-                               step=12)
+    original = save_checkpoint(
+        tmp_path / "mine.safetensors", source_model, config=config, trainer_kind="cycle", step=12
+    )
     out = tmp_path / "copy.safetensors"
     assert main(["convert", str(original), str(out)]) == 0
     with safe_open(str(original), framework="pt") as a, safe_open(str(out), framework="pt") as b:

@@ -1,6 +1,7 @@
 """Checkpoint validation: safetensors headers checked before anything is allocated, recorded
 model sizes checked against the shapes, the model layout from names and shapes alone, and
 non-finite weights found one tensor at a time."""
+
 from __future__ import annotations
 
 import gc
@@ -37,8 +38,9 @@ V, D = 16, 4
 MMDIT02_FIXTURE = Path(__file__).resolve().parents[1] / "compat" / "data" / "mmdit02_layout_h16.safetensors"
 
 
-def make_model(seed: int = 0, vocab_size: int = V, latent_dim: int = D, cluster_size: int = 0,
-               **overrides) -> MultimodalMMDiT:
+def make_model(
+    seed: int = 0, vocab_size: int = V, latent_dim: int = D, cluster_size: int = 0, **overrides
+) -> MultimodalMMDiT:
     return tiny_model(seed, vocab_size=vocab_size, latent_dim=latent_dim, cluster_size=cluster_size, **overrides)
 
 
@@ -61,30 +63,50 @@ def f32(begin: int, end: int, shape: list[int]) -> dict:
 BAD_HEADERS = {
     "empty": (lambda p: p.write_bytes(b""), "the file is empty (0 bytes)"),
     "shorter-than-8": (lambda p: p.write_bytes(b"\x01\x02\x03"), "3 bytes, shorter than the 8-byte header length"),
-    "header-beyond-file": (lambda p: raw_safetensors(p, {}, length=1000),
-                           "declares a 1000-byte header but the file has only 2 bytes after the length"),
-    "header-bomb": (lambda p: raw_safetensors(p, {}, length=2 ** 62), "header bomb"),
+    "header-beyond-file": (
+        lambda p: raw_safetensors(p, {}, length=1000),
+        "declares a 1000-byte header but the file has only 2 bytes after the length",
+    ),
+    "header-bomb": (lambda p: raw_safetensors(p, {}, length=2**62), "header bomb"),
     "not-json": (lambda p: raw_safetensors(p, b"{not json"), "its header is not JSON"),
     "json-list": (lambda p: raw_safetensors(p, b"[1, 2]"), "its header is a JSON list, not an object"),
-    "metadata-not-strings": (lambda p: raw_safetensors(p, {"__metadata__": {"step": 3}}),
-                             "its __metadata__ is not a JSON object of strings"),
+    "metadata-not-strings": (
+        lambda p: raw_safetensors(p, {"__metadata__": {"step": 3}}),
+        "its __metadata__ is not a JSON object of strings",
+    ),
     "entry-not-object": (lambda p: raw_safetensors(p, {"t": 5}), "header entry 't' is not an object"),
-    "unknown-dtype": (lambda p: raw_safetensors(p, {"t": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}},
-                                                bytes(16)), "tensor 't' has unknown dtype 'F128'"),
-    "negative-shape": (lambda p: raw_safetensors(p, {"t": f32(0, 4, [-1])}, bytes(4)),
-                       "has shape [-1], not a list of non-negative integers"),
-    "reversed-offsets": (lambda p: raw_safetensors(p, {"t": f32(8, 0, [2])}, bytes(8)),
-                         "has data_offsets [8, 0], not [begin, end]"),
-    "size-mismatch": (lambda p: raw_safetensors(p, {"t": f32(0, 4, [2])}, bytes(4)),
-                      "data_offsets [0, 4] (4 bytes) but shape [2] x F32 needs 8 bytes"),
-    "offsets-beyond-file": (lambda p: raw_safetensors(p, {"t": f32(0, 16, [4])}, bytes(8)),
-                            "tensor 't' ends at byte 16 of a data section of 8 bytes"),
-    "overlap": (lambda p: raw_safetensors(p, {"a": f32(0, 8, [2]), "b": f32(4, 12, [2])}, bytes(12)),
-                "tensors 'a' and 'b' overlap"),
-    "gap": (lambda p: raw_safetensors(p, {"a": f32(0, 8, [2]), "b": f32(12, 20, [2])}, bytes(20)),
-            "4 bytes before tensor 'b' belong to no tensor"),
-    "trailing-bytes": (lambda p: raw_safetensors(p, {"a": f32(0, 8, [2])}, bytes(12)),
-                       "4 bytes after the last tensor belong to no tensor"),
+    "unknown-dtype": (
+        lambda p: raw_safetensors(p, {"t": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)),
+        "tensor 't' has unknown dtype 'F128'",
+    ),
+    "negative-shape": (
+        lambda p: raw_safetensors(p, {"t": f32(0, 4, [-1])}, bytes(4)),
+        "has shape [-1], not a list of non-negative integers",
+    ),
+    "reversed-offsets": (
+        lambda p: raw_safetensors(p, {"t": f32(8, 0, [2])}, bytes(8)),
+        "has data_offsets [8, 0], not [begin, end]",
+    ),
+    "size-mismatch": (
+        lambda p: raw_safetensors(p, {"t": f32(0, 4, [2])}, bytes(4)),
+        "data_offsets [0, 4] (4 bytes) but shape [2] x F32 needs 8 bytes",
+    ),
+    "offsets-beyond-file": (
+        lambda p: raw_safetensors(p, {"t": f32(0, 16, [4])}, bytes(8)),
+        "tensor 't' ends at byte 16 of a data section of 8 bytes",
+    ),
+    "overlap": (
+        lambda p: raw_safetensors(p, {"a": f32(0, 8, [2]), "b": f32(4, 12, [2])}, bytes(12)),
+        "tensors 'a' and 'b' overlap",
+    ),
+    "gap": (
+        lambda p: raw_safetensors(p, {"a": f32(0, 8, [2]), "b": f32(12, 20, [2])}, bytes(20)),
+        "4 bytes before tensor 'b' belong to no tensor",
+    ),
+    "trailing-bytes": (
+        lambda p: raw_safetensors(p, {"a": f32(0, 8, [2])}, bytes(12)),
+        "4 bytes after the last tensor belong to no tensor",
+    ),
 }
 
 
@@ -127,7 +149,9 @@ def test_valid_header_entries_are_exposed(tmp_path):
     header = checkpoints.read_safetensors_header(path)
     assert header.metadata == {"k": "v"}
     assert {k: (e.dtype, e.shape, e.end - e.begin) for k, e in header.entries.items()} == {
-        "a": (torch.bfloat16, (2, 3), 12), "b": (torch.int64, (4,), 32)}
+        "a": (torch.bfloat16, (2, 3), 12),
+        "b": (torch.int64, (4,), 32),
+    }
 
 
 # -- recorded model sizes --------------------------------------------------------------------------
@@ -142,18 +166,31 @@ def with_metadata(tmp_path: Path, source: Path, **changes) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sizes, expected", [
-    ({"vocab_size": 17, "latent_dim": D, "cluster_size": 0},
-     "model_sizes.vocab_size = 17 contradicts text_encoder.token_embed.weight [16, 32]"),
-    ({"vocab_size": V, "latent_dim": 1 << 40, "cluster_size": 0},
-     "model_sizes.latent_dim = 1099511627776 contradicts latent_encoder.projection.0.weight"),
-    ({"vocab_size": V, "latent_dim": D, "cluster_size": 3},
-     "cluster_size = 3 but the checkpoint has no text_head_clusters.weight"),
-    ({"vocab_size": "16", "latent_dim": D, "cluster_size": 0}, "model_sizes.vocab_size is '16', not a positive"),
-    ({"vocab_size": True, "latent_dim": D, "cluster_size": 0}, "model_sizes.vocab_size is True, not a positive"),
-    ({"vocab_size": V, "latent_dim": D}, "expected a JSON object with exactly vocab_size, latent_dim, cluster_size"),
-    ([V, D, 0], "expected a JSON object"),
-], ids=["vocab", "huge-latent", "cluster-without-head", "string", "bool", "missing-key", "list"])
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        (
+            {"vocab_size": 17, "latent_dim": D, "cluster_size": 0},
+            "model_sizes.vocab_size = 17 contradicts text_encoder.token_embed.weight [16, 32]",
+        ),
+        (
+            {"vocab_size": V, "latent_dim": 1 << 40, "cluster_size": 0},
+            "model_sizes.latent_dim = 1099511627776 contradicts latent_encoder.projection.0.weight",
+        ),
+        (
+            {"vocab_size": V, "latent_dim": D, "cluster_size": 3},
+            "cluster_size = 3 but the checkpoint has no text_head_clusters.weight",
+        ),
+        ({"vocab_size": "16", "latent_dim": D, "cluster_size": 0}, "model_sizes.vocab_size is '16', not a positive"),
+        ({"vocab_size": True, "latent_dim": D, "cluster_size": 0}, "model_sizes.vocab_size is True, not a positive"),
+        (
+            {"vocab_size": V, "latent_dim": D},
+            "expected a JSON object with exactly vocab_size, latent_dim, cluster_size",
+        ),
+        ([V, D, 0], "expected a JSON object"),
+    ],
+    ids=["vocab", "huge-latent", "cluster-without-head", "string", "bool", "missing-key", "list"],
+)
 def test_forged_model_sizes_are_refused_before_use(tmp_path, sizes, expected):
     good = save_checkpoint(tmp_path / "good.safetensors", make_model(), config={}, trainer_kind="stable", step=0)
     path = with_metadata(tmp_path, good, model_sizes=json.dumps(sizes))
@@ -164,36 +201,78 @@ def test_forged_model_sizes_are_refused_before_use(tmp_path, sizes, expected):
 
 
 def test_cluster_size_needs_the_cluster_head(tmp_path):
-    path = save_checkpoint(tmp_path / "c.safetensors", make_model(cluster_size=5), config={}, trainer_kind="stable",
-                           step=0)
+    path = save_checkpoint(
+        tmp_path / "c.safetensors", make_model(cluster_size=5), config={}, trainer_kind="stable", step=0
+    )
     assert model_sizes_from(path) == {"vocab_size": V, "latent_dim": D, "cluster_size": 5}
-    forged = with_metadata(tmp_path, path, model_sizes=json.dumps({"vocab_size": V, "latent_dim": D,
-                                                                   "cluster_size": 0}))
+    forged = with_metadata(
+        tmp_path, path, model_sizes=json.dumps({"vocab_size": V, "latent_dim": D, "cluster_size": 0})
+    )
     with pytest.raises(CheckpointError, match="cluster_size = 0 but the checkpoint has text_head_clusters.weight"):
         model_sizes_from(forged)
 
 
 # -- layout from names and shapes ------------------------------------------------------------------
 LAYOUTS = [
-    {"vocab_size": 16, "latent_dim": 4, "cluster_size": 0, "hidden_size": 32, "n_blocks": 1, "cond_dim": 32,
-     "max_seq_len": 8, "num_residual_streams": 2},
-    {"vocab_size": 23, "latent_dim": 7, "cluster_size": 2, "hidden_size": 16, "n_blocks": 3, "cond_dim": 12,
-     "max_seq_len": 5, "num_residual_streams": 1},
-    {"vocab_size": 9, "latent_dim": 3, "cluster_size": 0, "hidden_size": 24, "n_blocks": 2, "cond_dim": 40,
-     "max_seq_len": 11, "num_residual_streams": 4},
+    {
+        "vocab_size": 16,
+        "latent_dim": 4,
+        "cluster_size": 0,
+        "hidden_size": 32,
+        "n_blocks": 1,
+        "cond_dim": 32,
+        "max_seq_len": 8,
+        "num_residual_streams": 2,
+    },
+    {
+        "vocab_size": 23,
+        "latent_dim": 7,
+        "cluster_size": 2,
+        "hidden_size": 16,
+        "n_blocks": 3,
+        "cond_dim": 12,
+        "max_seq_len": 5,
+        "num_residual_streams": 1,
+    },
+    {
+        "vocab_size": 9,
+        "latent_dim": 3,
+        "cluster_size": 0,
+        "hidden_size": 24,
+        "n_blocks": 2,
+        "cond_dim": 40,
+        "max_seq_len": 11,
+        "num_residual_streams": 4,
+    },
 ]
 
 
 def layout_model(spec: dict) -> MultimodalMMDiT:
     """The model of a LAYOUTS entry on the meta device (shapes only): sizes of its own, on purpose."""
     model_cfg = {k: spec[k] for k in ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams")}
-    return tiny_model(None, vocab_size=spec["vocab_size"], latent_dim=spec["latent_dim"],
-                      cluster_size=spec["cluster_size"], base=model_cfg, device="meta")
+    return tiny_model(
+        None,
+        vocab_size=spec["vocab_size"],
+        latent_dim=spec["latent_dim"],
+        cluster_size=spec["cluster_size"],
+        base=model_cfg,
+        device="meta",
+    )
 
 
 def run_config(spec: dict) -> dict:
-    model = {k: spec[k] for k in ("hidden_size", "n_blocks", "cond_dim", "max_seq_len", "num_residual_streams",
-                                  "latent_dim", "cluster_size")}
+    model = {
+        k: spec[k]
+        for k in (
+            "hidden_size",
+            "n_blocks",
+            "cond_dim",
+            "max_seq_len",
+            "num_residual_streams",
+            "latent_dim",
+            "cluster_size",
+        )
+    }
     return {"model": model, "tokenizer": {"vocab_size": spec["vocab_size"]}}
 
 
@@ -202,18 +281,28 @@ def test_layout_is_derived_from_names_and_shapes(spec):
     shapes = {k: tuple(v.shape) for k, v in layout_model(spec).state_dict().items()}
     layout = derive_layout(shapes)
     assert layout.as_dict() == {
-        "vocab_size": spec["vocab_size"], "hidden_size": spec["hidden_size"], "latent_dim": spec["latent_dim"],
-        "max_seq_len": spec["max_seq_len"], "n_blocks": spec["n_blocks"], "cond_dim": spec["cond_dim"],
-        "cluster_head": spec["cluster_size"] > 0, "num_residual_streams": spec["num_residual_streams"],
-        "residual_layout": None if spec["num_residual_streams"] == 1 else "0.3.x"}
+        "vocab_size": spec["vocab_size"],
+        "hidden_size": spec["hidden_size"],
+        "latent_dim": spec["latent_dim"],
+        "max_seq_len": spec["max_seq_len"],
+        "n_blocks": spec["n_blocks"],
+        "cond_dim": spec["cond_dim"],
+        "cluster_head": spec["cluster_size"] > 0,
+        "num_residual_streams": spec["num_residual_streams"],
+        "residual_layout": None if spec["num_residual_streams"] == 1 else "0.3.x",
+    }
     assert layout_differences(layout, run_config(spec)) == []
     assert explain_layout_differences(layout, run_config(spec)) is None
 
 
 def test_layout_of_an_mmdit_02_checkpoint():
     layout = checkpoint_layout(MMDIT02_FIXTURE)
-    assert (layout.residual_layout, layout.num_residual_streams, layout.vocab_size, layout.hidden_size) == \
-        ("0.2.x", 2, 64, 16)
+    assert (layout.residual_layout, layout.num_residual_streams, layout.vocab_size, layout.hidden_size) == (
+        "0.2.x",
+        2,
+        64,
+        16,
+    )
     with open_checkpoint(MMDIT02_FIXTURE) as source:
         recorded = source.metadata["config"]
     assert layout_differences(layout, recorded) == []
@@ -223,14 +312,24 @@ def test_layout_through_upstream_prefixes(tmp_path):
     spec = LAYOUTS[0]
     model = make_model()
     torch.save({"model_state_dict": {f"module.model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "u.pt")
-    assert checkpoint_layout(tmp_path / "u.pt") == derive_layout({k: tuple(v.shape) for k, v in
-                                                                 layout_model(spec).state_dict().items()})
+    assert checkpoint_layout(tmp_path / "u.pt") == derive_layout(
+        {k: tuple(v.shape) for k, v in layout_model(spec).state_dict().items()}
+    )
 
 
-@pytest.mark.parametrize("key, value", [
-    ("tokenizer.vocab_size", 17), ("model.hidden_size", 64), ("model.latent_dim", 5), ("model.max_seq_len", 16),
-    ("model.n_blocks", 2), ("model.cond_dim", 16), ("model.cluster_size", 4), ("model.num_residual_streams", 4),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("tokenizer.vocab_size", 17),
+        ("model.hidden_size", 64),
+        ("model.latent_dim", 5),
+        ("model.max_seq_len", 16),
+        ("model.n_blocks", 2),
+        ("model.cond_dim", 16),
+        ("model.cluster_size", 4),
+        ("model.num_residual_streams", 4),
+    ],
+)
 def test_each_config_mismatch_is_reported_by_its_key(key, value):
     spec = LAYOUTS[0]
     layout = derive_layout({k: tuple(v.shape) for k, v in layout_model(spec).state_dict().items()})
@@ -295,8 +394,11 @@ def write_state(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-EXPECTED_NON_FINITE = [("conditioning.combine.0.weight", 1, 0, 0), ("text_head.weight", 3, 1, 0),
-                       ("latent_head.3.bias", 0, 0, 2)]
+EXPECTED_NON_FINITE = [
+    ("conditioning.combine.0.weight", 1, 0, 0),
+    ("text_head.weight", 3, 1, 0),
+    ("latent_head.3.bias", 0, 0, 2),
+]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

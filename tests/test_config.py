@@ -1,5 +1,6 @@
 """Config loading: typed overrides, clear errors, packaged configs whose every key is read, and
 upstream's Hydra configs composed, mapped and trained from."""
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,16 @@ def test_packaged_configs_load():
 
 
 def test_overrides_are_typed():
-    overrides = ["training.num_train_steps=7", "optimizer.lr=2", "optimizer.eps=1e-6", "model.qk_rmsnorm=FALSE",
-                 "logging.run_name=007", "data.token_dir=", "training.sequential_schedule=[{type: t2l, steps: 2}]",
-                 "training.sequential_schedule.0.steps=3"]
+    overrides = [
+        "training.num_train_steps=7",
+        "optimizer.lr=2",
+        "optimizer.eps=1e-6",
+        "model.qk_rmsnorm=FALSE",
+        "logging.run_name=007",
+        "data.token_dir=",
+        "training.sequential_schedule=[{type: t2l, steps: 2}]",
+        "training.sequential_schedule.0.steps=3",
+    ]
     given = list(overrides)
     cfg = load_config(config_path("stable"), overrides)
     assert overrides == given  # not modified
@@ -82,19 +90,22 @@ def test_unknown_key_names_key_and_file():
         load_config(config_path("stable"), ["training.sequential_schedule.2.steps=3"])
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("training.seed=1.5", "expected an int, got '1.5'"),
-    ("training.seed=true", "expected an int"),
-    ("optimizer.lr=fast", "expected a float, got 'fast'"),
-    ("optimizer.lr=true", "expected a float"),
-    ("model.qk_rmsnorm=1", "expected a bool"),
-    ("model.qk_rmsnorm=yes", "expected a bool"),
-    ("training.seed=null", "null is not allowed"),
-    ("logging.run_name=null", "null is not allowed"),
-    ("training.sequential_schedule=l2t", "expected a list"),
-    ("model=3", "is a section"),
-    ("training.seed", "key.path=value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("training.seed=1.5", "expected an int, got '1.5'"),
+        ("training.seed=true", "expected an int"),
+        ("optimizer.lr=fast", "expected a float, got 'fast'"),
+        ("optimizer.lr=true", "expected a float"),
+        ("model.qk_rmsnorm=1", "expected a bool"),
+        ("model.qk_rmsnorm=yes", "expected a bool"),
+        ("training.seed=null", "null is not allowed"),
+        ("logging.run_name=null", "null is not allowed"),
+        ("training.sequential_schedule=l2t", "expected a list"),
+        ("model=3", "is a section"),
+        ("training.seed", "key.path=value"),
+    ],
+)
 def test_wrong_type_names_key_type_and_value(override, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         load_config(config_path("stable"), [override])
@@ -136,7 +147,10 @@ def test_missing_or_bad_file(tmp_path):
 def test_trainer_classes_follow_the_config(tmp_path):
     stable = load_config(config_path("stable"), TINY)
     cycle = load_config(config_path("cycle"), TINY)
-    assert type(build_trainer(stable, MultimodalDiffusionTrainer, build_model(stable, seed=0))) is MultimodalDiffusionTrainer
+    assert (
+        type(build_trainer(stable, MultimodalDiffusionTrainer, build_model(stable, seed=0)))
+        is MultimodalDiffusionTrainer
+    )
     assert type(build_trainer(cycle, CycleVAETrainer, build_model(cycle, seed=0))) is CycleVAETrainer
     with pytest.raises(TrainingError, match="cycle_vae"):
         run_training(stable, trainer=CYCLE, output_dir=tmp_path, synthetic=True, progress=False, device="cpu")
@@ -167,6 +181,7 @@ def recorded_reads():
                 except (OmegaConfBaseException, KeyError, TypeError):  # not a config key omegaconf can name
                     pass
             return original(self, key, *args, **kwargs)
+
         return reader
 
     for name, original in originals.items():
@@ -178,18 +193,26 @@ def recorded_reads():
             setattr(DictConfig, name, original)
 
 
-@pytest.mark.parametrize("kind, trainer_kind, extra", [
-    ("stable", "stable", []),
-    ("cycle", "cycle", []),
-    # Upstream sizes are too big for a test: same keys, tiny values (bf16 and the BERT vocabulary stay).
-    ("cycle_cluster", "cycle", ["model.max_seq_len=32", "data.synthetic_seq_len=16", "data.synthetic_num_samples=8"]),
-])
+@pytest.mark.parametrize(
+    "kind, trainer_kind, extra",
+    [
+        ("stable", "stable", []),
+        ("cycle", "cycle", []),
+        # Upstream sizes are too big for a test: same keys, tiny values (bf16 and the BERT vocabulary stay).
+        (
+            "cycle_cluster",
+            "cycle",
+            ["model.max_seq_len=32", "data.synthetic_seq_len=16", "data.synthetic_num_samples=8"],
+        ),
+    ],
+)
 def test_every_packaged_key_is_read(tmp_path, kind, trainer_kind, extra):
     config = load_config(config_path(kind), TINY + ["training.num_train_steps=1"] + extra)
     leaves = _leaves(OmegaConf.load(config_path(kind)))  # the keys the file writes
     with recorded_reads() as reads:
-        result = run_training(config, trainer=ENTRIES[trainer_kind], output_dir=tmp_path, synthetic=True,
-                              progress=False, device="cpu")
+        result = run_training(
+            config, trainer=ENTRIES[trainer_kind], output_dir=tmp_path, synthetic=True, progress=False, device="cpu"
+        )
     assert result.final_step == 1 and torch.isfinite(torch.tensor(result.metrics[0]["loss"]))
     # optimizer.name has one valid value (adamw), which the schema checks; the loop always builds AdamW.
     assert leaves - reads == {"optimizer.name"}
@@ -209,12 +232,20 @@ def test_upstream_hydra_config_gives_the_values_upstream_used():
     cfg = resolved.config
     # upstream's get_optimizer: AdamW(betas=optimizer.betas of the group), eps/weight_decay merged (_self_ last)
     assert (cfg.optimizer.name, cfg.optimizer.beta1, cfg.optimizer.beta2) == ("adamw", 0.9, 0.99)
-    assert (cfg.optimizer.eps, cfg.optimizer.weight_decay, cfg.optimizer.lr, cfg.optimizer.grad_clip_norm) == \
-        (1e-8, 0.01, 5e-5, 0.5)
+    assert (cfg.optimizer.eps, cfg.optimizer.weight_decay, cfg.optimizer.lr, cfg.optimizer.grad_clip_norm) == (
+        1e-8,
+        0.01,
+        5e-5,
+        0.5,
+    )
     assert resolved.sources["optimizer.beta2"] == "upstream key optimizer.betas"
     # logging group merged, the file's values win; upstream's names are ours
-    assert (cfg.logging.run_name, cfg.logging.log_every, cfg.logging.save_every, cfg.logging.log_dir) == \
-        ("tiny-l2t-stable", 1, 1000, "/cluster/checkpoints")
+    assert (cfg.logging.run_name, cfg.logging.log_every, cfg.logging.save_every, cfg.logging.log_dir) == (
+        "tiny-l2t-stable",
+        1,
+        1000,
+        "/cluster/checkpoints",
+    )
     assert cfg.data.token_dir == "/cluster/datasets/tiny-latents/tokens/train"  # ${data.data_dir} resolved
     assert (cfg.model.hidden_size, cfg.model.latent_dim, cfg.loss.loss_type, cfg.training.seed) == (32, 8, "l2t", 7)
     assert (cfg.tokenizer.vocab_size, cfg.tokenizer.mask_token_id, cfg.tokenizer.pad_token_id) == (32, 4, 0)
@@ -222,21 +253,38 @@ def test_upstream_hydra_config_gives_the_values_upstream_used():
     assert unused["optimizer.beta2"].value == 0.95 and "never read beta1/beta2" in unused["optimizer.beta2"].reason
     assert unused["hydra.run.dir"].value == "/cluster/checkpoints/tiny-l2t-stable"  # resolved against the config
     assert unused["data.tokenizer_path"].value == "/cluster/tokenizers/bert-tiny"
-    for key in ("logging.wandb_project", "logging.eval_freq", "training.num_epochs", "model.n_heads",
-                "model.type", "loss.loss_scale", "tokenizer.cache_dir", "data.data_files.train"):
+    for key in (
+        "logging.wandb_project",
+        "logging.eval_freq",
+        "training.num_epochs",
+        "model.n_heads",
+        "model.type",
+        "loss.loss_scale",
+        "tokenizer.cache_dir",
+        "data.data_files.train",
+    ):
         assert key in unused and unused[key].reason
     # Nothing dropped silently: every leaf of the composed file is mapped, listed unused, or the vocabulary.
     composed = {"optimizer.type", "optimizer.betas", "optimizer.beta1", "optimizer.beta2"} | set(
-        _leaves(OmegaConf.load(UPSTREAM)) - {"defaults"})
+        _leaves(OmegaConf.load(UPSTREAM)) - {"defaults"}
+    )
     mapped = {k for k, v in resolved.sources.items() if v != "default"} | {
-        v.removeprefix("upstream key ") for v in resolved.sources.values() if v.startswith("upstream key")}
+        v.removeprefix("upstream key ") for v in resolved.sources.values() if v.startswith("upstream key")
+    }
     assert {k for k in composed if not k.startswith("defaults")} <= mapped | set(unused)
     assert any("gradient_accumulation_steps=2 is used here" in n for n in resolved.notes)
 
 
 def test_upstream_config_overrides_use_upstreams_names_and_group_options():
-    cfg = _upstream(["logging.save_freq=5", "logging.log_every=3", "optimizer.betas=[0.8, 0.9]",
-                     "data.synthetic_seq_len=16", "logging.eval_freq=7"]).config
+    cfg = _upstream(
+        [
+            "logging.save_freq=5",
+            "logging.log_every=3",
+            "optimizer.betas=[0.8, 0.9]",
+            "data.synthetic_seq_len=16",
+            "logging.eval_freq=7",
+        ]
+    ).config
     assert (cfg.logging.save_every, cfg.logging.log_every, cfg.optimizer.beta1, cfg.optimizer.beta2) == (5, 3, 0.8, 0.9)
     assert cfg.data.synthetic_seq_len == 16
     with pytest.raises(ConfigError, match="override optimizer.betas=\\[beta1, beta2\\] instead"):
@@ -253,8 +301,9 @@ def test_upstream_config_without_a_tokenizer_folder_names_what_to_pass():
     message = str(info.value)
     assert "tokenizer.path /cluster/tokenizers/bert-tiny does not exist" in message
     assert "--tokenizer DIR" in message and "tokenizer.vocab_size=N" in message and str(UPSTREAM) in message
-    explicit = _upstream(["tokenizer.vocab_size=40", "tokenizer.mask_token_id=39", "tokenizer.pad_token_id=0"],
-                         tokenizer_dir=None).config
+    explicit = _upstream(
+        ["tokenizer.vocab_size=40", "tokenizer.mask_token_id=39", "tokenizer.pad_token_id=0"], tokenizer_dir=None
+    ).config
     assert (explicit.tokenizer.vocab_size, explicit.tokenizer.mask_token_id) == (40, 39)
 
 
@@ -275,16 +324,37 @@ def test_entry_point_trains_two_steps_on_the_upstream_shaped_config(tmp_path, ca
 
     caplog.set_level("INFO", logger="latentDLM_mmdit.training")
     out = tmp_path / "run"
-    code = cli_main(entry, ["--config", str(UPSTREAM), "--synthetic", "--tokenizer", str(TOKENIZER), "--no-progress",
-                            "--device", "cpu", "--output-dir", str(out)] + extra)
+    code = cli_main(
+        entry,
+        [
+            "--config",
+            str(UPSTREAM),
+            "--synthetic",
+            "--tokenizer",
+            str(TOKENIZER),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(out),
+        ]
+        + extra,
+    )
     assert code == 0, capsys.readouterr().err
     logged = caplog.text  # what was defaulted and what is not used is said, not dropped
-    assert re.search(r"upstream keys accepted, not used here \(no wandb here: every step goes to metrics.jsonl\): "
-                     r"[^\n]*logging.wandb_project='tiny-project'", logged)
+    assert re.search(
+        r"upstream keys accepted, not used here \(no wandb here: every step goes to metrics.jsonl\): "
+        r"[^\n]*logging.wandb_project='tiny-project'",
+        logged,
+    )
     assert "from the schema defaults: " in logged and "data.synthetic_seq_len=24" in logged
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     saved = OmegaConf.load(out / "config.yaml")
-    assert (saved.tokenizer.vocab_size, saved.optimizer.beta2, saved.training.gradient_accumulation_steps) == (32, 0.99, 2)
+    assert (saved.tokenizer.vocab_size, saved.optimizer.beta2, saved.training.gradient_accumulation_steps) == (
+        32,
+        0.99,
+        2,
+    )
     with safe_open(str(out / "checkpoints" / "step_00000002.safetensors"), "pt") as handle:
         assert handle.get_slice("text_encoder.token_embed.weight").get_shape() == [32, 32]  # V from the folder

@@ -1,5 +1,6 @@
 """Properties of the latent (Gaussian) diffusion: schedules, timestep mapping, forward process,
 conversions between x0 / eps / v, and generator-driven noise."""
+
 from __future__ import annotations
 
 import pytest
@@ -91,8 +92,9 @@ def test_x0_from_eps_and_from_v(problem, schedule):
     scale = 1.0 + float(x0.abs().max()) + float(noise.abs().max())
     torch.testing.assert_close(d.x0_from_v(xt, t, v), x0, **scaled_tol("float32_formula", scale))
     # See test_x0_recovered_from_model_target for why the tolerance grows with 1/sqrt(ab).
-    torch.testing.assert_close(d.x0_from_eps(xt, t, noise), x0,
-                               **scaled_tol("float32_formula", scale * amplification(d, t)))
+    torch.testing.assert_close(
+        d.x0_from_eps(xt, t, noise), x0, **scaled_tol("float32_formula", scale * amplification(d, t))
+    )
 
 
 @PROPERTY
@@ -105,8 +107,9 @@ def test_eps_round_trips(problem, schedule):
     scale = 1.0 + float(x0.abs().max()) + float(noise.abs().max())
     # eps = (xt - sqrt(ab) x0) / sqrt(1 - ab): amplified by 1/sqrt(1 - ab) (about 100 at t = 0).
     sqrt_1m_ab = d.schedule_values(t)[1]
-    torch.testing.assert_close(d.eps_from_x0(xt, t, x0), noise,
-                               **scaled_tol("float32_formula", scale / float(sqrt_1m_ab.min())))
+    torch.testing.assert_close(
+        d.eps_from_x0(xt, t, x0), noise, **scaled_tol("float32_formula", scale / float(sqrt_1m_ab.min()))
+    )
     v = d.v_from_x0_eps(x0, noise, t)
     torch.testing.assert_close(d.eps_from_v(xt, t, v), noise, **scaled_tol("float32_formula", scale))
     _, v_target = diffusion(schedule, "v_param").add_noise(x0, t, noise)
@@ -153,15 +156,17 @@ def test_schedule_tables_are_valid(schedule, num_timesteps, beta_start, beta_end
     # float32 storage of the bounds: allow one float32 ulp around them.
     assert float(d.betas.min()) >= lo * (1 - 1e-6), f"{schedule}: beta below {lo}"
     assert float(d.betas.max()) <= hi * (1 + 1e-6), f"{schedule}: beta above {hi}"
-    torch.testing.assert_close(d.sqrt_alphas_cumprod ** 2 + d.sqrt_one_minus_alphas_cumprod ** 2,
-                               torch.ones(num_timesteps), **tol("float32_arithmetic"))
+    torch.testing.assert_close(
+        d.sqrt_alphas_cumprod**2 + d.sqrt_one_minus_alphas_cumprod**2,
+        torch.ones(num_timesteps),
+        **tol("float32_arithmetic"),
+    )
 
 
 def test_linear_schedule_values():
     d = diffusion("linear")
     torch.testing.assert_close(d.betas, torch.linspace(1e-4, 0.02, T), rtol=0, atol=0)
-    torch.testing.assert_close(d.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(d.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("schedule", BETA_SCHEDULES)
@@ -181,10 +186,13 @@ def test_sigmoid_schedule_values():
     torch.testing.assert_close(diffusion("sigmoid").betas, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs, names", [
-    pytest.param({"beta_schedule": "quadratic"}, BETA_SCHEDULES, id="unknown-schedule"),
-    pytest.param({"parameterization": "score"}, PARAMETERIZATIONS, id="unknown-parameterization"),
-])
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        pytest.param({"beta_schedule": "quadratic"}, BETA_SCHEDULES, id="unknown-schedule"),
+        pytest.param({"parameterization": "score"}, PARAMETERIZATIONS, id="unknown-parameterization"),
+    ],
+)
 def test_unknown_names_raise_listing_valid_ones(kwargs, names):
     with pytest.raises(ValueError) as info:
         ContinuousDiffusion(T, **kwargs)
@@ -202,8 +210,7 @@ def test_bad_num_timesteps_raise(num_timesteps):
 
 # -- timestep mapping ------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(st.floats(0.0, 1.0, width=32), min_size=1, max_size=8),
-       num_timesteps=st.integers(2, 5000))
+@given(values=st.lists(st.floats(0.0, 1.0, width=32), min_size=1, max_size=8), num_timesteps=st.integers(2, 5000))
 def test_continuous_timesteps_map_to_floor_index(values, num_timesteps):
     """A tensor whose max is <= 1 is continuous: index floor(t * (T - 1)).
 
@@ -222,14 +229,17 @@ def test_continuous_timesteps_map_to_floor_index(values, num_timesteps):
     assert bool(idx[t == 0.0].eq(0).all())
 
 
-@pytest.mark.parametrize("values, expected", [
-    pytest.param([1.0], [T - 1], id="one-is-last"),
-    pytest.param([0.0, 1.0], [0, T - 1], id="zero-and-one"),
-    pytest.param([0.5, 0.25], [499, 249], id="halves"),  # floor(0.5*999)=499, floor(0.25*999)=249
-    pytest.param([2, 500, T - 1], [2, 500, T - 1], id="indices"),
-    pytest.param([3, T, T + 50], [3, T - 1, T - 1], id="indices-clamped-high"),
-    pytest.param([-0.5, 0.5], [0, 499], id="negative-continuous-clamped"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        pytest.param([1.0], [T - 1], id="one-is-last"),
+        pytest.param([0.0, 1.0], [0, T - 1], id="zero-and-one"),
+        pytest.param([0.5, 0.25], [499, 249], id="halves"),  # floor(0.5*999)=499, floor(0.25*999)=249
+        pytest.param([2, 500, T - 1], [2, 500, T - 1], id="indices"),
+        pytest.param([3, T, T + 50], [3, T - 1, T - 1], id="indices-clamped-high"),
+        pytest.param([-0.5, 0.5], [0, 499], id="negative-continuous-clamped"),
+    ],
+)
 def test_timestep_index_examples(values, expected):
     dtype = torch.long if all(isinstance(v, int) for v in values) else torch.float32
     idx = diffusion("cosine").timestep_indices(torch.tensor(values, dtype=dtype))
@@ -247,11 +257,14 @@ def test_integer_indices_are_used_as_is(indices):
     torch.testing.assert_close(sqrt_1m_ab, d.sqrt_one_minus_alphas_cumprod[indices], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("t, match", [
-    pytest.param(torch.zeros(2, 1), "timesteps must be a \\[B\\] tensor", id="two-dims"),
-    pytest.param(torch.tensor([0.5, float("nan")]), "NaN or Inf", id="nan"),
-    pytest.param(torch.tensor([0.5, float("inf")]), "NaN or Inf", id="inf"),
-])
+@pytest.mark.parametrize(
+    "t, match",
+    [
+        pytest.param(torch.zeros(2, 1), "timesteps must be a \\[B\\] tensor", id="two-dims"),
+        pytest.param(torch.tensor([0.5, float("nan")]), "NaN or Inf", id="nan"),
+        pytest.param(torch.tensor([0.5, float("inf")]), "NaN or Inf", id="inf"),
+    ],
+)
 def test_bad_timesteps_raise(t, match):
     with pytest.raises(ValueError, match=match):
         diffusion("cosine").timestep_indices(t)
@@ -273,8 +286,9 @@ def test_timestep_batch_mismatch_raises():
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=seeds, schedule=schedules, parameterization=parameterizations,
-       batch=st.integers(1, 5), width=st.integers(1, 7))
+@given(
+    seed=seeds, schedule=schedules, parameterization=parameterizations, batch=st.integers(1, 5), width=st.integers(1, 7)
+)
 def test_generator_noise_is_reproducible_and_leaves_global_rng(seed, schedule, parameterization, batch, width):
     d = diffusion(schedule, parameterization)
     x0 = torch.linspace(-1, 1, batch * width).reshape(batch, width)

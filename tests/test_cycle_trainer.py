@@ -6,6 +6,7 @@ computed independently: from the stable trainer (same model, same injected draws
 float64 oracle (`compat.oracle`) from the model's raw outputs, never by calling the cycle
 trainer's own helpers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,21 +40,40 @@ EXACT = dict(rtol=0.0, atol=0.0)
 def build_model(seed: int = 0, n_blocks: int = 1, cluster_size: int = 0) -> MultimodalMMDiT:
     """The seeded tiny model, sensitized: both timesteps visibly change both outputs (see
     `tests.builders.sensitized`; a local generator, the global RNG is only seeded)."""
-    model = tiny_model(seed, vocab_size=len(VOCAB), latent_dim=LATENT_DIM, cluster_size=cluster_size,
-                       base=MODEL, n_blocks=n_blocks)
+    model = tiny_model(
+        seed, vocab_size=len(VOCAB), latent_dim=LATENT_DIM, cluster_size=cluster_size, base=MODEL, n_blocks=n_blocks
+    )
     return sensitized(model, seed + 1000)
 
 
-def make_config(schedule: str = "cosine", param: str = "epsilon", seed: int = 42,
-                loss_type: str = "cycle_vae", **loss) -> dict:
-    loss_section = {"loss_type": loss_type, "latent_loss_weight": 0.1, "latent_t_mode": "full",
-                    "cycle_text_weight": 0.0, "cycle_latent_weight": 0.0}
+def make_config(
+    schedule: str = "cosine", param: str = "epsilon", seed: int = 42, loss_type: str = "cycle_vae", **loss
+) -> dict:
+    loss_section = {
+        "loss_type": loss_type,
+        "latent_loss_weight": 0.1,
+        "latent_t_mode": "full",
+        "cycle_text_weight": 0.0,
+        "cycle_latent_weight": 0.0,
+    }
     loss_section.update(loss)
-    model_section = dict(MODEL, latent_dim=LATENT_DIM, latent_timesteps=T_STEPS,
-                         latent_beta_schedule=schedule, latent_parameterization=param)
-    return {"model": model_section, "loss": loss_section, "training": {"seed": seed},
-            "tokenizer": {"vocab_size": len(VOCAB), "mask_token_id": VOCAB.mask_token_id,
-                          "pad_token_id": VOCAB.pad_token_id}}
+    model_section = dict(
+        MODEL,
+        latent_dim=LATENT_DIM,
+        latent_timesteps=T_STEPS,
+        latent_beta_schedule=schedule,
+        latent_parameterization=param,
+    )
+    return {
+        "model": model_section,
+        "loss": loss_section,
+        "training": {"seed": seed},
+        "tokenizer": {
+            "vocab_size": len(VOCAB),
+            "mask_token_id": VOCAB.mask_token_id,
+            "pad_token_id": VOCAB.pad_token_id,
+        },
+    }
 
 
 def cycle_trainer(model: nn.Module, **kwargs) -> CycleVAETrainer:
@@ -87,8 +107,19 @@ def hand_inverse_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (cdf < u.unsqueeze(-1)).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
 
 
-def hand_cycle_losses(model, batch, draws, schedule, param, mode, t_min=0.0, t_max=0.98,
-                      sampling="argmax", with_text=True, with_latent=True):
+def hand_cycle_losses(
+    model,
+    batch,
+    draws,
+    schedule,
+    param,
+    mode,
+    t_min=0.0,
+    t_max=0.98,
+    sampling="argmax",
+    with_text=True,
+    with_latent=True,
+):
     """Every term of a cycle step, from raw model calls and the float64 oracle (`compat.oracle`):
     its own alphas_cumprod table, noising, targets, x0 and losses; the model gets float32 inputs."""
     ids = batch["input_ids"]
@@ -103,8 +134,13 @@ def hand_cycle_losses(model, batch, draws, schedule, param, mode, t_min=0.0, t_m
         return torch.clamp(t_min + (t_max - t_min) * draws[name], max=0.9999)  # float32, as the trainer
 
     def call(tokens, latents_2d, t_text, t_lat):
-        out = model(text_tokens=tokens, latents=latents_2d.float().unsqueeze(1), text_timesteps=t_text,
-                    latent_timesteps=t_lat, attention_mask=mask)
+        out = model(
+            text_tokens=tokens,
+            latents=latents_2d.float().unsqueeze(1),
+            text_timesteps=t_text,
+            latent_timesteps=t_lat,
+            attention_mask=mask,
+        )
         return out[0], out[1]
 
     with torch.no_grad():
@@ -120,8 +156,13 @@ def hand_cycle_losses(model, batch, draws, schedule, param, mode, t_min=0.0, t_m
         l2t = oracle.ce_every_position(l2t_logits, ids)
 
         zero = torch.tensor(0.0, dtype=torch.float64)
-        out = {"base_t2l_latent_loss": t2l, "base_l2t_text_loss": l2t, "t_lat": t_lat,
-               "cycle_text_loss": zero, "cycle_latent_loss": zero}
+        out = {
+            "base_t2l_latent_loss": t2l,
+            "base_l2t_text_loss": l2t,
+            "t_lat": t_lat,
+            "cycle_text_loss": zero,
+            "cycle_latent_loss": zero,
+        }
         if with_text:
             x0_hat = oracle.x0_from_prediction(z_t, pred.reshape(b, LATENT_DIM), ab, param)
             cyc_logits, _ = call(masked, x0_hat, torch.ones(b), torch.zeros(b))
@@ -151,8 +192,13 @@ def test_timesteps_are_observable_in_the_test_model():
     ids, lat, mask = batch["input_ids"], batch["latent"], batch["attention_mask"].bool()
 
     def run(t_text, t_lat):
-        return model(text_tokens=ids, latents=lat, text_timesteps=torch.full((2,), t_text),
-                     latent_timesteps=torch.full((2,), t_lat), attention_mask=mask)[:2]
+        return model(
+            text_tokens=ids,
+            latents=lat,
+            text_timesteps=torch.full((2,), t_text),
+            latent_timesteps=torch.full((2,), t_lat),
+            attention_mask=mask,
+        )[:2]
 
     with torch.no_grad():
         base = run(0.0, 1.0)
@@ -234,15 +280,23 @@ def test_cycle_terms_match_hand_computation(param, schedule, mode, sampling):
     if mode == "random":
         # the largest float32 uniform below 1 (torch.rand can draw it): 0.5 + 0.5 u rounds to
         # exactly 1.0, the last schedule index, unless the 0.9999 cap applies
-        top = 1.0 - 2.0 ** -24
+        top = 1.0 - 2.0**-24
         draws["latent_t"][0] = top
         draws["cycle_latent_t"][1] = top
         assert float((t_min + (t_max - t_min) * draws["latent_t"])[0]) == 1.0
     w_text, w_latent, llw = 0.7, 0.3, 0.25
-    trainer = cycle_trainer(model, schedule=schedule, param=param, latent_t_mode=mode,
-                            cycle_latent_t_min=t_min, cycle_latent_t_max=t_max,
-                            cycle_latent_sampling=sampling, latent_loss_weight=llw,
-                            cycle_text_weight=w_text, cycle_latent_weight=w_latent)
+    trainer = cycle_trainer(
+        model,
+        schedule=schedule,
+        param=param,
+        latent_t_mode=mode,
+        cycle_latent_t_min=t_min,
+        cycle_latent_t_max=t_max,
+        cycle_latent_sampling=sampling,
+        latent_loss_weight=llw,
+        cycle_text_weight=w_text,
+        cycle_latent_weight=w_latent,
+    )
     loss, m = trainer(batch, draws=dict(draws))
     ref = hand_cycle_losses(model, batch, draws, schedule, param, mode, t_min, t_max, sampling)
 
@@ -253,8 +307,12 @@ def test_cycle_terms_match_hand_computation(param, schedule, mode, sampling):
     for key in ("base_t2l_latent_loss", "base_l2t_text_loss", "cycle_text_loss", "cycle_latent_loss"):
         assert ref[key] > 0, key
         torch.testing.assert_close(as_t(m[key]), ref[key], **tol("float32_oracle"), msg=lambda s, k=key: f"{k}: {s}")
-    total = (llw * ref["base_t2l_latent_loss"] + ref["base_l2t_text_loss"]
-             + w_text * ref["cycle_text_loss"] + w_latent * ref["cycle_latent_loss"])
+    total = (
+        llw * ref["base_t2l_latent_loss"]
+        + ref["base_l2t_text_loss"]
+        + w_text * ref["cycle_text_loss"]
+        + w_latent * ref["cycle_latent_loss"]
+    )
     torch.testing.assert_close(loss.detach().double(), total, **tol("float32_oracle"))
     assert set(trainer.last_draws) == set(names)
     for name in names:
@@ -271,8 +329,7 @@ def test_categorical_pseudo_tokens_follow_the_injected_uniforms():
     draws["pseudo_token_uniform"][1, :4] = 1.0 - 1e-7  # -> the last id (cdf may end below 1)
     trainer = cycle_trainer(model, cycle_latent_weight=1.0, cycle_latent_sampling="categorical")
     _, m = trainer(batch, draws=dict(draws))
-    ref = hand_cycle_losses(model, batch, draws, "cosine", "epsilon", "full", sampling="categorical",
-                            with_text=False)
+    ref = hand_cycle_losses(model, batch, draws, "cosine", "epsilon", "full", sampling="categorical", with_text=False)
     assert ref["pseudo"][0].tolist() == [0] * SEQ_LEN
     assert ref["pseudo"][1, :4].tolist() == [len(VOCAB) - 1] * 4
     torch.testing.assert_close(as_t(m["cycle_latent_loss"]), ref["cycle_latent_loss"], **tol("float32_oracle"))
@@ -290,22 +347,39 @@ def test_ramp_values(step, expected):
     assert ramp_weight(step, 0.4, 5, 10) == pytest.approx(expected, rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("step,expected", [(0, 0.0), (4, 0.0), (5, 0.4), (6, 0.4), (None, 0.4)],
-                         ids=["step0", "step4", "step5", "step6", "stepNone"])
+@pytest.mark.parametrize(
+    "step,expected",
+    [(0, 0.0), (4, 0.0), (5, 0.4), (6, 0.4), (None, 0.4)],
+    ids=["step0", "step4", "step5", "step6", "stepNone"],
+)
 def test_zero_ramp_jumps_to_base_after_warmup(step, expected):
     assert ramp_weight(step, 0.4, 5, 0) == expected
 
 
 @pytest.mark.parametrize(
     "step,w_text,w_latent,passes",
-    [(0, 0.0, 0.0, 2), (4, 0.0, 0.0, 2), (5, 0.0, 0.6, 3), (10, 0.2, 0.6, 4), (15, 0.4, 0.6, 4),
-     (100, 0.4, 0.6, 4), (None, 0.4, 0.6, 4)],
+    [
+        (0, 0.0, 0.0, 2),
+        (4, 0.0, 0.0, 2),
+        (5, 0.0, 0.6, 3),
+        (10, 0.2, 0.6, 4),
+        (15, 0.4, 0.6, 4),
+        (100, 0.4, 0.6, 4),
+        (None, 0.4, 0.6, 4),
+    ],
     ids=["step0", "step4", "step5", "step10", "step15", "step100", "stepNone"],
 )
 def test_ramp_in_metrics_and_skipped_passes(step, w_text, w_latent, passes):
     model = build_model()
-    trainer = cycle_trainer(model, cycle_text_weight=0.4, cycle_text_warmup_steps=5, cycle_text_ramp_steps=10,
-                            cycle_latent_weight=0.6, cycle_latent_warmup_steps=5, cycle_latent_ramp_steps=0)
+    trainer = cycle_trainer(
+        model,
+        cycle_text_weight=0.4,
+        cycle_text_warmup_steps=5,
+        cycle_text_ramp_steps=10,
+        cycle_latent_weight=0.6,
+        cycle_latent_warmup_steps=5,
+        cycle_latent_ramp_steps=0,
+    )
     loss, m = trainer(make_batch(2), step=step)
     assert m["cycle_text_weight"] == pytest.approx(w_text, rel=0, abs=1e-12)
     assert m["cycle_latent_weight"] == pytest.approx(w_latent, rel=0, abs=1e-12)
@@ -314,10 +388,15 @@ def test_ramp_in_metrics_and_skipped_passes(step, w_text, w_latent, passes):
         assert m["cycle_text_loss"] == 0.0
     if w_latent == 0.0:
         assert m["cycle_latent_loss"] == 0.0
-    expected = (0.1 * m["base_t2l_latent_loss"] + m["base_l2t_text_loss"]
-                + w_text * m["cycle_text_loss"] + w_latent * m["cycle_latent_loss"])
-    torch.testing.assert_close(loss.detach().double(), torch.tensor(expected, dtype=torch.float64),
-                               **tol("float32_arithmetic"))
+    expected = (
+        0.1 * m["base_t2l_latent_loss"]
+        + m["base_l2t_text_loss"]
+        + w_text * m["cycle_text_loss"]
+        + w_latent * m["cycle_latent_loss"]
+    )
+    torch.testing.assert_close(
+        loss.detach().double(), torch.tensor(expected, dtype=torch.float64), **tol("float32_arithmetic")
+    )
 
 
 # =================================================================================================
@@ -348,8 +427,14 @@ def test_stop_grad_blocks_cycle_text_gradient_into_t2l_pass(stop_grad, mode):
     b = 2
     names = ["latent_noise"] + (["latent_t"] if mode == "random" else [])
     draws = draws_for(b, names=names)
-    kw = dict(param="v_param", latent_t_mode=mode, latent_loss_weight=0.0, cycle_text_weight=0.5,
-              cycle_latent_weight=0.0, cycle_stop_grad_latent=stop_grad)
+    kw = dict(
+        param="v_param",
+        latent_t_mode=mode,
+        latent_loss_weight=0.0,
+        cycle_text_weight=0.5,
+        cycle_latent_weight=0.0,
+        cycle_stop_grad_latent=stop_grad,
+    )
     batch = make_batch(b)
 
     # (a) on the shared model: L2T passes never use latent_pred, latent_loss_weight is 0, so
@@ -392,7 +477,7 @@ class FlatLatentPred(nn.Module):
 
 
 def _slice_batch(batch, i):
-    return {k: v[i:i + 1].clone() for k, v in batch.items()}
+    return {k: v[i : i + 1].clone() for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("mode", ["full", "random"])
@@ -407,7 +492,7 @@ def test_per_sample_runs_average_to_the_batch(mode):
 
     per = []
     for i in range(b):
-        _, mi = cycle_trainer(model, **kw)(_slice_batch(batch, i), draws={k: v[i:i + 1] for k, v in draws.items()})
+        _, mi = cycle_trainer(model, **kw)(_slice_batch(batch, i), draws={k: v[i : i + 1] for k, v in draws.items()})
         per.append(mi)
     tokens = torch.full((b,), float(SEQ_LEN), dtype=torch.float64)  # CE over all positions: S tokens per sample
     for key in ("base_l2t_text_loss", "cycle_text_loss"):
@@ -441,8 +526,17 @@ def test_cluster_head_model_works_and_matches_plain_model():
     draws = draws_for(b, names=["latent_noise", "cycle_latent_noise"])
     kw = dict(cycle_text_weight=1.0, cycle_latent_weight=1.0)
     cluster = build_model(cluster_size=4)
-    assert len(cluster(text_tokens=batch["input_ids"], latents=batch["latent"], text_timesteps=torch.zeros(b),
-                       latent_timesteps=torch.zeros(b))) == 3
+    assert (
+        len(
+            cluster(
+                text_tokens=batch["input_ids"],
+                latents=batch["latent"],
+                text_timesteps=torch.zeros(b),
+                latent_timesteps=torch.zeros(b),
+            )
+        )
+        == 3
+    )
     plain = build_model()
     state = {k: v for k, v in cluster.state_dict().items() if not k.startswith("text_head_clusters")}
     plain.load_state_dict(state, strict=True)
@@ -478,8 +572,9 @@ def test_unknown_latent_t_mode():
         cycle_trainer(build_model(), latent_t_mode="sometimes")
 
 
-@pytest.mark.parametrize("t_min,t_max", [(0.5, 0.5), (0.6, 0.4), (-0.1, 0.5), (0.2, 1.5)],
-                         ids=["equal", "reversed", "negative", "above-one"])
+@pytest.mark.parametrize(
+    "t_min,t_max", [(0.5, 0.5), (0.6, 0.4), (-0.1, 0.5), (0.2, 1.5)], ids=["equal", "reversed", "negative", "above-one"]
+)
 def test_invalid_t_range(t_min, t_max):
     with pytest.raises(ValueError, match="cycle_latent_t_min") as info:
         cycle_trainer(build_model(), latent_t_mode="random", cycle_latent_t_min=t_min, cycle_latent_t_max=t_max)
@@ -488,11 +583,26 @@ def test_invalid_t_range(t_min, t_max):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("cycle_text_weight", -0.1), ("cycle_latent_weight", -1.0), ("cycle_text_warmup_steps", -1),
-     ("cycle_latent_warmup_steps", -5), ("cycle_text_ramp_steps", -1), ("cycle_latent_ramp_steps", -2),
-     ("cycle_text_weight", float("nan")), ("cycle_latent_weight", float("inf"))],
-    ids=["text-weight", "latent-weight", "text-warmup", "latent-warmup", "text-ramp", "latent-ramp",
-         "text-weight-nan", "latent-weight-inf"],
+    [
+        ("cycle_text_weight", -0.1),
+        ("cycle_latent_weight", -1.0),
+        ("cycle_text_warmup_steps", -1),
+        ("cycle_latent_warmup_steps", -5),
+        ("cycle_text_ramp_steps", -1),
+        ("cycle_latent_ramp_steps", -2),
+        ("cycle_text_weight", float("nan")),
+        ("cycle_latent_weight", float("inf")),
+    ],
+    ids=[
+        "text-weight",
+        "latent-weight",
+        "text-warmup",
+        "latent-warmup",
+        "text-ramp",
+        "latent-ramp",
+        "text-weight-nan",
+        "latent-weight-inf",
+    ],
 )
 def test_invalid_weights_warmup_ramp(key, value):
     with pytest.raises(ValueError, match=key):
@@ -517,8 +627,12 @@ def test_unknown_sampling_and_nonfinite_policy():
     [
         ({"latent_noise": torch.zeros(2, LATENT_DIM + 1)}, {}, ValueError, "latent_noise"),
         ({"latent_t": torch.zeros(3)}, {"latent_t_mode": "random"}, ValueError, "latent_t"),
-        ({"pseudo_token_uniform": torch.zeros(2, SEQ_LEN - 1)},
-         {"cycle_latent_weight": 1.0, "cycle_latent_sampling": "categorical"}, ValueError, "pseudo_token_uniform"),
+        (
+            {"pseudo_token_uniform": torch.zeros(2, SEQ_LEN - 1)},
+            {"cycle_latent_weight": 1.0, "cycle_latent_sampling": "categorical"},
+            ValueError,
+            "pseudo_token_uniform",
+        ),
         ({"text_t": torch.zeros(2)}, {}, KeyError, "text_t"),
     ],
     ids=["wrong-shape-noise", "wrong-shape-t", "wrong-shape-uniform", "unknown-name"],
@@ -548,8 +662,9 @@ def test_unused_injected_draws_are_reported(draws, kw, name):
 # =================================================================================================
 # 7. Determinism and RNG hygiene.
 # =================================================================================================
-DET_KW = dict(latent_t_mode="random", cycle_text_weight=0.5, cycle_latent_weight=0.5,
-              cycle_latent_sampling="categorical")
+DET_KW = dict(
+    latent_t_mode="random", cycle_text_weight=0.5, cycle_latent_weight=0.5, cycle_latent_sampling="categorical"
+)
 
 
 def _two_steps(seed: int):
@@ -590,8 +705,11 @@ def test_full_mode_x0_error_gain_and_t(schedule, param):
     ab = oracle.alphas_cumprod(schedule, T_STEPS)  # [T] float64
     torch.testing.assert_close(trainer.latent_diffusion.alphas_cumprod.double(), ab, **tol("float32_schedule_table"))
     last = ab[-1]
-    expected = {"epsilon": (1 - last).sqrt() / last.sqrt(), "v_param": (1 - last).sqrt(),
-                "x0": torch.tensor(1.0, dtype=torch.float64)}[param]
+    expected = {
+        "epsilon": (1 - last).sqrt() / last.sqrt(),
+        "v_param": (1 - last).sqrt(),
+        "x0": torch.tensor(1.0, dtype=torch.float64),
+    }[param]
     torch.testing.assert_close(as_t(m["x0_error_gain_max"]), expected, **tol("float32_schedule_table"))
     if param == "epsilon":
         # 1/sqrt(ab[T-1]) up to sqrt(1-ab) ~ 1: large for both schedules, huge for cosine

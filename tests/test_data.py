@@ -1,5 +1,6 @@
 """Upstream-format data: round trip, every bad-file case is an error naming the file (never a zero
 sample: upstream defect 7), synthetic data is deterministic."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,11 @@ import pytest
 import torch
 
 from latentDLM_mmdit.data import (
-    DataError, SyntheticDataset, UpstreamLatentDataset, collate, write_upstream_format,
+    DataError,
+    SyntheticDataset,
+    UpstreamLatentDataset,
+    collate,
+    write_upstream_format,
 )
 from latentDLM_mmdit.tokenizer import SyntheticVocab
 from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
@@ -61,8 +66,11 @@ def test_tokens_as_1xS_and_unsuffixed_stems_are_read(tmp_path, batch):
     token_dir, latent_dir = tmp_path / "t", tmp_path / "l"
     token_dir.mkdir(), latent_dir.mkdir()
     for i in range(B):
-        np.savez(token_dir / f"doc{i}.npz", input_ids=batch["input_ids"][i:i + 1].numpy(),
-                 attention_mask=batch["attention_mask"][i:i + 1].numpy().astype(bool))
+        np.savez(
+            token_dir / f"doc{i}.npz",
+            input_ids=batch["input_ids"][i : i + 1].numpy(),
+            attention_mask=batch["attention_mask"][i : i + 1].numpy().astype(bool),
+        )
         np.save(latent_dir / f"doc{i}.npy", batch["latent"][i, 0].numpy().astype(np.float64))
     _assert_samples_equal(UpstreamLatentDataset(token_dir, latent_dir, MAX_LEN, VOCAB), batch)
 
@@ -91,23 +99,45 @@ def _resave_tokens(path, **arrays):
 
 BAD_TOKEN_CASES = {
     "unreadable": (lambda p, b: _garbage(p), "cannot be read"),
-    "npy_instead_of_npz": (lambda p, b: _save_npy_as(p, b["input_ids"][2].numpy()),
-                           "not an .npz"),
-    "missing_attention_mask": (lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy()), "lacks attention_mask"),
-    "misshaped_ids": (lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][:2].numpy(),
-                                                  attention_mask=b["attention_mask"][:2].numpy()), "shape"),
-    "mask_shape_differs": (lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy(),
-                                                       attention_mask=b["attention_mask"][2, :-1].numpy()), "differ in shape"),
-    "float_ids": (lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy().astype(np.float32),
-                                              attention_mask=b["attention_mask"][2].numpy()), "integers"),
-    "id_above_vocab": (lambda p, b: _resave_tokens(p, input_ids=np.full(S, 64), attention_mask=np.ones(S, np.int64)),
-                       "token id 64 is outside the vocabulary"),
-    "negative_id": (lambda p, b: _resave_tokens(p, input_ids=np.full(S, -1), attention_mask=np.ones(S, np.int64)),
-                    "token id -1"),
-    "other_length": (lambda p, b: _resave_tokens(p, input_ids=np.ones(S - 2, np.int64), attention_mask=np.ones(S - 2, np.int64)),
-                     "sequence length 10 differs"),
-    "mask_not_binary": (lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy(),
-                                                    attention_mask=np.full(S, 2)), "0/1"),
+    "npy_instead_of_npz": (lambda p, b: _save_npy_as(p, b["input_ids"][2].numpy()), "not an .npz"),
+    "missing_attention_mask": (
+        lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy()),
+        "lacks attention_mask",
+    ),
+    "misshaped_ids": (
+        lambda p, b: _resave_tokens(
+            p, input_ids=b["input_ids"][:2].numpy(), attention_mask=b["attention_mask"][:2].numpy()
+        ),
+        "shape",
+    ),
+    "mask_shape_differs": (
+        lambda p, b: _resave_tokens(
+            p, input_ids=b["input_ids"][2].numpy(), attention_mask=b["attention_mask"][2, :-1].numpy()
+        ),
+        "differ in shape",
+    ),
+    "float_ids": (
+        lambda p, b: _resave_tokens(
+            p, input_ids=b["input_ids"][2].numpy().astype(np.float32), attention_mask=b["attention_mask"][2].numpy()
+        ),
+        "integers",
+    ),
+    "id_above_vocab": (
+        lambda p, b: _resave_tokens(p, input_ids=np.full(S, 64), attention_mask=np.ones(S, np.int64)),
+        "token id 64 is outside the vocabulary",
+    ),
+    "negative_id": (
+        lambda p, b: _resave_tokens(p, input_ids=np.full(S, -1), attention_mask=np.ones(S, np.int64)),
+        "token id -1",
+    ),
+    "other_length": (
+        lambda p, b: _resave_tokens(p, input_ids=np.ones(S - 2, np.int64), attention_mask=np.ones(S - 2, np.int64)),
+        "sequence length 10 differs",
+    ),
+    "mask_not_binary": (
+        lambda p, b: _resave_tokens(p, input_ids=b["input_ids"][2].numpy(), attention_mask=np.full(S, 2)),
+        "0/1",
+    ),
 }
 
 BAD_LATENT_CASES = {
@@ -212,27 +242,58 @@ def test_training_reads_upstream_data(tmp_path):
     from latentDLM_mmdit.config import load_config
     from latentDLM_mmdit.training import TrainingError, run_training
 
-    tiny = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32", "training.num_train_steps=2",
-            "training.train_batch_size=2"]
+    tiny = [
+        "model.n_blocks=1",
+        "model.hidden_size=32",
+        "model.cond_dim=32",
+        "training.num_train_steps=2",
+        "training.train_batch_size=2",
+    ]
     batch = tiny_batch(4, S, 16, 3, VOCAB)
     token_dir, latent_dir = write_upstream_format(tmp_path / "data", batch, flat_latents=True)
     config = load_config(config_path("cycle"), tiny)
-    result = run_training(config, trainer=CYCLE, output_dir=tmp_path / "a", synthetic=False,
-                          token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
+    result = run_training(
+        config,
+        trainer=CYCLE,
+        output_dir=tmp_path / "a",
+        synthetic=False,
+        token_dir=token_dir,
+        latent_dir=latent_dir,
+        progress=False,
+        device="cpu",
+    )
     assert [m["step"] for m in result.metrics] == [1, 2]
-    from_config = load_config(config_path("cycle"), tiny + [f"data.token_dir={token_dir}",
-                                                                     f"data.latent_dir={latent_dir}"])
-    again = run_training(from_config, trainer=CYCLE, output_dir=tmp_path / "b", synthetic=False,
-                         progress=False, device="cpu")
+    from_config = load_config(
+        config_path("cycle"), tiny + [f"data.token_dir={token_dir}", f"data.latent_dir={latent_dir}"]
+    )
+    again = run_training(
+        from_config, trainer=CYCLE, output_dir=tmp_path / "b", synthetic=False, progress=False, device="cpu"
+    )
     assert [m["loss"] for m in again.metrics] == [m["loss"] for m in result.metrics]
 
     narrow = load_config(config_path("cycle"), tiny + ["model.latent_dim=8"])
     with pytest.raises(TrainingError, match="width 16, model.latent_dim is 8"):
-        run_training(narrow, trainer=CYCLE, output_dir=tmp_path / "c", synthetic=False,
-                     token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
+        run_training(
+            narrow,
+            trainer=CYCLE,
+            output_dir=tmp_path / "c",
+            synthetic=False,
+            token_dir=token_dir,
+            latent_dir=latent_dir,
+            progress=False,
+            device="cpu",
+        )
 
     _garbage(latent_dir / "sample_000003.npy")  # met in the first two steps (4 samples, 2 per step)
     with pytest.raises(DataError, match="cannot be read") as info:
-        run_training(config, trainer=CYCLE, output_dir=tmp_path / "d", synthetic=False,
-                     token_dir=token_dir, latent_dir=latent_dir, progress=False, device="cpu")
+        run_training(
+            config,
+            trainer=CYCLE,
+            output_dir=tmp_path / "d",
+            synthetic=False,
+            token_dir=token_dir,
+            latent_dir=latent_dir,
+            progress=False,
+            device="cpu",
+        )
     assert "sample_000003.npy" in str(info.value)

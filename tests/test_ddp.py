@@ -3,6 +3,7 @@ full-batch loss and gradients, for the cycle trainer with both cycle terms on an
 in t2l mode (text group frozen); the shared training loop runs under torchrun-style environment
 variables; the data order splits every global batch between the ranks; a non-finite step on one
 rank is skipped (or stops the run) on every rank, without a hang."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,12 @@ from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.synthetic import synthetic_batch
 from latentDLM_mmdit.tokenizer import vocab_from_config
 from latentDLM_mmdit.training import (
-    BatchOrder, TrainingError, bare_model, build_trainer, run_training, wrap_model_for_ddp,
+    BatchOrder,
+    TrainingError,
+    bare_model,
+    build_trainer,
+    run_training,
+    wrap_model_for_ddp,
 )
 from cycle_vae_impl.entrypoints.train_cycle_vae import CYCLE
 from latentDLM_mmdit.train_stable import STABLE
@@ -39,8 +45,16 @@ WORLD = 2
 BATCH = 4  # full batch; each rank takes BATCH // WORLD
 CASES = {
     # Both cycle terms active at this step (no ramp), every term's draws injected.
-    "cycle": ("cycle", TINY + ["loss.cycle_text_weight=0.5", "loss.cycle_latent_weight=0.3",
-                               "loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"]),
+    "cycle": (
+        "cycle",
+        TINY
+        + [
+            "loss.cycle_text_weight=0.5",
+            "loss.cycle_latent_weight=0.3",
+            "loss.cycle_text_ramp_steps=0",
+            "loss.cycle_latent_ramp_steps=0",
+        ],
+    ),
     "stable_t2l": ("stable", TINY + ["loss.loss_type=t2l"]),
 }
 TIMEOUT = timedelta(seconds=60)
@@ -68,24 +82,28 @@ def _setup(case: str):
 
 def _rows(mapping, rank):
     half = BATCH // WORLD
-    return {k: v[rank * half:(rank + 1) * half] for k, v in mapping.items()}
+    return {k: v[rank * half : (rank + 1) * half] for k, v in mapping.items()}
 
 
 def _gradient_worker(rank: int, port: int, case: str, out_dir: str) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=TIMEOUT)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=TIMEOUT
+        )
         trainer, batch, draws = _setup(case)
         wrap_model_for_ddp(trainer, torch.device("cpu"))
         loss, metrics = trainer(_rows(batch, rank), step=100, draws=_rows(draws, rank))
         loss.backward()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in bare_model(trainer.model).named_parameters()}
-        torch.save({"loss": mean_loss / WORLD, "grads": grads, "metrics": metrics},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        grads = {
+            n: (None if p.grad is None else p.grad.clone()) for n, p in bare_model(trainer.model).named_parameters()
+        }
+        torch.save(
+            {"loss": mean_loss / WORLD, "grads": grads, "metrics": metrics}, os.path.join(out_dir, f"rank{rank}.pt")
+        )
         dist.destroy_process_group()
     except BaseException:
         traceback.print_exc()
@@ -148,15 +166,37 @@ def _loop_worker(rank: int, port: int, kind: str, out_dir: str) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
-        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        config = load_config(config_path(kind), TINY + [
-            "training.num_train_steps=4", "logging.save_every=2", "training.train_batch_size=2",
-            "data.synthetic_num_samples=8", "loss.cycle_text_ramp_steps=1" if kind == "cycle" else "loss.latent_loss_weight=0.1"])
-        result = run_training(config, trainer=ENTRIES[kind], output_dir=os.path.join(out_dir, "run"), synthetic=True,
-                              progress=False, device="cpu", dist_timeout=TIMEOUT)
-        torch.save({"losses": [m["loss"] for m in result.metrics], "checkpoints": [str(p) for p in result.checkpoints],
-                    "initialized": dist.is_initialized()}, os.path.join(out_dir, f"loop{rank}.pt"))
+        os.environ.update(
+            WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        config = load_config(
+            config_path(kind),
+            TINY
+            + [
+                "training.num_train_steps=4",
+                "logging.save_every=2",
+                "training.train_batch_size=2",
+                "data.synthetic_num_samples=8",
+                "loss.cycle_text_ramp_steps=1" if kind == "cycle" else "loss.latent_loss_weight=0.1",
+            ],
+        )
+        result = run_training(
+            config,
+            trainer=ENTRIES[kind],
+            output_dir=os.path.join(out_dir, "run"),
+            synthetic=True,
+            progress=False,
+            device="cpu",
+            dist_timeout=TIMEOUT,
+        )
+        torch.save(
+            {
+                "losses": [m["loss"] for m in result.metrics],
+                "checkpoints": [str(p) for p in result.checkpoints],
+                "initialized": dist.is_initialized(),
+            },
+            os.path.join(out_dir, f"loop{rank}.pt"),
+        )
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -172,7 +212,10 @@ def test_training_loop_under_two_processes(tmp_path, kind):
     results = [torch.load(tmp_path / f"loop{r}.pt", weights_only=True) for r in range(WORLD)]
     assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) == 4  # mean over ranks
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in results)
-    assert [os.path.basename(p) for p in results[0]["checkpoints"]] == ["step_00000002.safetensors", "step_00000004.safetensors"]
+    assert [os.path.basename(p) for p in results[0]["checkpoints"]] == [
+        "step_00000002.safetensors",
+        "step_00000004.safetensors",
+    ]
     assert results[1]["checkpoints"] == []  # rank 0 writes
     assert not any(r["initialized"] for r in results)  # the loop leaves no process group behind
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -213,19 +256,39 @@ def _record_reader_pids(monkeypatch, pid_file) -> None:
     monkeypatch.setattr(UpstreamLatentDataset, "__getitem__", reading)
 
 
-def _resume_worker(rank: int, port: int, out_dir: str, run: str, data_dirs: tuple[str, str],
-                   stop: int | None, resume: str | None) -> None:
+def _resume_worker(
+    rank: int, port: int, out_dir: str, run: str, data_dirs: tuple[str, str], stop: int | None, resume: str | None
+) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
-        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        config = load_config(config_path("stable"), TINY + [
-            "model.dropout=0.1", "training.num_train_steps=6", "logging.save_every=3",
-            "training.train_batch_size=2", "data.num_workers=1", "training.ddp_timeout_minutes=1.0"])
-        run_training(config, trainer=STABLE, output_dir=os.path.join(out_dir, run), synthetic=False,
-                     token_dir=data_dirs[0], latent_dir=data_dirs[1], progress=False, device="cpu",
-                     stop_at_step=stop, resume=resume)
+        os.environ.update(
+            WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        config = load_config(
+            config_path("stable"),
+            TINY
+            + [
+                "model.dropout=0.1",
+                "training.num_train_steps=6",
+                "logging.save_every=3",
+                "training.train_batch_size=2",
+                "data.num_workers=1",
+                "training.ddp_timeout_minutes=1.0",
+            ],
+        )
+        run_training(
+            config,
+            trainer=STABLE,
+            output_dir=os.path.join(out_dir, run),
+            synthetic=False,
+            token_dir=data_dirs[0],
+            latent_dir=data_dirs[1],
+            progress=False,
+            device="cpu",
+            stop_at_step=stop,
+            resume=resume,
+        )
         with open(os.path.join(out_dir, f"{run}.rank{rank}.pid"), "w", encoding="utf-8") as handle:
             handle.write(str(os.getpid()))
     except BaseException:  # noqa: BLE001 (reported through the exit code)
@@ -262,8 +325,9 @@ def test_resume_under_two_processes_through_workers_is_bit_exact(tmp_path, monke
     assert end_full.keys() == end_resumed.keys()
     for key in end_full:
         torch.testing.assert_close(end_resumed[key], end_full[key], rtol=0.0, atol=0.0, msg=key)
-    rank_pids = {int((tmp_path / f"{run}.rank{r}.pid").read_text()) for run in ("full", "first", "resumed")
-                 for r in range(WORLD)}
+    rank_pids = {
+        int((tmp_path / f"{run}.rank{r}.pid").read_text()) for run in ("full", "first", "resumed") for r in range(WORLD)
+    }
     readers = [int(p) for p in pid_file.read_text().split()]
     assert len(readers) >= 12 * 2 * WORLD  # 12 steps of 2 samples per rank (workers may read ahead)
     assert not set(readers) & rank_pids and len(set(readers)) == 3 * WORLD  # one worker per rank and run
@@ -288,17 +352,33 @@ def _nonfinite_worker(rank: int, port: int, policy: str, out_dir: str) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
-        os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        config = load_config(config_path("stable"), TINY + [
-            "training.num_train_steps=4", "logging.save_every=1", "training.train_batch_size=2",
-            "training.gradient_accumulation_steps=2", "data.synthetic_num_samples=16",
-            f"loss.on_nonfinite={policy}"])
+        os.environ.update(
+            WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        config = load_config(
+            config_path("stable"),
+            TINY
+            + [
+                "training.num_train_steps=4",
+                "logging.save_every=1",
+                "training.train_batch_size=2",
+                "training.gradient_accumulation_steps=2",
+                "data.synthetic_num_samples=16",
+                f"loss.on_nonfinite={policy}",
+            ],
+        )
         entry = dataclasses.replace(STABLE, trainer_cls=_NanOnRank1)
         outcome: dict = {"error": None}
         try:
-            result = run_training(config, trainer=entry, output_dir=os.path.join(out_dir, "run"), synthetic=True,
-                                  progress=False, device="cpu", dist_timeout=TIMEOUT)
+            result = run_training(
+                config,
+                trainer=entry,
+                output_dir=os.path.join(out_dir, "run"),
+                synthetic=True,
+                progress=False,
+                device="cpu",
+                dist_timeout=TIMEOUT,
+            )
             outcome["skipped"] = ["skipped" in m for m in result.metrics]
             outcome["losses"] = [m["loss"] for m in result.metrics]
             outcome["weights_seen"] = _NanOnRank1.weights_seen

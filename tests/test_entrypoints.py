@@ -1,6 +1,7 @@
 """The two entry points as users run them (subprocesses, module and file form): a few synthetic
 steps, checkpoints and metrics written, --init-from across trainers, bit-exact resume on CPU, and
 one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -60,17 +61,31 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("entrypoints")
     dirs = {name: root / name for name in ("full", "first", "resumed", "cycle")}
     stable_args = COMMON + TINY + ["training.num_train_steps=6", "logging.save_every=3"]
-    cycle_args = COMMON + TINY + ["training.num_train_steps=2", "loss.cycle_text_ramp_steps=0",
-                                  "loss.cycle_latent_ramp_steps=0", "loss.cycle_text_warmup_steps=0",
-                                  "loss.cycle_latent_warmup_steps=0"]
+    cycle_args = (
+        COMMON
+        + TINY
+        + [
+            "training.num_train_steps=2",
+            "loss.cycle_text_ramp_steps=0",
+            "loss.cycle_latent_ramp_steps=0",
+            "loss.cycle_text_warmup_steps=0",
+            "loss.cycle_latent_warmup_steps=0",
+        ]
+    )
     outputs = {}
     a = _start(STABLE_MODULE + stable_args + ["--output-dir", str(dirs["full"])], root)
     b = _start(STABLE_FILE + stable_args + ["--stop-at-step", "3", "--output-dir", str(dirs["first"])], root)
     outputs["full"], outputs["first"] = _finish(a), _finish(b)
-    c = _start(STABLE_MODULE + stable_args + ["--resume", str(_ckpt(dirs["first"], 3)),
-                                              "--output-dir", str(dirs["resumed"])], root)
-    d = _start(CYCLE_MODULE + cycle_args + ["optimizer.lr=1e-12", "--init-from", str(_ckpt(dirs["full"], 6)),
-                                            "--output-dir", str(dirs["cycle"])], root)
+    c = _start(
+        STABLE_MODULE + stable_args + ["--resume", str(_ckpt(dirs["first"], 3)), "--output-dir", str(dirs["resumed"])],
+        root,
+    )
+    d = _start(
+        CYCLE_MODULE
+        + cycle_args
+        + ["optimizer.lr=1e-12", "--init-from", str(_ckpt(dirs["full"], 6)), "--output-dir", str(dirs["cycle"])],
+        root,
+    )
     outputs["resumed"], outputs["cycle"] = _finish(c), _finish(d)
     return dirs, outputs
 
@@ -129,15 +144,29 @@ def test_cycle_init_from_stable_checkpoint(runs):
     assert not torch.equal(scratch["text_head.weight"], stable["text_head.weight"])
 
 
-@pytest.mark.parametrize("main, argv, expected", [
-    (train_stable.main, ["--synthetic", "training.nope=1"], "unknown config key 'training.nope'"),
-    (train_stable.main, ["--synthetic", "optimizer.lr=fast"], "expected a float"),
-    (train_cycle_vae.main, ["--synthetic", "--config", "/nonexistent/c.yaml"], "/nonexistent/c.yaml does not exist"),
-    (train_cycle_vae.main, ["--data-tokens", "/nonexistent/t", "--data-latents", "/nonexistent/l"],
-     "token directory /nonexistent/t does not exist"),
-    (train_stable.main, [], "no training data"),
-    (train_cycle_vae.main, ["--synthetic", "--init-from", "/nonexistent/x.safetensors"], "/nonexistent/x.safetensors"),
-])
+@pytest.mark.parametrize(
+    "main, argv, expected",
+    [
+        (train_stable.main, ["--synthetic", "training.nope=1"], "unknown config key 'training.nope'"),
+        (train_stable.main, ["--synthetic", "optimizer.lr=fast"], "expected a float"),
+        (
+            train_cycle_vae.main,
+            ["--synthetic", "--config", "/nonexistent/c.yaml"],
+            "/nonexistent/c.yaml does not exist",
+        ),
+        (
+            train_cycle_vae.main,
+            ["--data-tokens", "/nonexistent/t", "--data-latents", "/nonexistent/l"],
+            "token directory /nonexistent/t does not exist",
+        ),
+        (train_stable.main, [], "no training data"),
+        (
+            train_cycle_vae.main,
+            ["--synthetic", "--init-from", "/nonexistent/x.safetensors"],
+            "/nonexistent/x.safetensors",
+        ),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, capsys, main, argv, expected):
     code = main(argv + ["--no-progress", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -148,8 +177,10 @@ def test_user_errors_are_one_line(tmp_path, capsys, main, argv, expected):
 @pytest.mark.slow
 def test_resume_with_the_other_trainer_is_refused(runs, tmp_path, capsys):
     dirs, _ = runs
-    code = train_cycle_vae.main(["--synthetic", "--no-progress", "--resume", str(_ckpt(dirs["full"], 3)),
-                                 "--output-dir", str(tmp_path / "x")] + TINY)
+    code = train_cycle_vae.main(
+        ["--synthetic", "--no-progress", "--resume", str(_ckpt(dirs["full"], 3)), "--output-dir", str(tmp_path / "x")]
+        + TINY
+    )
     err = capsys.readouterr().err
     assert code != 0 and "written by the stable trainer" in err and "--init-from" in err
 
@@ -158,14 +189,20 @@ def test_resume_with_the_other_trainer_is_refused(runs, tmp_path, capsys):
 def test_learning_rate_schedule():
     from latentDLM_mmdit.training import LoopSettings, learning_rate
 
-    settings = LoopSettings.from_config(load_config(config_path("stable"), [
-        "training.num_train_steps=10", "training.warmup_steps=2", "optimizer.lr=1.0"]))
+    settings = LoopSettings.from_config(
+        load_config(
+            config_path("stable"), ["training.num_train_steps=10", "training.warmup_steps=2", "optimizer.lr=1.0"]
+        )
+    )
     lrs = [learning_rate(step, settings) for step in range(11)]
     assert lrs[:3] == [0.5, 1.0, 1.0]  # warmup (step+1)/2, then the cosine starts at the base
     assert all(a > b for a, b in zip(lrs[2:10], lrs[3:11]))
     assert lrs[10] == pytest.approx(0.0, rel=0.0, abs=1e-12) and lrs[6] == pytest.approx(0.5, rel=1e-12, abs=0.0)
-    constant = LoopSettings.from_config(load_config(config_path("stable"), [
-        "training.lr_schedule=constant", "training.warmup_steps=0", "optimizer.lr=0.3"]))
+    constant = LoopSettings.from_config(
+        load_config(
+            config_path("stable"), ["training.lr_schedule=constant", "training.warmup_steps=0", "optimizer.lr=0.3"]
+        )
+    )
     assert {learning_rate(step, constant) for step in range(50)} == {0.3}
 
 
@@ -175,18 +212,28 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     from latentDLM_mmdit.training import run_training
 
     results = []
-    for name, overrides in (("big", ["training.train_batch_size=4", "training.gradient_accumulation_steps=1"]),
-                            ("accum", ["training.train_batch_size=2", "training.gradient_accumulation_steps=2"])):
-        config = load_config(config_path("stable"), TINY + overrides + [
-            "loss.loss_type=l2t", "training.num_train_steps=1", "optimizer.grad_clip_norm=1000.0"])
-        results.append(run_training(config, trainer=STABLE, output_dir=tmp_path / name, synthetic=True,
-                                    progress=False, device="cpu").metrics[0])
+    for name, overrides in (
+        ("big", ["training.train_batch_size=4", "training.gradient_accumulation_steps=1"]),
+        ("accum", ["training.train_batch_size=2", "training.gradient_accumulation_steps=2"]),
+    ):
+        config = load_config(
+            config_path("stable"),
+            TINY + overrides + ["loss.loss_type=l2t", "training.num_train_steps=1", "optimizer.grad_clip_norm=1000.0"],
+        )
+        results.append(
+            run_training(
+                config, trainer=STABLE, output_dir=tmp_path / name, synthetic=True, progress=False, device="cpu"
+            ).metrics[0]
+        )
     big, accum = results
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(accum[key]), torch.tensor(big[key]), **tol("float32_split_batch"))
     # A different batch gives a different loss: the comparison above can fail.
-    config = load_config(config_path("stable"), TINY + ["loss.loss_type=l2t", "training.num_train_steps=1",
-                                                                  "training.train_batch_size=2"])
-    half = run_training(config, trainer=STABLE, output_dir=tmp_path / "half", synthetic=True,
-                        progress=False, device="cpu").metrics[0]
+    config = load_config(
+        config_path("stable"),
+        TINY + ["loss.loss_type=l2t", "training.num_train_steps=1", "training.train_batch_size=2"],
+    )
+    half = run_training(
+        config, trainer=STABLE, output_dir=tmp_path / "half", synthetic=True, progress=False, device="cpu"
+    ).metrics[0]
     assert half["loss"] != pytest.approx(big["loss"], rel=1e-4, abs=0.0)

@@ -7,6 +7,7 @@ path/file.py:Class`, and each runs one step on the packaged tiny cycle config. T
 each defective one must show its defect, and every defect check is also run on the correct
 trainer, where it must not fire (the negative control).
 """
+
 from __future__ import annotations
 
 import ast
@@ -111,8 +112,10 @@ def recorded_passes(model: torch.nn.Module):
     def after(_module, _args, _kwargs, output):
         passes[-1]["output"] = output
 
-    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after, with_kwargs=True)]
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         yield passes
     finally:
@@ -159,7 +162,9 @@ def test_foreign_trainer_is_self_contained_and_follows_the_protocol(spec):
                 imported.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    assert not imported & {"cycle_vae_impl", "compat"}, f"{folder.name} imports {imported & {'cycle_vae_impl', 'compat'}}"
+    assert not imported & {"cycle_vae_impl", "compat"}, (
+        f"{folder.name} imports {imported & {'cycle_vae_impl', 'compat'}}"
+    )
     cls = load_trainer_class(spec)
     assert list(inspect.signature(cls.__init__).parameters)[1:] == PROTOCOL
     assert any("Gate verdict expected:" in doc for doc in docstrings), f"{folder.name}: no verdict in its docstrings"
@@ -193,19 +198,24 @@ def test_plain_folder_trainers_each_get_their_own_helpers():
 
 
 # -- functional_cycle: correct, written differently ----------------------------------------------
-@pytest.mark.parametrize("mode, sampling, parameterization, step", [
-    ("full", "argmax", "v_param", None),  # the packaged tiny config
-    ("random", "categorical", "epsilon", 7),  # mid-ramp weights, every draw name used
-    ("full", "categorical", "x0", 25),  # past the ramp
-    ("random", "argmax", "v_param", 0),  # step 0: both cycle weights 0
-])
+@pytest.mark.parametrize(
+    "mode, sampling, parameterization, step",
+    [
+        ("full", "argmax", "v_param", None),  # the packaged tiny config
+        ("random", "categorical", "epsilon", 7),  # mid-ramp weights, every draw name used
+        ("full", "categorical", "x0", 25),  # past the ramp
+        ("random", "argmax", "v_param", 0),  # step 0: both cycle weights 0
+    ],
+)
 def test_functional_trainer_equals_cycle_trainer_on_the_same_draws(mode, sampling, parameterization, step):
     """Global RNG seeded for the foreign trainer; the same numbers, reproduced from that seed,
     injected into CycleVAETrainer. The latent terms agree bit-exactly; the text terms, the total
     and the gradients within float32 tolerance (see FLOAT32_LOSS)."""
     config, vocab, schedule, model, batch = tiny(
-        f"loss.latent_t_mode={mode}", f"loss.cycle_latent_sampling={sampling}",
-        f"model.latent_parameterization={parameterization}")
+        f"loss.latent_t_mode={mode}",
+        f"loss.cycle_latent_sampling={sampling}",
+        f"model.latent_parameterization={parameterization}",
+    )
     foreign = build(FUNCTIONAL, config, vocab, schedule, model)
     foreign.iteration = step
     torch.manual_seed(123)
@@ -233,8 +243,9 @@ def test_functional_trainer_equals_cycle_trainer_on_the_same_draws(mode, samplin
     torch.testing.assert_close(loss_f.detach(), loss_o.detach(), **FLOAT32_LOSS)
     assert grads_f.keys() == grads_o.keys()
     for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_o[name], **GRADIENT,
-                                   msg=lambda m, name=name: f"gradient of {name}\n{m}")
+        torch.testing.assert_close(
+            grads_f[name], grads_o[name], **GRADIENT, msg=lambda m, name=name: f"gradient of {name}\n{m}"
+        )
 
 
 def test_functional_trainer_differs_from_cycle_trainer_on_other_draws():
@@ -275,8 +286,8 @@ def batch_and_per_sample_losses(spec: str, monkeypatch):
         whole, metrics = trainer(batch)
     singles, t2l_singles = [], []
     for i in range(BATCH):
-        one = {key: value[i:i + 1] for key, value in batch.items()}
-        with torch.no_grad(), replayed_randn_like(monkeypatch, [noise[i:i + 1]]):
+        one = {key: value[i : i + 1] for key, value in batch.items()}
+        with torch.no_grad(), replayed_randn_like(monkeypatch, [noise[i : i + 1]]):
             loss_i, metrics_i = trainer(one)
         singles.append(loss_i)
         t2l_singles.append(metrics_i.get("base_t2l_latent_loss", metrics_i.get("t2l")))
@@ -287,9 +298,11 @@ def batch_and_per_sample_losses(spec: str, monkeypatch):
 def test_broadcast_trainer_batch_loss_is_not_the_mean_of_its_per_sample_losses(monkeypatch):
     whole, per_sample, t2l_whole, t2l_per_sample = batch_and_per_sample_losses(BROADCAST, monkeypatch)
     assert float((t2l_whole - t2l_per_sample).abs()) > 100 * BATCHING["atol"], (
-        f"broadcast T2L loss {float(t2l_whole)} equals its per-sample mean {float(t2l_per_sample)}")
+        f"broadcast T2L loss {float(t2l_whole)} equals its per-sample mean {float(t2l_per_sample)}"
+    )
     assert not torch.allclose(whole, per_sample, **BATCHING), (
-        f"broadcast loss {float(whole)} is within batching tolerance of its per-sample mean {float(per_sample)}")
+        f"broadcast loss {float(whole)} is within batching tolerance of its per-sample mean {float(per_sample)}"
+    )
 
 
 def test_correct_trainer_batch_loss_is_the_mean_of_its_per_sample_losses(monkeypatch):

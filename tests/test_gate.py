@@ -1,4 +1,5 @@
 """The gate end to end: verdicts, the report files and the exit code."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,31 @@ def skipped(kind: str, reason: str = "why") -> CheckOutcome:
     return CheckOutcome("row::test[x]", "skipped", reason, skip_kind=kind)
 
 
-@pytest.mark.parametrize("outcomes, verdict, kind", [
-    ([], NOT_RUN, "not selected"),
-    ([skipped("could not check", "no data")], NOT_RUN, "could not check"),
-    ([skipped("not applicable", "DDP on CUDA")], NOT_RUN, "not applicable"),
-    ([skipped("not applicable"), skipped("blocked")], NOT_RUN, "blocked"),
-    ([CheckOutcome("a", "passed"), skipped("could not check")], REVIEW, None),
-    ([CheckOutcome("a", "passed"), skipped("not applicable", "CUDA missing")], OK, None),
-    ([CheckOutcome("a", "passed", review=["x"])], REVIEW, None),
-    ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE, None),
-    ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE, None),
-], ids=["nothing-selected", "could-not-check", "by-design", "blocked-wins", "pass-and-skip-is-review",
-        "pass-and-not-applicable-is-ok", "review", "failure-wins", "setup-error"])
+@pytest.mark.parametrize(
+    "outcomes, verdict, kind",
+    [
+        ([], NOT_RUN, "not selected"),
+        ([skipped("could not check", "no data")], NOT_RUN, "could not check"),
+        ([skipped("not applicable", "DDP on CUDA")], NOT_RUN, "not applicable"),
+        ([skipped("not applicable"), skipped("blocked")], NOT_RUN, "blocked"),
+        ([CheckOutcome("a", "passed"), skipped("could not check")], REVIEW, None),
+        ([CheckOutcome("a", "passed"), skipped("not applicable", "CUDA missing")], OK, None),
+        ([CheckOutcome("a", "passed", review=["x"])], REVIEW, None),
+        ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE, None),
+        ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE, None),
+    ],
+    ids=[
+        "nothing-selected",
+        "could-not-check",
+        "by-design",
+        "blocked-wins",
+        "pass-and-skip-is-review",
+        "pass-and-not-applicable-is-ok",
+        "review",
+        "failure-wins",
+        "setup-error",
+    ],
+)
 def test_row_verdicts(outcomes, verdict, kind):
     result = row_result(ROW, outcomes)
     assert (result.verdict, result.not_run_kind) == (verdict, kind)
@@ -46,26 +60,44 @@ def _row(verdict: str, kind: str | None = None) -> RowResult:
     return RowResult("r", "topic", "-", "-", "why", verdict, kind, [])
 
 
-@pytest.mark.parametrize("verdicts, input_error, other, code", [
-    ([(OK, None), (REVIEW, None)], None, [], 0),
-    ([(OK, None), (NOT_RUN, "not applicable"), (NOT_RUN, "not selected")], None, [], 0),
-    ([(OK, None), (INCOMPATIBLE, None), (NOT_RUN, "blocked")], None, [], 1),
-    ([(INCOMPATIBLE, None), (NOT_RUN, "could not check")], GateInputError("p", "f"), [], 1),
-    ([(NOT_RUN, "could not check")] * 3, GateInputError("p", "f"), [], 2),
-    ([(OK, None), (NOT_RUN, "could not check")], None, [], 2),
-    ([(OK, None), (NOT_RUN, "blocked")], None, [], 2),
-    ([(NOT_RUN, "not selected"), (NOT_RUN, "not applicable")], None, [], 2),
-    ([(OK, None)], None, ["compat/test_mutants.py::x"], 2),
-], ids=["ok-and-review", "harmless-not-run", "incompatible", "incompatible-beats-input-error", "input-error",
-        "unrun-row", "blocked-without-failure", "nothing-checked", "suite-self-check-failed"])
+@pytest.mark.parametrize(
+    "verdicts, input_error, other, code",
+    [
+        ([(OK, None), (REVIEW, None)], None, [], 0),
+        ([(OK, None), (NOT_RUN, "not applicable"), (NOT_RUN, "not selected")], None, [], 0),
+        ([(OK, None), (INCOMPATIBLE, None), (NOT_RUN, "blocked")], None, [], 1),
+        ([(INCOMPATIBLE, None), (NOT_RUN, "could not check")], GateInputError("p", "f"), [], 1),
+        ([(NOT_RUN, "could not check")] * 3, GateInputError("p", "f"), [], 2),
+        ([(OK, None), (NOT_RUN, "could not check")], None, [], 2),
+        ([(OK, None), (NOT_RUN, "blocked")], None, [], 2),
+        ([(NOT_RUN, "not selected"), (NOT_RUN, "not applicable")], None, [], 2),
+        ([(OK, None)], None, ["compat/test_mutants.py::x"], 2),
+    ],
+    ids=[
+        "ok-and-review",
+        "harmless-not-run",
+        "incompatible",
+        "incompatible-beats-input-error",
+        "input-error",
+        "unrun-row",
+        "blocked-without-failure",
+        "nothing-checked",
+        "suite-self-check-failed",
+    ],
+)
 def test_exit_code_contract(verdicts, input_error, other, code):
     assert exit_code([_row(v, k) for v, k in verdicts], input_error, other) == code
 
 
 def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
     report = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     matrix = json.loads((report / "compat-matrix.json").read_text())
     assert (report / "compat-matrix.md").read_text().startswith("# Compatibility matrix")
     return proc.returncode, {r["id"]: r for r in matrix["rows"]}, proc.stdout
@@ -101,7 +133,8 @@ def test_gate_draws_batches_from_upstream_format_data(tmp_path):
     config = load_config(config_path("cycle"))
     samples = tiny_batch(6, 20, int(config.model.latent_dim), 5, vocab_from_config(config))
     tokens, latents = write_upstream_format(tmp_path / "data", samples)
-    code, rows, stdout = run_gate(tmp_path, "--data-tokens", str(tokens), "--data-latents", str(latents),
-                                  "--", "-k", "l2t_masking or cycle_terms")
+    code, rows, stdout = run_gate(
+        tmp_path, "--data-tokens", str(tokens), "--data-latents", str(latents), "--", "-k", "l2t_masking or cycle_terms"
+    )
     assert code == 0, stdout[-3000:]
     assert rows["l2t_masking"]["verdict"] == OK and rows["cycle_terms"]["verdict"] == OK

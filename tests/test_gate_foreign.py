@@ -2,6 +2,7 @@
 `python -m compat --cycle-trainer path/to/file.py:Class`, for each foreign trainer under
 `tests/foreign_trainers/` (none imports this project's cycle package), with the verdicts its
 docstring states. Each runs in a subprocess, as a user would."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def run_gate(tmp_path: Path, spec: str, *pytest_args: str) -> tuple[int, dict, s
     args = [sys.executable, "-m", "compat", "--report", str(report), "--quiet", "--cycle-trainer", spec]
     if pytest_args:
         args += ["--", *pytest_args]
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output[-4000:]
     return proc.returncode, json.loads((report / "compat-matrix.json").read_text()), output
@@ -48,13 +50,25 @@ def test_a_correct_trainer_written_differently_passes_every_row(tmp_path):
     assert "FunctionalCycleTrainer" in matrix["context"]["cycle trainer"]
 
 
-@pytest.mark.parametrize("folder, spec, rows, expected", [
-    ("broadcast_cycle", "trainers/cycle_vae_trainer.py:CycleVAETrainer", "forward_contract",
-     {"forward_contract": "batching_cycle"}),
-    ("uniform_t_cycle", "uniform_t_trainer.py:UniformTimeCycleTrainer", "t2l_latent_timestep",
-     {"t2l_latent_timestep": "cycle_distribution"}),
-    ("no_stopgrad_cycle", "cycle.py:NoStopGradCycleTrainer", "cycle_terms", {"cycle_terms": "stop_grad"}),
-], ids=["broadcast", "uniform-t", "no-stopgrad"])
+@pytest.mark.parametrize(
+    "folder, spec, rows, expected",
+    [
+        (
+            "broadcast_cycle",
+            "trainers/cycle_vae_trainer.py:CycleVAETrainer",
+            "forward_contract",
+            {"forward_contract": "batching_cycle"},
+        ),
+        (
+            "uniform_t_cycle",
+            "uniform_t_trainer.py:UniformTimeCycleTrainer",
+            "t2l_latent_timestep",
+            {"t2l_latent_timestep": "cycle_distribution"},
+        ),
+        ("no_stopgrad_cycle", "cycle.py:NoStopGradCycleTrainer", "cycle_terms", {"cycle_terms": "stop_grad"}),
+    ],
+    ids=["broadcast", "uniform-t", "no-stopgrad"],
+)
 def test_a_defective_trainer_is_caught_by_its_row(tmp_path, folder, spec, rows, expected):
     code, matrix, output = run_gate(tmp_path, f"{FOREIGN / folder / spec}", "-k", rows)
     assert code == 1, output[-3000:]

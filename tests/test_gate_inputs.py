@@ -3,6 +3,7 @@ matrix, one short error block, no traceback, nothing executed, every input file 
 
 Each case runs `python -m compat` in a subprocess, as a user would.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,14 @@ def sha256_tree(paths: list[Path]) -> dict[str, str]:
 
 def run_gate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[int, dict, str, str]:
     report = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     matrix = json.loads((report / "compat-matrix.json").read_text())
     assert (report / "compat-matrix.md").read_text().startswith("# Compatibility matrix")
     return proc.returncode, matrix, proc.stdout, proc.stderr
@@ -56,7 +62,7 @@ def assert_could_not_check(code, matrix, stdout, stderr, *needles: str) -> None:
     assert all(r["not_run_kind"] == "could not check" for r in rows.values())
     error = matrix["input_error"]
     assert error and error["problem"] and error["fix"], matrix
-    block = stderr[stderr.index("compat gate: could not check"):]
+    block = stderr[stderr.index("compat gate: could not check") :]
     for needle in needles:
         assert needle in " ".join(block.split()), f"{needle!r} not in the error block:\n{block}"
 
@@ -70,7 +76,7 @@ def tiny(tmp_path_factory):
     checkpoint = save_checkpoint(folder / "tiny.safetensors", model, config=config, trainer_kind="stable", step=1)
     samples = tiny_batch(6, 20, int(config.model.latent_dim), 3, vocab_from_config(config))
     for i in range(6):  # padded tails of different lengths, the longest real sample 15 tokens
-        samples["attention_mask"][i, 15 - i:] = 0
+        samples["attention_mask"][i, 15 - i :] = 0
     tokens, latents = write_upstream_format(folder / "data", samples)
     return {"checkpoint": checkpoint, "tokens": tokens, "latents": latents, "config": config}
 
@@ -91,9 +97,14 @@ def _write(path: Path, data: bytes) -> Path:
 BAD_CHECKPOINTS = {
     "missing": (lambda d, t: d / "nope.pt", ("nope.pt",)),
     "empty": (lambda d, t: _write(d / "empty.safetensors", b""), ("empty.safetensors",)),
-    "truncated": (lambda d, t: _write(d / "cut.safetensors", t["checkpoint"].read_bytes()[:5000]), ("cut.safetensors",)),
-    "header_bomb": (lambda d, t: _write(d / "bomb.safetensors", (10 ** 15).to_bytes(8, "little") + b"{}"),
-                    ("bomb.safetensors",)),
+    "truncated": (
+        lambda d, t: _write(d / "cut.safetensors", t["checkpoint"].read_bytes()[:5000]),
+        ("cut.safetensors",),
+    ),
+    "header_bomb": (
+        lambda d, t: _write(d / "bomb.safetensors", (10**15).to_bytes(8, "little") + b"{}"),
+        ("bomb.safetensors",),
+    ),
     "random_bytes": (lambda d, t: _write(d / "noise.pt", os.urandom(4096)), ("noise.pt",)),
     "plain_directory": (lambda d, t: (d / "folder").mkdir() or d / "folder", ("folder",)),
 }
@@ -123,12 +134,16 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, needles", [
-    (["--data-latents", "{latents}"], ["--data-latents", "--data-tokens"]),
-    (["--batch-size", "1"], ["--batch-size"]),
-    (["--no-such-option"], ["--no-such-option"]),
-    (["--cycle-config", "{missing}"], ["--cycle-config", "missing.yaml"]),
-], ids=["half-data-options", "batch-of-one", "unknown-option", "missing-config"])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--data-latents", "{latents}"], ["--data-latents", "--data-tokens"]),
+        (["--batch-size", "1"], ["--batch-size"]),
+        (["--no-such-option"], ["--no-such-option"]),
+        (["--cycle-config", "{missing}"], ["--cycle-config", "missing.yaml"]),
+    ],
+    ids=["half-data-options", "batch-of-one", "unknown-option", "missing-config"],
+)
 def test_usage_errors_exit_2_with_the_matrix_written(tmp_path, tiny, args, needles):
     args = [a.format(latents=tiny["latents"], missing=tmp_path / "missing.yaml") for a in args]
     assert_could_not_check(*run_gate(tmp_path, *args), *needles)
@@ -171,10 +186,16 @@ def _out_of_vocab(tokens: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spoil, needle", [
-    (_corrupt_npz, "cannot be read"), (_object_npz, "input_ids"), (_zero_mask, "all-zero attention_mask"),
-    (_out_of_vocab, "30439"),
-], ids=["corrupt-npz", "object-array", "all-zero-mask", "id-outside-vocab"])
+@pytest.mark.parametrize(
+    "spoil, needle",
+    [
+        (_corrupt_npz, "cannot be read"),
+        (_object_npz, "input_ids"),
+        (_zero_mask, "all-zero attention_mask"),
+        (_out_of_vocab, "30439"),
+    ],
+    ids=["corrupt-npz", "object-array", "all-zero-mask", "id-outside-vocab"],
+)
 def test_bad_data_exits_2_naming_the_file(tmp_path, tiny, spoil, needle):
     data = tmp_path / "data"
     tokens, latents = data / "tokens", data / "latents"
@@ -184,17 +205,27 @@ def test_bad_data_exits_2_naming_the_file(tmp_path, tiny, spoil, needle):
     shutil.copytree(tiny["latents"], latents)
     bad = spoil(tokens)
     before = sha256_tree([data, tiny["checkpoint"]])
-    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(tiny["checkpoint"]),
-                                            "--data-tokens", str(tokens), "--data-latents", str(latents))
+    code, matrix, stdout, stderr = run_gate(
+        tmp_path, "--checkpoint", str(tiny["checkpoint"]), "--data-tokens", str(tokens), "--data-latents", str(latents)
+    )
     assert_could_not_check(code, matrix, stdout, stderr, bad.name, needle)
     assert sha256_tree([data, tiny["checkpoint"]]) == before
 
 
 @pytest.mark.slow
 def test_seq_len_follows_the_data_so_padding_is_checked(tmp_path, tiny):
-    code, matrix, stdout, stderr = run_gate(tmp_path, "--checkpoint", str(tiny["checkpoint"]),
-                                            "--data-tokens", str(tiny["tokens"]), "--data-latents",
-                                            str(tiny["latents"]), "--", "-k", "forward_contract")
+    code, matrix, stdout, stderr = run_gate(
+        tmp_path,
+        "--checkpoint",
+        str(tiny["checkpoint"]),
+        "--data-tokens",
+        str(tiny["tokens"]),
+        "--data-latents",
+        str(tiny["latents"]),
+        "--",
+        "-k",
+        "forward_contract",
+    )
     assert code == 0, stdout[-3000:] + stderr[-2000:]
     assert "15 tokens (the longest real length" in matrix["context"]["batch"], matrix["context"]
     row = next(r for r in matrix["rows"] if r["id"] == "forward_contract")
@@ -208,9 +239,14 @@ def test_configs_differing_only_in_dtype_are_reported_as_that(tmp_path, tiny):
 
     stable = tmp_path / "stable_bf16.yaml"
     OmegaConf.save(load_config(config_path("stable"), ["training.dtype=bf16"]), stable)
-    code, matrix, stdout, stderr = run_gate(tmp_path, "--stable-config", str(stable), "--", "-k",
-                                            "config_resolution or latent_loss_form or t2l_latent_timestep or "
-                                            "pretrained_checkpoint")
+    code, matrix, stdout, stderr = run_gate(
+        tmp_path,
+        "--stable-config",
+        str(stable),
+        "--",
+        "-k",
+        "config_resolution or latent_loss_form or t2l_latent_timestep or pretrained_checkpoint",
+    )
     rows = {r["id"]: r for r in matrix["rows"]}
     assert code == 0, stdout[-3000:] + stderr[-2000:]
     assert not [r for r in rows.values() if r["verdict"] == "INCOMPATIBLE"]
@@ -236,8 +272,9 @@ def test_nonfinite_weights_are_named_and_block_the_rows_that_use_them(tmp_path, 
     assert rows["pretrained_checkpoint"]["verdict"] == "INCOMPATIBLE"
     assert "latent_head.0.weight (1 of" in rows["pretrained_checkpoint"]["measured"]
     incompatible = sorted(r for r, v in rows.items() if v["verdict"] == "INCOMPATIBLE")
-    assert incompatible == ["pretrained_checkpoint"], {r: v["measured"][:200] for r, v in rows.items()
-                                                      if v["verdict"] == "INCOMPATIBLE"}
+    assert incompatible == ["pretrained_checkpoint"], {
+        r: v["measured"][:200] for r, v in rows.items() if v["verdict"] == "INCOMPATIBLE"
+    }
     blocked = [r for r, v in rows.items() if v["verdict"] == "NOT RUN"]
     assert "l2t_masking" in blocked and all(rows[r]["not_run_kind"] == "blocked" for r in blocked)
     assert all("non-finite" in rows[r]["measured"] for r in blocked)
@@ -248,9 +285,24 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
     import xml.etree.ElementTree as ET
 
     xml_path = tmp_path / "report.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "compat"), "-p", "no:cacheprovider", "-q",
-                           "-k", "l2t_masking or none_timesteps", f"--junitxml={xml_path}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(REPO / "compat"),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-k",
+            "l2t_masking or none_timesteps",
+            f"--junitxml={xml_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "INTERNALERROR" not in proc.stdout + proc.stderr
     root = ET.parse(xml_path).getroot()
@@ -260,7 +312,10 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
     assert suite_props["compat.none_timesteps.verdict"] == "OK"
     assert suite_props["compat.ddp.verdict"] == "NOT RUN"
     assert "B4_l2t_loss_stable=" in suite_props["compat.l2t_masking.measured"]
-    case_props = {p.get("name"): p.get("value") for case in suite.iter("testcase")
-                  if "l2t_masking" in case.get("classname", "") + case.get("name", "")
-                  for p in case.iter("property")}
+    case_props = {
+        p.get("name"): p.get("value")
+        for case in suite.iter("testcase")
+        if "l2t_masking" in case.get("classname", "") + case.get("name", "")
+        for p in case.iter("property")
+    }
     assert "measured.B4_l2t_loss_stable" in case_props, case_props

@@ -10,6 +10,7 @@ compatibility findings, never a format difference:
 - epsilon + cosine + `latent_t_mode: full` with cycle_text on: x0 reconstruction INCOMPATIBLE,
   nothing else.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,15 @@ def save_like_upstream(folder: Path, trainer, optimizer, state) -> Path:
     sys.modules[UPSTREAM_MODULE] = fake
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model_state_dict": trainer.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                    "state": state, "config": None}, folder / "checkpoint.pt")
+        torch.save(
+            {
+                "model_state_dict": trainer.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "state": state,
+                "config": None,
+            },
+            folder / "checkpoint.pt",
+        )
     finally:
         TrainingState.__module__ = __name__
         if previous is None:
@@ -80,14 +88,20 @@ def upstream_run(tmp_path_factory):
     config = load_config(STABLE_YAML, tokenizer_dir=TOKENIZER)
     vocab = read_tokenizer_folder(TOKENIZER)
     model = build_model(config, seed=3)
-    trainer = MultimodalDiffusionTrainer(model, config_vocab(config), MaskedDiffusion(config_vocab(config)),
-                                         torch.float32, config)
+    trainer = MultimodalDiffusionTrainer(
+        model, config_vocab(config), MaskedDiffusion(config_vocab(config)), torch.float32, config
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         ids = torch.randint(4, vocab.vocab_size, (2, 12), generator=gen)
-        loss, _ = trainer({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                           "latent": torch.randn(2, 1, int(config.model.latent_dim), generator=gen)})
+        loss, _ = trainer(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "latent": torch.randn(2, 1, int(config.model.latent_dim), generator=gen),
+            }
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -98,8 +112,9 @@ def upstream_run(tmp_path_factory):
 def config_vocab(config):
     from latentDLM_mmdit.tokenizer import SyntheticVocab
 
-    return SyntheticVocab(int(config.tokenizer.vocab_size), int(config.tokenizer.mask_token_id),
-                          int(config.tokenizer.pad_token_id))
+    return SyntheticVocab(
+        int(config.tokenizer.vocab_size), int(config.tokenizer.mask_token_id), int(config.tokenizer.pad_token_id)
+    )
 
 
 def digest(paths: list[Path]) -> dict[str, str]:
@@ -109,18 +124,27 @@ def digest(paths: list[Path]) -> dict[str, str]:
 
 def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
     report = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "compat", "--report", str(report), "--quiet", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
     matrix = json.loads((report / "compat-matrix.json").read_text())
     return proc.returncode, matrix, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("cycle_overrides, incompatible", [
-    ({}, {"t2l_latent_timestep", "recommended_settings"}),
-    ({"loss": {"latent_t_mode": "full"}}, {"x0_reconstruction"}),
-], ids=["upstream-cycle-defaults", "epsilon-cosine-full"])
+@pytest.mark.parametrize(
+    "cycle_overrides, incompatible",
+    [
+        ({}, {"t2l_latent_timestep", "recommended_settings"}),
+        ({"loss": {"latent_t_mode": "full"}}, {"x0_reconstruction"}),
+    ],
+    ids=["upstream-cycle-defaults", "epsilon-cosine-full"],
+)
 def test_gate_on_upstream_files(tmp_path, upstream_run, cycle_overrides, incompatible):
     cycle_yaml = CYCLE_YAML
     if cycle_overrides:
@@ -128,8 +152,17 @@ def test_gate_on_upstream_files(tmp_path, upstream_run, cycle_overrides, incompa
         OmegaConf.save(OmegaConf.merge(OmegaConf.load(CYCLE_YAML), cycle_overrides), cycle_yaml)
     inputs = [upstream_run["folder"], STABLE_YAML.parent, CYCLE_YAML, TOKENIZER]
     before = digest(inputs)
-    code, matrix, output = run_gate(tmp_path, "--checkpoint", str(upstream_run["folder"]), "--stable-config",
-                                    str(STABLE_YAML), "--cycle-config", str(cycle_yaml), "--tokenizer", str(TOKENIZER))
+    code, matrix, output = run_gate(
+        tmp_path,
+        "--checkpoint",
+        str(upstream_run["folder"]),
+        "--stable-config",
+        str(STABLE_YAML),
+        "--cycle-config",
+        str(cycle_yaml),
+        "--tokenizer",
+        str(TOKENIZER),
+    )
     rows = {r["id"]: r for r in matrix["rows"]}
     got = {r for r, v in rows.items() if v["verdict"] == "INCOMPATIBLE"}
     assert got == incompatible, {r: rows[r]["measured"][:300] for r in got ^ incompatible}
@@ -144,8 +177,15 @@ def test_gate_on_upstream_files(tmp_path, upstream_run, cycle_overrides, incompa
 
 
 def test_gate_without_the_ids_names_what_to_pass(tmp_path, upstream_run):
-    code, matrix, output = run_gate(tmp_path, "--checkpoint", str(upstream_run["folder"]), "--stable-config",
-                                    str(STABLE_YAML), "--cycle-config", str(CYCLE_YAML))
+    code, matrix, output = run_gate(
+        tmp_path,
+        "--checkpoint",
+        str(upstream_run["folder"]),
+        "--stable-config",
+        str(STABLE_YAML),
+        "--cycle-config",
+        str(CYCLE_YAML),
+    )
     assert code == 2, output[-3000:]
     assert "--tokenizer DIR" in " ".join(output.split()) and "--mask-token-id" in output
     assert all(r["verdict"] == "NOT RUN" for r in matrix["rows"])

@@ -3,6 +3,7 @@
 The trainers draw on a CPU generator and move the draws, so a CUDA step sees exactly the random
 numbers a CPU step sees; differences come only from the kernels.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,15 +53,27 @@ def losses(model, device, dtype=torch.float32) -> dict[str, float]:
     noise = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     out = {}
     for mode in ("l2t", "t2l", "unconditional"):
-        trainer = MultimodalDiffusionTrainer(model, VOCAB, MaskedDiffusion(VOCAB).to(device), dtype,
-                                             {"loss": {"loss_type": mode}})
+        trainer = MultimodalDiffusionTrainer(
+            model, VOCAB, MaskedDiffusion(VOCAB).to(device), dtype, {"loss": {"loss_type": mode}}
+        )
         draws = {} if mode == "l2t" else {"latent_noise": noise}
         out[mode] = float(trainer(batch, draws=draws)[0])
     for p in model.parameters():
         p.requires_grad_(True)
-    cycle = CycleVAETrainer(model, VOCAB, MaskedDiffusion(VOCAB).to(device), dtype,
-                            {"loss": {"loss_type": "cycle_vae", "latent_t_mode": "full", "cycle_text_weight": 0.5,
-                                      "cycle_latent_weight": 0.5}})
+    cycle = CycleVAETrainer(
+        model,
+        VOCAB,
+        MaskedDiffusion(VOCAB).to(device),
+        dtype,
+        {
+            "loss": {
+                "loss_type": "cycle_vae",
+                "latent_t_mode": "full",
+                "cycle_text_weight": 0.5,
+                "cycle_latent_weight": 0.5,
+            }
+        },
+    )
     out["cycle"] = float(cycle(batch, step=None, draws={"latent_noise": noise, "cycle_latent_noise": noise})[0])
     return out
 
@@ -97,9 +110,20 @@ def test_upstream_parity_forward_on_cuda():
 
 def test_training_step_on_cuda_updates_weights():
     model = make_model().train().cuda()
-    trainer = CycleVAETrainer(model, VOCAB, MaskedDiffusion(VOCAB).cuda(), torch.float32,
-                              {"loss": {"loss_type": "cycle_vae", "latent_t_mode": "full", "cycle_text_weight": 0.1,
-                                        "cycle_latent_weight": 0.1}})
+    trainer = CycleVAETrainer(
+        model,
+        VOCAB,
+        MaskedDiffusion(VOCAB).cuda(),
+        torch.float32,
+        {
+            "loss": {
+                "loss_type": "cycle_vae",
+                "latent_t_mode": "full",
+                "cycle_text_weight": 0.1,
+                "cycle_latent_weight": 0.1,
+            }
+        },
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss, metrics = trainer(batch_on("cuda"), step=None)

@@ -4,6 +4,7 @@
 
 A model constructed in a `test_*` function is allowed: there the constructor is what is tested.
 Bit-exact comparisons are written inline as `rtol=0, atol=0`: they are not tolerances."""
+
 from __future__ import annotations
 
 import ast
@@ -63,34 +64,47 @@ def inline_tolerances(source: str) -> list[str]:
         if isinstance(node, ast.Call):
             pairs = [(kw.arg, kw.value) for kw in node.keywords if kw.arg in TOLERANCE_NAMES]
         elif isinstance(node, ast.Dict):
-            pairs = [(k.value, v) for k, v in zip(node.keys, node.values)
-                     if isinstance(k, ast.Constant) and k.value in TOLERANCE_NAMES]
-        found += [f"line {value.lineno}: {name}={ast.unparse(value)}" for name, value in pairs if _is_inline_number(value)]
+            pairs = [
+                (k.value, v)
+                for k, v in zip(node.keys, node.values)
+                if isinstance(k, ast.Constant) and k.value in TOLERANCE_NAMES
+            ]
+        found += [
+            f"line {value.lineno}: {name}={ast.unparse(value)}" for name, value in pairs if _is_inline_number(value)
+        ]
     return found
 
 
 @pytest.mark.parametrize("path", [p for p in TEST_FILES if p != BUILDERS], ids=lambda p: p.name)
 def test_test_files_build_models_with_the_builders(path):
     found = own_model_builders(path.read_text())
-    assert not found, (f"{path.name} constructs {MODEL_CLASS} outside a test function ({'; '.join(found)}): "
-                       "build it with tests.builders.tiny_model (sizes as arguments, their reason in one line)")
+    assert not found, (
+        f"{path.name} constructs {MODEL_CLASS} outside a test function ({'; '.join(found)}): "
+        "build it with tests.builders.tiny_model (sizes as arguments, their reason in one line)"
+    )
 
 
 @pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
 def test_test_files_take_tolerances_from_the_table(path):
     found = inline_tolerances(path.read_text())
-    assert not found, (f"{path.name} writes tolerances inline ({'; '.join(found)}): use **tol(name) from "
-                       "compat.oracle.TOLERANCES, adding a named entry with its reason if none fits")
+    assert not found, (
+        f"{path.name} writes tolerances inline ({'; '.join(found)}): use **tol(name) from "
+        "compat.oracle.TOLERANCES, adding a named entry with its reason if none fits"
+    )
 
 
 def test_every_tolerance_entry_is_read():
-    sources = "\n".join(p.read_text() for folder in ("compat", "tests", "bench") for p in (REPO / folder).rglob("*.py")
-                        if p.name != "oracle.py")
+    sources = "\n".join(
+        p.read_text()
+        for folder in ("compat", "tests", "bench")
+        for p in (REPO / folder).rglob("*.py")
+        if p.name != "oracle.py"
+    )
     unread = [name for name in TOLERANCES if not re.search(rf"""["']{re.escape(name)}["']""", sources)]
     assert not unread, f"tolerance entries nobody reads: {unread}; remove them from compat/oracle.py"
 
 
-PLANTED = '''
+PLANTED = """
 import torch
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 
@@ -116,7 +130,7 @@ def test_constructor_refuses_a_bad_size(scale):
     torch.testing.assert_close(a, b, **tol("float32_loss"))
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
     assert torch.allclose(a, b, atol=-1e-7)
-'''
+"""
 
 
 def test_the_checks_see_planted_builders_and_tolerances():

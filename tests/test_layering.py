@@ -3,6 +3,7 @@
 Checked twice: statically over the import graph of every module's source (ast), and at run time
 (importing every reference module leaves `cycle_vae_impl` unimported).
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,12 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names.add(str(node.args[0].value))
     return names
 
@@ -49,9 +54,11 @@ def test_import_graph_checker_sees_a_planted_import(tmp_path):
 def test_importing_the_whole_reference_loads_no_cycle_module():
     modules = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in REFERENCE_MODULES]
     modules = [m.removesuffix(".__init__") for m in modules]
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}:\n    importlib.import_module(m)\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cycle_vae_impl', 'compat'))\n"
-            "print(bad); sys.exit(1 if bad else 0)\n")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cycle_vae_impl', 'compat'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"importing the reference loaded {proc.stdout.strip()}\n{proc.stderr[-2000:]}"

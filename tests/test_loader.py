@@ -3,6 +3,7 @@
 ahead, a bad file met by a worker is a one-line error naming it, the dataset reads one pair at
 startup; the LambdaLR schedule gives `learning_rate()`'s numbers and travels in the train state;
 `training.ddp_timeout_minutes` reaches the process group."""
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,22 @@ def write_data(root: Path, n: int = N_SAMPLES) -> tuple[Path, Path]:
 
 
 def stable_config(*overrides: str):
-    return load_config(config_path("stable"), TINY + ["training.num_train_steps=8", "logging.save_every=3",
-                                                      *overrides])
+    return load_config(config_path("stable"), TINY + ["training.num_train_steps=8", "logging.save_every=3", *overrides])
 
 
 def train(config, output_dir: Path, data_dirs, **kwargs):
     token_dir, latent_dir = data_dirs
-    return run_training(config, trainer=STABLE, output_dir=output_dir, synthetic=False, token_dir=token_dir,
-                        latent_dir=latent_dir, progress=False, device="cpu", **kwargs)
+    return run_training(
+        config,
+        trainer=STABLE,
+        output_dir=output_dir,
+        synthetic=False,
+        token_dir=token_dir,
+        latent_dir=latent_dir,
+        progress=False,
+        device="cpu",
+        **kwargs,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -138,9 +147,22 @@ def test_bad_file_read_by_a_worker_is_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(DataError, match="cannot be read as .npy") as info:
         train(config, tmp_path / "run", (token_dir, latent_dir))
     assert str(bad) in str(info.value) and "\n" not in str(info.value) and "Traceback" not in str(info.value)
-    code = train_stable.main(TINY + ["data.num_workers=2", "training.num_train_steps=2", "--data-tokens",
-                                     str(token_dir), "--data-latents", str(latent_dir), "--no-progress",
-                                     "--device", "cpu", "--output-dir", str(tmp_path / "cli")])
+    code = train_stable.main(
+        TINY
+        + [
+            "data.num_workers=2",
+            "training.num_train_steps=2",
+            "--data-tokens",
+            str(token_dir),
+            "--data-latents",
+            str(latent_dir),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "cli"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: latent file ") and str(bad) in err[0], err
 
@@ -160,12 +182,20 @@ def test_dataset_reads_one_pair_at_startup(tmp_path, monkeypatch):
 
 
 # -- the LR schedule -------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [
-    ["training.num_train_steps=10", "training.warmup_steps=2", "optimizer.lr=1.0"],
-    ["training.num_train_steps=5000", "training.warmup_steps=1000", "optimizer.lr=5e-5"],
-    ["training.num_train_steps=300", "training.warmup_steps=7", "optimizer.lr=3e-4"],
-    ["training.num_train_steps=50", "training.warmup_steps=0", "optimizer.lr=3e-4", "training.lr_schedule=constant"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["training.num_train_steps=10", "training.warmup_steps=2", "optimizer.lr=1.0"],
+        ["training.num_train_steps=5000", "training.warmup_steps=1000", "optimizer.lr=5e-5"],
+        ["training.num_train_steps=300", "training.warmup_steps=7", "optimizer.lr=3e-4"],
+        [
+            "training.num_train_steps=50",
+            "training.warmup_steps=0",
+            "optimizer.lr=3e-4",
+            "training.lr_schedule=constant",
+        ],
+    ],
+)
 def test_lr_scheduler_gives_learning_rate(overrides):
     """LambdaLR multiplies the base by learning_rate/base: equal to learning_rate() to the last bit
     or one unit in it (measured: 332 of 100000 steps differ by 1 ulp, in the warmup)."""
@@ -178,8 +208,9 @@ def test_lr_scheduler_gives_learning_rate(overrides):
         optimizer.step()
         scheduler.step()
     expected = [learning_rate(step, settings) for step in range(len(got))]
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
-                               **tol("lr_lambda_rounding"))
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), **tol("lr_lambda_rounding")
+    )
     assert len(set(got)) > (1 if "constant" not in overrides[-1] else 0)
 
 
@@ -189,7 +220,8 @@ def test_scheduler_state_travels_in_the_train_state(runs, tmp_path):
     assert state["lr_scheduler"]["last_epoch"] == 3 and state["lr_scheduler"]["base_lrs"] == [1e-3]
     settings = LoopSettings.from_config(stable_config())
     assert [m["lr"] for m in metrics(dirs["full"])] == pytest.approx(
-        [learning_rate(step, settings) for step in range(8)], rel=2.3e-16, abs=0.0)
+        [learning_rate(step, settings) for step in range(8)], rel=2.3e-16, abs=0.0
+    )
 
     with pytest.raises(TrainingError, match=r"base learning rate 0.001, this run has optimizer.lr=0.002"):
         train(stable_config("optimizer.lr=2e-3"), tmp_path / "other_lr", data_dirs, resume=ckpt(dirs["first"], 3))
@@ -210,22 +242,31 @@ def test_ddp_timeout_comes_from_the_config(tmp_path, monkeypatch):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+    for key, value in {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         monkeypatch.setenv(key, value)
     config = load_config(config_path("stable"), TINY + ["training.ddp_timeout_minutes=0.05"])
     started = time.monotonic()
-    with pytest.raises(TrainingError, match=r"rank 0 of 2 could not form the process group .* within 0:00:03 "
-                                            r"\(training.ddp_timeout_minutes\)"):
-        run_training(config, trainer=STABLE, output_dir=tmp_path / "run", synthetic=True, progress=False,
-                     device="cpu")
+    with pytest.raises(
+        TrainingError,
+        match=r"rank 0 of 2 could not form the process group .* within 0:00:03 "
+        r"\(training.ddp_timeout_minutes\)",
+    ):
+        run_training(config, trainer=STABLE, output_dir=tmp_path / "run", synthetic=True, progress=False, device="cpu")
     assert time.monotonic() - started < 30
 
 
 def test_ddp_timeout_setting_is_checked():
     from latentDLM_mmdit.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"training.ddp_timeout_minutes=0.0 \(from override\) must be a finite number > 0"):
+    with pytest.raises(
+        ConfigError, match=r"training.ddp_timeout_minutes=0.0 \(from override\) must be a finite number > 0"
+    ):
         load_config(config_path("stable"), ["training.ddp_timeout_minutes=0"])
     assert LoopSettings.from_config(load_config(config_path("stable"), [])).ddp_timeout.total_seconds() == 1800
 

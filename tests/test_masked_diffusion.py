@@ -1,4 +1,5 @@
 """The absorbing-state (masked) text diffusion: masking rates, injected uniforms, buffers, errors."""
+
 from __future__ import annotations
 
 import math
@@ -183,11 +184,14 @@ class _MaskOutside:
         return 10
 
 
-@pytest.mark.parametrize("tokenizer, names", [
-    pytest.param(_NoSpecials(), ["mask_token_id", "pad_token_id"], id="no-special-ids"),
-    pytest.param(_NoLen(), ["__len__"], id="no-len"),
-    pytest.param(object(), ["mask_token_id", "pad_token_id", "__len__"], id="nothing"),
-])
+@pytest.mark.parametrize(
+    "tokenizer, names",
+    [
+        pytest.param(_NoSpecials(), ["mask_token_id", "pad_token_id"], id="no-special-ids"),
+        pytest.param(_NoLen(), ["__len__"], id="no-len"),
+        pytest.param(object(), ["mask_token_id", "pad_token_id", "__len__"], id="nothing"),
+    ],
+)
 def test_tokenizer_missing_attributes_raise_type_error(tokenizer, names):
     with pytest.raises(TypeError) as info:
         MaskedDiffusion(tokenizer)

@@ -1,6 +1,7 @@
 """training.mixed_precision in the shared loop: the forward really runs under autocast (the model's
 outputs are in the autocast dtype, the weights stay float32), bf16 losses stay near float32, fp16
 carries its GradScaler through the train state (bit-exact resume), and bad values are refused."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,15 @@ from latentDLM_mmdit.precision import LossScaler, autocast, autocast_dtype
 from latentDLM_mmdit.train_stable import STABLE
 from latentDLM_mmdit.training import TrainingError, run_training
 
-TINY = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32", "training.train_batch_size=2",
-        "data.synthetic_num_samples=16", "data.synthetic_seq_len=8", "logging.log_every=100"]
+TINY = [
+    "model.n_blocks=1",
+    "model.hidden_size=32",
+    "model.cond_dim=32",
+    "training.train_batch_size=2",
+    "data.synthetic_num_samples=16",
+    "data.synthetic_seq_len=8",
+    "logging.log_every=100",
+]
 
 
 def config(kind: str, *overrides: str):
@@ -26,8 +34,15 @@ def config(kind: str, *overrides: str):
 
 def train(tmp_path, name, kind="stable", *overrides, **kwargs):
     entry = STABLE if kind == "stable" else CYCLE
-    return run_training(config(kind, *overrides), trainer=entry, output_dir=tmp_path / name, synthetic=True,
-                        progress=False, device="cpu", **kwargs)
+    return run_training(
+        config(kind, *overrides),
+        trainer=entry,
+        output_dir=tmp_path / name,
+        synthetic=True,
+        progress=False,
+        device="cpu",
+        **kwargs,
+    )
 
 
 class OutputDtypes:
@@ -88,8 +103,14 @@ def test_fp16_scaler_state_is_saved_and_resume_is_bit_exact(tmp_path):
 def test_fp16_resume_from_a_run_without_a_scaler_is_refused(tmp_path):
     first = train(tmp_path, "first", "stable", "training.num_train_steps=2")
     with pytest.raises(TrainingError, match="no fp16 loss-scaler state"):
-        train(tmp_path, "resumed", "stable", "training.num_train_steps=4", "training.mixed_precision=fp16",
-              resume=first.checkpoints[-1])
+        train(
+            tmp_path,
+            "resumed",
+            "stable",
+            "training.num_train_steps=4",
+            "training.mixed_precision=fp16",
+            resume=first.checkpoints[-1],
+        )
 
 
 def test_bad_mixed_precision_is_refused_by_the_schema(tmp_path):

@@ -1,5 +1,6 @@
 """MultimodalMMDiT: input validation, output shapes, latent layouts, None timesteps, the upstream
 state-dict names, and purity (no prints, inputs untouched)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def cluster_model() -> MultimodalMMDiT:
 def inputs(batch: int = 3, seq_len: int = 7, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
-    mask[0, seq_len - 2:] = 0  # padding in the first row's tail
+    mask[0, seq_len - 2 :] = 0  # padding in the first row's tail
     return {
         "text_tokens": torch.randint(0, V, (batch, seq_len), generator=gen),
         "latents": torch.randn(batch, 1, D, generator=gen),
@@ -53,6 +54,7 @@ def _with(**changes):
         for key, value in changes.items():
             kwargs[key] = value(kwargs) if callable(value) else value
         return kwargs
+
     return build
 
 
@@ -61,12 +63,16 @@ def _set_token(value):
         ids = kwargs["text_tokens"].clone()
         ids[1, 2] = value
         return ids
+
     return change
 
 
 BAD_INPUTS = [
-    pytest.param(_with(text_tokens=lambda kw: torch.zeros(3, S_MAX + 1, dtype=torch.long),
-                       attention_mask=None), "longer than max_seq_len=10", id="sequence-too-long"),
+    pytest.param(
+        _with(text_tokens=lambda kw: torch.zeros(3, S_MAX + 1, dtype=torch.long), attention_mask=None),
+        "longer than max_seq_len=10",
+        id="sequence-too-long",
+    ),
     pytest.param(_with(text_tokens=_set_token(-1)), r"outside the vocabulary \[0, 20\)", id="negative-token-id"),
     pytest.param(_with(text_tokens=_set_token(V)), r"ids in \[.*, 20\], outside the vocabulary", id="token-id-equal-V"),
     pytest.param(_with(text_tokens=_set_token(V + 100)), "outside the vocabulary", id="token-id-far-above-V"),
@@ -76,14 +82,26 @@ BAD_INPUTS = [
     pytest.param(_with(latents=lambda kw: torch.randn(4, 1, D)), r"B=3 .* got \(4, 1, 6\)", id="latent-wrong-batch"),
     pytest.param(_with(latents=lambda kw: torch.randn(3, 1, 1, D)), r"got \(3, 1, 1, 6\)", id="latent-four-dims"),
     pytest.param(_with(latents=None), "latents is required", id="latents-none"),
-    pytest.param(_with(text_timesteps=torch.rand(2)), r"text_timesteps must have shape \[B\]=\[3\], got \(2,\)",
-                 id="text-timesteps-wrong-batch"),
-    pytest.param(_with(latent_timesteps=torch.rand(4)), r"latent_timesteps must have shape \[B\]=\[3\], got \(4,\)",
-                 id="latent-timesteps-wrong-batch"),
-    pytest.param(_with(latent_timesteps=torch.rand(3, 1)), r"latent_timesteps must have shape \[B\]",
-                 id="latent-timesteps-two-dims"),
-    pytest.param(_with(attention_mask=torch.ones(3, 6)), r"attention_mask must have shape \[B, S\]=\[3, 7\], got \(3, 6\)",
-                 id="mask-wrong-length"),
+    pytest.param(
+        _with(text_timesteps=torch.rand(2)),
+        r"text_timesteps must have shape \[B\]=\[3\], got \(2,\)",
+        id="text-timesteps-wrong-batch",
+    ),
+    pytest.param(
+        _with(latent_timesteps=torch.rand(4)),
+        r"latent_timesteps must have shape \[B\]=\[3\], got \(4,\)",
+        id="latent-timesteps-wrong-batch",
+    ),
+    pytest.param(
+        _with(latent_timesteps=torch.rand(3, 1)),
+        r"latent_timesteps must have shape \[B\]",
+        id="latent-timesteps-two-dims",
+    ),
+    pytest.param(
+        _with(attention_mask=torch.ones(3, 6)),
+        r"attention_mask must have shape \[B, S\]=\[3, 7\], got \(3, 6\)",
+        id="mask-wrong-length",
+    ),
     pytest.param(_with(attention_mask=torch.ones(7)), r"attention_mask must have shape", id="mask-one-dim"),
 ]
 
@@ -94,18 +112,27 @@ def test_bad_inputs_raise_value_error_naming_the_problem(model, build, match):
         run(model, **build())
 
 
-@pytest.mark.parametrize("config, match", [
-    pytest.param({k: v for k, v in BASE.items() if k != "cond_dim"}, "cond_dim", id="missing-cond_dim"),
-    pytest.param({"n_blocks": 1}, "hidden_size, cond_dim, max_seq_len", id="missing-several"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        pytest.param({k: v for k, v in BASE.items() if k != "cond_dim"}, "cond_dim", id="missing-cond_dim"),
+        pytest.param({"n_blocks": 1}, "hidden_size, cond_dim, max_seq_len", id="missing-several"),
+    ],
+)
 def test_config_missing_keys_raise(config, match):
     with pytest.raises(ValueError, match=match):
         MultimodalMMDiT(config, vocab_size=V, latent_dim=D)
 
 
-@pytest.mark.parametrize("sizes", [dict(vocab_size=0, latent_dim=D), dict(vocab_size=V, latent_dim=0),
-                                   dict(vocab_size=V, latent_dim=D, cluster_size=-1)],
-                         ids=["vocab-zero", "latent-zero", "cluster-negative"])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(vocab_size=0, latent_dim=D),
+        dict(vocab_size=V, latent_dim=0),
+        dict(vocab_size=V, latent_dim=D, cluster_size=-1),
+    ],
+    ids=["vocab-zero", "latent-zero", "cluster-negative"],
+)
 def test_invalid_sizes_raise(sizes):
     with pytest.raises(ValueError, match="invalid sizes"):
         MultimodalMMDiT(BASE, **sizes)
@@ -223,12 +250,14 @@ def expected_upstream_layout(hidden, cond, max_seq_len, cluster_size):
         "latent_head.3.bias": (D,),
     }
     for side in ("text", "latent"):
-        layout.update({
-            f"conditioning.{side}_sigma_map.mlp.0.weight": (cond, 256),
-            f"conditioning.{side}_sigma_map.mlp.0.bias": (cond,),
-            f"conditioning.{side}_sigma_map.mlp.2.weight": (cond, cond),
-            f"conditioning.{side}_sigma_map.mlp.2.bias": (cond,),
-        })
+        layout.update(
+            {
+                f"conditioning.{side}_sigma_map.mlp.0.weight": (cond, 256),
+                f"conditioning.{side}_sigma_map.mlp.0.bias": (cond,),
+                f"conditioning.{side}_sigma_map.mlp.2.weight": (cond, cond),
+                f"conditioning.{side}_sigma_map.mlp.2.bias": (cond,),
+            }
+        )
     if cluster_size > 0:
         layout["text_head_clusters.weight"] = (V, hidden)
         layout["text_head_clusters.bias"] = (V,)
@@ -236,14 +265,24 @@ def expected_upstream_layout(hidden, cond, max_seq_len, cluster_size):
 
 
 LAYOUT_CONFIGS = [
-    pytest.param(dict(hidden_size=32, cond_dim=24, n_blocks=1, num_residual_streams=1, max_seq_len=10), 0,
-                 id="h32-1block-1stream"),
-    pytest.param(dict(hidden_size=32, cond_dim=32, n_blocks=2, num_residual_streams=2, max_seq_len=16), 0,
-                 id="h32-2blocks-2streams"),
-    pytest.param(dict(hidden_size=64, cond_dim=48, n_blocks=1, num_residual_streams=2, max_seq_len=12), 4,
-                 id="h64-cluster4"),
-    pytest.param(dict(hidden_size=32, cond_dim=16, n_blocks=3, num_residual_streams=1, max_seq_len=8), 7,
-                 id="h32-3blocks-cluster7"),
+    pytest.param(
+        dict(hidden_size=32, cond_dim=24, n_blocks=1, num_residual_streams=1, max_seq_len=10),
+        0,
+        id="h32-1block-1stream",
+    ),
+    pytest.param(
+        dict(hidden_size=32, cond_dim=32, n_blocks=2, num_residual_streams=2, max_seq_len=16),
+        0,
+        id="h32-2blocks-2streams",
+    ),
+    pytest.param(
+        dict(hidden_size=64, cond_dim=48, n_blocks=1, num_residual_streams=2, max_seq_len=12), 4, id="h64-cluster4"
+    ),
+    pytest.param(
+        dict(hidden_size=32, cond_dim=16, n_blocks=3, num_residual_streams=1, max_seq_len=8),
+        7,
+        id="h32-3blocks-cluster7",
+    ),
 ]
 
 
@@ -253,8 +292,9 @@ def test_state_dict_uses_upstream_names(config, cluster_size):
     model = MultimodalMMDiT(config, vocab_size=V, latent_dim=D, cluster_size=cluster_size)
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     outside_backbone = {k: v for k, v in state.items() if not k.startswith("mmdit.")}
-    assert outside_backbone == expected_upstream_layout(config["hidden_size"], config["cond_dim"],
-                                                        config["max_seq_len"], cluster_size)
+    assert outside_backbone == expected_upstream_layout(
+        config["hidden_size"], config["cond_dim"], config["max_seq_len"], cluster_size
+    )
     backbone = [k for k in state if k.startswith("mmdit.")]
     blocks = {int(k.split(".")[2]) for k in backbone if k.startswith("mmdit.blocks.")}
     assert blocks == set(range(config["n_blocks"]))

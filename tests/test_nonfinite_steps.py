@@ -2,6 +2,7 @@
 non-finite, or whose gradient norm is, is skipped under `upstream` (optimizer untouched, counted in
 the metrics) and stops the run with an error naming the step and the term under `raise`;
 metrics.jsonl stays strict JSON (null plus `nonfinite_values`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,19 +60,23 @@ class NanGradients(MultimodalDiffusionTrainer):
 
 
 def _config(*overrides):
-    return load_config(config_path("stable"), TINY + [
-        f"training.num_train_steps={STEPS}", "logging.save_every=1", "training.warmup_steps=0", *overrides])
+    return load_config(
+        config_path("stable"),
+        TINY + [f"training.num_train_steps={STEPS}", "logging.save_every=1", "training.warmup_steps=0", *overrides],
+    )
 
 
 def _run(tmp_path, trainer_cls, *overrides):
     entry = dataclasses.replace(STABLE, trainer_cls=trainer_cls)
-    return run_training(_config(*overrides), trainer=entry, output_dir=tmp_path / "run", synthetic=True,
-                        progress=False, device="cpu")
+    return run_training(
+        _config(*overrides), trainer=entry, output_dir=tmp_path / "run", synthetic=True, progress=False, device="cpu"
+    )
 
 
 def _strict_lines(path):
     def refuse(name):
         raise ValueError(f"{path} holds {name}, which is not JSON")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
@@ -79,8 +84,9 @@ def _weights(run, step):
     return load_file(str(run.output_dir / "checkpoints" / f"step_{step:08d}.safetensors"))
 
 
-@pytest.mark.parametrize("trainer_cls, reason", [(NanLatents, "every loss term non-finite"),
-                                                 (NanGradients, "non-finite gradient norm")])
+@pytest.mark.parametrize(
+    "trainer_cls, reason", [(NanLatents, "every loss term non-finite"), (NanGradients, "non-finite gradient norm")]
+)
 def test_upstream_skips_the_step(tmp_path, trainer_cls, reason):
     run = _run(tmp_path, trainer_cls)
     records = _strict_lines(run.metrics_path)
@@ -112,8 +118,9 @@ def test_nonfinite_grad_norm_is_null_and_flagged(tmp_path):
     assert math.isnan(run.metrics[1]["grad_norm"])  # the returned history keeps the value
 
 
-@pytest.mark.parametrize("trainer_cls, term", [(NanLatents, "non-finite text_loss"),
-                                               (NanGradients, "non-finite gradient norm")])
+@pytest.mark.parametrize(
+    "trainer_cls, term", [(NanLatents, "non-finite text_loss"), (NanGradients, "non-finite gradient norm")]
+)
 def test_raise_names_the_step_and_the_term(tmp_path, trainer_cls, term):
     with pytest.raises(TrainingError, match=f"step 2: .*{term}") as caught:
         _run(tmp_path, trainer_cls, "loss.on_nonfinite=raise", "loss.loss_type=l2t")
@@ -124,20 +131,45 @@ def test_raise_names_the_step_and_the_term(tmp_path, trainer_cls, term):
 
 def test_raise_is_a_one_line_cli_error(tmp_path, capsys):
     entry = dataclasses.replace(STABLE, trainer_cls=NanLatents)
-    code = cli_main(entry, ["--synthetic", "--no-progress", "--device", "cpu", "--output-dir", str(tmp_path / "o"),
-                            *TINY, "training.num_train_steps=3", "loss.on_nonfinite=raise"])
+    code = cli_main(
+        entry,
+        [
+            "--synthetic",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "o"),
+            *TINY,
+            "training.num_train_steps=3",
+            "loss.on_nonfinite=raise",
+        ],
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: step 2: ") and "non-finite" in err[0], err
 
 
 def test_metrics_line_is_strict_json():
-    record = {"step": 3, "loss": float("nan"), "lr": 1e-3, "parts": {"a": float("-inf"), "b": 1.5},
-              "terms": [float("inf"), 2.0], "mode": "l2t"}
+    record = {
+        "step": 3,
+        "loss": float("nan"),
+        "lr": 1e-3,
+        "parts": {"a": float("-inf"), "b": 1.5},
+        "terms": [float("inf"), 2.0],
+        "mode": "l2t",
+    }
     line = metrics_line(record)
     parsed = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
-    assert parsed == {"step": 3, "loss": None, "lr": 1e-3, "parts": {"a": None, "b": 1.5}, "terms": [None, 2.0],
-                      "mode": "l2t", "nonfinite_values": {"loss": "nan", "parts.a": "-inf", "terms[0]": "inf"}}
+    assert parsed == {
+        "step": 3,
+        "loss": None,
+        "lr": 1e-3,
+        "parts": {"a": None, "b": 1.5},
+        "terms": [None, 2.0],
+        "mode": "l2t",
+        "nonfinite_values": {"loss": "nan", "parts.a": "-inf", "terms[0]": "inf"},
+    }
     finite = {"step": 1, "loss": 0.25, "nonfinite": ["text_loss"]}
     assert metrics_line(finite) == json.dumps(finite)
 

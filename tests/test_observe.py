@@ -1,5 +1,6 @@
 """The observation layer of the suite: model passes named by what they are given, random draws
 captured from torch / Python / NumPy and replayed, trainer classes loaded from a SPEC."""
+
 from __future__ import annotations
 
 import random
@@ -26,7 +27,9 @@ from tests.builders import tiny_batch
 
 @pytest.fixture(scope="module")
 def setup():
-    config = load_config(config_path("cycle"), TINY + ["loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"])
+    config = load_config(
+        config_path("cycle"), TINY + ["loss.cycle_text_ramp_steps=0", "loss.cycle_latent_ramp_steps=0"]
+    )
     model = build_model(config, seed=0).eval()
     vocab = vocab_from_config(config)
     batch = tiny_batch(3, 12, int(config.model.latent_dim), 0, vocab)
@@ -56,7 +59,11 @@ def test_positional_calls_bind_like_keywords(setup):
     passes = classify_passes(spy.passes, batch, vocab.mask_token_id)
     assert [p.kind for p in passes] == [L2T, T2L, MASKED]
     assert passes[0].positional == 4 and passes[1].keywords == (
-        "latent_timesteps", "latents", "text_timesteps", "text_tokens")
+        "latent_timesteps",
+        "latents",
+        "text_timesteps",
+        "text_tokens",
+    )
     assert torch.equal(passes[1].timestep("text"), torch.zeros(3))  # None means zeros
 
 
@@ -103,10 +110,10 @@ def test_served_draws_go_to_standard_draws_of_their_size_in_order():
     noise, noise2, u = torch.randn(3, 4), torch.randn(3, 4), torch.rand(3)
     served = {("normal", 12): [noise, noise2], ("uniform", 3): [u]}
     with DrawCapture(seed=0, served=served) as capture:
-        t = torch.rand(3)                                   # the uniform of size 3
-        other = torch.randn(5)                              # no prepared value: from the generator
-        first = torch.randn_like(torch.zeros(3, 1, 4))      # 12 values, another shape
-        second = torch.empty(3, 4).normal_(2.0, 0.5)        # in place, scaled
+        t = torch.rand(3)  # the uniform of size 3
+        other = torch.randn(5)  # no prepared value: from the generator
+        first = torch.randn_like(torch.zeros(3, 1, 4))  # 12 values, another shape
+        second = torch.empty(3, 4).normal_(2.0, 0.5)  # in place, scaled
     torch.testing.assert_close(t, u, rtol=0, atol=0)
     torch.testing.assert_close(first, noise.reshape(3, 1, 4), rtol=0, atol=0)
     torch.testing.assert_close(second, 2.0 + 0.5 * noise2, rtol=0, atol=0)
@@ -136,7 +143,8 @@ def test_trainer_spec_loads_a_file_outside_any_package(tmp_path):
     repo = tmp_path / "their_repo"
     (repo / "trainers").mkdir(parents=True)
     (repo / "trainers" / "helpers.py").write_text("SCALE = 2.0\n")
-    (repo / "trainers" / "my_trainer.py").write_text(textwrap.dedent("""
+    (repo / "trainers" / "my_trainer.py").write_text(
+        textwrap.dedent("""
         import helpers
 
         class MyTrainer:
@@ -145,7 +153,8 @@ def test_trainer_spec_loads_a_file_outside_any_package(tmp_path):
 
             def forward(self, batch):
                 return batch, {}
-    """))
+    """)
+    )
     spec = TrainerSpec.load(f"{repo / 'trainers' / 'my_trainer.py'}:MyTrainer")
     assert spec.cls.__name__ == "MyTrainer" and not spec.accepts_step and not spec.accepts_draws
     assert spec.cls(None, None, None, None, None).scale == 2.0
@@ -156,6 +165,7 @@ def test_two_trainer_folders_each_import_their_own_sibling_module(tmp_path):
     else): each trainer binds the helpers beside it, and the cached one is put back afterwards."""
     import sys
     import types
+
     sys.modules["helpers"] = foreign = types.ModuleType("helpers")
     try:
         scales = []
@@ -163,7 +173,8 @@ def test_two_trainer_folders_each_import_their_own_sibling_module(tmp_path):
             folder = tmp_path / f"repo{i}" / "trainers"
             folder.mkdir(parents=True)
             (folder / "helpers.py").write_text(f"SCALE = {scale}\n")
-            (folder / "my_trainer.py").write_text(textwrap.dedent("""
+            (folder / "my_trainer.py").write_text(
+                textwrap.dedent("""
                 import helpers
 
                 class MyTrainer:
@@ -172,7 +183,8 @@ def test_two_trainer_folders_each_import_their_own_sibling_module(tmp_path):
 
                     def forward(self, batch):
                         return batch, {}
-            """))
+            """)
+            )
             spec = TrainerSpec.load(f"{folder / 'my_trainer.py'}:MyTrainer")
             scales.append(spec.cls().scale)
         assert scales == [2.0, 3.0]
@@ -181,13 +193,17 @@ def test_two_trainer_folders_each_import_their_own_sibling_module(tmp_path):
         sys.modules.pop("helpers", None)
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("no_colon_here", "not a SPEC"),
-    ("{missing}:Trainer", "does not exist"),
-    ("{broken}:Trainer", "ZeroDivisionError"),
-    ("{ok}:Nope", "no class 'Nope'"),
-    ("not_a_module_anywhere_xyz:Trainer", "ModuleNotFoundError"),
-], ids=["malformed", "missing-file", "import-raises", "missing-class", "missing-module"])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("no_colon_here", "not a SPEC"),
+        ("{missing}:Trainer", "does not exist"),
+        ("{broken}:Trainer", "ZeroDivisionError"),
+        ("{ok}:Nope", "no class 'Nope'"),
+        ("not_a_module_anywhere_xyz:Trainer", "ModuleNotFoundError"),
+    ],
+    ids=["malformed", "missing-file", "import-raises", "missing-class", "missing-module"],
+)
 def test_trainer_spec_errors_name_the_problem(tmp_path, spec, needle):
     (tmp_path / "broken.py").write_text("1 / 0\n")
     (tmp_path / "ok.py").write_text("class Trainer:\n    def forward(self, batch):\n        return 0, {}\n")

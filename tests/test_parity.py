@@ -8,6 +8,7 @@ gradients), with JSON metadata `config`, `stable` and `versions`.
 Agreement expected in float32 on CPU: forward outputs and losses within 1e-5 absolute (and 1e-5
 relative), gradients within 1e-5 relative to their norm.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ class Fixture:
         self.config = json.loads(raw_meta["config"])
         self.stable = json.loads(raw_meta["stable"])
         self.versions = json.loads(raw_meta["versions"])
-        self.model_state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        self.model_state = {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
     @property
     def model_config(self) -> dict:
@@ -69,8 +70,13 @@ class Fixture:
 
     def build_model(self) -> MultimodalMMDiT:
         cfg = self.config
-        model = tiny_model(None, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
-                           cluster_size=cfg["cluster_size"], base=self.model_config)  # the fixture's sizes, weights loaded
+        model = tiny_model(
+            None,
+            vocab_size=cfg["vocab_size"],
+            latent_dim=cfg["latent_dim"],
+            cluster_size=cfg["cluster_size"],
+            base=self.model_config,
+        )  # the fixture's sizes, weights loaded
         model.load_state_dict(self.model_state, strict=True)
         return model
 
@@ -84,11 +90,11 @@ class Fixture:
 
     def draws(self, mode: str) -> dict[str, torch.Tensor]:
         prefix = f"stable.{mode}.draw."
-        return {DRAW_NAMES[k[len(prefix):]]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return {DRAW_NAMES[k[len(prefix) :]]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def grads(self, mode: str) -> dict[str, torch.Tensor]:
         prefix = f"stable.{mode}.grad."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
 _FIXTURES: dict[str, Fixture] = {}
@@ -164,8 +170,9 @@ def test_recorded_versions_equal_installed(fx):
 
 def test_state_dict_keys_and_shapes_equal_fixture(fx):
     cfg = fx.config
-    model = MultimodalMMDiT(fx.model_config, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"],
-                            cluster_size=cfg["cluster_size"])
+    model = MultimodalMMDiT(
+        fx.model_config, vocab_size=cfg["vocab_size"], latent_dim=cfg["latent_dim"], cluster_size=cfg["cluster_size"]
+    )
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fx.model_state.items()}
     assert sorted(set(theirs) - set(ours)) == [], "keys upstream has and the model lacks"
@@ -229,9 +236,12 @@ def test_stable_metrics_match_upstream(fx, mode):
     for name, value in expected.items():
         if name == "training_mode":
             continue
-        torch.testing.assert_close(torch.tensor(step.metrics[name], dtype=torch.float64),
-                                   torch.tensor(value, dtype=torch.float64), **TOL,
-                                   msg=lambda m, n=name: f"metric {n}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(step.metrics[name], dtype=torch.float64),
+            torch.tensor(value, dtype=torch.float64),
+            **TOL,
+            msg=lambda m, n=name: f"metric {n}: {m}",
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -269,7 +279,9 @@ def test_stable_nonzero_grad_parameters_match_upstream(fx, mode):
     total = torch.sqrt(sum(g.double().pow(2).sum() for g in step.grads.values()))
     for name in set(upstream) ^ set(step.nonzero_grad):
         size = float(step.grads[name].double().norm() / total) if name in step.grads else float("inf")
-        assert size < 1e-6, f"{name}: non-zero here xor upstream with relative size {size:.3g} (torch {torch.__version__})"
+        assert size < 1e-6, (
+            f"{name}: non-zero here xor upstream with relative size {size:.3g} (torch {torch.__version__})"
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)

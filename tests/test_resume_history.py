@@ -2,6 +2,7 @@
 resumed step and sets the abandoned run's later metrics lines and checkpoints aside (logged, nothing
 deleted); a directory holding another run is refused; a weights file is resumed only with its own
 train state."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ TINY = ["model.n_blocks=1", "model.hidden_size=32", "model.cond_dim=32"]
 
 def _train(output_dir: Path, steps: int = 6, **kwargs):
     config = load_config(config_path("stable"), TINY + [f"training.num_train_steps={steps}", "logging.save_every=2"])
-    return run_training(config, trainer=STABLE, output_dir=output_dir, synthetic=True, progress=False,
-                        device="cpu", **kwargs)
+    return run_training(
+        config, trainer=STABLE, output_dir=output_dir, synthetic=True, progress=False, device="cpu", **kwargs
+    )
 
 
 def _ckpt(run_dir: Path, step: int) -> Path:
@@ -39,8 +41,11 @@ def _steps(path: Path) -> list[int]:
 
 
 def _fingerprint(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +67,11 @@ def test_resume_into_the_same_run_keeps_one_history(six_steps, tmp_path, caplog)
     original = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "lo')  # a line cut by a kill mid-write
-    later = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-             for s in (4, 6) for p in (_ckpt(run_dir, s), train_state_path(_ckpt(run_dir, s)))}
+    later = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for s in (4, 6)
+        for p in (_ckpt(run_dir, s), train_state_path(_ckpt(run_dir, s)))
+    }
 
     caplog.set_level("WARNING")
     result = _train(run_dir, resume=_ckpt(run_dir, 2), stop_at_step=3)
@@ -76,8 +84,11 @@ def test_resume_into_the_same_run_keeps_one_history(six_steps, tmp_path, caplog)
     assert (aside / "metrics.jsonl").read_text() == "".join(original[2:]) + '{"step": 7, "lo'
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (aside / "checkpoints").iterdir()} == later
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step_00000002.safetensors", "step_00000002.train_state.pt",
-        "step_00000003.safetensors", "step_00000003.train_state.pt"]
+        "step_00000002.safetensors",
+        "step_00000002.train_state.pt",
+        "step_00000003.safetensors",
+        "step_00000003.train_state.pt",
+    ]
     assert "moved to" in caplog.text and str(aside) in caplog.text
     # A second resume from the same step keeps the first set-aside folder and opens another.
     _train(run_dir, resume=_ckpt(run_dir, 2), stop_at_step=3)

@@ -1,10 +1,15 @@
 """The control of the semantics rows: a model blind to an input cannot check how trainers feed it."""
+
 from __future__ import annotations
 
 import pytest
 
 from compat.harness import (
-    SENSITIVITY_MIN, CompatContext, require_sensitive, sensitivity, sensitized_copy,
+    SENSITIVITY_MIN,
+    CompatContext,
+    require_sensitive,
+    sensitivity,
+    sensitized_copy,
 )
 from compat.options import CompatOptions
 from compat.outcomes import CANNOT_CHECK

@@ -1,6 +1,7 @@
 """The settings schema: unknown keys name the nearest valid key, types and ranges are checked, every
 default is stated in the schema and recorded where it was taken, and the trainers, the model, the
 loop and the compat harness all read settings through it."""
+
 from __future__ import annotations
 
 import pytest
@@ -73,34 +74,44 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
         load_config(_cycle_yaml(tmp_path, lambda d: d["loss"].update(cycle_text_weigth=0.1, ramp="x")))
     assert "2 problems" in str(info.value) and "cycle_text_weigth" in str(info.value) and "loss.ramp" in str(info.value)
     with pytest.raises(ConfigError) as info:
-        load_config(_cycle_yaml(tmp_path, lambda d: (d["optimizer"].update(lr=float("inf")),
-                                                     d["loss"].update(cycle_latent_weight=-0.5))))
-    assert "2 problems" in str(info.value) and "optimizer.lr" in str(info.value) and "cycle_latent_weight" in str(info.value)
+        load_config(
+            _cycle_yaml(
+                tmp_path, lambda d: (d["optimizer"].update(lr=float("inf")), d["loss"].update(cycle_latent_weight=-0.5))
+            )
+        )
+    assert (
+        "2 problems" in str(info.value)
+        and "optimizer.lr" in str(info.value)
+        and "cycle_latent_weight" in str(info.value)
+    )
 
 
 # -- types and ranges ------------------------------------------------------------------------------
-@pytest.mark.parametrize("section, key, text, expected", [
-    ("optimizer", "lr", ".inf", "optimizer.lr=inf must be a finite number > 0"),
-    ("optimizer", "lr", ".nan", "optimizer.lr=nan must be a finite number > 0"),
-    ("optimizer", "lr", "0.0", "optimizer.lr=0.0 must be a finite number > 0"),
-    ("optimizer", "lr", "-1.0e-4", "must be a finite number > 0"),
-    ("loss", "cycle_text_weight", "-0.1", "loss.cycle_text_weight=-0.1 must be a finite number >= 0"),
-    ("loss", "cycle_latent_weight", ".nan", "loss.cycle_latent_weight=nan must be a finite number >= 0"),
-    ("loss", "latent_loss_weight", ".inf", "loss.latent_loss_weight=inf must be a finite number >= 0"),
-    ("loss", "cycle_latent_t_min", "0.98", "0 <= t_min < t_max <= 1"),
-    ("loss", "cycle_latent_t_max", "1.5", "0 <= t_min < t_max <= 1"),
-    ("loss", "cycle_text_ramp_steps", "-1", "loss.cycle_text_ramp_steps=-1 must be >= 0"),
-    ("loss", "latent_t_mode", "ful", "did you mean 'full'"),
-    ("loss", "cycle_latent_sampling", "topk", "valid: argmax, categorical"),
-    ("loss", "loss_type", "cycle", "valid: l2t, t2l, unconditional, sequential, random, cycle_vae"),
-    ("model", "latent_parameterization", "v", "valid: epsilon, x0, v_param"),
-    ("model", "latent_beta_schedule", "cosin", "did you mean 'cosine'"),
-    ("training", "dtype", "bf32", "valid: fp32"),
-    ("model", "hidden_size", "'64'", "model.hidden_size: expected an int, got '64'"),
-    ("loss", "cycle_stop_grad_latent", "1", "expected a bool"),
-    ("logging", "run_name", "7", "expected a string, got 7 (quote it in YAML)"),
-    ("training", "seed", "null", "training.seed: null is not allowed"),
-])
+@pytest.mark.parametrize(
+    "section, key, text, expected",
+    [
+        ("optimizer", "lr", ".inf", "optimizer.lr=inf must be a finite number > 0"),
+        ("optimizer", "lr", ".nan", "optimizer.lr=nan must be a finite number > 0"),
+        ("optimizer", "lr", "0.0", "optimizer.lr=0.0 must be a finite number > 0"),
+        ("optimizer", "lr", "-1.0e-4", "must be a finite number > 0"),
+        ("loss", "cycle_text_weight", "-0.1", "loss.cycle_text_weight=-0.1 must be a finite number >= 0"),
+        ("loss", "cycle_latent_weight", ".nan", "loss.cycle_latent_weight=nan must be a finite number >= 0"),
+        ("loss", "latent_loss_weight", ".inf", "loss.latent_loss_weight=inf must be a finite number >= 0"),
+        ("loss", "cycle_latent_t_min", "0.98", "0 <= t_min < t_max <= 1"),
+        ("loss", "cycle_latent_t_max", "1.5", "0 <= t_min < t_max <= 1"),
+        ("loss", "cycle_text_ramp_steps", "-1", "loss.cycle_text_ramp_steps=-1 must be >= 0"),
+        ("loss", "latent_t_mode", "ful", "did you mean 'full'"),
+        ("loss", "cycle_latent_sampling", "topk", "valid: argmax, categorical"),
+        ("loss", "loss_type", "cycle", "valid: l2t, t2l, unconditional, sequential, random, cycle_vae"),
+        ("model", "latent_parameterization", "v", "valid: epsilon, x0, v_param"),
+        ("model", "latent_beta_schedule", "cosin", "did you mean 'cosine'"),
+        ("training", "dtype", "bf32", "valid: fp32"),
+        ("model", "hidden_size", "'64'", "model.hidden_size: expected an int, got '64'"),
+        ("loss", "cycle_stop_grad_latent", "1", "expected a bool"),
+        ("logging", "run_name", "7", "expected a string, got 7 (quote it in YAML)"),
+        ("training", "seed", "null", "training.seed: null is not allowed"),
+    ],
+)
 def test_bad_values_in_a_file_fail_naming_key_and_value(tmp_path, section, key, text, expected):
     value = yaml.safe_load(text)
     with pytest.raises(ConfigError) as info:
@@ -108,12 +119,15 @@ def test_bad_values_in_a_file_fail_naming_key_and_value(tmp_path, section, key, 
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optimizer.lr=inf", "optimizer.lr=inf (from override) must be a finite number > 0"),
-    ("optimizer.lr=.nan", "must be a finite number > 0"),
-    ("loss.cycle_text_weight=-1", "loss.cycle_text_weight=-1.0 (from override) must be a finite number >= 0"),
-    ("loss.cycle_latent_t_min=0.99", "0 <= t_min < t_max <= 1"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lr=inf", "optimizer.lr=inf (from override) must be a finite number > 0"),
+        ("optimizer.lr=.nan", "must be a finite number > 0"),
+        ("loss.cycle_text_weight=-1", "loss.cycle_text_weight=-1.0 (from override) must be a finite number >= 0"),
+        ("loss.cycle_latent_t_min=0.99", "0 <= t_min < t_max <= 1"),
+    ],
+)
 def test_bad_values_in_overrides_fail(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         load_config(config_path("cycle"), [override])
@@ -152,8 +166,12 @@ def test_profile_upstream_gives_upstreams_defaults_to_left_out_cycle_keys_only(t
 
     resolved = resolve_config(_cycle_yaml(tmp_path, upstream))
     loss = resolved.config.loss
-    assert (loss.cycle_text_weight, loss.cycle_text_ramp_steps, loss.cycle_latent_weight, loss.latent_t_mode) == \
-        (1.0, 0, 0.0, "random")
+    assert (loss.cycle_text_weight, loss.cycle_text_ramp_steps, loss.cycle_latent_weight, loss.latent_t_mode) == (
+        1.0,
+        0,
+        0.0,
+        "random",
+    )
     assert resolved.sources["loss.cycle_text_weight"] == "profile upstream"
     assert loss.cycle_latent_ramp_steps == 12  # given by the file: the profile does not replace it
     recommended = resolve_config(config_path("cycle"), ["profile=recommended"]).config.loss
@@ -162,8 +180,12 @@ def test_profile_upstream_gives_upstreams_defaults_to_left_out_cycle_keys_only(t
 
 def test_the_schema_states_the_reviews_recommendations_and_the_profile_names_schema_keys():
     recommended = LossSettings(loss_type="cycle_vae")
-    assert (recommended.latent_t_mode, recommended.cycle_text_weight, recommended.cycle_latent_weight,
-            recommended.cycle_stop_grad_latent) == ("full", 0.1, 0.1, True)
+    assert (
+        recommended.latent_t_mode,
+        recommended.cycle_text_weight,
+        recommended.cycle_latent_weight,
+        recommended.cycle_stop_grad_latent,
+    ) == ("full", 0.1, 0.1, True)
     assert recommended.cycle_text_ramp_steps > 0 and recommended.cycle_latent_ramp_steps > 0
     keys = schema_keys()
     assert all(key in keys and not keys[key].is_section for key in UPSTREAM_PROFILE)
@@ -198,11 +220,21 @@ def test_the_loop_names_every_missing_required_key_at_once():
 # -- the readers validate --------------------------------------------------------------------------
 def test_trainers_and_model_validate_the_config_they_are_given():
     with pytest.raises(ConfigError, match="nearest valid key: 'loss.latent_loss_weight'"):
-        MultimodalDiffusionTrainer(_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                                   {"loss": {"loss_type": "l2t", "latent_loss_wieght": 0.2}})
+        MultimodalDiffusionTrainer(
+            _model(),
+            VOCAB,
+            MaskedDiffusion(VOCAB),
+            torch.float32,
+            {"loss": {"loss_type": "l2t", "latent_loss_wieght": 0.2}},
+        )
     with pytest.raises(ConfigError, match="nearest valid key: 'loss.cycle_text_weight'"):
-        CycleVAETrainer(_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                        {"loss": {"loss_type": "cycle_vae", "cycle_txt_weight": 0.2}})
+        CycleVAETrainer(
+            _model(),
+            VOCAB,
+            MaskedDiffusion(VOCAB),
+            torch.float32,
+            {"loss": {"loss_type": "cycle_vae", "cycle_txt_weight": 0.2}},
+        )
     with pytest.raises(ConfigError, match="needs loss.loss_type"):
         CycleVAETrainer(_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32, {"loss": {}})
     with pytest.raises(ValueError, match="nearest valid key: 'model.hidden_size'"):
@@ -217,15 +249,20 @@ def test_trainers_and_model_validate_the_config_they_are_given():
 def test_an_upstream_config_object_is_accepted_by_the_constructors_as_upstream_passed_it():
     """Upstream built Trainer(model, tokenizer, schedule, dtype, config) and MultimodalMMDiT(config.model, ...)
     from the composed config, its unused keys included."""
-    config = OmegaConf.create({"model": dict(MODEL, type="multimodal_mmdit", n_heads=24, p_uniform=0.0),
-                               "loss": {"loss_type": "t2l", "loss_scale": 1.0, "reduction": "tokenmean"},
-                               "training": {"seed": 3, "num_epochs": 10, "compile_model": False}})
+    config = OmegaConf.create(
+        {
+            "model": dict(MODEL, type="multimodal_mmdit", n_heads=24, p_uniform=0.0),
+            "loss": {"loss_type": "t2l", "loss_scale": 1.0, "reduction": "tokenmean"},
+            "training": {"seed": 3, "num_epochs": 10, "compile_model": False},
+        }
+    )
     model = MultimodalMMDiT(config.model, vocab_size=16, latent_dim=8)
     trainer = MultimodalDiffusionTrainer(model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, config)
     assert trainer.loss_type == "t2l" and trainer.settings.training.seed == 3
     with pytest.raises(ConfigError, match="loss.loss_scale=2.0 changes training upstream"):
-        MultimodalDiffusionTrainer(model, VOCAB, MaskedDiffusion(VOCAB), torch.float32,
-                                   {"loss": {"loss_type": "t2l", "loss_scale": 2.0}})
+        MultimodalDiffusionTrainer(
+            model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, {"loss": {"loss_type": "t2l", "loss_scale": 2.0}}
+        )
 
 
 def test_validation_of_a_validated_config_changes_nothing():
@@ -243,7 +280,9 @@ def test_compat_row_overrides_refuse_a_typo():
     base = load_config(config_path("cycle"))
     with pytest.raises(ConfigError) as info:
         _with_loss(base, {"cycle_text_wieght": 0.1})
-    assert "'loss.cycle_text_wieght'" in str(info.value) and "nearest valid key: 'loss.cycle_text_weight'" in str(info.value)
+    assert "'loss.cycle_text_wieght'" in str(info.value) and "nearest valid key: 'loss.cycle_text_weight'" in str(
+        info.value
+    )
     with pytest.raises(ConfigError, match="cycle_text_weight=-1.0"):
         _with_loss(base, {"cycle_text_weight": -1.0})
     updated = _with_loss(base, {"cycle_text_weight": 0.5, "training.dtype": "bf16", "logging.save_freq": 7})

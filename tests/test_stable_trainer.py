@@ -1,5 +1,6 @@
 """The stable trainer: modes, mode schedules, freezing, draws, determinism, latent settings,
 non-finite handling and batch handling, on tiny real models."""
+
 from __future__ import annotations
 
 import logging
@@ -34,13 +35,18 @@ def make_model(seed: int = 0, cluster_size: int = 0, n_blocks: int = 1) -> Multi
     return perturbed(model, seed + 1000)  # lift the backbone's zero-initialised gates so every path carries gradient
 
 
-def make_trainer(model=None, loss_type: str = "unconditional", *, loss=None, training=None,
-                 root=None, model_cfg=None) -> MultimodalDiffusionTrainer:
-    config = {"loss": dict({"loss_type": loss_type}, **(loss or {})),
-              "training": dict(training or {}), "model": dict(model_cfg or {})}
+def make_trainer(
+    model=None, loss_type: str = "unconditional", *, loss=None, training=None, root=None, model_cfg=None
+) -> MultimodalDiffusionTrainer:
+    config = {
+        "loss": dict({"loss_type": loss_type}, **(loss or {})),
+        "training": dict(training or {}),
+        "model": dict(model_cfg or {}),
+    }
     config.update(root or {})
-    return MultimodalDiffusionTrainer(model if model is not None else make_model(), VOCAB,
-                                      MaskedDiffusion(VOCAB), torch.float32, config)
+    return MultimodalDiffusionTrainer(
+        model if model is not None else make_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32, config
+    )
 
 
 def make_batch(seed: int = 0, batch_size: int = B) -> dict:
@@ -99,11 +105,16 @@ def test_base_mode_step(batch, mode):
         torch.testing.assert_close(loss.detach(), torch.tensor(metrics["text_loss"]), rtol=0, atol=0)
     elif mode == "t2l":
         assert metrics["text_loss"] == 0.0 and metrics["latent_loss"] > 0
-        torch.testing.assert_close(loss.detach(), torch.tensor(metrics["latent_loss"] * 0.1), **tol("float32_arithmetic"))
+        torch.testing.assert_close(
+            loss.detach(), torch.tensor(metrics["latent_loss"] * 0.1), **tol("float32_arithmetic")
+        )
     else:
         assert metrics["text_loss"] > 0 and metrics["latent_loss"] > 0
-        torch.testing.assert_close(loss.detach(), torch.tensor(metrics["text_loss"] + 0.1 * metrics["latent_loss"]),
-                                   **tol("float32_arithmetic"))
+        torch.testing.assert_close(
+            loss.detach(),
+            torch.tensor(metrics["text_loss"] + 0.1 * metrics["latent_loss"]),
+            **tol("float32_arithmetic"),
+        )
     loss.backward()
 
 
@@ -143,17 +154,33 @@ def test_unconditional_masks_with_the_injected_uniforms(batch):
     torch.testing.assert_close(call["text_tokens"], expected_ids, rtol=0, atol=0)
     torch.testing.assert_close(call["text_timesteps"], draws["text_t"], rtol=0, atol=0)
     torch.testing.assert_close(call["latent_timesteps"], draws["latent_t"], rtol=0, atol=0)
-    expected_latents, _ = trainer.latent_diffusion.add_noise(batch["latent"][:, 0], draws["latent_t"], draws["latent_noise"])
+    expected_latents, _ = trainer.latent_diffusion.add_noise(
+        batch["latent"][:, 0], draws["latent_t"], draws["latent_noise"]
+    )
     torch.testing.assert_close(call["latents"][:, 0], expected_latents, rtol=0, atol=0)
 
 
 # -- mode schedules --------------------------------------------------------------------------------
-SEQUENTIAL = [{"type": "l2t", "steps": 2, "epochs": 2}, {"type": "t2l", "steps": 3, "epochs": 1},
-              {"type": "unconditional", "steps": 1, "epochs": 1}]
+SEQUENTIAL = [
+    {"type": "l2t", "steps": 2, "epochs": 2},
+    {"type": "t2l", "steps": 3, "epochs": 1},
+    {"type": "unconditional", "steps": 1, "epochs": 1},
+]
 
 
-@pytest.mark.parametrize("step, expected", [(0, "l2t"), (1, "l2t"), (2, "t2l"), (4, "t2l"), (5, "unconditional"),
-                                            (6, "l2t"), (8, "t2l"), (6 * 100 + 5, "unconditional")])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, "l2t"),
+        (1, "l2t"),
+        (2, "t2l"),
+        (4, "t2l"),
+        (5, "unconditional"),
+        (6, "l2t"),
+        (8, "t2l"),
+        (6 * 100 + 5, "unconditional"),
+    ],
+)
 def test_sequential_schedule_by_step(step, expected):
     trainer = make_trainer(loss_type="sequential", training={"sequential_schedule": SEQUENTIAL})
     assert trainer.training_mode(step) == expected
@@ -191,8 +218,9 @@ def random_modes(seed: int, n: int = 24, weights=(1.0, 1.0, 1.0)) -> list[str]:
 
 
 def test_random_mode_comes_from_the_trainer_generator():
-    trainers = [make_trainer(loss_type="random", training={"seed": seed, "mode_weights": [1.0, 1.0, 1.0]})
-                for seed in (5, 5, 6)]
+    trainers = [
+        make_trainer(loss_type="random", training={"seed": seed, "mode_weights": [1.0, 1.0, 1.0]}) for seed in (5, 5, 6)
+    ]
     before = torch.get_rng_state()  # taken after model init, which does use the global RNG
     first, again, other = ([t.training_mode(step) for step in range(24)] for t in trainers)
     assert torch.equal(torch.get_rng_state(), before), "random mode selection touched the global RNG"
@@ -206,8 +234,9 @@ def test_random_mode_respects_weights():
     assert set(random_modes(0, weights=(0.0, 0.0, 2.0))) == {"t2l"}
 
 
-@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0]],
-                         ids=["two-weights", "negative", "all-zero"])
+@pytest.mark.parametrize(
+    "weights", [[1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0]], ids=["two-weights", "negative", "all-zero"]
+)
 def test_random_mode_rejects_bad_weights(weights):
     with pytest.raises(ValueError, match="mode_weights"):
         make_trainer(loss_type="random", training={"mode_weights": weights})
@@ -260,8 +289,9 @@ def test_freezing_by_group(batch, mode, frozen):
     side = {"l2t": "text_head.weight", "t2l": "latent_head.3.weight", "unconditional": "text_head.weight"}[mode]
     grads = dict(model.named_parameters())
     assert grads[side].grad is not None and bool(grads[side].grad.ne(0).any())
-    assert any(p.grad is not None and bool(p.grad.ne(0).any())
-               for n, p in grads.items() if n.startswith("mmdit.")), "the shared backbone got no gradient"
+    assert any(p.grad is not None and bool(p.grad.ne(0).any()) for n, p in grads.items() if n.startswith("mmdit.")), (
+        "the shared backbone got no gradient"
+    )
 
 
 @pytest.mark.parametrize("mode", ["l2t", "t2l", "unconditional"])
@@ -281,7 +311,9 @@ def test_cluster_head_loss_equals_two_output_loss(batch):
     draws = make_draws(ALL_DRAWS, seed=8)
     with_cluster = make_model(seed=3, cluster_size=4)
     without = make_model(seed=3, cluster_size=0)
-    without.load_state_dict({k: v for k, v in with_cluster.state_dict().items() if not k.startswith("text_head_clusters")})
+    without.load_state_dict(
+        {k: v for k, v in with_cluster.state_dict().items() if not k.startswith("text_head_clusters")}
+    )
     loss_a, _ = make_trainer(with_cluster)(batch, draws=draws)
     loss_b, _ = make_trainer(without)(batch, draws=draws)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
@@ -346,14 +378,16 @@ def test_same_seed_gives_bit_identical_losses_and_leaves_global_rng():
     other = make_trainer(make_model(seed=7), training={"seed": 12})
     first(batches[0])
     other(batches[0])
-    assert not torch.equal(other.last_draws["latent_noise"], first.last_draws["latent_noise"]), \
+    assert not torch.equal(other.last_draws["latent_noise"], first.last_draws["latent_noise"]), (
         "a different training.seed must give different draws"
+    )
 
 
 # -- latent settings -------------------------------------------------------------------------------
 def test_latent_settings_read_from_model_section():
-    trainer = make_trainer(model_cfg={"latent_timesteps": 50, "latent_beta_schedule": "linear",
-                                      "latent_parameterization": "v_param"})
+    trainer = make_trainer(
+        model_cfg={"latent_timesteps": 50, "latent_beta_schedule": "linear", "latent_parameterization": "v_param"}
+    )
     diffusion = trainer.latent_diffusion
     assert (diffusion.num_timesteps, diffusion.beta_schedule, diffusion.parameterization) == (50, "linear", "v_param")
     assert trainer.latent_settings.sources["latent_beta_schedule"] == "model.latent_beta_schedule"
@@ -377,20 +411,26 @@ def test_latent_settings_disagreement_names_both_keys():
     assert "root latent_parameterization='epsilon'" in message
 
 
-@pytest.mark.parametrize("loss_cfg, match", [({"loss_type": "cycle_vae"}, "loss_type='cycle_vae'"),
-                                             ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore'")],
-                         ids=["bad-loss-type", "bad-on-nonfinite"])
+@pytest.mark.parametrize(
+    "loss_cfg, match",
+    [({"loss_type": "cycle_vae"}, "loss_type='cycle_vae'"), ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore'")],
+    ids=["bad-loss-type", "bad-on-nonfinite"],
+)
 def test_bad_loss_config_raises(loss_cfg, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(loss=loss_cfg)
 
 
 # -- non-finite handling ---------------------------------------------------------------------------
-@pytest.mark.parametrize("nan_text, nan_latent, expected", [
-    (False, True, ["latent_pred"]),
-    (True, False, ["text_loss"]),
-    (True, True, ["text_loss", "latent_pred"]),
-], ids=["latent-nan", "text-nan", "both-nan"])
+@pytest.mark.parametrize(
+    "nan_text, nan_latent, expected",
+    [
+        (False, True, ["latent_pred"]),
+        (True, False, ["text_loss"]),
+        (True, True, ["text_loss", "latent_pred"]),
+    ],
+    ids=["latent-nan", "text-nan", "both-nan"],
+)
 def test_nonfinite_terms_are_replaced_as_upstream(batch, caplog, nan_text, nan_latent, expected):
     draws = make_draws(ALL_DRAWS, seed=6)
     base = make_model()
@@ -424,8 +464,11 @@ def test_nonfinite_total_becomes_upstream_constant(batch):
     assert metrics["loss"] == pytest.approx(0.01, rel=0, abs=1e-9)
 
 
-@pytest.mark.parametrize("nan_text, nan_latent, name", [(False, True, "latent_pred"), (True, False, "text_loss")],
-                         ids=["latent-nan", "text-nan"])
+@pytest.mark.parametrize(
+    "nan_text, nan_latent, name",
+    [(False, True, "latent_pred"), (True, False, "text_loss")],
+    ids=["latent-nan", "text-nan"],
+)
 def test_on_nonfinite_raise(batch, nan_text, nan_latent, name):
     trainer = make_trainer(NaNOutputs(make_model(), text=nan_text, latent=nan_latent), loss={"on_nonfinite": "raise"})
     with pytest.raises(FloatingPointError, match=name):
@@ -466,8 +509,10 @@ def test_latent_layouts_give_identical_losses(batch, mode):
 def test_attention_mask_dtypes_give_identical_losses(batch):
     model = make_model()
     draws = make_draws(ALL_DRAWS, seed=10)
-    losses = [make_trainer(model)(dict(batch, attention_mask=batch["attention_mask"].to(dtype)), draws=draws)[0]
-              for dtype in (torch.long, torch.float32, torch.bool, torch.uint8)]
+    losses = [
+        make_trainer(model)(dict(batch, attention_mask=batch["attention_mask"].to(dtype)), draws=draws)[0]
+        for dtype in (torch.long, torch.float32, torch.bool, torch.uint8)
+    ]
     for other in losses[1:]:
         torch.testing.assert_close(other, losses[0], rtol=0, atol=0)
     # ... and the mask matters: without it the padded tails are attended to.
@@ -475,12 +520,16 @@ def test_attention_mask_dtypes_give_identical_losses(batch):
     assert not torch.equal(unmasked, losses[0])
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("attention_mask", torch.ones(B, S - 1), r"attention_mask'\] must be \[B, S\]"),
-    ("latent", torch.randn(B + 1, D), r"latent'\] must be \[B, D\] or \[B, 1, D\]"),
-    ("latent", torch.randn(B, 2, D), r"latent'\] must be"),
-    ("input_ids", torch.zeros(B, S, 1, dtype=torch.long), r"input_ids'\] must be \[B, S\]"),
-], ids=["mask-length", "latent-batch", "latent-two-tokens", "ids-three-dims"])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("attention_mask", torch.ones(B, S - 1), r"attention_mask'\] must be \[B, S\]"),
+        ("latent", torch.randn(B + 1, D), r"latent'\] must be \[B, D\] or \[B, 1, D\]"),
+        ("latent", torch.randn(B, 2, D), r"latent'\] must be"),
+        ("input_ids", torch.zeros(B, S, 1, dtype=torch.long), r"input_ids'\] must be \[B, S\]"),
+    ],
+    ids=["mask-length", "latent-batch", "latent-two-tokens", "ids-three-dims"],
+)
 def test_bad_batch_shapes_raise(batch, key, value, match):
     with pytest.raises(ValueError, match=match):
         make_trainer()(dict(batch, **{key: value}))

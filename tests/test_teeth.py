@@ -1,5 +1,6 @@
 """The mutation-score runner (bench/teeth.py) end to end on a tiny project: real mutmut, real
 coverage, the verdict classes, the equivalent list, the score formula, resuming, bad setups."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 
 from bench import teeth
 
-CALC = '''\
+CALC = """\
 def clamp_add(a, b):
     total = a + b
     return min(total, 10)
@@ -24,9 +25,9 @@ def scale(x):
 
 def unused(x):
     return x - 1
-'''
+"""
 
-CHECKS = '''\
+CHECKS = """\
 from tiny.calc import clamp_add, scale
 
 
@@ -37,9 +38,9 @@ def test_clamp_add():
 
 def test_scale():
     assert scale(3) == 6
-'''
+"""
 
-PYPROJECT = '''\
+PYPROJECT = """\
 [tool.mutmut]
 source_paths = ["tiny", "checks"]
 only_mutate = ["tiny/calc.py"]
@@ -48,7 +49,7 @@ pytest_add_cli_args = ["-p", "no:cacheprovider"]
 process_isolation = "fork"
 timeout_multiplier = 5.0
 timeout_constant = 5.0
-'''
+"""
 
 # The survivor on an executed line: `x < 0` -> `x <= 0` (scale(0) is never asked).
 BOUNDARY = {"file": "tiny/calc.py", "function": "scale", "before": "if x < 0:", "after": "if x <= 0:"}
@@ -65,8 +66,9 @@ def write_project(root: Path, pyproject: str = PYPROJECT) -> Path:
 
 
 def write_equivalents(path: Path, entries: list[dict]) -> Path:
-    body = "".join("[[equivalent]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in e.items()) + "\n"
-                   for e in entries)
+    body = "".join(
+        "[[equivalent]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in e.items()) + "\n" for e in entries
+    )
     path.write_text(body)
     return path
 
@@ -135,7 +137,7 @@ def test_equivalent_list_moves_a_survivor(tiny_run, tmp_path):
 def test_locate_maps_a_method_diff_to_its_file_line():
     import ast
 
-    source = textwrap.dedent('''\
+    source = textwrap.dedent("""\
         import torch
 
 
@@ -146,11 +148,13 @@ def test_locate_maps_a_method_diff_to_its_file_line():
             def step(x):
                 y = x + 1
                 return y * 2
-        ''')
+        """)
     # mutmut's diff counts lines in the function text it prints (the comment above included).
     text = "# a comment above the method\n\n@staticmethod\ndef step(x):\n    y = x + 1\n    return y * 2"
-    diff = ("--- f.py\n+++ f.py\n@@ -2,5 +2,5 @@\n \n @staticmethod\n def step(x):\n"
-            "-    y = x + 1\n+    y = x - 1\n     return y * 2")
+    diff = (
+        "--- f.py\n+++ f.py\n@@ -2,5 +2,5 @@\n \n @staticmethod\n def step(x):\n"
+        "-    y = x + 1\n+    y = x - 1\n     return y * 2"
+    )
     line, before, after = teeth.locate(diff, text, ast.parse(source), "Trainer.step")
     assert (line, before, after) == (9, "y = x + 1", "y = x - 1")
 
@@ -211,6 +215,7 @@ def test_only_mutants_runs_just_those(tiny_run, tmp_path):
     """The smoke mode (--small): named mutants only, and the result holds just them."""
     root = tiny_run[0]
     none = write_equivalents(tmp_path / "none.toml", [])
-    result = teeth.run_teeth(root, tmp_path / "w", only_mutants=["tiny.calc.x_clamp_add__mutmut_1"],
-                             equivalent_file=none)
+    result = teeth.run_teeth(
+        root, tmp_path / "w", only_mutants=["tiny.calc.x_clamp_add__mutmut_1"], equivalent_file=none
+    )
     assert result["total"] == 1 and result["counts"]["killed"] == 1

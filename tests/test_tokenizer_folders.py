@@ -1,5 +1,6 @@
 """The vocabulary: explicit ids, local tokenizer folders (vocab.txt or tokenizer.json), upstream's
 [MASK] addition, and errors that name exactly what to pass."""
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def test_the_config_gives_values_first_and_must_agree_with_the_folder():
     resolution = resolve_vocab(explicit, tokenizer_dir=BERT_TXT)
     assert _spec(resolution) == SPEC and set(resolution.sources.values()) == {"config"}
     partial = resolve_vocab({"tokenizer": {"pad_token_id": 0}}, tokenizer_dir=BERT_JSON)
-    assert partial.sources["pad_token_id"] == "config" and partial.sources["mask_token_id"].startswith("tokenizer folder")
+    assert partial.sources["pad_token_id"] == "config" and partial.sources["mask_token_id"].startswith(
+        "tokenizer folder"
+    )
     with pytest.raises(ConfigError) as info:
         resolve_vocab({"tokenizer": {"vocab_size": 30522}}, tokenizer_dir=BERT_TXT)
     assert "tokenizer.vocab_size=30522" in str(info.value) and "gives 32" in str(info.value)
@@ -128,8 +131,11 @@ def test_folder_problems_name_the_file(tmp_path):
 
 
 def test_load_config_fills_the_vocabulary_from_tokenizer_and_records_where_it_came_from():
-    config = load_config(config_path("cycle"), ["tokenizer.vocab_size=null", "tokenizer.mask_token_id=null",
-                                                "tokenizer.pad_token_id=null"], tokenizer_dir=BERT_TXT)
+    config = load_config(
+        config_path("cycle"),
+        ["tokenizer.vocab_size=null", "tokenizer.mask_token_id=null", "tokenizer.pad_token_id=null"],
+        tokenizer_dir=BERT_TXT,
+    )
     assert (config.tokenizer.vocab_size, config.tokenizer.mask_token_id, config.tokenizer.pad_token_id) == SPEC
     assert config.tokenizer.path == str(BERT_TXT)
     assert vocab_from_config(config).vocab_size == 32

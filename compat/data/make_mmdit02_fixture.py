@@ -36,6 +36,7 @@ Size
 The script refuses to run unless the importable mmdit is 0.2.x (by its distribution metadata and
 by the location of the imported module), and checks that what it wrote has the 0.2.x layout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,35 +66,53 @@ def require_mmdit_02() -> str:
     try:
         version = importlib_metadata.version("mmdit")
     except importlib_metadata.PackageNotFoundError:
-        sys.exit("make_mmdit02_fixture: mmdit is not installed; this script needs mmdit 0.2.x "
-                 "(see the module docstring for how to put it on PYTHONPATH)")
+        sys.exit(
+            "make_mmdit02_fixture: mmdit is not installed; this script needs mmdit 0.2.x "
+            "(see the module docstring for how to put it on PYTHONPATH)"
+        )
     if not version.startswith("0.2."):
-        sys.exit(f"make_mmdit02_fixture: refusing to run: the importable mmdit is {version}, "
-                 f"this fixture must be written with mmdit 0.2.x. Put mmdit 0.2.2 first on "
-                 f"PYTHONPATH (see the module docstring); the main environment is not to be changed.")
+        sys.exit(
+            f"make_mmdit02_fixture: refusing to run: the importable mmdit is {version}, "
+            f"this fixture must be written with mmdit 0.2.x. Put mmdit 0.2.2 first on "
+            f"PYTHONPATH (see the module docstring); the main environment is not to be changed."
+        )
     import mmdit
 
     expected = Path(importlib_metadata.distribution("mmdit").locate_file("mmdit/__init__.py")).resolve()
     if Path(mmdit.__file__).resolve() != expected:
-        sys.exit(f"make_mmdit02_fixture: refusing to run: the mmdit metadata says {version} "
-                 f"({expected}) but the imported module is {mmdit.__file__}")
+        sys.exit(
+            f"make_mmdit02_fixture: refusing to run: the mmdit metadata says {version} "
+            f"({expected}) but the imported module is {mmdit.__file__}"
+        )
     return version
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"target file (default {DEFAULT_OUT})")
-    parser.add_argument("--hidden-size", type=int, default=MODEL_CONFIG["hidden_size"],
-                        help="model.hidden_size (default %(default)s, the committed fixture)")
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=MODEL_CONFIG["hidden_size"],
+        help="model.hidden_size (default %(default)s, the committed fixture)",
+    )
     parser.add_argument("--cond-dim", type=int, default=None, help="model.cond_dim (default: the hidden size)")
     args = parser.parse_args(argv)
-    model_config = dict(MODEL_CONFIG, hidden_size=args.hidden_size,
-                        cond_dim=args.hidden_size if args.cond_dim is None else args.cond_dim)
+    model_config = dict(
+        MODEL_CONFIG,
+        hidden_size=args.hidden_size,
+        cond_dim=args.hidden_size if args.cond_dim is None else args.cond_dim,
+    )
 
     mmdit_version = require_mmdit_02()
 
-    from latentDLM_mmdit.checkpoints import (MMDIT_02_MARKERS, MMDIT_03_MARKERS, installed_versions,
-                                             open_checkpoint, save_checkpoint)
+    from latentDLM_mmdit.checkpoints import (
+        MMDIT_02_MARKERS,
+        MMDIT_03_MARKERS,
+        installed_versions,
+        open_checkpoint,
+        save_checkpoint,
+    )
     from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
     from latentDLM_mmdit.seeding import seed_everything
 

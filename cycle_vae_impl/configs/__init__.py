@@ -1,4 +1,5 @@
 """The cycle trainer's packaged configs."""
+
 from __future__ import annotations
 
 from pathlib import Path

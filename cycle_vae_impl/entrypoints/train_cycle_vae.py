@@ -7,6 +7,7 @@
 
 Overrides are positional key.path=value arguments; see --help and `latentDLM_mmdit.training`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,13 @@ from cycle_vae_impl.configs import default_config_path  # noqa: E402
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer  # noqa: E402
 from latentDLM_mmdit.training import TrainerEntry, cli_main  # noqa: E402
 
-CYCLE = TrainerEntry("cycle", CycleVAETrainer, default_config_path("cycle"),
-                     "cycle_vae_impl.entrypoints.train_cycle_vae", "the cycle trainer (T2L + L2T + cycle terms)")
+CYCLE = TrainerEntry(
+    "cycle",
+    CycleVAETrainer,
+    default_config_path("cycle"),
+    "cycle_vae_impl.entrypoints.train_cycle_vae",
+    "the cycle trainer (T2L + L2T + cycle terms)",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ latent_pred is [B,1,D], so the x0 reconstruction and the latent MSE must not bro
 
 A term whose weight is 0 at this step costs no model pass.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -22,7 +23,10 @@ import torch.nn as nn
 
 from latentDLM_mmdit.draws import DrawSource
 from latentDLM_mmdit.trainer_base import (
-    FALLBACK_TOTAL_LOSS, DiffusionTrainerBase, prepare_batch, split_model_outputs,
+    FALLBACK_TOTAL_LOSS,
+    DiffusionTrainerBase,
+    prepare_batch,
+    split_model_outputs,
 )
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse
 from latentDLM_mmdit.settings import CYCLE_LOSS_TYPE, PSEUDO_TOKEN_SAMPLINGS, require
@@ -78,8 +82,9 @@ class CycleVAETrainer(DiffusionTrainerBase):
 
     DRAW_NAMES = ("latent_t", "latent_noise", "cycle_latent_t", "cycle_latent_noise", "pseudo_token_uniform")
 
-    def __init__(self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module,
-                 dtype: torch.dtype, config: Any):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module, dtype: torch.dtype, config: Any
+    ):
         super().__init__(model, tokenizer, text_noise_schedule, dtype, config)
         require(self.settings, ["loss.loss_type"], type(self).__name__)
         loss = self.settings.loss  # validated: types, ranges and choices checked by the schema
@@ -88,8 +93,10 @@ class CycleVAETrainer(DiffusionTrainerBase):
         self.latent_t_mode = LATENT_T_MODES[loss.latent_t_mode]
         self.latent_t_min = loss.cycle_latent_t_min
         self.latent_t_max = loss.cycle_latent_t_max
-        self.weights = {term: (loss[f"{term}_weight"], loss[f"{term}_warmup_steps"], loss[f"{term}_ramp_steps"])
-                        for term in ("cycle_text", "cycle_latent")}
+        self.weights = {
+            term: (loss[f"{term}_weight"], loss[f"{term}_warmup_steps"], loss[f"{term}_ramp_steps"])
+            for term in ("cycle_text", "cycle_latent")
+        }
         self.pseudo_token_sampling = loss.cycle_latent_sampling
         self.stop_grad_latent = loss.cycle_stop_grad_latent
         self.last_model_passes = 0
@@ -112,13 +119,15 @@ class CycleVAETrainer(DiffusionTrainerBase):
         return torch.full_like(input_ids, self.mask_token_id), torch.ones_like(input_ids, dtype=torch.bool)
 
     def _run(self, text_tokens, latents_2d, text_t, latent_t, attention_mask):
-        return split_model_outputs(self.model(
-            text_tokens=text_tokens,
-            latents=latents_2d.unsqueeze(1),  # [B, 1, D]; x_t stays in the schedule's float32, as in stable T2L
-            text_timesteps=text_t,
-            latent_timesteps=latent_t,
-            attention_mask=attention_mask,
-        ))
+        return split_model_outputs(
+            self.model(
+                text_tokens=text_tokens,
+                latents=latents_2d.unsqueeze(1),  # [B, 1, D]; x_t stays in the schedule's float32, as in stable T2L
+                text_timesteps=text_t,
+                latent_timesteps=latent_t,
+                attention_mask=attention_mask,
+            )
+        )
 
     def _finite_or_zero(self, value: torch.Tensor, name: str, nonfinite: list[str], zero: torch.Tensor):
         if is_finite(value):
@@ -127,8 +136,20 @@ class CycleVAETrainer(DiffusionTrainerBase):
         return zero
 
     @torch.compiler.disable  # Python floats for the log: outside a compiled step's graph
-    def _metrics(self, total, t2l_loss, l2t_loss, cycle_text_loss, cycle_latent_loss, w_text, w_latent,
-                 t_lat, latent_pred, x0_pred, nonfinite) -> dict[str, Any]:
+    def _metrics(
+        self,
+        total,
+        t2l_loss,
+        l2t_loss,
+        cycle_text_loss,
+        cycle_latent_loss,
+        w_text,
+        w_latent,
+        t_lat,
+        latent_pred,
+        x0_pred,
+        nonfinite,
+    ) -> dict[str, Any]:
         with torch.no_grad():
             x0_gain = self.latent_diffusion.x0_error_gain(t_lat)
             metrics: dict[str, Any] = {
@@ -151,8 +172,12 @@ class CycleVAETrainer(DiffusionTrainerBase):
         return metrics
 
     # -- the step -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, torch.Tensor], step: int | None = None,
-                draws: Mapping[str, torch.Tensor] | None = None):
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        step: int | None = None,
+        draws: Mapping[str, torch.Tensor] | None = None,
+    ):
         """One cycle step. Returns (loss, metrics).
 
         Args:
@@ -181,16 +206,18 @@ class CycleVAETrainer(DiffusionTrainerBase):
         z_t, latent_target = self.latent_diffusion.add_noise(latents, t_lat, noise)  # [B, D]
         _, latent_pred = self._run(input_ids, z_t, t_text_clean, t_lat, attention_mask)  # [B, 1, D]
         if is_finite(latent_pred):
-            t2l_loss = self._finite_or_zero(normalized_latent_mse(latent_pred, latent_target),
-                                            "base_t2l_latent_loss", nonfinite, zero)
+            t2l_loss = self._finite_or_zero(
+                normalized_latent_mse(latent_pred, latent_target), "base_t2l_latent_loss", nonfinite, zero
+            )
         else:
             nonfinite.append("latent_pred")
             t2l_loss = zero
 
         # Base L2T: every token masked, clean latent, CE over every position.
         text_logits_l2t, _ = self._run(all_masked, latents, t_text_full, t_latent_clean, attention_mask)
-        l2t_loss = self._finite_or_zero(masked_text_ce(text_logits_l2t, input_ids, every_position),
-                                        "base_l2t_text_loss", nonfinite, zero)
+        l2t_loss = self._finite_or_zero(
+            masked_text_ce(text_logits_l2t, input_ids, every_position), "base_l2t_text_loss", nonfinite, zero
+        )
 
         # x0 from the T2L prediction (the prediction given z_t's shape: no [B,B,D] broadcast).
         x0_pred = self.latent_diffusion.x0_from_prediction(z_t, t_lat, latent_pred.reshape(z_t.shape))  # [B, D]
@@ -198,10 +225,12 @@ class CycleVAETrainer(DiffusionTrainerBase):
         cycle_text_loss = zero
         if w_text > 0.0:
             x0_cycle = x0_pred.detach() if self.stop_grad_latent else x0_pred
-            text_logits_cycle, _ = self._run(all_masked, x0_cycle.to(self.dtype), t_text_full, t_latent_clean,
-                                             attention_mask)
-            cycle_text_loss = self._finite_or_zero(masked_text_ce(text_logits_cycle, input_ids, every_position),
-                                                   "cycle_text_loss", nonfinite, zero)
+            text_logits_cycle, _ = self._run(
+                all_masked, x0_cycle.to(self.dtype), t_text_full, t_latent_clean, attention_mask
+            )
+            cycle_text_loss = self._finite_or_zero(
+                masked_text_ce(text_logits_cycle, input_ids, every_position), "cycle_text_loss", nonfinite, zero
+            )
 
         cycle_latent_loss = zero
         if w_latent > 0.0:
@@ -215,8 +244,9 @@ class CycleVAETrainer(DiffusionTrainerBase):
             z_t2, latent_target2 = self.latent_diffusion.add_noise(latents, t_lat2, noise2)
             _, latent_pred2 = self._run(pseudo, z_t2, t_text_clean, t_lat2, attention_mask)
             if is_finite(latent_pred2):
-                cycle_latent_loss = self._finite_or_zero(normalized_latent_mse(latent_pred2, latent_target2),
-                                                         "cycle_latent_loss", nonfinite, zero)
+                cycle_latent_loss = self._finite_or_zero(
+                    normalized_latent_mse(latent_pred2, latent_target2), "cycle_latent_loss", nonfinite, zero
+                )
             else:
                 nonfinite.append("latent_pred2")
         self.unused_draws = source.unused()
@@ -229,6 +259,17 @@ class CycleVAETrainer(DiffusionTrainerBase):
         self.report_nonfinite("cycle trainer", nonfinite)
 
         self.last_model_passes = 2 + int(w_text > 0.0) + int(w_latent > 0.0)
-        metrics = self._metrics(total, t2l_loss, l2t_loss, cycle_text_loss, cycle_latent_loss, w_text, w_latent,
-                                t_lat, latent_pred, x0_pred, nonfinite)
+        metrics = self._metrics(
+            total,
+            t2l_loss,
+            l2t_loss,
+            cycle_text_loss,
+            cycle_latent_loss,
+            w_text,
+            w_latent,
+            t_lat,
+            latent_pred,
+            x0_pred,
+            nonfinite,
+        )
         return total, metrics

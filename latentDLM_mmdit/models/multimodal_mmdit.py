@@ -15,6 +15,7 @@ and give the same numbers:
     latent_head.{0,3}                    Linear(H, 2H), GELU, Dropout, Linear(2H, D)
     text_head_clusters                   Linear(H, V), only when cluster_size > 0
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,9 +65,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]  # [B, half]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2*half]
         if dim % 2:
@@ -183,8 +182,12 @@ class MultimodalMMDiT(nn.Module):
         self._init_heads()
         logger.debug(
             "MultimodalMMDiT: V=%d H=%d D=%d blocks=%s streams=%d cluster_size=%d",
-            self.vocab_size, hidden, self.latent_dim, settings.n_blocks,
-            self.num_residual_streams, self.cluster_size,
+            self.vocab_size,
+            hidden,
+            self.latent_dim,
+            settings.n_blocks,
+            self.num_residual_streams,
+            self.cluster_size,
         )
 
     def _init_heads(self) -> None:
@@ -204,9 +207,7 @@ class MultimodalMMDiT(nn.Module):
             raise ValueError(f"text_tokens must hold integer token ids, got dtype {text_tokens.dtype}")
         batch, seq_len = text_tokens.shape
         if seq_len > self.max_seq_len:
-            raise ValueError(
-                f"text_tokens has sequence length {seq_len}, longer than max_seq_len={self.max_seq_len}"
-            )
+            raise ValueError(f"text_tokens has sequence length {seq_len}, longer than max_seq_len={self.max_seq_len}")
         if text_tokens.numel() > 0:
             lo, hi = int(text_tokens.min()), int(text_tokens.max())
             if lo < 0 or hi >= self.vocab_size:

@@ -5,6 +5,7 @@
 
 Both describe the same 32-token WordPiece vocabulary: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,42 @@ from tokenizers.models import WordPiece
 
 HERE = Path(__file__).resolve().parent
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "and", "is", "was", "big", "small", "red",
-         "blue", "house", "tree", "bird", "sun", "##s", "##ed", "##ing", "##er", "##ly", ".", ","]
-SPECIAL_MAP = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-               "mask_token": "[MASK]"}
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "to",
+    "and",
+    "is",
+    "was",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "house",
+    "tree",
+    "bird",
+    "sun",
+    "##s",
+    "##ed",
+    "##ing",
+    "##er",
+    "##ly",
+    ".",
+    ",",
+]
+SPECIAL_MAP = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
 TOKENIZER_CONFIG = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32, **SPECIAL_MAP}
 
 

@@ -10,6 +10,7 @@ this repo's `CycleVAETrainer`'s (tests/test_foreign_trainers.py).
 Gate verdict expected: every row OK (or REVIEW where this repo's own trainer gets REVIEW, e.g.
 gradient flow); nothing INCOMPATIBLE on the packaged tiny cycle config.
 """
+
 from .trainer import FunctionalCycleTrainer
 
 __all__ = ["FunctionalCycleTrainer"]

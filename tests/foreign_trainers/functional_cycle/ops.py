@@ -1,4 +1,5 @@
 """Stateless pieces of the cycle objective. Every random number comes from torch's global RNG."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """FunctionalCycleTrainer: the cycle objective as a thin module over `ops`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,10 +42,16 @@ class CycleSettings:
             t_mode=mode,
             t_lo=float(loss.cycle_latent_t_min),
             t_hi=float(loss.cycle_latent_t_max),
-            text_weight=(float(loss.cycle_text_weight), int(loss.cycle_text_warmup_steps),
-                         int(loss.cycle_text_ramp_steps)),
-            latent_cycle_weight=(float(loss.cycle_latent_weight), int(loss.cycle_latent_warmup_steps),
-                                 int(loss.cycle_latent_ramp_steps)),
+            text_weight=(
+                float(loss.cycle_text_weight),
+                int(loss.cycle_text_warmup_steps),
+                int(loss.cycle_text_ramp_steps),
+            ),
+            latent_cycle_weight=(
+                float(loss.cycle_latent_weight),
+                int(loss.cycle_latent_warmup_steps),
+                int(loss.cycle_latent_ramp_steps),
+            ),
             sampling=str(loss.cycle_latent_sampling).lower(),
             stop_grad=bool(loss.cycle_stop_grad_latent),
         )
@@ -79,8 +86,11 @@ class FunctionalCycleTrainer(nn.Module):
 
     def _call(self, tokens, latents_bd, t_text, t_latent, keep):
         text_logits, latent_guess = self.model(
-            text_tokens=tokens, latents=latents_bd[:, None], text_timesteps=t_text,
-            latent_timesteps=t_latent, attention_mask=keep,
+            text_tokens=tokens,
+            latents=latents_bd[:, None],
+            text_timesteps=t_text,
+            latent_timesteps=t_latent,
+            attention_mask=keep,
         )[:2]
         return text_logits, latent_guess  # [B, S, V], [B, 1, D]
 
@@ -121,6 +131,13 @@ class FunctionalCycleTrainer(nn.Module):
             cycle_latent = direction_mse(guess2, goal2)
 
         loss = s.latent_weight * t2l + l2t + w_text * cycle_text + w_latent * cycle_latent
-        stats = {"loss": loss.item(), "t2l": t2l.item(), "l2t": l2t.item(), "cycle_text": cycle_text.item(),
-                 "cycle_latent": cycle_latent.item(), "w_cycle_text": w_text, "w_cycle_latent": w_latent}
+        stats = {
+            "loss": loss.item(),
+            "t2l": t2l.item(),
+            "l2t": l2t.item(),
+            "cycle_text": cycle_text.item(),
+            "cycle_latent": cycle_latent.item(),
+            "w_cycle_text": w_text,
+            "w_cycle_latent": w_latent,
+        }
         return loss, stats

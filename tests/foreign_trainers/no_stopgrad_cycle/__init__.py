@@ -10,6 +10,7 @@ Load it by path: tests/foreign_trainers/no_stopgrad_cycle/cycle.py:NoStopGradCyc
 Gate verdict expected: INCOMPATIBLE on the cycle-terms row (gradient reaches the T2L prediction
 through cycle_text while cycle_stop_grad_latent is true); the loss-only rows stay OK; gate exit 1.
 """
+
 from no_stopgrad_cycle.cycle import NoStopGradCycleTrainer
 
 __all__ = ["NoStopGradCycleTrainer"]

@@ -1,4 +1,5 @@
 """NoStopGradCycleTrainer (see the package docstring for its defect)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,11 +16,11 @@ from no_stopgrad_cycle.terms import (
 
 class NoStopGradCycleTrainer(nn.Module):
     """Args:
-        model: the MultimodalMMDiT.
-        tokenizer: anything with `mask_token_id`.
-        text_noise_schedule: kept as an attribute, unused.
-        dtype: dtype of latents and timesteps fed to the model.
-        config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys).
+    model: the MultimodalMMDiT.
+    tokenizer: anything with `mask_token_id`.
+    text_noise_schedule: kept as an attribute, unused.
+    dtype: dtype of latents and timesteps fed to the model.
+    config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys).
     """
 
     def __init__(self, model, tokenizer, text_noise_schedule, dtype, config):
@@ -43,14 +44,20 @@ class NoStopGradCycleTrainer(nn.Module):
 
     def t2l(self, ids, x0, t, noise, keep, zeros):
         z_t, target = self.latent_diffusion.add_noise(x0, t, noise)  # [B, D]
-        pred = self.model(text_tokens=ids, latents=z_t.unsqueeze(1), text_timesteps=zeros, latent_timesteps=t,
-                          attention_mask=keep)[1]  # [B, 1, D]
+        pred = self.model(
+            text_tokens=ids, latents=z_t.unsqueeze(1), text_timesteps=zeros, latent_timesteps=t, attention_mask=keep
+        )[1]  # [B, 1, D]
         return z_t, pred, latent_term(pred, target)
 
     def l2t(self, latents_2d, ids, keep, ones, zeros):
         masked = torch.full_like(ids, self.mask_token_id)
-        logits = self.model(text_tokens=masked, latents=latents_2d.unsqueeze(1), text_timesteps=ones,
-                            latent_timesteps=zeros, attention_mask=keep)[0]  # [B, S, V]
+        logits = self.model(
+            text_tokens=masked,
+            latents=latents_2d.unsqueeze(1),
+            text_timesteps=ones,
+            latent_timesteps=zeros,
+            attention_mask=keep,
+        )[0]  # [B, S, V]
         return logits, text_term(logits, ids)
 
     def forward(self, batch, step=None):
@@ -60,10 +67,18 @@ class NoStopGradCycleTrainer(nn.Module):
         n, dev = ids.shape[0], ids.device
         zeros = torch.zeros(n, device=dev, dtype=self.dtype)
         ones = torch.ones(n, device=dev, dtype=self.dtype)
-        w_text = warm_ramp(float(self.cfg.cycle_text_weight), int(self.cfg.cycle_text_warmup_steps),
-                           int(self.cfg.cycle_text_ramp_steps), step)
-        w_latent = warm_ramp(float(self.cfg.cycle_latent_weight), int(self.cfg.cycle_latent_warmup_steps),
-                             int(self.cfg.cycle_latent_ramp_steps), step)
+        w_text = warm_ramp(
+            float(self.cfg.cycle_text_weight),
+            int(self.cfg.cycle_text_warmup_steps),
+            int(self.cfg.cycle_text_ramp_steps),
+            step,
+        )
+        w_latent = warm_ramp(
+            float(self.cfg.cycle_latent_weight),
+            int(self.cfg.cycle_latent_warmup_steps),
+            int(self.cfg.cycle_latent_ramp_steps),
+            step,
+        )
 
         t = self.sample_t(n, dev).to(self.dtype)
         z_t, pred, base_t2l = self.t2l(ids, x0, t, torch.randn_like(x0), keep, zeros)
@@ -85,5 +100,10 @@ class NoStopGradCycleTrainer(nn.Module):
             _, _, cycle_latent = self.t2l(pseudo, x0, t2, torch.randn_like(x0), keep, zeros)
 
         loss = float(self.cfg.latent_loss_weight) * base_t2l + base_l2t + w_text * cycle_text + w_latent * cycle_latent
-        return loss, {"loss": loss.item(), "base_t2l": base_t2l.item(), "base_l2t": base_l2t.item(),
-                      "cycle_text": cycle_text.item(), "cycle_latent": cycle_latent.item()}
+        return loss, {
+            "loss": loss.item(),
+            "base_t2l": base_t2l.item(),
+            "base_l2t": base_l2t.item(),
+            "cycle_text": cycle_text.item(),
+            "cycle_latent": cycle_latent.item(),
+        }

@@ -1,4 +1,5 @@
 """Loss terms of the no_stopgrad_cycle trainer."""
+
 from __future__ import annotations
 
 import torch

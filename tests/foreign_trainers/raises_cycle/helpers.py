@@ -1,4 +1,5 @@
 """Small helpers of the raises_cycle trainer (imported as a plain sibling module: `import helpers`)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Helpers of the uniform_t_cycle trainer (a plain sibling module: `import helpers`). A different
 file from raises_cycle/helpers.py under the same module name, as two users' repositories would have."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -17,8 +18,9 @@ class Draws:
         allowed: the draw names the trainer knows.
     """
 
-    def __init__(self, generator: torch.Generator, injected: Mapping[str, torch.Tensor] | None,
-                 allowed: tuple[str, ...]):
+    def __init__(
+        self, generator: torch.Generator, injected: Mapping[str, torch.Tensor] | None, allowed: tuple[str, ...]
+    ):
         self.generator = generator
         self.injected = dict(injected or {})
         unknown = sorted(set(self.injected) - set(allowed))

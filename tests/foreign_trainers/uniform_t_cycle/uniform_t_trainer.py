@@ -10,6 +10,7 @@ Load it by path: tests/foreign_trainers/uniform_t_cycle/uniform_t_trainer.py:Uni
 Gate verdict expected: INCOMPATIBLE on the T2L latent timestep row (the observed T2L latent
 timesteps are not all 1 under latent_t_mode: full); gate exit 1.
 """
+
 from __future__ import annotations
 
 import helpers
@@ -21,11 +22,11 @@ from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 
 class UniformTimeCycleTrainer(nn.Module):
     """Args:
-        model: the MultimodalMMDiT.
-        tokenizer: anything with `mask_token_id`.
-        text_noise_schedule: kept as an attribute, unused.
-        dtype: dtype of latents and timesteps fed to the model.
-        config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys, `training.seed`).
+    model: the MultimodalMMDiT.
+    tokenizer: anything with `mask_token_id`.
+    text_noise_schedule: kept as an attribute, unused.
+    dtype: dtype of latents and timesteps fed to the model.
+    config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys, `training.seed`).
     """
 
     DRAW_NAMES = ("latent_t", "latent_noise", "cycle_latent_t", "cycle_latent_noise")
@@ -60,8 +61,13 @@ class UniformTimeCycleTrainer(nn.Module):
         return (lo + (hi - lo) * u).clamp(max=0.9999)  # ignores latent_t_mode
 
     def run(self, ids, latents_2d, t_text, t_latent, keep):
-        out = self.model(text_tokens=ids, latents=latents_2d.unsqueeze(1), text_timesteps=t_text,
-                         latent_timesteps=t_latent, attention_mask=keep)
+        out = self.model(
+            text_tokens=ids,
+            latents=latents_2d.unsqueeze(1),
+            text_timesteps=t_text,
+            latent_timesteps=t_latent,
+            attention_mask=keep,
+        )
         return out[0], out[1]  # [B, S, V], [B, 1, D]
 
     def forward(self, batch, step=None, draws=None):

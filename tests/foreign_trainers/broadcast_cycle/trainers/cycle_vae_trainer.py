@@ -1,5 +1,6 @@
 """CycleVAETrainer as upstream wrote it, with the [B, 1, D] vs [B, D] broadcast left in (see the
 package docstring). Random numbers come from torch's global RNG."""
+
 from __future__ import annotations
 
 import torch
@@ -11,11 +12,11 @@ from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 
 class CycleVAETrainer(nn.Module):
     """Args:
-        model: the MultimodalMMDiT.
-        tokenizer: anything with `mask_token_id`.
-        text_noise_schedule: kept as an attribute, unused.
-        dtype: dtype of latents and timesteps fed to the model.
-        config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys).
+    model: the MultimodalMMDiT.
+    tokenizer: anything with `mask_token_id`.
+    text_noise_schedule: kept as an attribute, unused.
+    dtype: dtype of latents and timesteps fed to the model.
+    config: OmegaConf config (`model.latent_*`, `loss.*` cycle keys).
     """
 
     def __init__(self, model, tokenizer, text_noise_schedule, dtype, config):
@@ -37,7 +38,8 @@ class CycleVAETrainer(nn.Module):
         if str(loss.latent_t_mode).lower() in ("full", "ones", "t1"):
             return torch.ones(batch_size, device=device)
         t = loss.cycle_latent_t_min + (loss.cycle_latent_t_max - loss.cycle_latent_t_min) * torch.rand(
-            batch_size, device=device)
+            batch_size, device=device
+        )
         return torch.clamp(t, max=0.9999)
 
     def _ramp(self, step, base, warmup, ramp):
@@ -85,26 +87,49 @@ class CycleVAETrainer(nn.Module):
 
         t_lat = self._latent_t(b, device).to(self.dtype)
         z_t, target = self.latent_diffusion.add_noise(latents, t_lat, torch.randn_like(latents))
-        _, latent_pred = self.model(text_tokens=input_ids, latents=z_t.unsqueeze(1), text_timesteps=t_clean,
-                                    latent_timesteps=t_lat, attention_mask=mask)[:2]
+        _, latent_pred = self.model(
+            text_tokens=input_ids,
+            latents=z_t.unsqueeze(1),
+            text_timesteps=t_clean,
+            latent_timesteps=t_lat,
+            attention_mask=mask,
+        )[:2]
         t2l = self._latent_mse(latent_pred, target)
 
         masked = torch.full_like(input_ids, self.mask_token_id)
-        logits_l2t = self.model(text_tokens=masked, latents=latents.unsqueeze(1), text_timesteps=t_full,
-                                latent_timesteps=t_clean, attention_mask=mask)[0]
+        logits_l2t = self.model(
+            text_tokens=masked,
+            latents=latents.unsqueeze(1),
+            text_timesteps=t_full,
+            latent_timesteps=t_clean,
+            attention_mask=mask,
+        )[0]
         l2t = self._ce(logits_l2t, input_ids)
 
         x0 = self._x0(z_t, t_lat, latent_pred)
         if bool(loss_cfg.cycle_stop_grad_latent):
             x0 = x0.detach()
-        logits_cycle = self.model(text_tokens=masked, latents=x0.to(self.dtype).unsqueeze(1),
-                                  text_timesteps=t_full, latent_timesteps=t_clean, attention_mask=mask)[0]
+        logits_cycle = self.model(
+            text_tokens=masked,
+            latents=x0.to(self.dtype).unsqueeze(1),
+            text_timesteps=t_full,
+            latent_timesteps=t_clean,
+            attention_mask=mask,
+        )[0]
         cycle_text = self._ce(logits_cycle, input_ids)
-        w_text = self._ramp(step, float(loss_cfg.cycle_text_weight), int(loss_cfg.cycle_text_warmup_steps),
-                            int(loss_cfg.cycle_text_ramp_steps))
+        w_text = self._ramp(
+            step,
+            float(loss_cfg.cycle_text_weight),
+            int(loss_cfg.cycle_text_warmup_steps),
+            int(loss_cfg.cycle_text_ramp_steps),
+        )
 
-        w_latent = self._ramp(step, float(loss_cfg.cycle_latent_weight), int(loss_cfg.cycle_latent_warmup_steps),
-                              int(loss_cfg.cycle_latent_ramp_steps))
+        w_latent = self._ramp(
+            step,
+            float(loss_cfg.cycle_latent_weight),
+            int(loss_cfg.cycle_latent_warmup_steps),
+            int(loss_cfg.cycle_latent_ramp_steps),
+        )
         cycle_latent = torch.zeros((), device=device, dtype=self.dtype)
         if w_latent > 0.0:
             with torch.no_grad():
@@ -115,12 +140,22 @@ class CycleVAETrainer(nn.Module):
                     pseudo = logits_l2t.argmax(dim=-1)
             t_lat2 = self._latent_t(b, device).to(self.dtype)
             z_t2, target2 = self.latent_diffusion.add_noise(latents, t_lat2, torch.randn_like(latents))
-            _, latent_pred2 = self.model(text_tokens=pseudo, latents=z_t2.unsqueeze(1), text_timesteps=t_clean,
-                                         latent_timesteps=t_lat2, attention_mask=mask)[:2]
+            _, latent_pred2 = self.model(
+                text_tokens=pseudo,
+                latents=z_t2.unsqueeze(1),
+                text_timesteps=t_clean,
+                latent_timesteps=t_lat2,
+                attention_mask=mask,
+            )[:2]
             cycle_latent = self._latent_mse(latent_pred2, target2)
 
         w_t2l = float(loss_cfg.latent_loss_weight)
         total = w_t2l * t2l + l2t + w_text * cycle_text + w_latent * cycle_latent
-        metrics = {"loss": total.item(), "base_t2l_latent_loss": t2l.item(), "base_l2t_text_loss": l2t.item(),
-                   "cycle_text_loss": cycle_text.item(), "cycle_latent_loss": cycle_latent.item()}
+        metrics = {
+            "loss": total.item(),
+            "base_t2l_latent_loss": t2l.item(),
+            "base_l2t_text_loss": l2t.item(),
+            "cycle_text_loss": cycle_text.item(),
+            "cycle_latent_loss": cycle_latent.item(),
+        }
         return total, metrics
