@@ -86,6 +86,9 @@ def trajectory_config(
         "logging.log_every": steps,
         "data.synthetic_seq_len": seq_len,
         "data.synthetic_num_samples": max(4 * batch_size, steps * batch_size * accum),
+        # Loader workers change no sample and no order (tests/test_loader.py); K short steps
+        # would spend their time starting processes.
+        "data.num_workers": 0,
     }
     updates_all = {**updates_run, **(updates or {})}
     updates_all.update({f"model.{k}": v for k, v in (model_overrides or {}).items()})
@@ -250,7 +253,7 @@ def replay_with_oracle(
             with autocast(mixed_precision, device):
                 loss, _ = trainer({k: v.to(device) for k, v in batch.items()}, step=step)
             (loss / accum).backward()
-            step_losses.append(float(loss))
+            step_losses.append(float(loss.detach()))
         grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
         norms.append(clip_global_norm(grads, float(opt.grad_clip_norm)))
         lr = oracle_lr(step, config)
