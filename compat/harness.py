@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_PRETRAIN_STEPS = 30
 LARGE_MODEL_PARAMS = 20_000_000
+# The table's entries per autocast dtype: (losses, gradients).
+AUTOCAST_TOLERANCES = {
+    "bf16": ("autocast_bf16_loss", "autocast_bf16_grad"),
+    "fp16": ("autocast_fp16_loss", "autocast_fp16_grad"),
+}
 PROXY_SEED = 1234
 PROXY_SIZES = {"hidden_size": 32, "cond_dim": 32, "n_blocks": 1, "max_seq_len": 32, "dropout": 0.0}
 # Model keys that decide the parameter layout; both configs must agree on them.

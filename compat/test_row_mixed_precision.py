@@ -29,7 +29,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compat.harness import row_runner, row_settings, row_test, sensitivity_control
+from compat.harness import AUTOCAST_TOLERANCES, row_runner, row_settings, row_test, sensitivity_control
 from compat.oracle import TOLERANCES, tol
 from compat.terms import cycle_terms, stable_terms
 from latentDLM_mmdit.precision import autocast, autocast_dtype
@@ -51,11 +51,6 @@ CYCLE = row_settings(
 )
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SETTINGS = ("stable_l2t", "stable_t2l", "cycle")
-# The table's entries per autocast dtype: (losses, gradients).
-AUTOCAST_TOLERANCES = {
-    "bf16": ("autocast_bf16_loss", "autocast_bf16_grad"),
-    "fp16": ("autocast_fp16_loss", "autocast_fp16_grad"),
-}
 # The reduction check weighs the latent terms up so that they dominate the cycle step's total: a latent
 # MSE reduced in bfloat16 must move the returned loss visibly, not vanish beside the text terms.
 CYCLE_LATENT_HEAVY = row_settings({**CYCLE, "latent_loss_weight": 100.0, "cycle_latent_weight": 100.0})

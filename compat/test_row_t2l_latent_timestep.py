@@ -114,7 +114,7 @@ def check_random_mode_is_a_shift(ctx, measure):
             want = (low + (RANDOM["cycle_latent_t_max"] - low) * draws[name]).clamp(max=LATENT_T_CAP)
             torch.testing.assert_close(
                 record.one(kind).timestep("latent"),
-                want.float().cpu(),
+                ctx.as_fed(want),  # rounded to training.dtype, as the trainer feeds it (bf16 on a cluster config)
                 **tol("float32_loss"),
                 msg=lambda m, k=kind: (
                     f"random mode: the {k} pass's t is not t_min + (t_max - t_min) u for its draw u\n{m}"
