@@ -57,6 +57,8 @@ def pytest_collection_modifyitems(config, items):
         mark = item.get_closest_marker("compat_row")
         if mark is not None and mark.args[0] not in ROWS_BY_ID:
             raise pytest.UsageError(f"{item.nodeid}: unknown compat row {mark.args[0]!r}")
+    # The planted defects run after the rows: a row's own pass is then the control of its defects.
+    items.sort(key=lambda item: item.get_closest_marker("mutants") is not None)
 
 
 def options_from(config) -> CompatOptions:

@@ -247,6 +247,17 @@ class CompatContext:
     _semantic: MultimodalMMDiT | None = field(default=None, repr=False)
     semantic_note: str = "semantics rows not run"
     trajectories: dict[str, Any] = field(default_factory=dict, repr=False)  # the trajectories row's runs
+    # Every check that passed in this session, keyed by what decides its outcome (the check and both
+    # trainers as driven: class, step and draws protocol, role): a planted defect's control may be
+    # that pass (`compat/test_mutants.py`), on the built-in and the plug-in path alike.
+    passed_checks: set = field(default_factory=set, repr=False)
+
+    def check_key(self, check) -> tuple:
+        def driven(subject: Subject) -> tuple:
+            spec = subject.spec
+            return (spec.cls, spec.accepts_step, spec.accepts_draws, tuple(spec.draw_names), subject.role)
+
+        return (check, driven(self.cycle_subject), driven(self.stable_subject))
 
     @classmethod
     def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
@@ -655,5 +666,6 @@ def row_test(checks: dict):
         if control is not None and check is not control:
             require_sensitive(ctx, control.inputs)
         check(ctx, measure)
+        ctx.passed_checks.add(ctx.check_key(check))
 
     return test_row

@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 
 from compat.options import CompatOptions
 from compat.outcomes import GateInputError
+from latentDLM_mmdit.settings import COMPILE_BACKENDS
+
+COMPILE_SCOPES = ("full", "trainer")
 
 DATA_SAMPLES = 64  # samples the rows draw their batches from
 SYNTHETIC_SEQ_LEN = 16
@@ -58,6 +61,16 @@ def check_options(options: CompatOptions) -> None:
         )
     if options.seq_len is not None and options.seq_len < 1:
         raise GateInputError(f"--seq-len {options.seq_len} must be >= 1", "pass a positive --seq-len, or omit it")
+    if options.compile_backend is not None and options.compile_backend not in COMPILE_BACKENDS:
+        raise GateInputError(
+            f"--compile-backend {options.compile_backend!r} is not one the compiled_trainer row runs",
+            f"pass one of {', '.join(COMPILE_BACKENDS)}, or omit it (aot_eager on cpu, inductor on cuda)",
+        )
+    if options.compile_scope is not None and options.compile_scope not in COMPILE_SCOPES:
+        raise GateInputError(
+            f"--compile-scope {options.compile_scope!r} is not a scope of the compiled_trainer row",
+            f"pass one of {', '.join(COMPILE_SCOPES)}, or omit it (full on cuda, trainer on cpu)",
+        )
     resolve_device(options.device)
 
 

@@ -71,6 +71,19 @@ OPTIONS: tuple[GateOption, ...] = (
         metavar="N",
     ),
     GateOption(
+        "compile-backend",
+        "torch.compile backend of the compiled_trainer row (inductor, aot_eager, eager); default: "
+        "aot_eager on cpu, inductor on cuda",
+        metavar="NAME",
+    ),
+    GateOption(
+        "compile-scope",
+        "what the compiled_trainer row compiles: full (the trainer with the model's forward inlined, "
+        "as the cluster run) or trainer (the trainer's own code, model passes eager); default: "
+        "full on cuda, trainer on cpu (tracing the mmdit backbone takes ~30 s of CPU per pass)",
+        metavar="SCOPE",
+    ),
+    GateOption(
         "golden",
         "a golden trajectory file (from --record-golden) the trajectories row compares against; "
         "default: the committed one for the embedded default, none for your inputs",
@@ -102,6 +115,8 @@ class CompatOptions:
     device: str = "cpu"
     batch_size: int = 4
     seq_len: int | None = None
+    compile_backend: str | None = None
+    compile_scope: str | None = None
     golden: str | None = None
     record_golden: str | None = None
 

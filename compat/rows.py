@@ -81,6 +81,12 @@ ROWS = (
         "float32 reference; bf16 autocast",
         "autocast on every pass, losses and gradients near float32",
     ),
+    Row(
+        "compiled_trainer",
+        "Compiled trainer (torch.compile)",
+        "compiled = eager",
+        "compiled = eager; recompiles only when a term turns on",
+    ),
     Row("determinism", "Determinism", "same seed, same losses", "same seed, same losses"),
     Row(
         "recommended_settings",

@@ -142,6 +142,10 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         return sorted(n for n, g in self.param_groups.items() if g not in frozen)
 
     # -- the step -------------------------------------------------------------------------------
+    # Under torch.compile (training.compile_model) dynamo skips this frame but traces what it calls:
+    # the mode and the freezing are host-side Python (a per-step int never becomes a graph constant),
+    # `stable_step` is the traced tensor program.
+    @torch.compiler.disable(recursive=False)
     def forward(
         self,
         batch: Mapping[str, torch.Tensor],
@@ -159,6 +163,10 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
         self.current_step = step if step is not None else self.current_step
         mode = self.training_mode(step)
         self.apply_freezing(mode)
+        return self.stable_step(batch, mode, draws)
+
+    def stable_step(self, batch: Mapping[str, torch.Tensor], mode: str, draws: Mapping[str, torch.Tensor] | None):
+        """The step in `mode` (unconditional | l2t | t2l) with the groups already frozen: (loss, metrics)."""
         source = DrawSource(self.generator, draws, self.DRAW_NAMES, "stable trainer")
         input_ids, attention_mask, latents = prepare_batch(batch, self.dtype, "stable trainer")
         batch_size, seq_len = input_ids.shape

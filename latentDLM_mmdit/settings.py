@@ -51,6 +51,10 @@ PSEUDO_TOKEN_SAMPLINGS = ("argmax", "categorical")
 NONFINITE_POLICIES = ("upstream", "raise")
 DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 LR_SCHEDULES = ("cosine", "constant")
+# torch.compile backends the loop accepts: inductor (upstream's, the default of torch.compile),
+# aot_eager (dynamo and AOTAutograd with eager kernels: the same numerics, no code generation) and
+# eager (dynamo alone).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 OPTIMIZERS = ("adamw",)
 PROFILES = ("recommended", "upstream")
 LATENT_KEYS = ("latent_timesteps", "latent_beta_schedule", "latent_parameterization")
@@ -141,6 +145,9 @@ class TrainingSettings:
     dtype: str = setting("fp32", choices=DTYPE_NAMES)
     # torch.autocast around the trainer's forward (fp16 adds a GradScaler): see latentDLM_mmdit.precision.
     mixed_precision: str = setting("no", choices=MIXED_PRECISION_MODES)
+    # torch.compile of the trainer (its whole step: model passes and losses), as upstream's script did.
+    compile_model: bool = setting(False)
+    compile_backend: str = setting("inductor", choices=COMPILE_BACKENDS)
     train_batch_size: int = setting(check=_at_least(1))
     num_train_steps: int = setting(check=_at_least(1))
     gradient_accumulation_steps: int = setting(1, check=_at_least(1))
@@ -325,7 +332,6 @@ UPSTREAM_UNUSED: dict[str, UpstreamKey] = {
         "script ran num_epochs passes over its data and used num_train_steps only "
         "in its LR schedule"
     ),
-    "training.compile_model": UpstreamKey("no torch.compile here (eager mode, the same numbers)"),
     "training.world_size": UpstreamKey("set by the launcher at run time (torchrun)"),
     "training.resume": UpstreamKey("resume with --resume CKPT", allowed=(None,)),
     "training.total_steps": UpstreamKey(_NOT_READ),

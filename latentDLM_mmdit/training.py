@@ -35,7 +35,10 @@ CPU, nccl on CUDA), every rank reads its own slice of each global batch (the dat
 `training.seed + r`, and rank 0 writes the metrics and the checkpoints. A peer that does not join
 or answer within `training.ddp_timeout_minutes` fails the run.
 
-Config keys read here: training.{seed, dtype, mixed_precision, train_batch_size, num_train_steps,
+`training.compile_model: true` runs every step through `torch.compile(trainer, backend=
+training.compile_backend)`, as upstream's script did; the checkpoints hold the bare model's names.
+
+Config keys read here: training.{seed, dtype, mixed_precision, compile_model, compile_backend, train_batch_size, num_train_steps,
 gradient_accumulation_steps, lr_schedule, warmup_steps, ddp_timeout_minutes}, optimizer.{name, lr,
 weight_decay, beta1, beta2, eps, grad_clip_norm}, data.{token_dir, latent_dir, num_workers,
 synthetic_seq_len, synthetic_num_samples}, logging.{run_name, log_dir, log_every, save_every}; the model, tokenizer
@@ -152,6 +155,7 @@ class LoopSettings:
     save_every: int
     on_nonfinite: str
     mixed_precision: str = "no"
+    compile_backend: str | None = None  # None: eager
 
     @classmethod
     def from_config(cls, config: Any) -> "LoopSettings":
@@ -185,6 +189,7 @@ class LoopSettings:
             save_every=log.save_every if log.save_every > 0 else training.num_train_steps,  # 0: the last only
             on_nonfinite=s.loss.on_nonfinite,
             mixed_precision=training.mixed_precision,
+            compile_backend=training.compile_backend if training.compile_model else None,
         )
 
 
@@ -729,6 +734,8 @@ def _train(
         skipped_nonfinite_steps = int(resume_state["skipped_nonfinite_steps"])
     ddp = wrap_model_for_ddp(trainer, ctx.device) if ctx.distributed else None
     last_outputs = LastOutputs(ddp) if ddp is not None else None
+    # The step as the cluster runs it: compiled (over the DDP-wrapped model) when the config says so.
+    run_step = trainer if settings.compile_backend is None else torch.compile(trainer, backend=settings.compile_backend)
 
     end = settings.num_train_steps if stop_at_step is None else min(stop_at_step, settings.num_train_steps)
     if step >= end:
@@ -763,7 +770,7 @@ def _train(
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
                 record = _optimizer_step(
-                    trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler, last_outputs
+                    trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler, last_outputs, run_step
                 )
                 step += 1
                 if "skipped" in record:
@@ -905,8 +912,10 @@ def _optimizer_step(
     ctx,
     scaler: LossScaler,
     last_outputs: LastOutputs | None = None,
+    run_step=None,
 ) -> dict[str, Any]:
     """One optimizer step over `settings.grad_accum` micro-batches; returns its metrics record.
+    `run_step` (default `trainer`) is what each micro-batch calls: the trainer or its compiled form.
 
     A micro-batch whose loss is non-finite, or a constant without a graph (the trainers' replacement
     when every term is non-finite), or a non-finite gradient norm: under loss.on_nonfinite=upstream
@@ -926,7 +935,7 @@ def _optimizer_step(
             loss, metrics, error = None, {}, None
             try:
                 with autocast(settings.mixed_precision, ctx.device):
-                    loss, metrics = trainer(batch, step=step)
+                    loss, metrics = (trainer if run_step is None else run_step)(batch, step=step)
             except FloatingPointError as exc:  # the trainer's own check under loss.on_nonfinite=raise
                 error = str(exc)
             parts.append(metrics)

@@ -141,8 +141,17 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         (["--batch-size", "1"], ["--batch-size"]),
         (["--no-such-option"], ["--no-such-option"]),
         (["--cycle-config", "{missing}"], ["--cycle-config", "missing.yaml"]),
+        (["--compile-backend", "indcutor"], ["--compile-backend", "indcutor", "aot_eager"]),
+        (["--compile-scope", "model"], ["--compile-scope", "trainer"]),
     ],
-    ids=["half-data-options", "batch-of-one", "unknown-option", "missing-config"],
+    ids=[
+        "half-data-options",
+        "batch-of-one",
+        "unknown-option",
+        "missing-config",
+        "compile-backend-typo",
+        "compile-scope",
+    ],
 )
 def test_usage_errors_exit_2_with_the_matrix_written(tmp_path, tiny, args, needles):
     args = [a.format(latents=tiny["latents"], missing=tmp_path / "missing.yaml") for a in args]

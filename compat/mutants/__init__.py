@@ -242,6 +242,23 @@ def _cycle_latent_t_as_index(original):
     return sample_latent_t
 
 
+def _weights_as_python_floats(self, step):
+    # The weights computed inside the compiled step and used as Python floats (no compiler.disable, no
+    # tensors): dynamo bakes each ramp value into the graph.
+    w_text, w_latent = self.term_weight("cycle_text", step), self.term_weight("cycle_latent", step)
+    self.last_weights = (w_text, w_latent)
+    return w_text, w_latent, w_text > 0.0, w_latent > 0.0
+
+
+def _mask_checked_outside_compile(prepare):
+    def prepare_batch(batch, dtype, owner):
+        input_ids, attention_mask, latents = prepare(batch, dtype, owner)
+        if torch.compiler.is_compiling():
+            attention_mask = None  # the mask's check-and-convert guarded by `not is_compiling()`, mask lost
+        return input_ids, attention_mask, latents
+    return prepare_batch
+
+
 _real_installed_versions = checkpoints_module.installed_versions
 
 
@@ -344,6 +361,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "the cycle_latent pass is given t as the index 999 instead of 1.0 (same noise, other input)",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "sample_latent_t",
                                       _cycle_latent_t_as_index(cycle_module.CycleVAETrainer.sample_latent_t))]),
+    Mutant("weights_as_python_floats", "compiled_trainer", "recompilations_bounded",
+           "the cycle weights enter the compiled step as Python floats (a recompilation per ramp step)",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "term_weights", _weights_as_python_floats)]),
+    Mutant("mask_lost_when_compiled", "compiled_trainer", "compiled_matches_eager",
+           "the cycle trainer converts the attention mask inside an `if not is_compiling()` check: compiled, "
+           "padding is attended",
+           lambda: [mock.patch.object(cycle_module, "prepare_batch", _mask_checked_outside_compile(cycle_module.prepare_batch))]),
 )
 
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}

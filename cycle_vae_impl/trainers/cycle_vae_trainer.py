@@ -100,10 +100,23 @@ class CycleVAETrainer(DiffusionTrainerBase):
         self.pseudo_token_sampling = loss.cycle_latent_sampling
         self.stop_grad_latent = loss.cycle_stop_grad_latent
         self.last_model_passes = 0
+        self.last_weights = (0.0, 0.0)  # (w_text, w_latent) of the last step, as Python floats
 
     # -- pieces ---------------------------------------------------------------------------------
     def term_weight(self, term: str, step: int | None) -> float:
         return ramp_weight(step, *self.weights[term])
+
+    @torch.compiler.disable  # the step's weights enter a compiled step as tensors, never as Python floats
+    def term_weights(self, step: int | None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """(w_text, w_latent, text_on, latent_on) at `step`: the weights as 0-dim float32 tensors
+        and whether each term runs (weight > 0). Under torch.compile a per-step Python float would be
+        a constant of the graph (a recompilation at every step of a ramp); tensors are inputs, and
+        only the two flags, which change once per term at the end of its warmup, are guarded. The
+        product with a float32 loss is the one a Python float gives (the scalar is rounded to float32)."""
+        w_text, w_latent = self.term_weight("cycle_text", step), self.term_weight("cycle_latent", step)
+        self.last_weights = (w_text, w_latent)  # the exact values, for the metrics
+        as_tensor = lambda w: torch.tensor(w, dtype=torch.float32)  # noqa: E731  (on the CPU; moved in the step)
+        return as_tensor(w_text), as_tensor(w_latent), w_text > 0.0, w_latent > 0.0
 
     def sample_latent_t(self, source: DrawSource, name: str, batch_size: int, device) -> torch.Tensor:
         """t = 1 in `full` mode (no draw); U[t_min, t_max] clamped below 0.9999 in `random` mode."""
@@ -143,8 +156,6 @@ class CycleVAETrainer(DiffusionTrainerBase):
         l2t_loss,
         cycle_text_loss,
         cycle_latent_loss,
-        w_text,
-        w_latent,
         t_lat,
         latent_pred,
         x0_pred,
@@ -157,9 +168,9 @@ class CycleVAETrainer(DiffusionTrainerBase):
                 "base_t2l_latent_loss": float(t2l_loss.item()),
                 "base_l2t_text_loss": float(l2t_loss.item()),
                 "cycle_text_loss": float(cycle_text_loss.item()),
-                "cycle_text_weight": float(w_text),
+                "cycle_text_weight": self.last_weights[0],
                 "cycle_latent_loss": float(cycle_latent_loss.item()),
-                "cycle_latent_weight": float(w_latent),
+                "cycle_latent_weight": self.last_weights[1],
                 "cycle_latent_sampling": self.pseudo_token_sampling,
                 "t_lat_mean": float(t_lat.float().mean().item()),
                 "latent_pred_norm": float(latent_pred.float().norm(dim=-1).mean().item()),
@@ -172,6 +183,10 @@ class CycleVAETrainer(DiffusionTrainerBase):
         return metrics
 
     # -- the step -------------------------------------------------------------------------------
+    # Under torch.compile (training.compile_model) dynamo skips this frame but traces what it calls:
+    # the schedule (step -> weights) is host-side Python, `cycle_step` is the traced tensor program and
+    # gets the weights as tensors, so a ramp reuses one graph.
+    @torch.compiler.disable(recursive=False)
     def forward(
         self,
         batch: Mapping[str, torch.Tensor],
@@ -187,14 +202,25 @@ class CycleVAETrainer(DiffusionTrainerBase):
                 uniforms, random mode only), `latent_noise` [B,D], `cycle_latent_noise` [B,D],
                 `pseudo_token_uniform` [B,S] (categorical sampling only).
         """
+        return self.cycle_step(batch, *self.term_weights(step), draws=draws)
+
+    def cycle_step(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        w_text: torch.Tensor,
+        w_latent: torch.Tensor,
+        text_on: bool,
+        latent_on: bool,
+        draws: Mapping[str, torch.Tensor] | None = None,
+    ):
+        """The step with the cycle weights given (0-dim float32 tensors) and whether each term runs."""
         source = DrawSource(self.generator, draws, self.DRAW_NAMES, "cycle trainer")
         input_ids, attention_mask, latents = prepare_batch(batch, self.dtype, "cycle trainer")
         batch_size = input_ids.shape[0]
         device = input_ids.device
         zero = torch.zeros((), device=device, dtype=self.dtype)
         nonfinite: list[str] = []
-        w_text = self.term_weight("cycle_text", step)
-        w_latent = self.term_weight("cycle_latent", step)
+        w_text, w_latent = w_text.to(device), w_latent.to(device)  # [], []
         t_text_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
         t_text_full = torch.ones(batch_size, device=device, dtype=self.dtype)
         t_latent_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
@@ -223,7 +249,7 @@ class CycleVAETrainer(DiffusionTrainerBase):
         x0_pred = self.latent_diffusion.x0_from_prediction(z_t, t_lat, latent_pred.reshape(z_t.shape))  # [B, D]
 
         cycle_text_loss = zero
-        if w_text > 0.0:
+        if text_on:
             x0_cycle = x0_pred.detach() if self.stop_grad_latent else x0_pred
             text_logits_cycle, _ = self._run(
                 all_masked, x0_cycle.to(self.dtype), t_text_full, t_latent_clean, attention_mask
@@ -233,7 +259,7 @@ class CycleVAETrainer(DiffusionTrainerBase):
             )
 
         cycle_latent_loss = zero
-        if w_latent > 0.0:
+        if latent_on:
             with torch.no_grad():
                 uniform = None
                 if self.pseudo_token_sampling == "categorical":
@@ -258,15 +284,13 @@ class CycleVAETrainer(DiffusionTrainerBase):
             total = torch.tensor(FALLBACK_TOTAL_LOSS, device=device, dtype=self.dtype)
         self.report_nonfinite("cycle trainer", nonfinite)
 
-        self.last_model_passes = 2 + int(w_text > 0.0) + int(w_latent > 0.0)
+        self.last_model_passes = 2 + int(text_on) + int(latent_on)
         metrics = self._metrics(
             total,
             t2l_loss,
             l2t_loss,
             cycle_text_loss,
             cycle_latent_loss,
-            w_text,
-            w_latent,
             t_lat,
             latent_pred,
             x0_pred,
