@@ -89,6 +89,9 @@ def trajectory_config(
         # Loader workers change no sample and no order (tests/test_loader.py); K short steps
         # would spend their time starting processes.
         "data.num_workers": 0,
+        # Eager steps: torch.compile of the trainers is the compiled_trainer row's subject (and inductor
+        # on the gate's CPU would spend the run generating code).
+        "training.compile_model": False,
     }
     updates_all = {**updates_run, **(updates or {})}
     updates_all.update({f"model.{k}": v for k, v in (model_overrides or {}).items()})

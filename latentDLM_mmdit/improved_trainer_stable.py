@@ -149,6 +149,7 @@ class MultimodalDiffusionTrainer(DiffusionTrainerBase):
     def forward(
         self,
         batch: Mapping[str, torch.Tensor],
+        *,
         step: int | None = None,
         draws: Mapping[str, torch.Tensor] | None = None,
     ):

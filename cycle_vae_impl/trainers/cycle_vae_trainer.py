@@ -190,6 +190,7 @@ class CycleVAETrainer(DiffusionTrainerBase):
     def forward(
         self,
         batch: Mapping[str, torch.Tensor],
+        *,
         step: int | None = None,
         draws: Mapping[str, torch.Tensor] | None = None,
     ):
