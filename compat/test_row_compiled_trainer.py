@@ -232,13 +232,13 @@ def check_recompilations_bounded(ctx, measure):
     backend, scope = "eager", scope_of(ctx)  # dynamo's guards and breaks do not depend on the backend
     tolerance = compile_tolerance(backend)
     limit = int(TOLERANCES["compile_max_recompiles"][0])
-    batch, draws = inputs(ctx)
-    pair = Compiled(ctx, ctx.cycle_subject, ctx.cycle_config_for(SCHEDULE), backend, scope)
     if not ctx.cycle_subject.spec.accepts_step:
         not_applicable(
             f"the cycle trainer {ctx.cycle_subject.spec.cls.__qualname__} takes no step= argument: "
             "it has no schedule to recompile over"
         )
+    batch, draws = inputs(ctx)
+    pair = Compiled(ctx, ctx.cycle_subject, ctx.cycle_config_for(SCHEDULE), backend, scope)
     fresh_dynamo()
     at_step: dict[int, list[tuple[str, str]]] = {}
     for step in range(SCHEDULE_STEPS):
