@@ -89,7 +89,8 @@ TOLERANCES = {
 STATISTICS = {
     "categorical_sampling": {
         "alpha": 1e-3,  # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
-        "min_draws": 1500,  # pseudo tokens drawn (steps x B x S)
+        "min_draws": 3000,  # pseudo tokens drawn (steps x batch_size x S)
+        "batch_size": 64,  # samples per step (one step gives batch_size x S draws)
         "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
     },
@@ -212,12 +213,15 @@ def categorical_pit(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Ge
     """Randomised probability integral transform of sampled ids under softmax(logits): for ids
     drawn from that categorical distribution the values are U[0, 1), whatever the distribution of
     each position. logits [N, V], ids [N] -> [N] float64."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    cdf_below = probs.cumsum(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) - probs.gather(
-        -1, ids.unsqueeze(-1)
-    ).squeeze(-1)
+    probs = torch.softmax(logits.double(), dim=-1)  # [N, V]
+    return _pit(probs, probs.cumsum(-1), ids, generator)
+
+
+def _pit(probs: torch.Tensor, cdf: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    p = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [N]
+    cdf_below = cdf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - p  # [N]
     u = torch.rand(ids.shape, generator=generator, dtype=torch.float64)
-    return (cdf_below + u * probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)).clamp(0.0, 1.0 - 1e-12)
+    return (cdf_below + u * p).clamp(0.0, 1.0 - 1e-12)
 
 
 def uniformity_chi2(values: torch.Tensor, bins: int) -> tuple[float, float]:
@@ -236,11 +240,15 @@ def categorical_power(
     when the ids are drawn from softmax(logits / temperature) instead: the test's power against
     that mistake, at this sample size and on these logits. logits [N, V]."""
     gen = torch.Generator().manual_seed(seed)
-    wrong = torch.softmax(logits.double() / temperature, dim=-1)
+    probs = torch.softmax(logits.double(), dim=-1)  # [N, V]
+    cdf = probs.cumsum(-1)
+    wrong_cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1).contiguous()  # [N, V]
+    last = logits.shape[-1] - 1
     rejected = 0
-    for _ in range(repeats):
-        ids = torch.multinomial(wrong, 1, generator=gen).squeeze(-1)
-        _, p = uniformity_chi2(categorical_pit(logits, ids, gen), bins)
+    for _ in range(repeats):  # ids from the wrong distribution by its inverse CDF
+        u = torch.rand((logits.shape[0], 1), generator=gen, dtype=torch.float64)  # [N, 1]
+        ids = torch.searchsorted(wrong_cdf, u).squeeze(-1).clamp(max=last)  # [N]
+        _, p = uniformity_chi2(_pit(probs, cdf, ids, gen), bins)
         rejected += p < alpha
     return rejected / repeats
 

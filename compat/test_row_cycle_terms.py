@@ -51,7 +51,8 @@ ALL_TERMS = row_settings(
         **NO_RAMP,
     }
 )
-CATEGORICAL = row_settings(dict(ALL_TERMS, cycle_latent_sampling="categorical"))
+# The sampling check needs the L2T logits and the cycle_latent pass's input only: cycle_text off.
+CATEGORICAL = row_settings(dict(ALL_TERMS, cycle_latent_sampling="categorical", cycle_text_weight=0.0))
 RAMPS = row_settings(
     {
         "latent_t_mode": "full",
@@ -144,7 +145,7 @@ def check_categorical_sampling(ctx, measure):
     """Pseudo tokens drawn from softmax(L2T logits): a chi-square test, and the inverse CDF exactly
     where the trainer takes its uniforms by name."""
     spec = STATISTICS["categorical_sampling"]
-    batch = ctx.batch(ctx.options.batch_size, seed=66)
+    batch = ctx.batch(spec["batch_size"], seed=66)
     B, S = batch["input_ids"].shape
     runs = -(-spec["min_draws"] // (B * S))
     logits, ids = [], []
