@@ -251,6 +251,9 @@ class CompatContext:
     # trainers as driven: class, step and draws protocol, role): a planted defect's control may be
     # that pass (`compat/test_mutants.py`), on the built-in and the plug-in path alike.
     passed_checks: set = field(default_factory=set, repr=False)
+    # The outcome of each planted defect's check, keyed by (defect, check_key): the plug-in path's
+    # case reuses the built-in path's run when its subject is driven the same way.
+    mutated_outcomes: dict = field(default_factory=dict, repr=False)
 
     def check_key(self, check) -> tuple:
         def driven(subject: Subject) -> tuple:
