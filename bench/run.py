@@ -401,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="teeth: mutate only this file of [tool.mutmut] only_mutate (repeatable)",
     )
+    parser.add_argument(
+        "--teeth-sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="teeth: run N mutants drawn uniformly at random (seeded) and state the score's 95%% interval",
+    )
+    parser.add_argument("--teeth-seed", type=int, default=0, help="teeth: the sample's seed (default 0)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
     selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader"])
@@ -436,7 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.teeth import TeethError, teeth_figure
 
         try:
-            teeth_lines = teeth_figure(args.small, Path(args.workdir) if args.workdir else None, args.teeth_file)
+            teeth_lines = teeth_figure(
+                args.small,
+                Path(args.workdir) if args.workdir else None,
+                args.teeth_file,
+                sample=args.teeth_sample,
+                seed=args.teeth_seed,
+            )
         except TeethError as error:
             print(f"teeth: {error}", file=sys.stderr)
             return 2

@@ -3,6 +3,12 @@
     python -m bench --only teeth                  # every file of [tool.mutmut] only_mutate
     python -m bench --only teeth --teeth-file latentDLM_mmdit/losses.py   # one file (repeatable)
     python -m bench --small --only teeth          # a smoke run: 3 mutants of losses.py
+    python -m bench --only teeth --teeth-sample 150   # 150 mutants drawn at random (seeded) from all
+
+A sampled run (`--teeth-sample N`, `--teeth-seed S`) draws N of the mutants of the chosen files
+uniformly without replacement, with a fixed seed (the same sample every time for the same sources),
+runs only those, and states the score with its 95% Wilson interval: an estimate of the full score
+whose error is known, for a machine where the full run (hours) does not fit.
 
 mutmut (pinned in the `test` extra) mutates the files listed in pyproject.toml's [tool.mutmut]
 `only_mutate` and runs, for each mutant, only the compat tests that call the mutated function (its
@@ -25,6 +31,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -477,6 +484,8 @@ def run_teeth(
     max_children: int = 2,
     equivalent_file: Path | None = None,
     run: bool = True,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> dict:
     """Run mutmut over `files` (default: the config's only_mutate) of `project` with its compat
     test selection, and return the result (also written to `workdir`/teeth-result.json).
@@ -489,6 +498,10 @@ def run_teeth(
     equivalent_file: the reviewed equivalent list (default: bench/teeth_equivalent.toml).
     run: False reports the verdicts recorded so far without running mutmut (a partial run's
         undecided mutants count as not run).
+    sample: run only this many mutants, drawn uniformly without replacement from every mutant of
+        `files` with `seed` (see `sample_names`); the result states the sample and the score's 95%
+        interval.
+    seed: the sample's seed.
     """
     table = read_mutmut_config(project)
     configured = list(table["only_mutate"])
@@ -505,6 +518,16 @@ def run_teeth(
 
     names = list(only_mutants or [])
     log = workdir / "mutmut-run.log"
+    population = None
+    if sample is not None:
+        if names:
+            raise TeethError("a sampled run draws its own mutants: give either a sample or mutant names")
+        if sample < 1:
+            raise TeethError(f"the sample size must be at least 1, got {sample}")
+        if run:
+            list_mutants(src, log)
+        population = len(read_verdicts(src, files))
+        names = sample_names(src, files, sample, seed)
     if run:
         with log.open("w") as out:
             proc = _mutmut(
@@ -537,8 +560,48 @@ def run_teeth(
         "stale_equivalents": stale,
         "log": str(log),
     }
+    if population is not None:
+        result["sample"] = {"size": len(mutants), "population": population, "seed": seed}
+        result["score_interval_95"] = wilson_interval(counts)
     (workdir / "teeth-result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# A name that matches no mutant: mutmut generates every mutant and records its per-test stats, then
+# stops on its own check that the filter matched nothing (the only way to list the mutants of 3.8).
+LIST_ONLY = "teeth-list-only-matches-nothing"
+NOTHING_MATCHES = "Filtered for specific mutants, but nothing matches"
+
+
+def list_mutants(src: Path, log: Path) -> None:
+    """Have mutmut generate the mutants of the workdir (and its stats), running none."""
+    with log.open("w") as out:
+        proc = _mutmut(["run", "--max-children", "1", LIST_ONLY], src, stdout=out, stderr=subprocess.STDOUT)
+    text = log.read_text(errors="replace")
+    if proc.returncode == 0 or NOTHING_MATCHES not in text:
+        raise TeethError(
+            f"mutmut did not list the mutants as expected (exit {proc.returncode}, log {log}):\n{text[-3000:]}"
+        )
+
+
+def sample_names(src: Path, files: list[str], size: int, seed: int) -> list[str]:
+    """`size` mutant names drawn uniformly without replacement from every mutant of `files`
+    (all of them when there are fewer), with `seed`: the same sample for the same mutants."""
+    names = [m.name for m in read_verdicts(src, files)]
+    if size >= len(names):
+        return names
+    return sorted(random.Random(seed).sample(names, size))
+
+
+def wilson_interval(counts: dict[str, int]) -> list[float] | None:
+    """95% Wilson score interval of killed / judged (judged: the score's denominator)."""
+    from scipy.stats import binomtest
+
+    judged = counts["killed"] + counts["survived"] + counts["timeout"] + counts["error"]
+    if judged == 0:
+        return None
+    ci = binomtest(counts["killed"], judged).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def report(result: dict) -> list[str]:
@@ -551,6 +614,13 @@ def report(result: dict) -> list[str]:
         + ("n/a" if result["score"] is None else f"{result['score']:.3f}")
         + f" (target >= {TARGET:.2f})",
     ]
+    if "sample" in result:
+        smp, ci = result["sample"], result["score_interval_95"]
+        out.insert(
+            1,
+            f"  a sample of {smp['size']} of {smp['population']} mutants (seed {smp['seed']}); "
+            + ("95% interval n/a" if ci is None else f"score 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] (Wilson)"),
+        )
     for m in result["survivors"]:
         where = f"{m['file']}:{m['line']}" if m["line"] else m["file"]
         change = f"{m['before']!r} -> {m['after']!r}" if m["before"] or m["after"] else m["name"]
@@ -560,7 +630,9 @@ def report(result: dict) -> list[str]:
     return out
 
 
-def teeth_figure(small: bool, workdir: Path | None, files: list[str] | None = None) -> list[str]:
+def teeth_figure(
+    small: bool, workdir: Path | None, files: list[str] | None = None, sample: int | None = None, seed: int = 0
+) -> list[str]:
     """bench's teeth line (after the report lines). `small`: 3 mutants of losses.py (a smoke run)."""
     from bench.run import line
 
@@ -568,7 +640,7 @@ def teeth_figure(small: bool, workdir: Path | None, files: list[str] | None = No
     if small:
         result = run_teeth(REPO, workdir / "small", files=[SMALL_FILE], only_mutants=SMALL_MUTANTS)
     else:
-        result = run_teeth(REPO, workdir, files=files)
+        result = run_teeth(REPO, workdir, files=files, sample=sample, seed=seed)
     score = result["score"]
     c = result["counts"]
     detail = (
@@ -576,6 +648,14 @@ def teeth_figure(small: bool, workdir: Path | None, files: list[str] | None = No
         f"no coverage, {c['timeout']} timeout, {c['not run']} not run); {len(result['files'])} files; "
         f"result {workdir / 'teeth-result.json'}"
     )
+    if "sample" in result:
+        ci = result["score_interval_95"]
+        detail = (
+            f"sample of {result['sample']['size']} of {result['sample']['population']} mutants "
+            f"(seed {result['sample']['seed']}), 95% interval "
+            + ("n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+            + f"; {detail}"
+        )
     ok = None if small or score is None else score >= TARGET
     return [
         *report(result),
@@ -605,9 +685,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--report", action="store_true", help="report the recorded verdicts, run nothing")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--sample", type=int, default=None, metavar="N", help="run N mutants drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     args = parser.parse_args(argv)
     try:
-        result = run_teeth(REPO, args.workdir, files=args.file, max_children=args.max_children, run=not args.report)
+        result = run_teeth(
+            REPO,
+            args.workdir,
+            files=args.file,
+            max_children=args.max_children,
+            run=not args.report,
+            sample=args.sample,
+            seed=args.seed,
+        )
     except TeethError as error:
         print(f"teeth: {error}", file=sys.stderr)
         return 2

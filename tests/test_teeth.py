@@ -219,3 +219,23 @@ def test_only_mutants_runs_just_those(tiny_run, tmp_path):
         root, tmp_path / "w", only_mutants=["tiny.calc.x_clamp_add__mutmut_1"], equivalent_file=none
     )
     assert result["total"] == 1 and result["counts"]["killed"] == 1
+
+
+@pytest.mark.slow
+def test_sample_runs_a_seeded_draw_and_states_its_interval(tiny_run, tmp_path):
+    """--teeth-sample: N mutants drawn with a seed from all of them; the same seed, the same draw;
+    the result says what was sampled and the score's 95% interval, which holds the score."""
+    root, _, full, _, _, _ = tiny_run
+    none = write_equivalents(tmp_path / "none.toml", [])
+    result = teeth.run_teeth(root, tmp_path / "w", sample=6, seed=3, equivalent_file=none)
+    src = tmp_path / "w" / "src"
+    assert result["total"] == 6 and result["counts"]["not run"] == 0
+    assert result["sample"] == {"size": 6, "population": full["total"], "seed": 3}
+    drawn = teeth.sample_names(src, ["tiny/calc.py"], 6, 3)
+    assert drawn == teeth.sample_names(src, ["tiny/calc.py"], 6, 3) != teeth.sample_names(src, ["tiny/calc.py"], 6, 4)
+    low, high = result["score_interval_95"]
+    if result["score"] is not None:
+        assert low <= result["score"] <= high
+    assert any("a sample of 6 of" in line for line in teeth.report(result))
+    with pytest.raises(teeth.TeethError, match="either a sample or mutant names"):
+        teeth.run_teeth(root, tmp_path / "w", sample=2, only_mutants=["tiny.calc.x_scale__mutmut_1"])
