@@ -7,6 +7,7 @@ Everything here runs in float64 where it can; comparisons use the tolerances in 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -93,6 +94,10 @@ STATISTICS = {
         "batch_size": 64,  # samples per step (one step gives batch_size x S draws)
         "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
+    },
+    "stable_random_modes": {
+        "alpha": 1e-3,  # a correct draw fails 1 run in 1000 (seeded: deterministic)
+        "draws": 2000,  # modes drawn by the stable trainer in `random` mode
     },
 }
 
@@ -251,6 +256,20 @@ def categorical_power(
         _, p = uniformity_chi2(_pit(probs, cdf, ids, gen), bins)
         rejected += p < alpha
     return rejected / repeats
+
+
+def sequential_mode(schedule: list[tuple[str, int, int]], step: int | None, epoch: int) -> str:
+    """The stable trainer's mode in `sequential` loss_type: `schedule` [(mode, steps, epochs)] run
+    in turn, cyclically, each for `steps` optimizer steps (when the step is known) or `epochs`
+    epochs (else); an empty schedule is `unconditional`."""
+    if not schedule:
+        return "unconditional"
+    lengths = [steps if step is not None else epochs for _, steps, epochs in schedule]
+    position = (step if step is not None else epoch) % sum(lengths)
+    for (mode, _, _), end in zip(schedule, itertools.accumulate(lengths)):
+        if position < end:
+            return mode
+    raise AssertionError("unreachable: position < sum(lengths)")
 
 
 def move_chance(t: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

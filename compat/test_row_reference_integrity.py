@@ -14,7 +14,12 @@ library) and against golden values this project recorded and committed
 - loss helpers: the masked CE and the normalised latent MSE equal the oracle's;
 - checkpoints: a round trip is bit-exact; a missing, an extra and a mis-shaped key are each refused
   naming the key;
-- a model forward: the golden tiny model's outputs equal the recorded ones.
+- a model forward: the golden tiny model's outputs equal the recorded ones;
+- the stable reference's mode per step (upstream's `sequential` and `random` loss types, which a
+  pretraining run used): sequential follows training.sequential_schedule cyclically (steps when the
+  step is given, epochs else; empty: unconditional) as `oracle.sequential_mode` says, random draws
+  the modes in proportion to training.mode_weights (a chi-square test; a weight of 0 never drawn),
+  a fixed mode stays fixed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse, token_accuracy
 from latentDLM_mmdit.tokenizer import SyntheticVocab
 
@@ -234,6 +240,55 @@ def check_model_forward_golden(ctx, measure):
     measure("model_forward", "equals the recorded golden outputs")
 
 
+# Unequal lengths per entry, steps and epochs told apart, a mode repeated after another.
+MODE_SCHEDULE = (("l2t", 2, 1), ("t2l", 3, 2), ("unconditional", 1, 3), ("l2t", 2, 1))
+MODE_WEIGHTS = (0.0, 1.0, 3.0)  # unconditional never, t2l three times as often as l2t
+
+
+def check_stable_mode_schedule(ctx, measure):
+    def trainer(loss_type: str, settings: dict):
+        config = ctx.stable_config_for(loss_type, settings)
+        return MultimodalDiffusionTrainer(
+            ctx.semantic_model(), ctx.vocab, MaskedDiffusion(ctx.vocab), torch.float32, config
+        )
+
+    schedule = [dict(type=m, steps=s, epochs=e) for m, s, e in MODE_SCHEDULE]
+    sequential = trainer("sequential", {"training.sequential_schedule": schedule})
+    cycle_steps = sum(s for _, s, _ in MODE_SCHEDULE)
+    for step in range(2 * cycle_steps + 1):
+        got, want = sequential.training_mode(step), oracle.sequential_mode(list(MODE_SCHEDULE), step, 0)
+        assert got == want, f"sequential mode at step {step}: {got}, training.sequential_schedule says {want}"
+    for epoch in range(2 * sum(e for _, _, e in MODE_SCHEDULE) + 1):
+        sequential.current_epoch = epoch
+        got, want = sequential.training_mode(None), oracle.sequential_mode(list(MODE_SCHEDULE), None, epoch)
+        assert got == want, f"sequential mode in epoch {epoch} (no step given): {got}, the schedule says {want}"
+    empty = trainer("sequential", {"training.sequential_schedule": []}).training_mode(3)
+    assert empty == "unconditional", f"sequential with an empty schedule: {empty}, not unconditional"
+    for fixed in ("l2t", "t2l", "unconditional"):
+        modes = {trainer(fixed, {}).training_mode(step) for step in range(4)}
+        assert modes == {fixed}, f"loss_type {fixed} trained in modes {sorted(modes)}"
+
+    spec = oracle.STATISTICS["stable_random_modes"]
+    random_mode = trainer("random", {"training.mode_weights": list(MODE_WEIGHTS)})
+    random_mode.generator.manual_seed(spec["draws"])
+    drawn = [random_mode.training_mode(step) for step in range(spec["draws"])]
+    counts = {mode: drawn.count(mode) for mode in ("unconditional", "l2t", "t2l")}
+    assert counts["unconditional"] == 0, f"random mode drew unconditional {counts['unconditional']} times at weight 0"
+    from scipy import stats
+
+    expected = [spec["draws"] * w / sum(MODE_WEIGHTS[1:]) for w in MODE_WEIGHTS[1:]]
+    p_value = float(stats.chisquare([counts["l2t"], counts["t2l"]], expected).pvalue)
+    measure(
+        "stable_random_modes",
+        f"{counts} of {spec['draws']} at weights {list(MODE_WEIGHTS)}, chi-square p {p_value:.2g}",
+    )
+    assert p_value >= spec["alpha"], (
+        f"random mode draws {counts} over {spec['draws']} steps, not in proportion to training.mode_weights "
+        f"{list(MODE_WEIGHTS)} (chi-square p = {p_value:.2g} < alpha {spec['alpha']})"
+    )
+    measure("stable_sequential_modes", f"equal the schedule's, by step and by epoch ({len(MODE_SCHEDULE)} entries)")
+
+
 CHECKS = {
     "schedules": check_schedules,
     "timesteps_and_noising": check_timesteps_and_noising,
@@ -241,6 +296,7 @@ CHECKS = {
     "loss_helpers": check_loss_helpers,
     "checkpoint_round_trips": check_checkpoint_round_trips,
     "model_forward_golden": check_model_forward_golden,
+    "stable_mode_schedule": check_stable_mode_schedule,
 }
 
 
