@@ -122,6 +122,15 @@ def check_masking(ctx, measure):
         "tokens are masked elsewhere than where the uniforms fall below 1 - exp(-sigma(t))"
     )
     assert torch.equal(masked[~want_masked], ids[~want_masked]), "unmasked tokens changed"
+    # No uniforms and no generator: the draws come from the global RNG (as upstream's callers did).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        from_global = masking.sample_zt(ids, t)
+        torch.manual_seed(6)
+        global_uniform = torch.rand(ids.shape)
+    assert torch.equal(from_global, masking.sample_zt(ids, t, uniform=global_uniform)), (
+        "with no uniforms and no generator, the mask is not drawn from the global RNG on the tokens' device"
+    )
     worst_p = 1.0
     for value in (0.1, 0.5, 0.9):
         draws = masking.sample_zt(
