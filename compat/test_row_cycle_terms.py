@@ -17,7 +17,13 @@ Everything is read from what the trainer gives the model and returns, never from
 - the warmup/ramp: the total at steps around each term's (different) warmup and ramp is the
   oracle's with `oracle.ramp` weights;
 - stop-grad: with `cycle_stop_grad_latent` the x0 fed to cycle_text carries no graph and sends no
-  gradient into latent_head; without it, it does (the control).
+  gradient into latent_head; without it, it does (the control);
+- a non-finite cycle term: the cycle_text pass's logits made NaN (the model's output for that one
+  pass, found by the passes of the same step unpoisoned): under `loss.on_nonfinite: upstream` the
+  step's loss is the other terms' total (upstream zeroes a non-finite term, as the stable trainer
+  does) and a trainer that reports `metrics["nonfinite"]` names the term; under `raise` the trainer
+  raises FloatingPointError. A trainer that lets the NaN reach its loss is REVIEW (the loop then
+  skips the whole step); any other outcome is INCOMPATIBLE.
 """
 
 from __future__ import annotations
@@ -25,10 +31,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import inspect
+
+from torch import nn
+
 from compat import oracle
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control, unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
+from compat.subjects import CandidateError
 from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("cycle_terms")
@@ -136,6 +147,10 @@ def check_terms_recomputed(ctx, measure):
             f"(weights {terms.weights}) recomputed from the passes\n{m}"
         ),
     )
+    if "model_passes" in record.metrics:  # a trainer that reports its pass count must count right
+        assert record.metrics["model_passes"] == len(record.passes), (
+            f"metrics['model_passes'] is {record.metrics['model_passes']}, the step made {len(record.passes)} passes"
+        )
     for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
         measure(name, float(getattr(terms, name)))
     measure("noise_used", ", ".join(f"{k}: {v}" for k, v in terms.noise.items()))
@@ -249,6 +264,78 @@ def check_stop_grad(ctx, measure):
     )
 
 
+class PoisonedPass(nn.Module):
+    """The model with output `which` (0: text logits) of its `index`-th call made NaN."""
+
+    def __init__(self, inner: nn.Module, index: int, which: int):
+        super().__init__()
+        self.inner, self.index, self.which, self.calls = inner, index, which, 0
+
+        def forward(*args, **kwargs):
+            return self._forward(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(inner.forward)  # the model's, for the pass recorder
+        self.forward = forward
+
+    def _forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        call, self.calls = self.calls, self.calls + 1
+        if call != self.index:
+            return out
+        out = list(out)
+        out[self.which] = torch.full_like(out[self.which], float("nan"))
+        return tuple(out)
+
+    def __getattr__(self, name: str):  # the trainers read e.g. `model.vocab_size`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+def check_nonfinite_term(ctx, measure):
+    batch = ctx.batch(ctx.options.batch_size, seed=68)
+    draws = ctx.draws(batch, seed=68)
+    config = ctx.cycle_config_for(ALL_TERMS)
+    clean = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False)
+    terms = cycle_terms(clean, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
+    poisoned_model = PoisonedPass(ctx.semantic_model(), clean.one(CYCLE_TEXT).index, 0)
+    policy = str(config.loss.on_nonfinite)
+    try:
+        record = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False, model=poisoned_model)
+    except CandidateError as error:
+        raised = isinstance(error.__cause__, FloatingPointError)
+        assert policy == "raise" and raised, (
+            f"with NaN cycle_text logits (loss.on_nonfinite={policy}) the cycle trainer raised: "
+            f"{str(error).splitlines()[0][:300]}"
+        )
+        measure("nonfinite_cycle_text", "raised FloatingPointError (loss.on_nonfinite=raise)")
+        return
+    assert policy != "raise", "loss.on_nonfinite=raise, yet a NaN cycle_text term did not make the trainer raise"
+    loss = record.loss.detach().double().cpu()
+    if not bool(torch.isfinite(loss)):
+        measure(
+            "nonfinite_cycle_text",
+            "a NaN cycle_text term makes the whole loss NaN (upstream zeroes the term and trains on the "
+            "others; the loop skips this step)",
+            review=True,
+        )
+        return
+    want = terms.total - terms.weights["cycle_text"] * terms.cycle_text
+    torch.testing.assert_close(
+        loss,
+        want,
+        **tol(ctx.oracle_tolerance),
+        msg=lambda m: f"with NaN cycle_text logits the loss is not the other terms' total (the term zeroed)\n{m}",
+    )
+    reported = record.metrics.get("nonfinite")
+    if reported is not None:
+        assert any("cycle_text" in str(name) for name in reported), (
+            f"metrics['nonfinite'] is {reported}: it does not name the cycle_text term that went NaN"
+        )
+    measure("nonfinite_cycle_text", f"zeroed; the others' total {float(want):.6g}; reported {reported}")
+
+
 CHECKS = {
     "control_sensitivity": sensitivity_control("text_t", "latent_t", "latents", "text"),
     "weights0_equal_stable_batch_1": lambda ctx, measure: check_weights_zero_equal_stable(ctx, measure, 1),
@@ -259,6 +346,7 @@ CHECKS = {
     "categorical_sampling": check_categorical_sampling,
     "ramp": check_ramp,
     "stop_grad": check_stop_grad,
+    "nonfinite_term": check_nonfinite_term,
 }
 
 
