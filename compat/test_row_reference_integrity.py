@@ -184,6 +184,12 @@ def check_loss_helpers(ctx, measure):
     assert token_accuracy(big_logits, big_ids, one) == 1.0 and token_accuracy(big_logits, big_ids, one & False) == 0.0
     with pytest.raises(ValueError, match="shapes disagree"):
         masked_text_ce(big_logits, big_ids, partial[:, :5])
+    # Confidently wrong logits: a CE of about 1e4 per token, clamped to upstream's 100.
+    wrong = torch.zeros(1, 3, 5)
+    wrong[0, torch.arange(3), torch.tensor([1, 2, 3])] = -1e4
+    got = masked_text_ce(wrong, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool))
+    want = oracle.masked_ce(wrong, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool))
+    assert float(got) == float(want) == 100.0, f"a cross entropy of about 1e4 gives {float(got)}, not the clamp 100"
     pred, target = torch.randn(3, 1, 5, generator=gen), torch.randn(3, 5, generator=gen)
     torch.testing.assert_close(
         normalized_latent_mse(pred, target).double(),
