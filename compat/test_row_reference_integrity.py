@@ -9,9 +9,14 @@ library) and against golden values this project recorded and committed
   and T = 50 equal the oracle's closed forms, and the golden values; continuous t maps to index
   floor(t (T - 1)), t = 1 to the last; add_noise, its targets and the x0 conversions equal the oracle;
 - masking: `MaskedDiffusion` masks exactly where the uniforms fall below MDLM's move chance
-  1 - exp(-sigma(t)) (oracle), with the configured mask id and nothing else changed, and its
-  masking rate on its own draws matches the move chance (a binomial test per t);
-- loss helpers: the masked CE and the normalised latent MSE equal the oracle's;
+  1 - exp(-sigma(t)) (oracle), with the configured mask id and nothing else changed (injected
+  uniforms, or the global RNG when neither uniforms nor a generator are given), and its masking
+  rate on its own draws matches the move chance (a binomial test per t); its buffers are upstream's
+  `text_noise_schedule.*` (names and values);
+- batch preparation and output splitting (shared by both trainers): mis-shaped latents, masks and
+  ids, and model outputs that are not a 2- or 3-tuple, are refused;
+- loss helpers: the masked CE (partial and one-position masks, ids past 100, the clamp at 100) and
+  the normalised latent MSE equal the oracle's;
 - checkpoints: a round trip is bit-exact; a missing, an extra and a mis-shaped key are each refused
   naming the key;
 - a model forward: the golden tiny model's outputs equal the recorded ones;
@@ -36,6 +41,7 @@ from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.losses import masked_text_ce, normalized_latent_mse, token_accuracy
 from latentDLM_mmdit.tokenizer import SyntheticVocab
+from latentDLM_mmdit.trainer_base import prepare_batch, split_model_outputs
 
 pytestmark = pytest.mark.compat_row("reference_integrity")
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -146,6 +152,13 @@ def check_masking(ctx, measure):
             f"{float(oracle.move_chance(torch.tensor([value]))[0]):.4f} makes that p = {p:.2g}"
         )
     measure("masking_rate_min_p", worst_p)
+    # The buffers upstream's checkpoints carry as text_noise_schedule.* (names and values).
+    buffers = dict(masking.named_buffers())
+    want_prior = torch.full((50,), -1000.0)
+    want_prior[vocab.mask_token_id] = 0.0
+    assert sorted(buffers) == ["log_B", "log_gamma", "log_prior"], f"MaskedDiffusion buffers {sorted(buffers)}"
+    assert torch.equal(buffers["log_prior"], want_prior), "log_prior is not 0 at the mask id and -1000 elsewhere"
+    assert float(buffers["log_gamma"]) == 0.0 and float(buffers["log_B"]) == -20.0, "log_gamma / log_B changed"
 
 
 def check_loss_helpers(ctx, measure):
@@ -255,6 +268,32 @@ def check_model_forward_golden(ctx, measure):
     measure("model_forward", "equals the recorded golden outputs")
 
 
+def check_batch_and_outputs(ctx, measure):
+    """The shared batch preparation and output splitting: what they accept and what they refuse."""
+    ids, latent = torch.zeros(2, 5, dtype=torch.long), torch.randn(2, 4)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    got_ids, got_mask, got_latents = prepare_batch(
+        {"input_ids": ids, "latent": latent[:, None], "attention_mask": mask}, torch.float64, "x"
+    )
+    assert got_mask.dtype == torch.bool and got_latents.shape == (2, 4) and got_latents.dtype == torch.float64
+    for name, batch in (
+        ("latents of another batch size", {"input_ids": ids, "latent": torch.randn(3, 4)}),
+        ("latents [B, 2, D]", {"input_ids": ids, "latent": torch.randn(2, 2, 4)}),
+        ("a mask of another shape", {"input_ids": ids, "latent": latent, "attention_mask": mask[:, :4]}),
+        ("input_ids [S]", {"input_ids": ids[0], "latent": latent}),
+    ):
+        with pytest.raises(ValueError, match="must be"):
+            prepare_batch(batch, torch.float32, f"batch with {name}")
+    with pytest.raises(KeyError, match="missing 'latent'"):
+        prepare_batch({"input_ids": ids}, torch.float32, "x")
+    text, lat, cluster = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert split_model_outputs((text, lat)) == (text, lat) and split_model_outputs([text, lat, cluster]) == (text, lat)
+    for outputs in ((text,), (text, lat, cluster, cluster), text):
+        with pytest.raises(ValueError, match="model must return"):
+            split_model_outputs(outputs)
+    measure("batch_and_outputs", "mis-shaped latents, masks and ids and wrong output tuples refused")
+
+
 # Unequal lengths per entry, steps and epochs told apart, a mode repeated after another.
 MODE_SCHEDULE = (("l2t", 2, 1), ("t2l", 3, 2), ("unconditional", 1, 3), ("l2t", 2, 1))
 MODE_WEIGHTS = (0.0, 1.0, 3.0)  # unconditional never, t2l three times as often as l2t
@@ -312,6 +351,7 @@ CHECKS = {
     "checkpoint_round_trips": check_checkpoint_round_trips,
     "model_forward_golden": check_model_forward_golden,
     "stable_mode_schedule": check_stable_mode_schedule,
+    "batch_and_outputs": check_batch_and_outputs,
 }
 
 
