@@ -22,8 +22,8 @@ Everything is read from what the trainer gives the model and returns, never from
   pass, found by the passes of the same step unpoisoned): under `loss.on_nonfinite: upstream` the
   step's loss is the other terms' total (upstream zeroes a non-finite term, as the stable trainer
   does) and a trainer that reports `metrics["nonfinite"]` names the term; under `raise` the trainer
-  raises FloatingPointError. A trainer that lets the NaN reach its loss is REVIEW (the loop then
-  skips the whole step); any other outcome is INCOMPATIBLE.
+  raises FloatingPointError (both policies are run). A trainer that lets the NaN reach its loss is
+  REVIEW (the loop's own non-finite handling takes over); any other outcome is INCOMPATIBLE.
 """
 
 from __future__ import annotations
@@ -293,14 +293,23 @@ class PoisonedPass(nn.Module):
             return getattr(self._modules["inner"], name)
 
 
+NONFINITE_POLICIES = ("upstream", "raise")  # loss.on_nonfinite: both are honoured
+
+
 def check_nonfinite_term(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=68)
     draws = ctx.draws(batch, seed=68)
-    config = ctx.cycle_config_for(ALL_TERMS)
+    for policy in NONFINITE_POLICIES:
+        config = ctx.cycle_config_for({**ALL_TERMS, "on_nonfinite": policy})
+        outcome = nonfinite_outcome(ctx, batch, draws, config, policy)
+        measure(f"nonfinite_cycle_text_{policy}", outcome, review=outcome.startswith("NaN"))
+
+
+def nonfinite_outcome(ctx, batch, draws, config, policy: str) -> str:
+    """What the trainer does with NaN cycle_text logits under `policy` (asserting what it must)."""
     clean = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False)
     terms = cycle_terms(clean, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
     poisoned_model = PoisonedPass(ctx.semantic_model(), clean.one(CYCLE_TEXT).index, 0)
-    policy = str(config.loss.on_nonfinite)
     try:
         record = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False, model=poisoned_model)
     except CandidateError as error:
@@ -309,18 +318,13 @@ def check_nonfinite_term(ctx, measure):
             f"with NaN cycle_text logits (loss.on_nonfinite={policy}) the cycle trainer raised: "
             f"{str(error).splitlines()[0][:300]}"
         )
-        measure("nonfinite_cycle_text", "raised FloatingPointError (loss.on_nonfinite=raise)")
-        return
-    assert policy != "raise", "loss.on_nonfinite=raise, yet a NaN cycle_text term did not make the trainer raise"
+        return "raised FloatingPointError"
     loss = record.loss.detach().double().cpu()
-    if not bool(torch.isfinite(loss)):
-        measure(
-            "nonfinite_cycle_text",
-            "a NaN cycle_text term makes the whole loss NaN (upstream zeroes the term and trains on the "
-            "others; the loop skips this step)",
-            review=True,
-        )
-        return
+    if not bool(torch.isfinite(loss)):  # the loop's own non-finite handling takes over
+        return "NaN loss: the trainer lets the term poison the step (upstream zeroes it; the loop skips the step)"
+    assert policy != "raise", (
+        "loss.on_nonfinite=raise, yet the trainer zeroed a NaN cycle_text term silently instead of raising"
+    )
     want = terms.total - terms.weights["cycle_text"] * terms.cycle_text
     torch.testing.assert_close(
         loss,
@@ -333,7 +337,7 @@ def check_nonfinite_term(ctx, measure):
         assert any("cycle_text" in str(name) for name in reported), (
             f"metrics['nonfinite'] is {reported}: it does not name the cycle_text term that went NaN"
         )
-    measure("nonfinite_cycle_text", f"zeroed; the others' total {float(want):.6g}; reported {reported}")
+    return f"zeroed; the others' total {float(want):.6g}; reported {reported}"
 
 
 CHECKS = {

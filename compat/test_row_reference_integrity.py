@@ -288,8 +288,12 @@ def check_batch_and_outputs(ctx, measure):
         prepare_batch({"input_ids": ids}, torch.float32, "x")
     text, lat, cluster = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     assert split_model_outputs((text, lat)) == (text, lat) and split_model_outputs([text, lat, cluster]) == (text, lat)
-    for outputs in ((text,), (text, lat, cluster, cluster), text):
-        with pytest.raises(ValueError, match="model must return"):
+    for outputs, got in (
+        ((text,), "tuple of length 1"),
+        ((text, lat, cluster, cluster), "tuple of length 4"),
+        (text, "Tensor of length -"),
+    ):
+        with pytest.raises(ValueError, match=f"model must return .* got {got}"):
             split_model_outputs(outputs)
     measure("batch_and_outputs", "mis-shaped latents, masks and ids and wrong output tuples refused")
 
