@@ -91,7 +91,7 @@ STATISTICS = {
     "categorical_sampling": {
         "alpha": 1e-3,  # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
         "min_draws": 3000,  # pseudo tokens drawn (steps x batch_size x S)
-        "batch_size": 64,  # samples per step (one step gives batch_size x S draws)
+        "batch_size": 64,  # at most this many samples per step (fewer when S is long: ~min_draws a run)
         "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
     },
@@ -214,19 +214,33 @@ def ramp(step: int, base: float, warmup: int, ramp_steps: int) -> float:
     return base * min(1.0, (step - warmup) / ramp_steps)
 
 
+# float64 values held at once per [rows, V] block of the categorical checks (32 MiB): their memory is
+# bounded whatever the vocabulary (a 30k vocabulary and 3,000 draws would otherwise hold GiBs).
+PIT_BLOCK_VALUES = 2**22
+
+
+def _row_blocks(rows: int, vocab: int) -> list[tuple[int, int]]:
+    step = max(1, PIT_BLOCK_VALUES // vocab)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _pit_at(logits: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """PIT values of ids [R, K] under softmax(logits [R, V]) at the uniforms u [R, K] -> [R, K]."""
+    probs = torch.softmax(logits.double(), dim=-1)  # [R, V]
+    p = probs.gather(-1, ids)  # [R, K]
+    cdf_below = probs.cumsum(-1).gather(-1, ids) - p  # [R, K]
+    return (cdf_below + u * p).clamp(0.0, 1.0 - 1e-12)
+
+
 def categorical_pit(logits: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Randomised probability integral transform of sampled ids under softmax(logits): for ids
     drawn from that categorical distribution the values are U[0, 1), whatever the distribution of
-    each position. logits [N, V], ids [N] -> [N] float64."""
-    probs = torch.softmax(logits.double(), dim=-1)  # [N, V]
-    return _pit(probs, probs.cumsum(-1), ids, generator)
-
-
-def _pit(probs: torch.Tensor, cdf: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    p = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [N]
-    cdf_below = cdf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - p  # [N]
-    u = torch.rand(ids.shape, generator=generator, dtype=torch.float64)
-    return (cdf_below + u * p).clamp(0.0, 1.0 - 1e-12)
+    each position. logits [N, V], ids [N] -> [N] float64 (computed in blocks of rows)."""
+    u = torch.rand(ids.shape, generator=generator, dtype=torch.float64)  # [N]
+    out = torch.empty(ids.shape, dtype=torch.float64)
+    for a, b in _row_blocks(logits.shape[0], logits.shape[-1]):
+        out[a:b] = _pit_at(logits[a:b], ids[a:b, None], u[a:b, None]).squeeze(-1)
+    return out
 
 
 def uniformity_chi2(values: torch.Tensor, bins: int) -> tuple[float, float]:
@@ -245,16 +259,15 @@ def categorical_power(
     when the ids are drawn from softmax(logits / temperature) instead: the test's power against
     that mistake, at this sample size and on these logits. logits [N, V]."""
     gen = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(logits.double(), dim=-1)  # [N, V]
-    cdf = probs.cumsum(-1)
-    wrong_cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1).contiguous()  # [N, V]
-    last = logits.shape[-1] - 1
-    rejected = 0
-    for _ in range(repeats):  # ids from the wrong distribution by its inverse CDF
-        u = torch.rand((logits.shape[0], 1), generator=gen, dtype=torch.float64)  # [N, 1]
-        ids = torch.searchsorted(wrong_cdf, u).squeeze(-1).clamp(max=last)  # [N]
-        _, p = uniformity_chi2(_pit(probs, cdf, ids, gen), bins)
-        rejected += p < alpha
+    rows, vocab = logits.shape
+    sample_u = torch.rand((rows, repeats), generator=gen, dtype=torch.float64)  # inverse-CDF draws
+    pit_u = torch.rand((rows, repeats), generator=gen, dtype=torch.float64)
+    pit = torch.empty((rows, repeats), dtype=torch.float64)
+    for a, b in _row_blocks(rows, vocab):  # ids from the wrong distribution by its inverse CDF
+        wrong_cdf = torch.softmax(logits[a:b].double() / temperature, dim=-1).cumsum(-1)  # [R, V]
+        ids = torch.searchsorted(wrong_cdf, sample_u[a:b].contiguous()).clamp(max=vocab - 1)  # [R, repeats]
+        pit[a:b] = _pit_at(logits[a:b], ids, pit_u[a:b])
+    rejected = sum(uniformity_chi2(pit[:, r], bins)[1] < alpha for r in range(repeats))
     return rejected / repeats
 
 

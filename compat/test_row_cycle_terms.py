@@ -160,7 +160,8 @@ def check_categorical_sampling(ctx, measure):
     """Pseudo tokens drawn from softmax(L2T logits): a chi-square test, and the inverse CDF exactly
     where the trainer takes its uniforms by name."""
     spec = STATISTICS["categorical_sampling"]
-    batch = ctx.batch(spec["batch_size"], seed=66)
+    per_step = min(spec["batch_size"], -(-spec["min_draws"] // ctx.seq_len))  # about min_draws in all
+    batch = ctx.batch(per_step, seed=66)
     B, S = batch["input_ids"].shape
     runs = -(-spec["min_draws"] // (B * S))
     logits, ids = [], []
