@@ -59,18 +59,22 @@ def fresh_runs(ctx):
         ctx.trajectories = saved
 
 
+def check_of(row: str, check: str):
+    """The check function `check` of row `row`."""
+    return importlib.import_module(f"compat.test_row_{row}").CHECKS[check]
+
+
 def run_check(ctx, row: str, check: str) -> None:
-    module = importlib.import_module(f"compat.test_row_{row}")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Using a target size")
-        module.CHECKS[check](ctx, lambda *args, **kwargs: None)
+        check_of(row, check)(ctx, lambda *args, **kwargs: None)
 
 
 def control_outcome(ctx, row: str, check: str) -> tuple[str, str]:
     """The check unmutated: a pass of it recorded in this session with the same trainers driven the
     same way (its row's own test, or the control of the other path: the plug-in path loads the same
     class), else a run of it now."""
-    function = importlib.import_module(f"compat.test_row_{row}").CHECKS[check]
+    function = check_of(row, check)
     if ctx.check_key(function) in ctx.passed_checks:
         return "passed", "the row's own test passed it in this session"
     outcome = outcome_of(ctx, row, check)
@@ -97,8 +101,7 @@ def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
 def mutated_outcome(ctx, mutant, path: str) -> tuple[str, str]:
     """The check's outcome under `mutant`: a run now, or the run of the other path when both paths
     drive the same trainer the same way (the same check key: the same computation)."""
-    function = importlib.import_module(f"compat.test_row_{mutant.row}").CHECKS[mutant.check]
-    key = (mutant.name, ctx.check_key(function))
+    key = (mutant.name, ctx.check_key(check_of(mutant.row, mutant.check)))
     if key in ctx.mutated_outcomes:
         got, detail, ran_on = ctx.mutated_outcomes[key]
         return got, f"= {ran_on} run (trainer driven the same way): {detail}"

@@ -98,10 +98,6 @@ def scope_of(ctx) -> str:
 COMPILE_TOLERANCES = {"eager": "compiled_eager", "aot_eager": "compiled_aot_eager", "inductor": "compiled_inductor"}
 
 
-def compile_tolerance(backend: str) -> str:
-    return COMPILE_TOLERANCES[backend]
-
-
 class Compiled:
     """One trainer built twice over two identical models: `eager` and `compiled` (torch.compile of
     the trainer, as upstream's script did). `step` runs one of them with the row's draws."""
@@ -204,7 +200,7 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: str, wh
 
 def check_compiled_matches_eager(ctx, measure):
     backend, scope = require_dynamo(ctx), scope_of(ctx)
-    tolerance = compile_tolerance(backend)
+    tolerance = COMPILE_TOLERANCES[backend]
     batch, draws = inputs(ctx)
     fresh_dynamo()
     started = time.perf_counter()
@@ -225,7 +221,7 @@ def check_compiled_matches_eager(ctx, measure):
 def check_recompilations_bounded(ctx, measure):
     require_dynamo(ctx)
     backend, scope = "eager", scope_of(ctx)  # dynamo's guards and breaks do not depend on the backend
-    tolerance = compile_tolerance(backend)
+    tolerance = COMPILE_TOLERANCES[backend]
     limit = int(TOLERANCES["compile_max_recompiles"][0])
     if not ctx.cycle_subject.spec.accepts_step:
         not_applicable(

@@ -770,7 +770,17 @@ def _train(
         with logging_redirect_tqdm() if show_bar else contextlib.nullcontext():
             while step < end:
                 record = _optimizer_step(
-                    trainer, optimizer, scheduler, ddp, feed, settings, step, ctx, scaler, last_outputs, run_step
+                    trainer,
+                    optimizer,
+                    scheduler,
+                    ddp,
+                    feed,
+                    settings,
+                    step,
+                    ctx,
+                    scaler,
+                    last_outputs,
+                    run_step=run_step,
                 )
                 step += 1
                 if "skipped" in record:
@@ -912,10 +922,11 @@ def _optimizer_step(
     ctx,
     scaler: LossScaler,
     last_outputs: LastOutputs | None = None,
-    run_step=None,
+    *,
+    run_step,
 ) -> dict[str, Any]:
     """One optimizer step over `settings.grad_accum` micro-batches; returns its metrics record.
-    `run_step` (default `trainer`) is what each micro-batch calls: the trainer or its compiled form.
+    `run_step` is what each micro-batch calls: the trainer or its compiled form.
 
     A micro-batch whose loss is non-finite, or a constant without a graph (the trainers' replacement
     when every term is non-finite), or a non-finite gradient norm: under loss.on_nonfinite=upstream
@@ -935,7 +946,7 @@ def _optimizer_step(
             loss, metrics, error = None, {}, None
             try:
                 with autocast(settings.mixed_precision, ctx.device):
-                    loss, metrics = (trainer if run_step is None else run_step)(batch, step=step)
+                    loss, metrics = run_step(batch, step=step)
             except FloatingPointError as exc:  # the trainer's own check under loss.on_nonfinite=raise
                 error = str(exc)
             parts.append(metrics)
