@@ -35,6 +35,7 @@ from compat.outcomes import (
     EXIT_OK,
     NOT_APPLICABLE,
     GateInputError,
+    is_control_failure,
     skip_kind,
 )
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
@@ -210,9 +211,13 @@ def row_result(row, tests: list[CheckOutcome]) -> RowResult:
     measured = []
     for t in tests:
         measured.extend(f"{name}={_format_value(value)}" for name, value in t.measured)
+    controls = [t for t in skipped if is_control_failure(t.skip_kind, t.message)]
     kind = None
     if not tests:
         verdict, kind, note = NOT_RUN, NOT_SELECTED, "not selected (no check of this row was collected)"
+    elif controls and not failed:  # the harness could not measure what the row judges: no verdict
+        verdict, kind = NOT_RUN, CANNOT_CHECK
+        note = f"{CANNOT_CHECK}: " + "; ".join(dict.fromkeys(t.message for t in controls))
     elif failed:
         verdict = INCOMPATIBLE
         note = "; ".join(f"FAILED {t.check}: {t.message}" for t in failed)

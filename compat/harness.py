@@ -45,7 +45,7 @@ from compat.inputs import (
 )
 from compat.options import CompatOptions
 from compat.oracle import TOLERANCES
-from compat.outcomes import GateInputError, blocked, cannot_check
+from compat.outcomes import GateInputError, blocked, control_failed
 from compat.subjects import StepRecord, Subject
 from compat.trainer_spec import TrainerSpec
 
@@ -181,8 +181,8 @@ def require_sensitive(ctx, inputs: tuple[str, ...]) -> dict[str, float]:
     seen = ctx._sensitivity
     blind = [name for name in inputs if seen[name] < SENSITIVITY_MIN]
     if blind:
-        cannot_check(
-            f"control: the model's outputs barely change (relative {', '.join(f'{seen[n]:.1e}' for n in blind)}"
+        control_failed(
+            f"the model's outputs barely change (relative {', '.join(f'{seen[n]:.1e}' for n in blind)}"
             f") when {', '.join(blind)} change, below {SENSITIVITY_MIN:g}, even on a sensitized copy: this "
             "row would pass whether or not the trainers feed them right"
         )

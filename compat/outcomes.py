@@ -9,6 +9,9 @@ checked when it was not, and the gate's exit code tells "incompatible" from "cou
   data, missing device). The gate exits 2.
 - `blocked(reason)`: another row's failure made the check meaningless (a checkpoint that does not
   load, non-finite weights). That row is INCOMPATIBLE, so the gate exits 1.
+- `control_failed(reason)`: a harness self-check failed (the model cannot see what the row compares,
+  a measurement disagrees with its closed form, the reference's own loop does not match its replay):
+  a "could not check" that makes the whole row NOT RUN, never a verdict on the user's trainer.
 
 The kind travels as the prefix of pytest's skip message (it survives xdist and junitxml alike).
 """
@@ -25,6 +28,7 @@ NOT_APPLICABLE = "not applicable"
 CANNOT_CHECK = "could not check"
 BLOCKED = "blocked"
 SKIP_KINDS = (NOT_APPLICABLE, CANNOT_CHECK, BLOCKED)
+CONTROL_PREFIX = "harness control: "  # a could-not-check reason that comes from a failed harness control
 
 
 class GateInputError(Exception):
@@ -54,6 +58,15 @@ def cannot_check(reason: str):
 
 def blocked(reason: str):
     pytest.skip(f"{BLOCKED}: {reason}")
+
+
+def control_failed(reason: str):
+    """The harness's own control of a measurement failed: the row cannot judge (see the module docstring)."""
+    pytest.skip(f"{CANNOT_CHECK}: {CONTROL_PREFIX}{reason}")
+
+
+def is_control_failure(kind: str | None, reason: str) -> bool:
+    return kind == CANNOT_CHECK and reason.startswith(CONTROL_PREFIX)
 
 
 def skip_kind(message: str) -> tuple[str, str]:

@@ -3,7 +3,8 @@
 Each case first runs that check unmutated (the control: it must pass, or the kill would prove
 nothing; a pass of the same check with the same trainer subjects earlier in the session, e.g. by
 its row's own test, is that control), then applies one mutant and runs the check again: it must fail the way the mutant says
-(its own assertion, or, for a defect that makes the trainer raise, the check reporting that). An
+(its own assertion; for a defect that makes the trainer raise, the check reporting that; for a defect in
+the reference the gate measures against, the row's harness control failing: could not check, exit 2). An
 error of another kind, a skip or a pass is not a catch. Every case runs twice: with the built-in
 cycle trainer, and with the same class given as a SPEC through the plug-in path
 (`--cycle-trainer`), so that both paths are shown to have the same teeth. A check's outcome is
@@ -24,7 +25,8 @@ import warnings
 
 import pytest
 
-from compat.mutants import ASSERTION, MUTANTS, TRAINER_ERROR
+from compat.mutants import ASSERTION, CONTROL, MUTANTS, TRAINER_ERROR
+from compat.outcomes import CONTROL_PREFIX
 from compat.rows import ROWS
 from compat.subjects import CandidateError, Subject
 from compat.trainer_spec import TrainerSpec
@@ -84,11 +86,11 @@ def control_outcome(ctx, row: str, check: str) -> tuple[str, str]:
 
 
 def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
-    """("passed" | "assertion" | "trainer error" | "skipped" | "other error", detail)."""
+    """("passed" | "assertion" | "trainer error" | "harness control" | "skipped" | "other error", detail)."""
     try:
         run_check(ctx, row, check)
     except pytest.skip.Exception as exc:
-        return "skipped", str(exc)
+        return (CONTROL if CONTROL_PREFIX in str(exc) else "skipped"), str(exc)
     except CandidateError as exc:
         return TRAINER_ERROR, str(exc).splitlines()[0]
     except AssertionError as exc:

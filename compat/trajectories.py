@@ -36,6 +36,40 @@ from latentDLM_mmdit.training import TrainerEntry, build_trainer, run_training
 STEPS = 6  # K: past the warmups of the tiny configs (a ramp phase change) and into Adam's bias correction
 
 
+@dataclass(frozen=True)
+class Window:
+    """The K optimizer steps of the schedule the row trains: [start, start + K)."""
+
+    start: int
+    steps: int
+    reason: str
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.steps
+
+
+def schedule_window(config: DictConfig, steps: int = STEPS) -> Window:
+    """Where in `config`'s schedule K steps are trained. From step 0 when the warmup ends within them
+    (they cross it into the decay); when training.warmup_steps exceeds K, steps 0..K-1 would run at
+    most K / warmup of optimizer.lr (a 2,000-step warmup: 0.3% of it) and move nothing, so the window
+    is placed across the end of warmup, where the schedule reaches its peak, as the cluster run spends
+    nearly all its steps."""
+    warmup = int(config.training.warmup_steps)
+    total = int(config.training.num_train_steps)
+    if warmup <= steps or total < warmup + steps:
+        return Window(
+            0, steps, "from the first step (the window crosses the end of warmup)" if warmup else "from step 0"
+        )
+    start = warmup - steps // 2
+    return Window(
+        start,
+        steps,
+        f"steps {start + 1}-{start + steps} of {total}, across the end of the {warmup}-step warmup (the "
+        f"schedule's peak): steps 1-{steps} would train at most {steps / warmup:.2%} of optimizer.lr",
+    )
+
+
 @dataclass
 class Trajectory:
     """What one run through the loop did."""
@@ -45,6 +79,7 @@ class Trajectory:
     metrics: list[dict[str, Any]]
     batches: list[tuple[int, dict[str, torch.Tensor]]]  # (step, batch) per micro-batch, in order
     final_weights: dict[str, torch.Tensor] = field(repr=False)
+    window: Window | None = None
     frozen: set[str] = field(default_factory=set)  # parameters the trainer left without gradients
 
     @property
@@ -76,13 +111,13 @@ def trajectory_config(
     model_overrides: dict[str, Any] | None = None,
     updates: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """`config` for a K-step run: its optimizer, schedule, clipping, accumulation and precision as
-    they are; the run length, batch size and synthetic data sized for the gate."""
+    """`config` for a K-step run: its optimizer, schedule (training.num_train_steps kept: the run is a
+    window of it, `schedule_window`), clipping, accumulation and precision as they are; the batch size
+    and synthetic data sized for the gate."""
     accum = int(config.training.gradient_accumulation_steps)
     updates_run = {
-        "training.num_train_steps": steps,
         "training.train_batch_size": batch_size,
-        "logging.save_every": steps,
+        "logging.save_every": 0,  # the window's last step only
         "logging.log_every": steps,
         "data.synthetic_seq_len": seq_len,
         "data.synthetic_num_samples": max(4 * batch_size, steps * batch_size * accum),
@@ -131,7 +166,9 @@ def run_trajectory(
     token_dir=None,
     latent_dir=None,
 ) -> Trajectory:
-    """K steps of `trainer_cls` through the shared training loop from the weights in `init`."""
+    """K steps of `trainer_cls` through the shared training loop from the weights in `init`, at
+    the config's `schedule_window`."""
+    window = schedule_window(config)
     recorded: list = []
     base = recording_class(trainer_cls, accepts_step)
 
@@ -153,9 +190,11 @@ def run_trajectory(
         init_from=init,
         progress=False,
         device=device,
+        start_at_step=window.start,
+        stop_at_step=window.stop,
     )
     weights = load_file(str(result.checkpoints[-1]))
-    return Trajectory(kind, config, list(result.metrics), list(recorded), weights)
+    return Trajectory(kind, config, list(result.metrics), list(recorded), weights, window)
 
 
 def save_init(model: torch.nn.Module, config: DictConfig, path: Path) -> Path:
@@ -215,10 +254,17 @@ def clip_global_norm(grads: dict[str, torch.Tensor], max_norm: float) -> float:
 
 @dataclass
 class Replay:
+    """The replay's per-step values, and what the tolerances of the comparison are derived from."""
+
     losses: list[float]
     grad_norms: list[float]
     lrs: list[float]
     final_weights: dict[str, torch.Tensor]
+    initial_weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    weight_norms: list[float] = field(default_factory=list)  # ||w|| after each step (float64)
+    update_norms: list[float] = field(default_factory=list)  # ||w_k - w_0|| after each step
+    largest_grad: int = 0  # elements of the largest gradient tensor (the float32 norm's longest sum)
+    n_grads: int = 0  # gradient tensors in the total norm
 
 
 def replay_with_oracle(
@@ -235,6 +281,8 @@ def replay_with_oracle(
     trainer.generator.manual_seed(seed)
     seed_everything(seed)
     master = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    initial = {n: t.clone() for n, t in master.items()}
+    weight_norms, update_norms, largest, n_grads = [], [], 0, 0
     opt = config.optimizer
     adamw = OracleAdamW((float(opt.beta1), float(opt.beta2)), float(opt.eps), float(opt.weight_decay))
     accum = int(config.training.gradient_accumulation_steps)
@@ -258,6 +306,8 @@ def replay_with_oracle(
             (loss / accum).backward()
             step_losses.append(float(loss.detach()))
         grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+        largest = max([largest, *(g.numel() for g in grads.values())])
+        n_grads = max(n_grads, len(grads))
         norms.append(clip_global_norm(grads, float(opt.grad_clip_norm)))
         lr = oracle_lr(step, config)
         lrs.append(lr)
@@ -266,8 +316,10 @@ def replay_with_oracle(
             for n, p in model.named_parameters():
                 p.copy_(master[n].to(p.dtype))
         losses.append(sum(step_losses) / len(step_losses))
+        weight_norms.append(math.sqrt(sum(float(t.pow(2).sum()) for t in master.values())))
+        update_norms.append(math.sqrt(sum(float((t - initial[n]).pow(2).sum()) for n, t in master.items())))
     final = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    return Replay(losses, norms, lrs, final)
+    return Replay(losses, norms, lrs, final, initial, weight_norms, update_norms, largest, n_grads)
 
 
 def with_sections(config: DictConfig, source: DictConfig, sections: tuple[str, ...]) -> DictConfig:

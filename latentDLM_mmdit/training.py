@@ -206,7 +206,9 @@ def learning_rate(step: int, settings: LoopSettings) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: LoopSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, settings: LoopSettings, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR giving the optimizer step with 0-based index k the learning rate
     `learning_rate(k, settings)` (to the last bit or one unit in it: LambdaLR multiplies the base
     by a factor). Step it after every optimizer step; its state_dict goes into the train state.
@@ -214,12 +216,16 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: LoopSettings)
     Args:
         optimizer: its param groups' `lr` must be `settings.lr` (the base the factor scales).
         settings: the loop's settings (lr, warmup_steps, lr_schedule, num_train_steps).
+        start_step: the step the first optimizer step has (0, or a later point of the schedule).
     """
 
     def factor(step: int) -> float:
         return learning_rate(step, settings) / settings.lr
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if start_step:  # LambdaLR's own way to start later: the base LR recorded as initial_lr
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -601,6 +607,7 @@ def run_training(
     resume: str | Path | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    start_at_step: int = 0,
     device: str | None = None,
     dist_timeout: timedelta | None = None,
 ) -> TrainResult:
@@ -617,6 +624,10 @@ def run_training(
         progress: show a tqdm bar (only on a terminal, only on rank 0).
         stop_at_step: stop after this global step (the LR schedule still spans
             training.num_train_steps); a checkpoint is written there, to resume later.
+        start_at_step: begin at this 0-based global step with a fresh optimizer state: the LR
+            schedule and the trainer's step-dependent settings (cycle weight ramps) as at that step,
+            the data order from its start. For examining a window of a long schedule from given
+            weights (the compat trajectories row); not a resume (use `resume` for that).
         device: auto (CUDA when available), cpu or cuda.
         dist_timeout: timeout given to init_process_group under torchrun (None: the config's
             training.ddp_timeout_minutes).
@@ -627,6 +638,10 @@ def run_training(
         raise TrainingError("pass --init-from (start from pretrained weights) or --resume (continue a run), not both")
     if stop_at_step is not None and stop_at_step < 1:
         raise TrainingError(f"stop_at_step={stop_at_step}: must be >= 1")
+    if start_at_step < 0 or (start_at_step and resume is not None):
+        raise TrainingError(
+            f"start_at_step={start_at_step}: must be >= 0, and 0 when resuming (the run's step is kept)"
+        )
     config = validated_config(config)
     settings = LoopSettings.from_config(config)
     ctx = init_distributed(device, settings.ddp_timeout if dist_timeout is None else dist_timeout)
@@ -644,6 +659,7 @@ def run_training(
             resume,
             progress,
             stop_at_step,
+            start_at_step,
         )
     finally:
         if ctx.initialized_here and dist.is_initialized():
@@ -663,6 +679,7 @@ def _train(
     resume,
     progress,
     stop_at_step,
+    start_at_step=0,
 ) -> TrainResult:
     metrics_path = output_dir / METRICS_NAME
     resume_state = None
@@ -712,10 +729,10 @@ def _train(
         model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
     )
     scaler = LossScaler(settings.mixed_precision, ctx.device)
-    scheduler = build_lr_scheduler(optimizer, settings)
+    scheduler = build_lr_scheduler(optimizer, settings, start_step=start_at_step)
     # Per-rank global streams (dropout) from here on.
     seed_everything(settings.seed + ctx.rank)
-    step = 0
+    step = start_at_step
     skipped_nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (loss.on_nonfinite)
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])

@@ -31,6 +31,7 @@ from latentDLM_mmdit.losses import NORMALIZE_EPS
 
 TRAINER_ERROR = "trainer error"  # the defect makes the trainer raise: the row's check reports it
 ASSERTION = "assertion"          # the defect changes numbers or inputs: the check's own assertion fails
+CONTROL = "harness control"      # the defect is in the reference the gate measures against: its control fails
 
 
 @dataclass(frozen=True)
@@ -337,9 +338,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "the cycle entry point's loop uses AdamW beta1 0.8 whatever optimizer.beta1 says",
            lambda: [mock.patch.object(training_module, "_train", _cycle_entry_beta1(training_module._train))]),
     Mutant("clip_norm_from_other_key", "trajectories", "stable_loop_matches_oracle",
-           "the loop reads its clipping norm from optimizer.weight_decay instead of optimizer.grad_clip_norm",
+           "the loop reads its clipping norm from optimizer.weight_decay instead of optimizer.grad_clip_norm "
+           "(the reference's own loop then fails its replay: the row cannot judge, exit 2)",
            lambda: [mock.patch.object(training_module.LoopSettings, "from_config",
-                                      _clip_norm_from_other_key(training_module.LoopSettings.from_config))]),
+                                      _clip_norm_from_other_key(training_module.LoopSettings.from_config))],
+           expect=CONTROL),
     Mutant("synthetic_data_reseeded", "trajectories", "golden_values",
            "the loop's synthetic data seeded differently (a numerics change only a golden file sees)",
            lambda: [mock.patch.object(training_module, "SYNTHETIC_DATA_SEED_OFFSET",
