@@ -7,6 +7,8 @@ input is modified; the checkpoint is only read safely (see `latentDLM_mmdit.chec
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,15 +174,29 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
             read = read_tokenizer_folder(folder, add_mask)
         except (ConfigError, OSError, ValueError) as exc:
             raise GateInputError(f"--tokenizer {folder}: {exc}", "pass a local tokenizer folder") from None
+        added_mask = "added as a new id" in read.described.get("mask_token_id", "")
+        if added_mask and "mask_token_id" in values:  # the mask id is given: nothing to add to the folder
+            read = dataclasses.replace(read, vocab_size=read.vocab_size - 1, mask_token_id=values["mask_token_id"])
+            added_mask = False
+        if read.vocab_size != vocab_size and added_mask and read.vocab_size == vocab_size + 1:
+            raise GateInputError(
+                f"the tokenizer folder {folder} declares no mask token and has no [MASK], so it is read as "
+                f"upstream's get_tokenizer did: [MASK] added as id {read.mask_token_id}, {read.vocab_size} ids; "
+                f"the checkpoint's embedding has {vocab_size} rows, so it was trained without that added token",
+                "pass --mask-token-id ID (the mask id the checkpoint was trained with), or the tokenizer folder "
+                "of its training run",
+            )
         if read.vocab_size != vocab_size:
             raise GateInputError(
-                f"the tokenizer folder {folder} has {read.vocab_size} ids, the checkpoint's embedding "
-                f"{vocab_size} rows: it is not the tokenizer this checkpoint was trained with",
+                f"the tokenizer folder {folder} has {read.vocab_size} ids"
+                + (" (with the [MASK] upstream adds)" if added_mask else "")
+                + f", the checkpoint's embedding {vocab_size} rows: it is not the tokenizer this checkpoint "
+                "was trained with",
                 "pass the tokenizer folder of the checkpoint's training run",
             )
         for key in ("mask_token_id", "pad_token_id"):
             value = getattr(read, key)
-            if key in values and values[key] != value:
+            if value is not None and key in values and values[key] != value:
                 raise GateInputError(
                     f"the tokenizer folder {folder} gives {key}={value}, {sources[key]} gives {values[key]}",
                     "make them agree (or leave one out)",
@@ -188,6 +204,14 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
             if key not in values and value is not None:
                 values[key], sources[key] = int(value), f"tokenizer folder {read.described[key]}"
     missing = [k for k in ("mask_token_id", "pad_token_id") if k not in values]
+    if missing and folder is not None:
+        flags = " ".join(f"--{k.replace('_', '-')} ID" for k in missing)
+        raise GateInputError(
+            f"the tokenizer folder {folder} declares no {' or '.join(k.removesuffix('_id') for k in missing)} "
+            "(neither special_tokens_map.json nor tokenizer_config.json names one), and the configs do not give "
+            f"{'them' if len(missing) > 1 else 'it'}",
+            f"pass {flags} (the id the checkpoint was trained with; BERT's [PAD] is 0)",
+        )
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} ID" for k in missing)
         raise GateInputError(
@@ -221,6 +245,9 @@ def open_user_checkpoint(path: Path):
         ) from None
 
 
+NAMED_PROBLEMS = 5  # unusable data samples named one by one in the error; the rest are counted
+
+
 def read_data_samples(options: CompatOptions, vocab: Any, max_seq_len: int, latent_dim: int) -> list[dict]:
     """Up to DATA_SAMPLES samples of the user's upstream-format data, each checked (ids inside the
     vocabulary, latent width, at least one real token)."""
@@ -229,9 +256,24 @@ def read_data_samples(options: CompatOptions, vocab: Any, max_seq_len: int, late
     fix = "fix or remove that file (the gate reads the first samples in sorted name order)"
     try:
         dataset = UpstreamLatentDataset(options.data_tokens, options.data_latents, max_seq_len, vocab)
-        samples = [dataset[i] for i in range(min(len(dataset), DATA_SAMPLES))]
     except DataError as exc:
         raise GateInputError(f"data: {exc}", fix) from None
+    samples, problems = [], []
+    count = min(len(dataset), DATA_SAMPLES)
+    for i in range(count):  # every unusable sample of those read is named, not only the first
+        try:
+            samples.append(dataset[i])
+        except DataError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise GateInputError(f"data: {problems[0]}", fix)
+    if problems:
+        shown = "; ".join(problems[:NAMED_PROBLEMS])
+        more = f"; and {len(problems) - NAMED_PROBLEMS} more" if len(problems) > NAMED_PROBLEMS else ""
+        raise GateInputError(
+            f"data: {len(problems)} of the first {count} samples cannot be used: {shown}{more}",
+            "fix or remove those files (the gate reads the first samples in sorted name order)",
+        )
     if dataset.latent_dim != latent_dim:
         raise GateInputError(
             f"data: latents in {options.data_latents} have width {dataset.latent_dim}, the "

@@ -121,6 +121,9 @@ class FilePairs(Sequence):
         return self.token_dir / token_name, self.latent_dir / (stem + ".npy")
 
 
+REFERENCE_SCAN = 64  # samples tried for the first readable one (its length and latent width are the reference)
+
+
 class UpstreamLatentDataset(torch.utils.data.Dataset):
     """Pairs of token and latent files in upstream's layout (see the module docstring).
 
@@ -174,7 +177,20 @@ class UpstreamLatentDataset(torch.utils.data.Dataset):
         self.pairs = FilePairs(self.token_dir, self.latent_dir, stems, suffixed)
         self.seq_len: int | None = None
         self.latent_dim: int | None = None
-        first = self._load(0)
+        first, problems = None, []
+        for index in range(min(len(self.pairs), REFERENCE_SCAN)):  # the lengths of the first sample that reads
+            try:
+                first = self._load(index)
+                break
+            except DataError as exc:
+                problems.append(str(exc))
+        if first is None:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise DataError(
+                f"none of the first {len(problems)} samples can be used: {'; '.join(problems[:3])}{more}"
+                if len(problems) > 1
+                else problems[0]
+            )
         self.seq_len, self.latent_dim = int(first["input_ids"].shape[0]), int(first["latent"].shape[-1])
 
     def __len__(self) -> int:

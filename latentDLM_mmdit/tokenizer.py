@@ -221,11 +221,13 @@ class VocabResolution:
         vocab: the spec (vocab_size, mask_token_id, pad_token_id).
         sources: per key of VOCAB_KEYS: "config" or the tokenizer folder file it was read from.
         folder: the tokenizer folder read, or None.
+        ignored: the config's tokenizer values a folder overrode, each said with the value used.
     """
 
     vocab: SyntheticVocab
     sources: dict[str, str]
     folder: Path | None
+    ignored: tuple[str, ...] = ()  # config values the tokenizer folder overrode, each with the value used
 
 
 def _unavailable(missing: list[str], owner: str, why: str) -> ConfigError:
@@ -238,9 +240,12 @@ def _unavailable(missing: list[str], owner: str, why: str) -> ConfigError:
 
 
 def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: str = "config") -> VocabResolution:
-    """The vocabulary of `config` (only read): each of vocab_size, mask_token_id and pad_token_id
-    from the config's tokenizer section when it gives it, else from the tokenizer folder
-    (`tokenizer_dir`, which replaces tokenizer.path). A value both give differently is an error.
+    """The vocabulary of `config` (only read). With a tokenizer folder (`tokenizer_dir`, which
+    replaces tokenizer.path, or a tokenizer.path that exists here) each of vocab_size, mask_token_id
+    and pad_token_id comes from the folder, as upstream's entry points took them from the tokenizer at
+    tokenizer.path (its configs' vocab_size / ids are the dummy-tokenizer fallback, read only without a
+    path); a config value the folder overrides is listed in `ignored` with the value used, and a value
+    the folder does not declare (a pad token) comes from the config. Without a folder, from the config.
 
     Args:
         config: the run config (mapping or DictConfig).
@@ -263,17 +268,19 @@ def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: s
             from_folder = read_tokenizer_folder(folder_path, bool(tok.add_mask_token))
     values: dict[str, int] = {}
     sources: dict[str, str] = {}
+    ignored: list[str] = []
     for key in VOCAB_KEYS:
         folder_value = getattr(from_folder, key) if from_folder is not None else None
-        if key in explicit:
-            if folder_value is not None and folder_value != explicit[key]:
-                raise ConfigError(
-                    f"{owner}: tokenizer.{key}={explicit[key]} but the tokenizer folder gives "
-                    f"{folder_value} ({from_folder.described[key]}); remove one of them"
-                )
-            values[key], sources[key] = int(explicit[key]), "config"
-        elif folder_value is not None:
+        if folder_value is not None:
             values[key], sources[key] = int(folder_value), f"tokenizer folder {from_folder.described[key]}"
+            if key in explicit and int(explicit[key]) != int(folder_value):
+                ignored.append(
+                    f"tokenizer.{key}={explicit[key]} not used: the tokenizer folder gives {folder_value} "
+                    f"({from_folder.described[key]}), which is what upstream's entry points use when "
+                    "tokenizer.path is set"
+                )
+        elif key in explicit:
+            values[key], sources[key] = int(explicit[key]), "config"
     missing = [k for k in VOCAB_KEYS if k not in values]
     if missing:
         why = (
@@ -288,11 +295,13 @@ def resolve_vocab(config: Any, tokenizer_dir: str | Path | None = None, owner: s
         raise ConfigError(
             f"{owner}: the vocabulary ({', '.join(f'{k} from {v}' for k, v in sources.items())}) is not usable: {exc}"
         ) from exc
-    return VocabResolution(vocab, sources, folder_path if from_folder is not None else None)
+    return VocabResolution(vocab, sources, folder_path if from_folder is not None else None, tuple(ignored))
 
 
 def apply_vocab(resolved: Any, resolution: VocabResolution) -> None:
-    """Writes a resolved vocabulary into a ResolvedConfig (its config and its sources)."""
+    """Writes a resolved vocabulary into a ResolvedConfig (its config, its sources and, for config
+    values a tokenizer folder overrode, its notes)."""
+    resolved.notes.extend(resolution.ignored)
     tok = resolved.config.tokenizer
     for key in VOCAB_KEYS:
         tok[key] = getattr(resolution.vocab, key)

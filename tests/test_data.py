@@ -175,13 +175,25 @@ def test_bad_latent_file_names_the_file(written, batch, case):
     assert str(bad) in str(info.value)
 
 
-def test_bad_first_file_fails_at_construction(written):
+def test_bad_first_file_is_named_when_read(written):
+    # the reference length comes from the first sample that reads; the bad one fails where it is read
     token_dir, latent_dir = written
     bad = token_dir / "sample_000000_tokens.npz"
     _garbage(bad)
+    dataset = UpstreamLatentDataset(token_dir, latent_dir, MAX_LEN, VOCAB)
     with pytest.raises(DataError, match="cannot be read") as info:
-        UpstreamLatentDataset(token_dir, latent_dir, MAX_LEN, VOCAB)
+        dataset[0]
     assert str(bad) in str(info.value)
+    assert dataset[1]["input_ids"].shape[0] == dataset.seq_len
+
+
+def test_no_readable_sample_fails_at_construction_naming_them(written):
+    token_dir, latent_dir = written
+    for bad in sorted(token_dir.glob("*.npz")):
+        _garbage(bad)
+    with pytest.raises(DataError, match="none of the first") as info:
+        UpstreamLatentDataset(token_dir, latent_dir, MAX_LEN, VOCAB)
+    assert "sample_000000_tokens.npz" in str(info.value) and "cannot be read" in str(info.value)
 
 
 def test_sequence_longer_than_max_seq_len(written):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from compat.outcomes import GateInputError
 from compat.rows import NOT_RUN, ROWS
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.checkpoints import save_checkpoint
@@ -328,3 +329,27 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
         for p in case.iter("property")
     }
     assert "measured.B4_l2t_loss_stable" in case_props, case_props
+
+
+def test_every_unusable_data_sample_is_named(tmp_path, tiny):
+    """Three over-long samples: each file named (not only the first), with the count."""
+    import shutil
+
+    from compat.inputs import read_data_samples
+    from compat.options import CompatOptions
+
+    data = tmp_path / "data"
+    tokens, latents = data / "tokens", data / "latents"
+    shutil.copytree(tiny["tokens"], tokens)
+    shutil.copytree(tiny["latents"], latents)
+    files = sorted(tokens.glob("*.npz"))
+    long = int(tiny["config"].model.max_seq_len) + 8
+    for bad in files[:3]:
+        np.savez(bad, input_ids=np.full(long, 5), attention_mask=np.ones(long, dtype=np.int64))
+    options = CompatOptions(data_tokens=str(tokens), data_latents=str(latents))
+    with pytest.raises(GateInputError) as info:
+        read_data_samples(options, vocab_from_config(tiny["config"]), int(tiny["config"].model.max_seq_len), 16)
+    problem = info.value.problem
+    assert problem.startswith("data: 3 of the first 6 samples cannot be used")
+    assert all(bad.name in problem for bad in files[:3]), problem
+    assert problem.count("exceeds model.max_seq_len") == 3

@@ -59,17 +59,31 @@ def test_the_tokenizer_json_is_a_real_tokenizer_of_the_same_vocabulary():
     assert [vocab[i] for i in tokenizer.encode("The cats ran.").ids] == ["the", "cat", "##s", "ran", "."]
 
 
-def test_the_config_gives_values_first_and_must_agree_with_the_folder():
+def test_the_folder_gives_values_first_and_says_which_config_values_it_overrode():
+    # upstream's entry points read the vocabulary from the tokenizer at tokenizer.path when it is set;
+    # the config's vocab_size / ids are its dummy-tokenizer fallback (e.g. the cluster config's 8192)
     explicit = {"tokenizer": {"vocab_size": 32, "mask_token_id": 4, "pad_token_id": 0}}
     resolution = resolve_vocab(explicit, tokenizer_dir=BERT_TXT)
-    assert _spec(resolution) == SPEC and set(resolution.sources.values()) == {"config"}
+    assert _spec(resolution) == SPEC and all(v.startswith("tokenizer folder") for v in resolution.sources.values())
+    assert resolution.ignored == ()  # the same values: nothing overridden
     partial = resolve_vocab({"tokenizer": {"pad_token_id": 0}}, tokenizer_dir=BERT_JSON)
-    assert partial.sources["pad_token_id"] == "config" and partial.sources["mask_token_id"].startswith(
-        "tokenizer folder"
-    )
-    with pytest.raises(ConfigError) as info:
-        resolve_vocab({"tokenizer": {"vocab_size": 30522}}, tokenizer_dir=BERT_TXT)
-    assert "tokenizer.vocab_size=30522" in str(info.value) and "gives 32" in str(info.value)
+    assert partial.sources["pad_token_id"].startswith("tokenizer folder")
+    fallback = resolve_vocab({"tokenizer": {"vocab_size": 8192, "mask_token_id": 103}}, tokenizer_dir=BERT_TXT)
+    assert _spec(fallback) == SPEC
+    assert [line.split(" not used")[0] for line in fallback.ignored] == [
+        "tokenizer.vocab_size=8192",
+        "tokenizer.mask_token_id=103",
+    ]
+    assert "gives 32" in fallback.ignored[0] and "tokenizer.path is set" in fallback.ignored[0]
+
+
+def test_a_value_the_folder_does_not_declare_comes_from_the_config(tmp_path):
+    folder = tmp_path / "no_pad"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text((BERT_TXT / "vocab.txt").read_text())
+    (folder / "special_tokens_map.json").write_text('{"mask_token": "[MASK]"}')
+    resolution = resolve_vocab({"tokenizer": {"pad_token_id": 0}}, tokenizer_dir=folder)
+    assert resolution.sources["pad_token_id"] == "config" and resolution.vocab.pad_token_id == 0
 
 
 def test_nothing_available_names_exactly_what_to_pass():
@@ -139,5 +153,54 @@ def test_load_config_fills_the_vocabulary_from_tokenizer_and_records_where_it_ca
     assert (config.tokenizer.vocab_size, config.tokenizer.mask_token_id, config.tokenizer.pad_token_id) == SPEC
     assert config.tokenizer.path == str(BERT_TXT)
     assert vocab_from_config(config).vocab_size == 32
-    with pytest.raises(ConfigError, match="remove one of them"):  # the packaged config says 64
-        load_config(config_path("cycle"), tokenizer_dir=BERT_TXT)
+    # the packaged config says 64 (and ids 63, 0): the folder's values are used, the config's said to be unused
+    overridden = load_config(config_path("cycle"), tokenizer_dir=BERT_TXT)
+    assert overridden.tokenizer.vocab_size == 32 and overridden.tokenizer.mask_token_id == 4
+
+
+# -- the gate's reading of a tokenizer folder (compat.inputs.resolve_gate_vocab) ------------------
+def _gate_configs(**tokenizer):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"tokenizer": {"path": "", "add_mask_token": True, **tokenizer}})
+    return {"cycle": config, "stable": config}
+
+
+def _folder_without(tmp_path, name: str, specials: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "vocab.txt").write_text((BERT_TXT / "vocab.txt").read_text())
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    return folder
+
+
+def test_the_gate_says_the_folder_declares_no_pad_token(tmp_path):
+    from compat.inputs import resolve_gate_vocab
+    from compat.options import CompatOptions
+    from compat.outcomes import GateInputError
+
+    folder = _folder_without(tmp_path, "no_pad", {"mask_token": "[MASK]"})
+    with pytest.raises(GateInputError) as info:
+        resolve_gate_vocab(CompatOptions(tokenizer=str(folder)), 32, _gate_configs())
+    assert f"the tokenizer folder {folder} declares no pad_token" in info.value.problem
+    assert "not on this machine" not in info.value.problem and "--pad-token-id ID" in info.value.fix
+    got = resolve_gate_vocab(CompatOptions(tokenizer=str(folder), pad_token_id=0), 32, _gate_configs())
+    assert (got.vocab.mask_token_id, got.vocab.pad_token_id) == (4, 0)
+
+
+def test_the_gate_explains_a_folder_one_id_larger_as_the_mask_upstream_adds(tmp_path):
+    from compat.inputs import resolve_gate_vocab
+    from compat.options import CompatOptions
+    from compat.outcomes import GateInputError
+
+    words = [w for w in (BERT_TXT / "vocab.txt").read_text().splitlines() if w != "[MASK]"]
+    folder = tmp_path / "no_mask"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]"}))
+    with pytest.raises(GateInputError) as info:
+        resolve_gate_vocab(CompatOptions(tokenizer=str(folder)), len(words), _gate_configs())
+    assert "declares no mask token" in info.value.problem and f"[MASK] added as id {len(words)}" in info.value.problem
+    assert "--mask-token-id" in info.value.fix
+    given = resolve_gate_vocab(CompatOptions(tokenizer=str(folder), mask_token_id=3), len(words), _gate_configs())
+    assert (given.vocab.vocab_size, given.vocab.mask_token_id) == (len(words), 3)
