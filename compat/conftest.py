@@ -20,6 +20,7 @@ from compat.rows import REVIEW, ROWS_BY_ID
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
 CONTEXT_KEY = pytest.StashKey[object]()  # the CompatContext the session checked (the matrix header)
 INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
+PLANTED_SKIPPED_KEY = pytest.StashKey[int]()  # planted-defect tests not run on the user's inputs
 
 
 def pytest_addoption(parser):
@@ -44,7 +45,8 @@ def pytest_configure(config):
         # Plain `pytest compat/`: the matrix goes into --junitxml as suite properties, and with
         # --compat-report DIR it is written and printed too (the gate registers its own collector).
         config.pluginmanager.register(
-            MatrixCollector(report_folder=config.getoption("--compat-report")), "compat-matrix-report"
+            MatrixCollector(report_folder=config.getoption("--compat-report"), sets_exit_status=True),
+            "compat-matrix-report",
         )
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")
     config.addinivalue_line("markers", "mutants: runs rows against planted defects (teeth)")
@@ -57,6 +59,14 @@ def pytest_collection_modifyitems(config, items):
         mark = item.get_closest_marker("compat_row")
         if mark is not None and mark.args[0] not in ROWS_BY_ID:
             raise pytest.UsageError(f"{item.nodeid}: unknown compat row {mark.args[0]!r}")
+    # The planted defects prove the rows' teeth on the embedded default: on a user's inputs (whose
+    # config may decide a defect's control row, or cannot show a defect) they would decide nothing
+    # about the user's trainer, so they are not run (and never decide the exit code).
+    planted = [item for item in items if item.get_closest_marker("mutants") is not None]
+    if planted and options_from(config).user_inputs:
+        config.hook.pytest_deselected(items=planted)
+        items[:] = [item for item in items if item.get_closest_marker("mutants") is None]
+        config.stash[PLANTED_SKIPPED_KEY] = len(planted)
     # The planted defects run after the rows: a row's own pass is then the control of its defects.
     items.sort(key=lambda item: item.get_closest_marker("mutants") is not None)
 
@@ -113,6 +123,15 @@ def measure(request):
             request.node.user_properties.append((REVIEW.lower(), name))
 
     return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    planted = config.stash.get(PLANTED_SKIPPED_KEY, 0)
+    if planted:
+        terminalreporter.write_line(
+            f"compat: {planted} planted-defect tests not run: they prove the rows' teeth on the embedded default "
+            "(run `pytest compat/` without --compat-* inputs for them)"
+        )
 
 
 @pytest.hookimpl(trylast=True)

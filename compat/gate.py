@@ -79,7 +79,8 @@ class MatrixCollector:
     """pytest plugin: gathers each test's outcome and measured values by row; with `report_folder`
     (plain `pytest compat/ --compat-report DIR`) it also writes and prints the matrix at the end."""
 
-    def __init__(self, report_folder: str | None = None):
+    def __init__(self, report_folder: str | None = None, sets_exit_status: bool = False):
+        self.sets_exit_status = sets_exit_status  # plain `pytest compat/`: the session exits with the gate's code
         self.row_of: dict[str, str] = {}
         self.outcomes: dict[str, CheckOutcome] = {}
         self.kills: list[dict] = []
@@ -130,10 +131,13 @@ class MatrixCollector:
         self.input_error = session.config.stash.get(INPUT_ERROR_KEY, None)
         rows = self.rows()
         add_junit_suite_properties(session.config, rows)
+        code = exit_code(rows, self.input_error, self.other_failures) if self.row_of else None
+        if self.sets_exit_status and code == EXIT_CANNOT_CHECK and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = EXIT_CANNOT_CHECK  # a row that should have run did not (e.g. a failed control)
         if self.report_folder is None:
             return
         context = run_context(self, time.perf_counter() - self.started)
-        path = write_report(self.report_folder, rows, context, self)
+        path = write_report(self.report_folder, rows, context, self, code)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line("")

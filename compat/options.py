@@ -125,5 +125,13 @@ class CompatOptions:
         return self.checkpoint is None
 
     @property
+    def user_inputs(self) -> bool:
+        """True when the user gave a checkpoint, config, data or trainer of their own (the embedded
+        default otherwise: the planted defects and the committed golden file are for that)."""
+        return any(
+            (self.checkpoint, self.stable_config, self.cycle_config, self.cycle_trainer, self.stable_trainer, self.data)
+        )
+
+    @property
     def data(self) -> bool:
         return bool(self.data_tokens or self.data_latents)

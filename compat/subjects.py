@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from compat import oracle
+from compat.config_reads import trainer_running
 from compat.draw_capture import DrawCapture
 from compat.observe import CYCLE_LATENT, T2L, ModelPass, PassRecorder, classify_passes, passes_of
 from compat.trainer_spec import TrainerSpec
@@ -61,7 +62,9 @@ def sample_draws(draws: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.T
     return {k: v[i : i + 1] for k, v in draws.items()}
 
 
-def _failure(role: str, spec: TrainerSpec, phase: str, exc: BaseException) -> CandidateError:
+def trainer_failure(role: str, spec: TrainerSpec, phase: str, exc: BaseException) -> CandidateError:
+    """The CandidateError for `exc` raised by the trainer `spec` in `phase`: the exception and the
+    last frame of the trainer's own file (or folder)."""
     frames = traceback.extract_tb(exc.__traceback__)
     own = spec.source_file.parent if spec.source_file is not None else None
     chosen = [f for f in frames if own is not None and Path(f.filename).resolve().is_relative_to(own)] or frames
@@ -149,7 +152,7 @@ class Subject:
         try:
             return self.spec.cls(model, vocab, MaskedDiffusion(vocab), dtype, config)
         except Exception as exc:  # the trainer's own failure is a verdict, not a crash of the gate
-            raise _failure(self.role, self.spec, "constructor", exc) from exc
+            raise trainer_failure(self.role, self.spec, "constructor", exc) from exc
 
     def step(
         self,
@@ -169,14 +172,15 @@ class Subject:
         """One step on `batch` (see the module docstring). `grad=False` runs without an autograd
         graph (values only). `after` continues the trainer of an earlier step (its own state, e.g.
         its generator) instead of building a fresh one."""
-        if after is None:
-            recorder = PassRecorder(model)
-            trainer = self.build(recorder, vocab, dtype, config)
-        else:
-            recorder, trainer = after.recorder, after.trainer
-            recorder.passes = []
-        draws = dict(draws or {})
-        loss, metrics, capture, mode = self.call(trainer, batch, step=step, draws=draws, seed=seed, grad=grad)
+        with trainer_running():  # the config keys read in here are the trainer's (compat.config_reads)
+            if after is None:
+                recorder = PassRecorder(model)
+                trainer = self.build(recorder, vocab, dtype, config)
+            else:
+                recorder, trainer = after.recorder, after.trainer
+                recorder.passes = []
+            draws = dict(draws or {})
+            loss, metrics, capture, mode = self.call(trainer, batch, step=step, draws=draws, seed=seed, grad=grad)
         passes = classify_passes(list(recorder.passes), batch, mask_token_id)
         return StepRecord(loss, metrics, passes, draws, mode, capture, trainer, recorder)
 
@@ -210,7 +214,7 @@ class Subject:
             with torch.set_grad_enabled(grad), capture if capture is not None else _nothing():
                 out = run(batch, **kwargs)
         except Exception as exc:
-            raise _failure(self.role, self.spec, "step", exc) from exc
+            raise trainer_failure(self.role, self.spec, "step", exc) from exc
         loss, metrics = _protocol_output(self, out)
         if capture is not None and not capture.used_global_rng:
             mode = NONE

@@ -24,6 +24,8 @@ Everything is read from what the trainer gives the model and returns, never from
   does) and a trainer that reports `metrics["nonfinite"]` names the term; under `raise` the trainer
   raises FloatingPointError (both policies are run). A trainer that lets the NaN reach its loss is
   REVIEW (the loop's own non-finite handling takes over); any other outcome is INCOMPATIBLE.
+  `loss.on_nonfinite` is this project's setting: a trainer that never reads it (observed,
+  `compat.config_reads`; upstream's trainer) is judged by upstream's behaviour only, said in the row.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import inspect
 from torch import nn
 
 from compat import oracle
+from compat.config_reads import ReadLog, watching_reads
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control, unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
@@ -295,18 +298,21 @@ class PoisonedPass(nn.Module):
 
 
 NONFINITE_POLICIES = ("upstream", "raise")  # loss.on_nonfinite: both are honoured
+ON_NONFINITE = "loss.on_nonfinite"
 
 
 def check_nonfinite_term(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=68)
     draws = ctx.draws(batch, seed=68)
     for policy in NONFINITE_POLICIES:
-        config = ctx.cycle_config_for({**ALL_TERMS, "on_nonfinite": policy})
-        outcome = nonfinite_outcome(ctx, batch, draws, config, policy)
+        # loss.on_nonfinite is this project's setting: a trainer that never reads it (upstream's) is
+        # judged by upstream's behaviour only (zero the term), not by a promise it never made
+        config, reads = watching_reads(ctx.cycle_config_for({**ALL_TERMS, "on_nonfinite": policy}), (ON_NONFINITE,))
+        outcome = nonfinite_outcome(ctx, batch, draws, config, policy, reads)
         measure(f"nonfinite_cycle_text_{policy}", outcome, review=outcome.startswith("NaN"))
 
 
-def nonfinite_outcome(ctx, batch, draws, config, policy: str) -> str:
+def nonfinite_outcome(ctx, batch, draws, config, policy: str, reads: ReadLog) -> str:
     """What the trainer does with NaN cycle_text logits under `policy` (asserting what it must)."""
     clean = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False)
     terms = cycle_terms(clean, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
@@ -323,6 +329,11 @@ def nonfinite_outcome(ctx, batch, draws, config, policy: str) -> str:
     loss = record.loss.detach().double().cpu()
     if not bool(torch.isfinite(loss)):  # the loop's own non-finite handling takes over
         return "NaN loss: the trainer lets the term poison the step (upstream zeroes it; the loop skips the step)"
+    if policy == "raise" and not reads.was_read(ON_NONFINITE):
+        return (
+            f"n/a: the trainer does not read {ON_NONFINITE} (this project's setting; upstream's trainers have "
+            "none), so it is judged by upstream's behaviour only"
+        )
     assert policy != "raise", (
         "loss.on_nonfinite=raise, yet the trainer zeroed a NaN cycle_text term silently instead of raising"
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from compat.harness import grads_by_name, row_runner, row_settings, row_test, sensitivity_control
 from compat.outcomes import not_applicable
+from compat.subjects import CandidateError
 from compat.oracle import tol
 from latentDLM_mmdit.factory import dtype_from_config
 
@@ -125,9 +127,11 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
             torch.save(results, out_dir / f"rank{rank}.pt")
         finally:
             dist.destroy_process_group()
-    except BaseException:
+    except BaseException as exc:  # reported by the parent from this file; no traceback on the user's terminal
         (out_dir / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+        if isinstance(exc, CandidateError):  # the trainer under test failed (its own frame named)
+            (out_dir / f"rank{rank}.trainer").write_text(str(exc))
+        sys.exit(1)
 
 
 def run_ddp(ctx) -> list[dict]:
@@ -152,16 +156,21 @@ def run_ddp(ctx) -> list[dict]:
             if w.is_alive():
                 w.terminate()
             w.join(5)
-    problems = []
+    problems, trainer_failures = [], []
     for rank, w in enumerate(workers):
-        error = out_dir / f"rank{rank}.error"
-        if error.exists():
-            problems.append(f"rank {rank} raised:\n{error.read_text().strip().splitlines()[-1]}")
+        error, trainer = out_dir / f"rank{rank}.error", out_dir / f"rank{rank}.trainer"
+        if trainer.exists():
+            trainer_failures.append(trainer.read_text())
+            problems.append(f"rank {rank}: {trainer_failures[-1]}")
+        elif error.exists():
+            problems.append(f"rank {rank} raised: {error.read_text().strip().splitlines()[-1]}")
         elif w.exitcode != 0:
             problems.append(
                 f"rank {rank} exited with code {w.exitcode}"
                 + (" (stopped: it did not finish in time)" if w.exitcode and w.exitcode < 0 else "")
             )
+    if trainer_failures and len(trainer_failures) == len(problems):  # the trainer under test failed, as in one process
+        raise CandidateError(trainer_failures[0] + f" (in each of the {len(trainer_failures)} DDP ranks that ran it)")
     assert not problems, "DDP workers failed: " + "; ".join(problems)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 

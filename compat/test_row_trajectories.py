@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ from compat.harness import AUTOCAST_TOLERANCES, PROXY_SIZES, row_runner, row_tes
 from compat.oracle import TOLERANCES, derived_tol, gamma, unit_roundoff
 from latentDLM_mmdit.settings import STABLE_LOSS_TYPES
 from compat.outcomes import cannot_check, control_failed, not_applicable
+from compat.subjects import CandidateError, trainer_failure
 from latentDLM_mmdit.checkpoints import installed_versions
 
 pytestmark = pytest.mark.compat_row("trajectories")
@@ -106,23 +108,40 @@ def runs(ctx, *parts: str) -> dict:
         kind = part.removesuffix("_replay")
         subject, config_path = subjects[kind]
         spec = subject.spec
-        if kind not in cache:
-            cache[kind] = T.run_trajectory(
-                kind,
-                spec.cls,
-                spec.accepts_step,
-                cache["configs"][kind],
-                cache["init"],
-                cache["workdir"] / f"run-{len(cache)}",
-                config_path=config_path,
-                device=str(ctx.device),
-                **data,
-            )
-        if part.endswith("_replay") and part not in cache:
-            cache[part] = T.replay_with_oracle(
-                cache[kind], spec.cls, spec.accepts_step, cache["init"], device=str(ctx.device)
-            )
+        if part not in cache:
+            try:
+                if kind not in cache:  # each run in a folder of its own, never one an earlier attempt wrote
+                    cache[kind] = T.run_trajectory(
+                        kind,
+                        spec.cls,
+                        spec.accepts_step,
+                        cache["configs"][kind],
+                        cache["init"],
+                        Path(tempfile.mkdtemp(prefix=f"{kind}-run-", dir=cache["workdir"])),
+                        config_path=config_path,
+                        device=str(ctx.device),
+                        **data,
+                    )
+                if part.endswith("_replay"):
+                    cache[part] = T.replay_with_oracle(
+                        cache[kind], spec.cls, spec.accepts_step, cache["init"], device=str(ctx.device)
+                    )
+            except Exception as exc:  # the same failure for every check that needs this run
+                cache[part] = run_failure(subject, exc)
+        if isinstance(cache[part], Exception):
+            raise CandidateError(str(cache[part])) if isinstance(cache[part], CandidateError) else cache[part]
     return cache
+
+
+def run_failure(subject, exc: Exception) -> Exception:
+    """A failure inside the trainer's own code (its frames in the traceback) as the trainer's failure
+    (CandidateError, its own frame named); anything else as it is."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    source = subject.spec.source_file
+    inside = source is not None and any(Path(f.filename).resolve() == source.resolve() for f in frames)
+    if isinstance(exc, CandidateError) or not inside:
+        return exc
+    return trainer_failure(subject.role, subject.spec, "step in the training loop", exc)
 
 
 def first_mismatch(got: list, want: list, rtol, atol):
@@ -380,8 +399,7 @@ def golden_file(ctx) -> Path | None:
     o = ctx.options
     if o.golden:
         return Path(o.golden)
-    default_inputs = not any((o.checkpoint, o.stable_config, o.cycle_config, o.cycle_trainer, o.stable_trainer, o.data))
-    return GOLDEN if default_inputs and ctx.device.type == "cpu" else None
+    return GOLDEN if not o.user_inputs and ctx.device.type == "cpu" else None
 
 
 def check_golden_values(ctx, measure):
