@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 import time
@@ -169,12 +170,29 @@ def add_junit_suite_properties(config, rows: list[RowResult]) -> None:
         xml.add_global_property(f"compat.{r.id}.measured", r.measured)
 
 
+# Exceptions whose name says nothing to the user: the harness's own, and a plain assert's.
+HARNESS_EXCEPTIONS = ("compat.outcomes.Incompatible", "compat.subjects.CandidateError", "AssertionError", "Failed")
+# pytest's rewritten-assert explanation, appended after the message on a line of its own.
+_REWRITTEN_ASSERT = re.compile(r"\n(?:assert |where |\s*\+\s)")
+
+
+def failure_text(message: str) -> str:
+    """A check's failure as the user reads it: the sentence first (no harness exception name before
+    it, no rewritten-assert explanation after it), on one line."""
+    text = message.strip()
+    for name in HARNESS_EXCEPTIONS:
+        if text.startswith(f"{name}: "):
+            text = text[len(name) + 2 :]
+            break
+    return " ".join(_REWRITTEN_ASSERT.split(text)[0].split())
+
+
 def _failure_message(report) -> str:
     """The message of the exception that ended the check (the last of a chain), on one line."""
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
     message = getattr(crash, "message", None)
     if message:
-        return " ".join(message.split())
+        return failure_text(message)
     return _first_line(report.longreprtext)
 
 
@@ -234,7 +252,11 @@ def row_result(row, tests: list[CheckOutcome]) -> RowResult:
         verdict = REVIEW
         note = "; ".join(f"skipped {t.check} ({t.skip_kind}: {t.message})" for t in skipped if t not in inapplicable)
     elif any(t.review for t in ran):
-        verdict, note = REVIEW, "review: " + ", ".join(sorted({str(r) for t in ran for r in t.review}))
+        flagged = []
+        for t in ran:
+            values = dict(t.measured)
+            flagged += [f"{_format_value(values[r])} ({r})" if r in values else str(r) for r in t.review]
+        verdict, note = REVIEW, "review: " + "; ".join(dict.fromkeys(flagged))
     else:
         verdict, note = OK, ""
     if skipped and verdict == INCOMPATIBLE:

@@ -116,11 +116,12 @@ def load_user_config(path: str | None, kind: str) -> tuple[DictConfig, str]:
         ) from None
 
 
-def explicit_tokenizer_value(config: DictConfig, key: str) -> int | None:
+def explicit_tokenizer_value(config: DictConfig, key: str, tokenizer_given: bool = False) -> int | None:
     """The config's own tokenizer.<key>, when it is the one its runs use: not when a tokenizer.path is
-    set (upstream's entry points then take every id from the tokenizer)."""
+    set or a tokenizer folder is given (`--tokenizer`, which the entry points take as tokenizer.path):
+    upstream's entry points, and this project's, then take every id from the tokenizer folder."""
     tokenizer = config.get("tokenizer") or {}
-    if tokenizer.get("path"):
+    if tokenizer_given or tokenizer.get("path"):
         return None
     value = tokenizer.get(key)
     return None if value is None else int(value)
@@ -140,9 +141,10 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
     folder (--tokenizer DIR, else a config's tokenizer.path that exists here). Values given twice
     must agree; a folder's vocabulary must have the checkpoint's size.
 
-    As upstream's entry points, a config with a tokenizer.path takes its ids from that tokenizer:
-    its own tokenizer.vocab_size / mask_token_id / pad_token_id (upstream's dummy-tokenizer
-    fallback) are not used then."""
+    As upstream's entry points, a config with a tokenizer.path (or any config, when --tokenizer DIR is
+    given: the entry points take it as tokenizer.path) takes its ids from that tokenizer: its own
+    tokenizer.vocab_size / mask_token_id / pad_token_id (upstream's dummy-tokenizer fallback) are not
+    used then."""
     from latentDLM_mmdit.settings import ConfigError
     from latentDLM_mmdit.tokenizer import SyntheticVocab, read_tokenizer_folder
 
@@ -153,7 +155,7 @@ def resolve_gate_vocab(options: CompatOptions, vocab_size: int, configs: dict[st
         if flag is not None:
             values[key], sources[key] = int(flag), f"--{key.replace('_', '-')}"
         for kind in ("cycle", "stable"):  # the two configs disagreeing is the config-resolution row's verdict
-            given = explicit_tokenizer_value(configs[kind], key)
+            given = explicit_tokenizer_value(configs[kind], key, tokenizer_given=options.tokenizer is not None)
             if given is None:
                 continue
             if flag is not None and int(flag) != int(given):

@@ -25,6 +25,14 @@ import torch
 from torch import nn
 
 T2L, L2T, CYCLE_TEXT, CYCLE_LATENT, MASKED = "T2L", "L2T", "cycle_text", "cycle_latent", "masked"
+# What each pass must be given, in the words of the review (for messages about a missing pass).
+PASS_INPUTS = {
+    T2L: "the clean text, t_text = 0, the latents noised at t_lat",
+    L2T: "every token [MASK], t_text = 1, the clean latents at t_latent = 0",
+    CYCLE_TEXT: "every token [MASK], t_text = 1, the x0 reconstructed from the T2L prediction",
+    CYCLE_LATENT: "pseudo tokens from the L2T logits, the latents noised again",
+    MASKED: "the text partly [MASK] at t_text, the latents noised at t_lat",
+}
 FORWARD_ARGUMENTS = ("text_tokens", "latents", "text_timesteps", "latent_timesteps", "attention_mask")
 
 

@@ -18,6 +18,8 @@ The kind travels as the prefix of pytest's skip message (it survives xdist and j
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import pytest
 
 EXIT_OK = 0  # every applicable row ran, none INCOMPATIBLE
@@ -75,3 +77,60 @@ def skip_kind(message: str) -> tuple[str, str]:
         if message.startswith(f"{kind}: "):
             return kind, message[len(kind) + 2 :]
     return "skipped", message
+
+
+class Incompatible(AssertionError):
+    """A check's finding against the trainer or config under test, said the way a researcher acts on
+    it: what is wrong, in the trainer's or the config's own terms, and the fix, then the numbers.
+    The row is INCOMPATIBLE and its line begins with `problem: fix.`
+
+    Args:
+        problem: what is wrong (e.g. "cycle_text conditions on an x0 whose error is amplified 6.4e4x").
+        fix: what to change (a config key and value, or the trainer's code and how).
+        details: the measured numbers behind it (optional).
+    """
+
+    def __init__(self, problem: str, fix: str, details: str = ""):
+        self.problem = " ".join(problem.split())
+        self.fix = " ".join(fix.split())
+        self.details = " ".join(details.split())
+        if not self.problem or not self.fix:
+            raise ValueError("Incompatible needs both a problem and a fix")
+        super().__init__(f"{self.problem}: {self.fix}." + (f" {self.details}" if self.details else ""))
+
+
+def incompatible(problem: str, fix: str, details: str = "") -> NoReturn:
+    """Fails the check with `Incompatible(problem, fix, details)`."""
+    raise Incompatible(problem, fix, details)
+
+
+def expect(condition: bool, problem: str, fix: str, details: str = "") -> None:
+    """`incompatible(problem, fix, details)` unless `condition` holds."""
+    if not condition:
+        raise Incompatible(problem, fix, details)
+
+
+COMPARISON_HEADERS = (
+    "Scalars are not close!",
+    "Tensor-likes are not close!",
+    "Tensor-likes are not equal!",
+    "Scalars are not equal!",
+)
+
+
+def comparison_details(message: str) -> str:
+    """torch.testing.assert_close's message as one line of numbers, its header dropped."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return "; ".join(line for line in lines if line not in COMPARISON_HEADERS)
+
+
+def expect_close(actual, expected, *, rtol: float, atol: float, problem: str, fix: str, details: str = "") -> None:
+    """`torch.testing.assert_close(actual, expected, rtol, atol)`, failing as `Incompatible(problem, fix)`
+    with the comparison's numbers after `details`."""
+    import torch
+
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        numbers = comparison_details(str(exc))
+        raise Incompatible(problem, fix, f"{details} {numbers}".strip()) from None

@@ -31,7 +31,16 @@ import torch
 from compat import oracle
 from compat.config_reads import trainer_running
 from compat.draw_capture import DrawCapture
-from compat.observe import CYCLE_LATENT, T2L, ModelPass, PassRecorder, classify_passes, passes_of
+from compat.observe import (
+    CYCLE_LATENT,
+    PASS_INPUTS,
+    T2L,
+    ModelPass,
+    PassRecorder,
+    classify_passes,
+    passes_of,
+)
+from compat.outcomes import expect, incompatible
 from compat.trainer_spec import TrainerSpec
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 
@@ -94,10 +103,13 @@ class StepRecord:
         return [p.kind for p in self.passes]
 
     def one(self, kind: str) -> ModelPass:
-        """The step's single pass of `kind`; AssertionError naming what the step did otherwise."""
+        """The step's single pass of `kind`; Incompatible naming what the step did otherwise."""
         found = passes_of(self.passes, kind)
-        assert len(found) == 1, (
-            f"expected one {kind} model pass, the step made {len(found)} (passes: {', '.join(self.kinds) or 'none'})"
+        expect(
+            len(found) == 1,
+            f"the step makes {len(found)} {kind} model passes where it must make one (its passes, named by their "
+            f"inputs: {', '.join(self.kinds) or 'none'})",
+            f"give the {kind} pass {PASS_INPUTS[kind]}",
         )
         return found[0]
 
@@ -130,9 +142,11 @@ class StepRecord:
                 return name, noise.reshape(B, -1)
             tried.append(f"{name} (max diff {float((fed - want).abs().max()):.3g})")
         tried_text = "; ".join(tried) or "no normal draw of that size"
-        raise AssertionError(
+        incompatible(
             f"the {p.kind} pass's latents are not sqrt(ab) x0 + sqrt(1 - ab) n at its t (mean {float(t.mean()):.4g}) "
-            f"under the configured schedule for any noise the step drew ({tried_text}): the noising differs"
+            "under the configured schedule for any noise the step drew",
+            "noise the latents with the configured model.latent_beta_schedule / latent_timesteps",
+            tried_text,
         )
 
 

@@ -26,7 +26,7 @@ import warnings
 import pytest
 
 from compat.mutants import ASSERTION, CONTROL, MUTANTS, TRAINER_ERROR
-from compat.outcomes import CONTROL_PREFIX
+from compat.outcomes import CONTROL_PREFIX, Incompatible
 from compat.rows import ROWS
 from compat.subjects import CandidateError, Subject
 from compat.trainer_spec import TrainerSpec
@@ -86,15 +86,19 @@ def control_outcome(ctx, row: str, check: str) -> tuple[str, str]:
 
 
 def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
-    """("passed" | "assertion" | "trainer error" | "harness control" | "skipped" | "other error", detail)."""
+    """("passed" | "assertion" | "trainer error" | "harness control" | "skipped" | "bare assertion" |
+    "other error", detail). "assertion" is an `Incompatible`: the row's line then begins with the problem
+    and its fix (never "AssertionError" or a comparison's "Scalars are not close")."""
     try:
         run_check(ctx, row, check)
     except pytest.skip.Exception as exc:
         return (CONTROL if CONTROL_PREFIX in str(exc) else "skipped"), str(exc)
     except CandidateError as exc:
         return TRAINER_ERROR, str(exc).splitlines()[0]
-    except AssertionError as exc:
-        return ASSERTION, (str(exc).strip().splitlines() or [""])[0]
+    except Incompatible as exc:  # the check's finding, said as the user acts on it (problem: fix. numbers)
+        return ASSERTION, str(exc)
+    except AssertionError as exc:  # a bare assert: a finding without its fix is not how a row may fail
+        return "bare assertion", (str(exc).strip().splitlines() or [""])[0]
     except Exception as exc:  # noqa: BLE001 - reported, and not counted as a catch
         return "other error", f"{type(exc).__name__}: {exc}"
     return "passed", "the check passed"

@@ -39,7 +39,8 @@ import torch
 
 from compat.harness import row_runner, row_settings, row_test
 from compat.oracle import TOLERANCES
-from compat.outcomes import not_applicable
+from compat.outcomes import expect, not_applicable
+from compat.subjects import trainer_failure
 from latentDLM_mmdit.factory import dtype_from_config
 
 pytestmark = pytest.mark.compat_row("compiled_trainer")
@@ -132,10 +133,7 @@ class Compiled:
             try:
                 loss, _ = self.run[which](batch, **kwargs)
             except Exception as exc:
-                raise AssertionError(
-                    f"the {self.subject.role} trainer {self.subject.spec.cls.__qualname__} raised "
-                    f"{type(exc).__name__} {which}: {' '.join(str(exc).split())[:400]}"
-                ) from exc
+                raise trainer_failure(self.subject.role, self.subject.spec, f"step ({which})", exc) from exc
             if grad:
                 loss.backward()
         return loss.detach()
@@ -189,11 +187,18 @@ def fresh_dynamo() -> None:
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: str, what: str) -> float:
     rtol, atol = TOLERANCES[tolerance]
     got, want = got.double().cpu(), want.double().cpu()
-    assert torch.isfinite(got).all() and torch.isfinite(want).all(), f"{name}: non-finite {what} (compiled or eager)"
+    expect(
+        bool(torch.isfinite(got).all() and torch.isfinite(want).all()),
+        f"the {name} trainer's {what} is non-finite compiled or eager",
+        "find the non-finite value in the step (it is not a compilation difference)",
+    )
     rel = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
-    assert torch.allclose(got, want, rtol=rtol, atol=atol), (
-        f"{name}: the compiled trainer's {what} differs from eager beyond tol('{tolerance}') "
-        f"(rtol {rtol}, atol {atol}): max |diff| {float((got - want).abs().max()):.3g}, relative {rel:.3g}"
+    expect(
+        torch.allclose(got, want, rtol=rtol, atol=atol),
+        f"under torch.compile the {name} trainer's {what} differs from eager beyond tol('{tolerance}')",
+        "keep the step's semantics inside the compiled region (no branch on torch.compiler.is_compiling(), "
+        "the attention mask converted the same way)",
+        f"rtol {rtol}, atol {atol}: max |diff| {float((got - want).abs().max()):.3g}, relative {rel:.3g}",
     )
     return rel
 
@@ -247,11 +252,13 @@ def check_recompilations_bounded(ctx, measure):
     measure("recompiled_at_steps", ", ".join(map(str, steps)) or "none")
     measure("graph_breaks", "; ".join(f"{n} x {r}" for r, n in sorted(breaks.items(), key=lambda x: -x[1])) or "none")
     reasons = [f"step {s}: {frame}: {reason.splitlines()[0][:160]}" for s in steps for frame, reason in at_step[s]]
-    assert len(steps) <= limit, (
-        f"the compiled cycle step recompiled at {len(steps)} of {SCHEDULE_STEPS} steps of a warmup + ramp "
-        f"schedule (at most {limit}: one per term turning on); a per-step Python value is a constant of the "
-        "graph (pass the step's weights as tensors; past torch's recompile limit the step silently runs "
-        "eagerly): " + "; ".join(reasons)
+    expect(
+        len(steps) <= limit,
+        f"the compiled cycle step recompiles at {len(steps)} of {SCHEDULE_STEPS} steps of a warmup + ramp schedule "
+        f"(at most {limit}: one per term turning on): a per-step Python value is a constant of the graph, and past "
+        "torch's recompile limit the step silently runs eagerly",
+        "pass the step's cycle weights into the compiled step as tensors, computed outside it",
+        "; ".join(reasons),
     )
 
 

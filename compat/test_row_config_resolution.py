@@ -14,13 +14,13 @@ cycle config's dtype.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compat.harness import LAYOUT_KEYS, row_runner, row_settings, row_test
 from compat.inputs import explicit_tokenizer_value
 from compat.observe import T2L
 from compat.terms import LatentSchedule, latent_term
 from compat.oracle import tol
+from compat.outcomes import Incompatible, expect, expect_close, incompatible
 from latentDLM_mmdit.checkpoints import open_checkpoint
 from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
@@ -41,31 +41,36 @@ def check_same_yaml_same_settings(ctx, measure):
         schedule = LatentSchedule.of(config)
         stable = ctx.run_stable("t2l", batch, config=stable_config, draws=draws, grad=False)
         cycle = ctx.run_cycle(batch, config=cycle_config, draws=draws, grad=False)
-        torch.testing.assert_close(
+        expect_close(
             cycle.one(T2L).latents_2d,
             stable.one(T2L).latents_2d,
             **tol("float32_loss"),
-            msg=lambda m, lbl=label: f"{lbl}: the trainers noise the T2L latents differently\n{m}",
+            problem=f"given the same YAML ({label}), the two trainers noise the T2L latents differently",
+            fix="read the latent diffusion keys from model.* in both trainers (upstream's stable trainer read "
+            "them from the config root: upstream defect 4)",
         )
         x0 = ctx.x0_of(batch)
         for trainer, record, run_config in (("stable", stable, stable_config), ("cycle", cycle, cycle_config)):
             try:
                 term, _ = latent_term(record, record.one(T2L), x0, schedule, ctx.oracle_tolerance)
-            except AssertionError as exc:
-                raise AssertionError(
-                    f"{label}: the {trainer} trainer does not noise under the schedule the config "
-                    f"resolves to ({schedule.beta_schedule}, T={schedule.num_timesteps}): {exc}"
-                ) from None
+            except Incompatible as exc:
+                incompatible(
+                    f"given the {label}, the {trainer} trainer does not noise under the schedule it resolves to "
+                    f"({schedule.beta_schedule}, T={schedule.num_timesteps})",
+                    "read model.latent_beta_schedule / latent_timesteps from model.* (not the config root)",
+                    exc.details,
+                )
             weight = float(run_config.loss.latent_loss_weight)
             want = weight * term if trainer == "stable" else None
             if want is not None:
-                torch.testing.assert_close(
+                expect_close(
                     record.loss.detach().double().cpu(),
                     want,
                     **tol(ctx.oracle_tolerance),
-                    msg=lambda m, lbl=label, sch=schedule: (
-                        f"{lbl}: the stable trainer's loss is not the {sch.parameterization} target's\n{m}"
-                    ),
+                    problem=f"given the {label}, the stable trainer's loss is not the "
+                    f"{schedule.parameterization} target's: it reads another parameterization than model.*",
+                    fix="read model.latent_parameterization (upstream's stable trainer read the config root's: "
+                    "upstream defect 4)",
                 )
     measure("cycle_settings", "/".join(str(v) for v in resolve_latent_settings(ctx.cycle_config).as_dict().values()))
 
@@ -88,8 +93,12 @@ def check_checkpoint_settings_match_cycle(ctx, measure):
     cycle = resolve_latent_settings(ctx.cycle_config).as_dict()
     measure("trained_with_source", source)
     diff = {k: (trained[k], cycle[k]) for k in cycle if str(trained[k]) != str(cycle[k])}
-    assert not diff, (
-        f"the checkpoint was trained with {trained} ({source}) but the cycle trainer will use {cycle}: differing {diff}"
+    expect(
+        not diff,
+        f"the checkpoint was trained with other latent diffusion settings than the cycle config gives "
+        f"({', '.join(f'{k}: trained {a}, cycle {b}' for k, (a, b) in diff.items())})",
+        "set the cycle config's model.latent_* keys to what the checkpoint was trained with",
+        f"trained with {trained} ({source}); the cycle trainer will use {cycle}",
     )
 
 
@@ -118,21 +127,29 @@ def check_model_layout_keys_agree(ctx, measure):
     for key in ("vocab_size", "mask_token_id", "pad_token_id"):
         # a config that does not give an id itself (or takes it from its tokenizer.path) uses the one
         # the gate resolved: flags, tokenizer folder
+        given = ctx.options.tokenizer is not None
         a, b = (
-            explicit_tokenizer_value(c, key)
-            if explicit_tokenizer_value(c, key) is not None
+            explicit_tokenizer_value(c, key, given)
+            if explicit_tokenizer_value(c, key, given) is not None
             else getattr(ctx.vocab, key)
             for c in (ctx.stable_config, ctx.cycle_config)
         )
         if a != b:
             diff[f"tokenizer.{key}"] = (a, b)
-    assert not diff, f"the stable and cycle configs build different models or mask differently (stable, cycle): {diff}"
+    expect(
+        not diff,
+        "the stable and cycle configs build different models or mask differently "
+        f"({', '.join(f'{k}: stable {a}, cycle {b}' for k, (a, b) in diff.items())})",
+        "give the cycle config the stable config's model layout keys and tokenizer ids",
+    )
     checkpoint_vocab = ctx.sizes["vocab_size"]
     for label, config in (("stable", ctx.stable_config), ("cycle", ctx.cycle_config)):
-        configured = explicit_tokenizer_value(config, "vocab_size")
-        assert configured is None or int(configured) == checkpoint_vocab, (
-            f"the {label} config's tokenizer.vocab_size={configured} but the checkpoint's embedding has "
-            f"{checkpoint_vocab} rows: that config builds a model the checkpoint does not fit"
+        configured = explicit_tokenizer_value(config, "vocab_size", ctx.options.tokenizer is not None)
+        expect(
+            configured is None or int(configured) == checkpoint_vocab,
+            f"the {label} config's tokenizer.vocab_size={configured} builds a model the checkpoint does not fit "
+            f"(its embedding has {checkpoint_vocab} rows)",
+            f"set tokenizer.vocab_size: {checkpoint_vocab}, or give the tokenizer folder with tokenizer.path",
         )
     measure("layout_keys", "equal")
 
@@ -144,15 +161,21 @@ def check_loss_settings(ctx, measure):
     is reported as what it is (REVIEW), never as an incompatibility of the losses: the loss rows
     compare both trainers in the cycle config's dtype."""
     weights = [float(c.loss.get("latent_loss_weight", 0.1)) for c in (ctx.stable_config, ctx.cycle_config)]
-    measure("latent_loss_weight", f"stable {weights[0]:g}, cycle {weights[1]:g}", review=weights[0] != weights[1])
+    measure(
+        "latent_loss_weight",
+        f"stable {weights[0]:g}, cycle {weights[1]:g}"
+        + (": the T2L term is weighted differently than in pretraining" if weights[0] != weights[1] else ""),
+        review=weights[0] != weights[1],
+    )
     stable_dtype = dtype_from_config(ctx.stable_config)
     cycle_dtype = dtype_from_config(ctx.cycle_config)
     if stable_dtype != cycle_dtype:
         measure(
             "training.dtype",
-            f"differs: stable {ctx.stable_config.training.dtype}, cycle "
-            f"{ctx.cycle_config.training.dtype}; the loss rows compare both trainers in "
-            f"{ctx.trainer_dtype_name} (the cycle config's)",
+            f"the stable config trains in {ctx.stable_config.training.dtype}, the cycle config in "
+            f"{ctx.cycle_config.training.dtype}: the fine-tuning run feeds the model another dtype than the "
+            f"pretraining did; set training.dtype alike if that is not intended (the loss rows compare both "
+            f"trainers in {ctx.trainer_dtype_name}, the cycle config's)",
             review=True,
         )
     else:
@@ -172,8 +195,10 @@ def check_loss_settings(ctx, measure):
     batch = ctx.batch(2, seed=81)
     for record in (ctx.run_stable("t2l", batch, grad=False), ctx.run_cycle(batch, settings=BASE_ONLY, grad=False)):
         fed |= {str(p.latent_t.dtype) for p in record.passes if p.latent_t is not None}
-    assert fed == {str(cycle_dtype)}, (
-        f"the loss rows' trainers feed timesteps in {sorted(fed)}, not both in {cycle_dtype}"
+    expect(
+        fed == {str(cycle_dtype)},
+        f"given training.dtype {ctx.trainer_dtype_name}, the trainers feed timesteps in {sorted(fed)}",
+        f"cast timesteps and latents to training.dtype ({cycle_dtype}) in both trainers",
     )
 
 

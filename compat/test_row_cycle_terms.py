@@ -42,6 +42,7 @@ from compat.config_reads import ReadLog, watching_reads
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control, unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
+from compat.outcomes import control_failed, expect, expect_close
 from compat.subjects import CandidateError
 from compat.terms import cycle_terms
 
@@ -100,19 +101,21 @@ def check_weights_zero_equal_stable(ctx, measure, batch_size):
     t2l = ctx.run_stable("t2l", batch, settings={"latent_loss_weight": weight}, draws=draws, model=model, grad=False)
     cycle = ctx.run_cycle(batch, settings=WEIGHTS_ZERO, step=0, draws=draws, model=model, grad=False)
     want = l2t.loss.detach() + t2l.loss.detach()
-    torch.testing.assert_close(
+    expect_close(
         cycle.loss.detach(),
         want,
         **tol("float32_loss"),
-        msg=lambda m: f"B={batch_size}: cycle loss with weights 0 != stable L2T + w * T2L\n{m}",
+        problem=f"with both cycle weights 0 the cycle trainer's loss is not stable l2t + latent_loss_weight x stable "
+        f"t2l on the same batch (B={batch_size})",
+        fix="make the base terms exactly stable l2t's and t2l's (same inputs, targets and reductions)",
     )
     measure(f"B{batch_size}_weights0_abs_diff", float((cycle.loss.detach() - want).abs()))
     extra = [k for k in cycle.kinds if k not in (T2L, L2T)]
     if extra:
         measure(
             f"B{batch_size}_passes_at_weight_0",
-            f"{len(cycle.passes)} ({', '.join(cycle.kinds)}): "
-            f"{len(extra)} pass(es) for terms weighted 0 (a cost, not a difference)",
+            f"the cycle trainer makes {len(extra)} model pass(es) for terms weighted 0 ({', '.join(cycle.kinds)}): "
+            "a cost, not a difference; skip a term's pass while its weight is 0",
             review=True,
         )
 
@@ -120,39 +123,54 @@ def check_weights_zero_equal_stable(ctx, measure, batch_size):
 def check_terms_recomputed(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=65)
     record = ctx.run_cycle(batch, settings=ALL_TERMS, step=0, draws=ctx.draws(batch, seed=65))
-    assert sorted(record.kinds) == sorted([T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]), f"passes {record.kinds}"
+    expect(
+        sorted(record.kinds) == sorted([T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]),
+        f"with every term weighted the cycle step makes the passes {record.kinds}",
+        "make one pass per term: T2L, L2T, cycle_text, cycle_latent",
+    )
     ct, cl, l2t = record.one(CYCLE_TEXT), record.one(CYCLE_LATENT), record.one(L2T)
     B = batch["input_ids"].shape[0]
     for label, p, text_t, latent_t in (("cycle_text", ct, 1.0, 0.0), ("cycle_latent", cl, 0.0, None)):
-        assert torch.equal(p.timestep("text"), torch.full((B,), text_t)), (
-            f"the {label} pass is given text t {p.timestep('text').tolist()}, expected {text_t}"
+        expect(
+            torch.equal(p.timestep("text"), torch.full((B,), text_t)),
+            f"the cycle trainer's {label} pass is given text t {p.timestep('text').tolist()}",
+            f"give it text t = {text_t:g}",
         )
         if latent_t is not None:
-            assert torch.equal(p.timestep("latent"), torch.full((B,), latent_t)), (
-                f"the {label} pass is given latent t {p.timestep('latent').tolist()}, expected {latent_t}"
+            expect(
+                torch.equal(p.timestep("latent"), torch.full((B,), latent_t)),
+                f"the cycle trainer's {label} pass is given latent t {p.timestep('latent').tolist()}",
+                f"give it latent t = {latent_t:g} (the reconstructed x0 is clean)",
             )
-    assert torch.equal(cl.timestep("latent"), torch.ones(B)), (
-        f"full mode, yet the cycle_latent pass is given latent t {cl.timestep('latent').tolist()}"
+    expect(
+        torch.equal(cl.timestep("latent"), torch.ones(B)),
+        f"with latent_t_mode full the cycle_latent pass is given latent t {cl.timestep('latent').tolist()}",
+        "give the cycle_latent pass t = 1.0 (a float in [0, 1], not an index) in full mode",
     )
     pseudo = l2t.outputs[0].argmax(-1).cpu()
-    assert torch.equal(cl.text_tokens.cpu(), pseudo), (
-        f"the cycle_latent pass is not given the argmax pseudo tokens of the L2T logits "
-        f"({int((cl.text_tokens.cpu() != pseudo).sum())} of {pseudo.numel()} positions differ)"
+    expect(
+        torch.equal(cl.text_tokens.cpu(), pseudo),
+        "the cycle_latent pass is not given the argmax pseudo tokens of the L2T logits "
+        f"({int((cl.text_tokens.cpu() != pseudo).sum())} of {pseudo.numel()} positions differ)",
+        "take the pseudo tokens as argmax of the base L2T pass's logits (loss.cycle_latent_sampling argmax)",
     )
     config = ctx.cycle_config_for(ALL_TERMS)
     terms = cycle_terms(record, batch, config, 0, ctx.x0_of(batch), ctx.oracle_tolerance)
-    torch.testing.assert_close(
+    expect_close(
         record.loss.detach().double().cpu(),
         terms.total,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: (
-            f"the total is not w*T2L + L2T + w_text*cycle_text + w_latent*cycle_latent "
-            f"(weights {terms.weights}) recomputed from the passes\n{m}"
-        ),
+        problem="the cycle trainer's loss is not latent_loss_weight*T2L + L2T + w_text*cycle_text + "
+        "w_latent*cycle_latent recomputed from its own passes",
+        fix="sum the four terms with the config's weights, each term from its pass (see the review's formula)",
+        details=f"weights {terms.weights}",
     )
     if "model_passes" in record.metrics:  # a trainer that reports its pass count must count right
-        assert record.metrics["model_passes"] == len(record.passes), (
-            f"metrics['model_passes'] is {record.metrics['model_passes']}, the step made {len(record.passes)} passes"
+        expect(
+            record.metrics["model_passes"] == len(record.passes),
+            f"the cycle trainer reports metrics['model_passes'] = {record.metrics['model_passes']} for a step that "
+            f"made {len(record.passes)} passes",
+            "count the model passes the step makes",
         )
     for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
         measure(name, float(getattr(terms, name)))
@@ -179,9 +197,11 @@ def check_categorical_sampling(ctx, measure):
             cdf = torch.softmax(l2t_logits.float(), dim=-1).cumsum(-1)
             want = torch.searchsorted(cdf, draws["pseudo_token_uniform"].cpu().unsqueeze(-1).contiguous())
             want = want.squeeze(-1).clamp(max=l2t_logits.shape[-1] - 1)
-            assert torch.equal(pseudo, want), (
-                f"categorical pseudo tokens are not the inverse CDF of softmax(L2T logits) at the injected "
-                f"uniforms ({int((pseudo != want).sum())} of {pseudo.numel()} differ)"
+            expect(
+                torch.equal(pseudo, want),
+                "the categorical pseudo tokens are not the inverse CDF of softmax(L2T logits) at the injected "
+                f"uniforms ({int((pseudo != want).sum())} of {pseudo.numel()} differ)",
+                "sample from softmax(logits) at temperature 1 with the pseudo_token_uniform draw",
             )
             exact_checked = True
     logits, ids = torch.cat(logits), torch.cat(ids)
@@ -192,10 +212,12 @@ def check_categorical_sampling(ctx, measure):
     measure("categorical_draws", int(ids.numel()))
     measure("categorical_power_vs_temperature_2", power)
     measure("categorical_inverse_cdf_exact", "yes" if exact_checked else "n/a (uniforms not taken by name)")
-    assert p_value >= spec["alpha"], (
-        f"categorical pseudo tokens are not distributed as softmax(L2T logits): chi-square {statistic:.1f} on "
-        f"{spec['bins']} bins of the probability integral transform, p = {p_value:.2g} < alpha {spec['alpha']} "
-        f"({ids.numel()} draws)"
+    expect(
+        p_value >= spec["alpha"],
+        "the cycle trainer's categorical pseudo tokens are not distributed as softmax(L2T logits)",
+        "sample them from softmax(logits) at temperature 1 (loss.cycle_latent_sampling categorical)",
+        f"chi-square {statistic:.1f} on {spec['bins']} bins of the probability integral transform, p = "
+        f"{p_value:.2g} < alpha {spec['alpha']} ({ids.numel()} draws)",
     )
 
 
@@ -208,8 +230,9 @@ def check_ramp(ctx, measure):
         ]
         measure(
             "ramp",
-            "the trainer takes no step=, so no loop can drive its warmup/ramp"
-            + (f"; the config ramps {', '.join(ramps)}, which the trainer cannot follow" if ramps else ""),
+            "the cycle trainer takes no step=, so no loop can drive its warmup/ramp"
+            + (f"; the config ramps {', '.join(ramps)}, which the trainer cannot follow" if ramps else "")
+            + ": take forward(batch, *, step=None) and apply the ramps by step",
             review=True,
         )
         return
@@ -220,17 +243,21 @@ def check_ramp(ctx, measure):
     for step in RAMP_STEPS:
         record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
         terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
-        torch.testing.assert_close(
+        expect_close(
             record.loss.detach().double().cpu(),
             terms.total,
             **tol(ctx.oracle_tolerance),
-            msg=lambda m, s=step, w=terms.weights: f"step {s}: the total does not follow the ramped weights {w}\n{m}",
+            problem=f"at step {step} the cycle trainer's total does not follow the ramped weights the config gives "
+            "(loss.cycle_*_weight, *_warmup_steps, *_ramp_steps)",
+            fix="weight each cycle term 0 before its warmup, then linearly up to its weight over its ramp",
+            details=f"weights at step {step}: {terms.weights}",
         )
         seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
         if step == 0 and len(record.passes) > 2:
             measure(
                 "passes_in_warmup",
-                f"{len(record.passes)} ({', '.join(record.kinds)}) while both weights are 0",
+                f"the cycle trainer makes {len(record.passes)} passes ({', '.join(record.kinds)}) while both cycle "
+                "weights are 0 (in warmup): a cost; skip a term's pass while its weight is 0",
                 review=True,
             )
     measure("ramp_weights_text/latent", " ".join(seen))
@@ -259,13 +286,17 @@ def check_stop_grad(ctx, measure):
     flowing, flowing_graph = _latent_head_grad(ctx, stop_grad=False)
     measure("latent_head_grad_stop_grad_on", stopped)
     measure("latent_head_grad_stop_grad_off", flowing)
-    assert not stopped_graph and stopped == 0.0, (
-        f"cycle_stop_grad_latent=true, yet the x0 fed to cycle_text {'carries' if stopped_graph else 'lacks'} an "
-        f"autograd graph and cycle_text sends |grad| {stopped:.3g} into latent_head"
+    expect(
+        not stopped_graph and stopped == 0.0,
+        f"with loss.cycle_stop_grad_latent true the x0 fed to cycle_text {'carries' if stopped_graph else 'lacks'} an "
+        f"autograd graph and cycle_text sends |grad| {stopped:.3g} into latent_head",
+        "detach x0 before the cycle_text pass when cycle_stop_grad_latent is true",
     )
-    assert flowing_graph and flowing > 0.0, (
-        "cycle_stop_grad_latent=false sends no gradient into latent_head: the check has no power"
-    )
+    if not (flowing_graph and flowing > 0.0):
+        control_failed(
+            "with loss.cycle_stop_grad_latent false cycle_text sends no gradient into latent_head, so the check "
+            "cannot show that stop-grad is what blocks it (the trainer detaches x0 whatever the setting says)"
+        )
 
 
 class PoisonedPass(nn.Module):
@@ -321,9 +352,13 @@ def nonfinite_outcome(ctx, batch, draws, config, policy: str, reads: ReadLog) ->
         record = ctx.run_cycle(batch, config=config, step=0, draws=draws, grad=False, model=poisoned_model)
     except CandidateError as error:
         raised = isinstance(error.__cause__, FloatingPointError)
-        assert policy == "raise" and raised, (
-            f"with NaN cycle_text logits (loss.on_nonfinite={policy}) the cycle trainer raised: "
-            f"{str(error).splitlines()[0][:300]}"
+        expect(
+            policy == "raise" and raised,
+            f"with NaN cycle_text logits and loss.on_nonfinite={policy} the cycle trainer raised",
+            "zero the non-finite term and name it in metrics['nonfinite'] (upstream's behaviour)"
+            if policy == "upstream"
+            else "raise FloatingPointError naming the term",
+            str(error).splitlines()[0][:300],
         )
         return "raised FloatingPointError"
     loss = record.loss.detach().double().cpu()
@@ -334,20 +369,25 @@ def nonfinite_outcome(ctx, batch, draws, config, policy: str, reads: ReadLog) ->
             f"n/a: the trainer does not read {ON_NONFINITE} (this project's setting; upstream's trainers have "
             "none), so it is judged by upstream's behaviour only"
         )
-    assert policy != "raise", (
-        "loss.on_nonfinite=raise, yet the trainer zeroed a NaN cycle_text term silently instead of raising"
+    expect(
+        policy != "raise",
+        "with loss.on_nonfinite=raise the cycle trainer zeroes a NaN cycle_text term silently",
+        "raise FloatingPointError naming the term under on_nonfinite=raise",
     )
     want = terms.total - terms.weights["cycle_text"] * terms.cycle_text
-    torch.testing.assert_close(
+    expect_close(
         loss,
         want,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: f"with NaN cycle_text logits the loss is not the other terms' total (the term zeroed)\n{m}",
+        problem="with NaN cycle_text logits the cycle trainer's loss is not the other terms' total",
+        fix="replace a non-finite term by 0 and keep the others (upstream's behaviour)",
     )
     reported = record.metrics.get("nonfinite")
     if reported is not None:
-        assert any("cycle_text" in str(name) for name in reported), (
-            f"metrics['nonfinite'] is {reported}: it does not name the cycle_text term that went NaN"
+        expect(
+            any("cycle_text" in str(name) for name in reported),
+            f"the cycle trainer's metrics['nonfinite'] is {reported}: it does not name the cycle_text term that went NaN",
+            "name each zeroed term in metrics['nonfinite']",
         )
     return f"zeroed; the others' total {float(want):.6g}; reported {reported}"
 

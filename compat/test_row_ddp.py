@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from compat.harness import grads_by_name, row_runner, row_settings, row_test, sensitivity_control
-from compat.outcomes import not_applicable
+from compat.outcomes import control_failed, expect, expect_close, not_applicable
 from compat.subjects import CandidateError
 from compat.oracle import tol
 from latentDLM_mmdit.factory import dtype_from_config
@@ -114,8 +114,10 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
                 model = ctx.fresh_semantic_model()  # a fresh load (or proxy) in this process
                 config, subject = config_for(ctx, setting), subject_of(ctx, setting)
                 trainer = subject.build(model, ctx.vocab, dtype_from_config(config), config)
-                assert isinstance(getattr(trainer, "model", None), torch.nn.Module), (
-                    f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP"
+                expect(
+                    isinstance(getattr(trainer, "model", None), torch.nn.Module),
+                    f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP",
+                    "keep the model the trainer is given as self.model (upstream's protocol)",
                 )
                 training.wrap_model_for_ddp(trainer, dctx.device)
                 loss, _, _, _ = subject.call(trainer, shard(batch, rank), draws=shard(draws, rank), seed=SEED + rank)
@@ -171,7 +173,8 @@ def run_ddp(ctx) -> list[dict]:
             )
     if trainer_failures and len(trainer_failures) == len(problems):  # the trainer under test failed, as in one process
         raise CandidateError(trainer_failures[0] + f" (in each of the {len(trainer_failures)} DDP ranks that ran it)")
-    assert not problems, "DDP workers failed: " + "; ".join(problems)
+    if problems:  # not the trainer (its failures are above): the processes themselves did not run through
+        control_failed(f"the {WORLD} gloo DDP worker processes did not finish: " + "; ".join(problems))
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
@@ -193,40 +196,47 @@ def check_ddp_matches_single_process(ctx, measure):
         loss = step(ctx, setting, batch, draws, model)
         want = grads_by_name(model)
         losses = torch.stack([r[setting]["loss"] for r in ranks])
-        torch.testing.assert_close(
+        expect_close(
             losses.mean(),
             loss,
             **tol("float32_batching"),
-            msg=lambda m, s=setting: (
-                f"{s}: the mean of the {WORLD} ranks' losses differs from the single-process full-batch loss\n{m}"
-            ),
+            problem=f"under DDP the mean of the {WORLD} ranks' {setting} losses differs from the single-process "
+            "full-batch loss",
+            fix="reduce each rank's loss as a mean over its own samples (no cross-sample terms)",
         )
         got = ranks[0][setting]["grads"]
         for rank in range(1, WORLD):
             other = ranks[rank][setting]["grads"]
-            assert other.keys() == got.keys() and all(torch.equal(other[n], got[n]) for n in got), (
-                f"{setting}: rank {rank}'s gradients after DDP's all-reduce differ from rank 0's"
+            expect(
+                other.keys() == got.keys() and all(torch.equal(other[n], got[n]) for n in got),
+                f"under DDP rank {rank}'s {setting} gradients after the all-reduce differ from rank 0's: the "
+                "gradients are not synchronised",
+                "wrap the model in DistributedDataParallel in the training loop (training.world_size > 1)",
             )
         extra = sorted(set(got) - set(want))
         missing = sorted(set(want) - set(got))
-        assert not extra, (
-            f"{setting}: under DDP {len(extra)} parameter(s) get a gradient that the single process "
-            f"leaves None ({', '.join(extra[:3])}): frozen weights would move (weight decay)"
+        expect(
+            not extra,
+            f"under DDP {len(extra)} parameter(s) get a {setting} gradient that the single process leaves None "
+            f"({', '.join(extra[:3])}), so frozen weights would move (weight decay)",
+            "freeze those parameters before DDP wraps the model, or leave their gradients None",
         )
-        assert not missing, (
-            f"{setting}: under DDP {len(missing)} parameter(s) get no gradient "
-            f"({', '.join(missing[:3])}): DDP did not synchronise them"
+        expect(
+            not missing,
+            f"under DDP {len(missing)} parameter(s) get no {setting} gradient ({', '.join(missing[:3])}): DDP did "
+            "not synchronise them",
+            "let DDP see every trained parameter (find_unused_parameters when terms switch on and off)",
         )
         worst = 0.0
         for name, g in want.items():
             worst = max(worst, float((got[name] - g).abs().max()))
-            torch.testing.assert_close(
+            expect_close(
                 got[name],
                 g,
                 **tol("float32_batching"),
-                msg=lambda m, n=name, s=setting: (
-                    f"{s}: DDP-averaged gradient of {n} differs from the single-process full batch\n{m}"
-                ),
+                problem=f"under DDP the averaged {setting} gradient of {name} differs from the single-process "
+                "full batch's",
+                fix="average the gradients over ranks (DDP) and reduce each rank's loss per sample",
             )
         measure(f"{setting}_loss_abs_diff", float((losses.mean() - loss).abs()))
         measure(f"{setting}_grad_max_abs_diff", worst)

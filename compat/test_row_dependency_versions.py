@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from compat.harness import row_runner, row_test
-from compat.outcomes import cannot_check
+from compat.outcomes import cannot_check, expect
 from latentDLM_mmdit import checkpoints
 
 pytestmark = pytest.mark.compat_row("dependency_versions")
@@ -43,7 +43,7 @@ def recorded_versions(ctx) -> dict[str, str] | None:
         with checkpoints.open_checkpoint(ctx.checkpoint_path) as source:
             versions = source.metadata.get("versions")
     except checkpoints.CheckpointError as exc:
-        raise AssertionError(f"cannot read the checkpoint's recorded versions: {exc}") from None
+        cannot_check(f"the checkpoint's recorded versions cannot be read: {exc}")
     return {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else None
 
 
@@ -70,32 +70,50 @@ def check_recorded_vs_installed(ctx, measure):
         measure(f"installed_{name}", installed[name])
     recorded = recorded_versions(ctx)
     if recorded is None:
-        measure("recorded_versions", "not recorded", review=True)
+        measure(
+            "recorded_versions",
+            "the checkpoint records no library versions (upstream's .pt files do not), so a changed mmdit / "
+            "hyper-connections cannot be detected: train the cycle run with the pinned versions and keep its "
+            "checkpoints in this project's format, which records them",
+            review=True,
+        )
         return
     differing = {}
     for name in checkpoints.TRACKED_PACKAGES:
         if name not in recorded:
-            measure(f"recorded_{name}", "not recorded", review=True)
+            measure(
+                f"recorded_{name}",
+                f"{name} is not recorded in the checkpoint: a change of it cannot be seen",
+                review=True,
+            )
             continue
         measure(f"recorded_{name}", recorded[name])
         if recorded[name] != installed[name]:
             if name in EXACT:
                 differing[name] = (recorded[name], installed[name])
             else:
-                measure(f"{name}_differs", f"recorded {recorded[name]}, installed {installed[name]}", review=True)
+                measure(
+                    f"{name}_differs",
+                    f"the checkpoint was written with {name} {recorded[name]}, {installed[name]} is installed: "
+                    "re-check the outputs or install the recorded version",
+                    review=True,
+                )
     library = checkpoints.compare_versions(recorded)
-    assert library == differing, (
-        f"latentDLM_mmdit.checkpoints.compare_versions reports {library or 'no difference'} where the recorded "
-        f"and installed versions differ by {differing or 'nothing'}: the loader would warn wrongly"
+    expect(
+        library == differing,
+        f"the checkpoint loader's version check (compare_versions) reports {library or 'no difference'} where the "
+        f"recorded and installed versions differ by {differing or 'nothing'}, so it would warn wrongly",
+        "compare every tracked package's recorded version with the installed one",
     )
-    assert not differing, (
+    expect(
+        not differing,
         "the checkpoint was written with "
         + ", ".join(f"{k} {v[0]}" for k, v in differing.items())
         + " but "
         + ", ".join(f"{k} {v[1]}" for k, v in differing.items())
-        + " is installed: outputs can "
-        "change even when the weights load (hyper-connections changed its forward without changing the layout); "
-        "install the recorded versions or re-check the outputs"
+        + " is installed, and outputs can change even when the weights load (hyper-connections changed its "
+        "forward without changing the layout)",
+        "install the recorded versions (" + ", ".join(f"{k}=={v[0]}" for k, v in differing.items()) + ")",
     )
 
 
@@ -105,21 +123,27 @@ def check_installed_match_pins(ctx, measure):
     installed = checkpoints.installed_versions()
     for name in EXACT:
         req = by_name.get(canonicalize_name(name))
-        assert req is not None, f"{where} does not require {name}: it must be pinned exactly"
+        expect(req is not None, f"{where} does not require {name}", f"pin {name} exactly (==)")
         pins = [s.version for s in req.specifier if s.operator == "=="]
-        assert len(pins) == 1 and len(req.specifier) == 1, (
-            f"{where} requires {req}, not an exact pin: {name} changes outputs between versions, pin it with =="
+        expect(
+            len(pins) == 1 and len(req.specifier) == 1,
+            f"{where} requires {req}, not an exact pin, and {name} changes outputs between versions",
+            f"pin it with == ({name}=={installed[name]})",
         )
         measure(f"pin_{name}", pins[0])
-        assert installed[name] == pins[0], (
-            f"installed {name} {installed[name]} differs from the pin {name}=={pins[0]} ({where}): "
-            "outputs can differ from the recorded fixtures and checkpoints"
+        expect(
+            installed[name] == pins[0],
+            f"installed {name} {installed[name]} differs from the pin {name}=={pins[0]} ({where}), so outputs can "
+            "differ from the recorded fixtures and checkpoints",
+            f"pip install {name}=={pins[0]}",
         )
     torch_req = by_name.get("torch")
     if torch_req is not None:
         measure("torch_range", str(torch_req.specifier))
-        assert torch_req.specifier.contains(Version(installed["torch"]), prereleases=True), (
-            f"installed torch {installed['torch']} is outside the supported range {torch_req.specifier} ({where})"
+        expect(
+            torch_req.specifier.contains(Version(installed["torch"]), prereleases=True),
+            f"installed torch {installed['torch']} is outside the supported range {torch_req.specifier} ({where})",
+            f"install a torch in {torch_req.specifier}",
         )
 
 

@@ -25,6 +25,7 @@ import torch
 
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import T2L
+from compat.outcomes import control_failed, expect
 from compat.subjects import CAPTURED
 
 pytestmark = pytest.mark.compat_row("determinism")
@@ -88,30 +89,42 @@ def inputs_of(record) -> list[torch.Tensor]:
     return out
 
 
+def trainer_of(label: str) -> str:
+    return "stable trainer" if label.startswith("stable") else "cycle trainer"
+
+
 def twice(ctx, measure, label: str, run) -> list:
     before = global_rng_state(ctx)
     first = run_steps(ctx, run)
     second = run_steps(ctx, run)
     changed = changed_rngs(before, global_rng_state(ctx))
     for step, (a, b) in enumerate(zip(first, second)):
-        assert torch.equal(a.loss, b.loss), (
-            f"{label}: step {step} loss {a.loss.item()!r} then {b.loss.item()!r} with the same seed"
+        expect(
+            torch.equal(a.loss, b.loss),
+            f"the {trainer_of(label)} is not deterministic: with the same seed its step {step} loss is "
+            f"{a.loss.item()!r} then {b.loss.item()!r} ({label})",
+            "draw every random number from the trainer's own generator seeded by training.seed",
         )
-        assert a.kinds == b.kinds and all(torch.equal(x, y) for x, y in zip(inputs_of(a), inputs_of(b))), (
-            f"{label}: step {step} gave the model other inputs with the same seed (passes {a.kinds} / {b.kinds})"
+        expect(
+            a.kinds == b.kinds and all(torch.equal(x, y) for x, y in zip(inputs_of(a), inputs_of(b))),
+            f"the {trainer_of(label)} is not deterministic: with the same seed its step {step} gives the model "
+            f"other inputs (passes {a.kinds} / {b.kinds}; {label})",
+            "draw every random number from the trainer's own generator seeded by training.seed",
         )
     if first[0].draw_mode == CAPTURED:
         measure(
             f"{label}_draws",
-            "from the global RNG, captured and served by the harness (deterministic here; "
-            "on a cluster they depend on everything else that draws, and differ across ranks)",
+            "the trainer draws from the global RNG (captured and served by the harness, so deterministic here); "
+            "on a cluster its draws depend on everything else that draws and differ across ranks: draw from "
+            "the trainer's own generator",
             review=True,
         )
     else:
-        assert not changed, (
-            f"{label}: the trainer changed the global {', '.join(changed)} RNG state: it draws "
-            "from the global RNG, so its numbers depend on everything else that draws and differ "
-            "across runs and DDP ranks; draw from the trainer's own generator"
+        expect(
+            not changed,
+            f"the {trainer_of(label)} draws from the global {', '.join(changed)} RNG, so its numbers depend on "
+            f"everything else that draws and differ across runs and DDP ranks ({label})",
+            "draw from the trainer's own torch.Generator (self.generator, seeded by training.seed)",
         )
         measure(f"{label}_draws", first[0].draw_mode if first[0].draws else "its own generator")
     measure(f"{label}_losses", ",".join(f"{r.loss.item():.6g}" for r in first))
@@ -129,7 +142,8 @@ def check_stable_unconditional(ctx, measure):
         ),
     )
     ts = torch.stack([r.passes[0].timestep("text") for r in records])
-    assert not bool((ts == ts[0, 0]).all()), "the unconditional steps drew no text timesteps: nothing was exercised"
+    if bool((ts == ts[0, 0]).all()):
+        control_failed("the stable unconditional steps drew no varying text timesteps: determinism was not exercised")
 
 
 def check_cycle_random_categorical(ctx, measure):
@@ -143,9 +157,11 @@ def check_cycle_random_categorical(ctx, measure):
         ),
     )
     ts = torch.stack([r.one(T2L).timestep("latent") for r in records])
-    assert not bool((ts == 1).any()) and ts.unique().numel() > 1, (
-        f"random mode drew no varying latent t ({ts.flatten().tolist()}): determinism was not exercised"
-    )
+    if bool((ts == 1).any()) or ts.unique().numel() <= 1:
+        control_failed(
+            f"the cycle trainer in random mode drew no varying latent t ({ts.flatten().tolist()}): determinism "
+            "was not exercised"
+        )
 
 
 def check_cycle_full(ctx, measure):
@@ -181,9 +197,11 @@ def check_seed_matters(ctx, measure):
         if a.draw_mode == CAPTURED:
             measure(f"{label}_seed", "n/a: the trainer draws from the global RNG, which the harness serves")
             continue
-        assert not torch.equal(a.loss, b.loss), (
-            f"{label}: training.seed {seed} and {seed + 1} give the same loss "
-            f"{a.loss.item()!r}: the seed does not reach the trainer's generator"
+        expect(
+            not torch.equal(a.loss, b.loss),
+            f"the {label} trainer gives the same loss {a.loss.item()!r} with training.seed {seed} and {seed + 1}: "
+            "the seed does not reach its generator",
+            "seed the trainer's generator from training.seed",
         )
     measure("seed_changes_losses", "yes")
 

@@ -23,7 +23,7 @@ import torch
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control, slice_batch
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, FORWARD_ARGUMENTS, L2T, T2L
 from compat.oracle import tol
-from compat.outcomes import cannot_check
+from compat.outcomes import cannot_check, expect, expect_close
 from compat.subjects import sample_draws
 from compat.terms import cycle_terms
 
@@ -45,6 +45,10 @@ CYCLE_ALL_TERMS = row_settings(
 EXPECTED_PASSES = {"stable_l2t": [L2T], "stable_t2l": [T2L], "cycle": [T2L, L2T, CYCLE_TEXT, CYCLE_LATENT]}
 
 
+def trainer_of(setting: str) -> str:
+    return "cycle trainer" if setting == "cycle" else "stable trainer"
+
+
 def run(ctx, setting: str, batch, draws, model=None):
     if setting == "cycle":
         return ctx.run_cycle(batch, settings=CYCLE_ALL_TERMS, draws=draws, model=model)
@@ -60,21 +64,33 @@ def check_keywords_and_shapes(ctx, measure):
     flat_latents = []
     for setting, expected in EXPECTED_PASSES.items():
         record = run(ctx, setting, batch, draws)
-        assert sorted(record.kinds) == sorted(expected), (
-            f"{setting}: the step made passes {record.kinds}, expected {expected}"
+        expect(
+            sorted(record.kinds) == sorted(expected),
+            f"the {trainer_of(setting)} step ({setting}) made the model passes {record.kinds} instead of {expected}",
+            "make the step call the model once per term, with the inputs the term defines",
         )
         for p in record.passes:
             shape = tuple(p.latents.shape)
-            assert shape in ((B, 1, ctx.latent_dim), (B, ctx.latent_dim)), (
-                f"{setting} {p.kind} pass: latents passed as {list(shape)}, expected [B,1,D] = {[B, 1, ctx.latent_dim]}"
+            expect(
+                shape in ((B, 1, ctx.latent_dim), (B, ctx.latent_dim)),
+                f"the {trainer_of(setting)} passes latents of shape {list(shape)} to the model ({setting} {p.kind})",
+                f"pass them as [B,1,D] = {[B, 1, ctx.latent_dim]}",
             )
             if shape == (B, ctx.latent_dim):
                 flat_latents.append(f"{setting} {p.kind}")
-            assert p.attention_mask is not None and torch.equal(
-                p.attention_mask.bool().cpu(), batch["attention_mask"].bool().cpu()
-            ), f"{setting} {p.kind} pass: the batch's attention mask was not passed to the model"
+            expect(
+                p.attention_mask is not None
+                and torch.equal(p.attention_mask.bool().cpu(), batch["attention_mask"].bool().cpu()),
+                f"the {trainer_of(setting)} does not pass the batch's attention mask to the model ({setting} {p.kind})",
+                "pass attention_mask=batch['attention_mask'] on every model call",
+            )
     if flat_latents:
-        measure("latents_passed_as_BD", ", ".join(flat_latents) + " (the review's contract is [B,1,D])", review=True)
+        measure(
+            "latents_passed_as_BD",
+            "latents passed to the model as [B,D] (" + ", ".join(flat_latents) + "): the model accepts them, the "
+            "review's contract is [B,1,D]; pass [B,1,D]",
+            review=True,
+        )
     with torch.no_grad():
         out = model(
             text_tokens=batch["input_ids"],
@@ -86,8 +102,10 @@ def check_keywords_and_shapes(ctx, measure):
     expected = [(B, S, model.vocab_size), (B, 1, ctx.latent_dim)] + (
         [(B, S, model.vocab_size)] if model.cluster_size else []
     )
-    assert [tuple(o.shape) for o in out] == expected, (
-        f"model outputs {[tuple(o.shape) for o in out]}, expected {expected}"
+    expect(
+        [tuple(o.shape) for o in out] == expected,
+        f"the model returns outputs of shapes {[tuple(o.shape) for o in out]} instead of {expected}",
+        "build the model of the checkpoint's layout (model.* keys of the config)",
     )
     measure("arguments", ",".join(FORWARD_ARGUMENTS))
     measure("latent_pred", "[B,1,D]")
@@ -105,11 +123,19 @@ def check_cluster_head(ctx, measure):
             latent_timesteps=None,
             attention_mask=batch["attention_mask"],
         )
-    assert len(out) == 3, f"cluster-head model returned {len(out)} outputs"
+    expect(
+        len(out) == 3,
+        f"a model with model.cluster_size > 0 returns {len(out)} outputs instead of 3",
+        "return (text_logits, latent_pred, text_cluster_logits) from a cluster-head model",
+    )
     draws = ctx.draws(batch, seed=2)
     for setting in EXPECTED_PASSES:
         record = run(ctx, setting, batch, draws, model=cluster)
-        assert torch.isfinite(record.loss), f"{setting} on a cluster-head model gave loss {record.loss}"
+        expect(
+            bool(torch.isfinite(record.loss)),
+            f"the {trainer_of(setting)} gives a non-finite loss ({float(record.loss.detach())}) on a cluster-head model",
+            "take the first two outputs of a 3-output model (upstream defect 3)",
+        )
     measure("cluster_head", "3 outputs, both trainers run")
 
 
@@ -122,15 +148,13 @@ def _batching(ctx, measure, setting: str):
     singles = [run(ctx, setting, slice_batch(batch, i), sample_draws(draws, i)) for i in range(B)]
     got = batched.loss.detach().double().cpu()
     mean = torch.stack([s.loss.detach().double().cpu() for s in singles]).mean()
-    torch.testing.assert_close(
+    expect_close(
         got,
         mean,
         **tol("float32_batching"),
-        msg=lambda m: (
-            f"{setting}: the loss of a batch of {B} differs from the mean of its "
-            f"samples' losses run one at a time (a loss term mixes samples, e.g. "
-            f"[B,1,D] against [B,D] broadcasting to [B,B,D])\n{m}"
-        ),
+        problem=f"the {trainer_of(setting)}'s loss of a batch of {B} differs from the mean of its samples' losses "
+        f"run one at a time ({setting}): a loss term mixes samples",
+        fix="give the [B,1,D] prediction the target's [B,D] shape before the MSE (no [B,B,D] broadcast)",
     )
     if setting == "cycle":  # and term by term, from the observed passes
         config = ctx.cycle_config_for(CYCLE_ALL_TERMS)
@@ -140,11 +164,12 @@ def _batching(ctx, measure, setting: str):
             for i, s in enumerate(singles)
         ]
         for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
-            torch.testing.assert_close(
+            expect_close(
                 getattr(terms, name),
                 torch.stack([getattr(e, name) for e in each]).mean(),
                 **tol("float32_batching"),
-                msg=lambda m, n=name: f"cycle: the batch's {n} term differs from its samples'\n{m}",
+                problem=f"the cycle trainer's {name} term of a batch differs from the mean over its samples",
+                fix="reduce the term per sample before averaging (no sample's inputs reaching another's)",
             )
     measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()))
     measure(f"{setting}_draws", batched.draw_mode)
@@ -170,19 +195,19 @@ def check_padding_does_not_leak(ctx, measure):
     if not pad.any():
         if ctx.data_samples is not None:
             cannot_check("the data batch has no padded position, so padding cannot be checked on it")
-        raise AssertionError("the synthetic compat batch has no padding")
+        raise RuntimeError("the synthetic compat batch has no padding")  # the harness's own batch: a bug here
     other = dict(batch)
     scrambled = (batch["input_ids"] + 7) % ctx.vocab.vocab_size
     other["input_ids"] = torch.where(pad, scrambled, batch["input_ids"])
     for setting in ("stable_t2l", "cycle"):
         a, b = run(ctx, setting, batch, draws).one(T2L), run(ctx, setting, other, draws).one(T2L)
-        torch.testing.assert_close(
+        expect_close(
             b.outputs[1],
             a.outputs[1],
             **tol("float32_loss"),
-            msg=lambda m, s=setting: (
-                f"{s}: padding content changed the T2L latent prediction (attention mask not applied)\n{m}"
-            ),
+            problem=f"the token ids at padded positions change the {trainer_of(setting)}'s T2L latent prediction "
+            f"({setting}): the attention mask is not applied",
+            fix="pass the batch's attention_mask to the model as a bool mask, and have the model mask attention with it",
         )
     measure("padding_leak", "none")
 

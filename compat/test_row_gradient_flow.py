@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from compat.harness import row_runner, row_test, sensitivity_control, unfreeze
+from compat.outcomes import expect
 from latentDLM_mmdit.improved_trainer_stable import frozen_groups, parameter_group
 
 pytestmark = pytest.mark.compat_row("gradient_flow")
@@ -148,11 +149,17 @@ def check_stable_modes(ctx, measure):
             got = _groups(reached)
             measure(f"stable_{mode}_groups", _fmt(got))
             leaked = sorted(n for n, g in grads.items() if parameter_group(n) in frozen_groups(mode) and g is not None)
-            assert not leaked, (
-                f"stable {mode} should freeze the {'/'.join(frozen_groups(mode))} group, yet "
-                f"{len(leaked)} of its parameters got a gradient ({', '.join(leaked[:3])})"
+            expect(
+                not leaked,
+                f"the stable reference's {mode} mode sends gradient to {len(leaked)} parameters of the "
+                f"{'/'.join(frozen_groups(mode))} group upstream's {mode} freezes ({', '.join(leaked[:3])})",
+                f"freeze the {'/'.join(frozen_groups(mode))} group in {mode} mode, as upstream's stable trainer does",
             )
-            assert got == want, f"stable {mode} updates groups {_fmt(got)}, upstream's {mode} updates {_fmt(want)}"
+            expect(
+                got == want,
+                f"the stable reference's {mode} mode updates the groups {_fmt(got)} where upstream's updates {_fmt(want)}",
+                f"train exactly the {_fmt(want)} groups in {mode} mode",
+            )
 
 
 def check_cycle_terms(ctx, measure):
@@ -163,7 +170,11 @@ def check_cycle_terms(ctx, measure):
     for term, names in reach.items():
         measure(f"{term}_groups", _fmt(_groups(names)))
     for term in reach:
-        assert reach[term], f"the {term} term of the cycle trainer sends no gradient anywhere (term inert)"
+        expect(
+            bool(reach[term]),
+            f"the cycle trainer's {term} term sends no gradient anywhere (it trains nothing)",
+            f"keep the {term} term in the autograd graph of the loss",
+        )
     forbidden = {"base_L2T": "latent_head", "cycle_text": "latent_head", "cycle_latent": "text_head"}
     why = {
         "base_L2T": "the L2T loss is a text loss: latent_head must not be in its graph",
@@ -172,8 +183,10 @@ def check_cycle_terms(ctx, measure):
     }
     for term, module in forbidden.items():
         hit = sorted(n for n in reach[term] if n.split(".")[0] == module)
-        assert not hit, (
-            f"the {term} term of the cycle trainer sends gradient into {module} ({', '.join(hit[:3])}): {why[term]}"
+        expect(
+            not hit,
+            f"the cycle trainer's {term} term sends gradient into {module} ({', '.join(hit[:3])})",
+            why[term],
         )
     measure("forbidden_paths", "none (" + ", ".join(f"{t}->{m}" for t, m in forbidden.items()) + ")")
     # Behaviour differences from the stable modes (pretrained reuse), reported, not failing.
@@ -182,7 +195,9 @@ def check_cycle_terms(ctx, measure):
         if beyond:
             measure(
                 f"{term}_beyond_stable_{mode}",
-                f"also updates {_fmt(_groups(beyond))} ({_fmt(_modules(beyond))}), frozen by stable {mode}",
+                f"the cycle trainer's {term} term also updates {_fmt(_groups(beyond))} ({_fmt(_modules(beyond))}), "
+                f"which stable {mode} froze: the pretrained {_fmt(_groups(beyond))} path moves during fine-tuning; "
+                "freeze it in the cycle trainer if it must stay as pretrained",
                 review=True,
             )
 
@@ -202,11 +217,17 @@ def check_cycle_total(ctx, measure):
     missing = ([f"group(s) {_fmt(missing_groups)}"] if missing_groups else []) + (
         [f"module(s) {_fmt(missing_modules)}"] if missing_modules else []
     )
-    assert not missing, (
-        f"the configured cycle step sends no gradient to {' and '.join(missing)} that the stable "
-        "modes train: those weights are silently frozen"
+    expect(
+        not missing,
+        f"the configured cycle step sends no gradient to {' and '.join(missing)} that the stable modes train: "
+        "those weights are silently frozen",
+        "do not freeze parameter groups in the cycle step (every group trains through some term)",
     )
-    assert not frozen_now, f"a cycle trainer step left parameters frozen ({', '.join(frozen_now[:3])})"
+    expect(
+        not frozen_now,
+        f"a cycle trainer step leaves parameters frozen after it returns ({', '.join(frozen_now[:3])})",
+        "restore requires_grad on every parameter the step froze",
+    )
 
 
 CHECKS = {

@@ -16,6 +16,7 @@ import torch
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import L2T
 from compat.oracle import ce_every_position, tol
+from compat.outcomes import expect, expect_close
 
 pytestmark = pytest.mark.compat_row("l2t_masking")
 # The cycle loss is then exactly its base L2T term.
@@ -27,12 +28,22 @@ CYCLE_L2T_ONLY = row_settings(
 def l2t_pass_ok(ctx, label: str, p, batch) -> None:
     ids = p.text_tokens.cpu()
     masked = float((ids == ctx.vocab.mask_token_id).float().mean())
-    assert masked == 1.0, f"{label}: only {masked:.1%} of the text tokens are [MASK] in the L2T pass"
+    expect(
+        masked == 1.0,
+        f"the {label} L2T pass masks only {masked:.1%} of the text tokens",
+        "replace every token (padding included) by the mask id, as stable l2t does",
+    )
     for which, want in (("text", 1.0), ("latent", 0.0)):
         t = p.timestep(which)
-        assert torch.equal(t, torch.full_like(t, want)), f"{label}: L2T {which} timestep is {t.tolist()}, not {want}"
-    assert torch.equal(p.latents_2d.float().cpu(), ctx.x0_of(batch).float()), (
-        f"{label}: the L2T pass is not conditioned on the clean latents"
+        expect(
+            torch.equal(t, torch.full_like(t, want)),
+            f"the {label} L2T pass gives t_{which} = {t.tolist()}",
+            f"give t_{which} = {want:g}, as stable l2t does",
+        )
+    expect(
+        torch.equal(p.latents_2d.float().cpu(), ctx.x0_of(batch).float()),
+        f"the {label} L2T pass is not conditioned on the batch's clean latents",
+        "pass the clean latents (t_latent = 0) to the L2T pass",
     )
 
 
@@ -45,26 +56,29 @@ def check_l2t_loss(ctx, measure, batch_size):
     s_pass, c_pass = stable.one(L2T), cycle.one(L2T)
     l2t_pass_ok(ctx, "stable l2t", s_pass, batch)
     l2t_pass_ok(ctx, "cycle", c_pass, batch)
-    torch.testing.assert_close(
+    expect_close(
         c_pass.outputs[0],
         s_pass.outputs[0],
         **tol("bit_exact"),
-        msg=lambda m: f"the L2T logits differ between the trainers on identical inputs\n{m}",
+        problem="the cycle trainer's L2T logits differ from stable l2t's on identical inputs",
+        fix="call the model with exactly stable l2t's inputs (tokens, latents, timesteps, mask and their dtypes)",
     )
     ids = batch["input_ids"].cpu()
     for label, record, p in (("stable l2t", stable, s_pass), ("cycle", cycle, c_pass)):
         want = ce_every_position(p.outputs[0].cpu(), ids)
-        torch.testing.assert_close(
+        expect_close(
             record.loss.detach().double().cpu(),
             want,
             **tol(ctx.oracle_tolerance),
-            msg=lambda m, lbl=label: f"{lbl}: the L2T loss is not CE over every position (padding included)\n{m}",
+            problem=f"the {label} L2T loss is not the cross entropy over every position",
+            fix="average the CE over all B*S positions, padding included, as stable l2t does",
         )
-    torch.testing.assert_close(
+    expect_close(
         cycle.loss.detach().cpu(),
         stable.loss.detach().cpu(),
         **tol("float32_loss"),
-        msg=lambda m: f"the L2T loss differs between the trainers on the same batch\n{m}",
+        problem="the cycle trainer's L2T loss differs from stable l2t's on the same batch",
+        fix="compute the L2T term as stable l2t does (masked_text_ce over every position)",
     )
     measure(f"B{batch_size}_l2t_loss_stable", float(stable.loss))
     measure(f"B{batch_size}_l2t_loss_cycle", float(cycle.loss))

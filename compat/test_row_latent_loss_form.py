@@ -11,12 +11,12 @@ each trainer's returned loss must be `latent_loss_weight x` that term (stable t2
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compat import oracle
 from compat.harness import row_runner, row_test, sensitivity_control
 from compat.observe import L2T, T2L
 from compat.oracle import tol
+from compat.outcomes import expect_close
 from compat.terms import LatentSchedule, latent_term
 
 pytestmark = pytest.mark.compat_row("latent_loss_form")
@@ -41,31 +41,34 @@ def check_loss_form(ctx, measure, parameterization: str, schedule: str):
     )
     config = ctx.cycle_config_for(latent)
     sched = LatentSchedule.of(config)
-    assert (sched.parameterization, sched.beta_schedule) == (parameterization, schedule)
+    if (sched.parameterization, sched.beta_schedule) != (parameterization, schedule):  # the row's own settings
+        raise RuntimeError(f"the row asked for {parameterization}/{schedule}, the config resolves to {sched}")
     x0 = ctx.x0_of(batch)
     label = f"{parameterization}/{schedule}"
     stable_term, _ = latent_term(stable, stable.one(T2L), x0, sched, ctx.oracle_tolerance)
     cycle_term, _ = latent_term(cycle, cycle.one(T2L), x0, sched, ctx.oracle_tolerance)
     l2t = oracle.ce_every_position(cycle.one(L2T).outputs[0].cpu(), batch["input_ids"].cpu())
-    torch.testing.assert_close(
+    expect_close(
         stable.loss.detach().double().cpu(),
         WEIGHT * stable_term,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: f"{label}: the stable t2l loss is not latent_loss_weight x the normalised MSE to the target\n{m}",
+        problem=f"the stable reference's t2l loss is not latent_loss_weight x the normalised MSE to the {label} target",
+        fix="L2-normalise prediction and target per sample (eps 1e-8), MSE, clamp to [0, 10], times latent_loss_weight",
     )
-    torch.testing.assert_close(
+    expect_close(
         cycle.loss.detach().double().cpu(),
         WEIGHT * cycle_term + l2t,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: (
-            f"{label}: the cycle loss is not latent_loss_weight x T2L (normalised MSE to the target) + L2T\n{m}"
-        ),
+        problem=f"the cycle trainer's loss is not latent_loss_weight x T2L + L2T for {label} (its T2L term is "
+        "not the normalised MSE to the target)",
+        fix="L2-normalise prediction and target per sample (eps 1e-8) before the MSE, as stable t2l does",
     )
-    torch.testing.assert_close(
+    expect_close(
         cycle_term,
         stable_term,
         **tol("float32_loss"),
-        msg=lambda m: f"{label}: the T2L latent loss differs between the trainers\n{m}",
+        problem=f"the cycle trainer's T2L latent loss differs from stable t2l's for {label}",
+        fix="compute the T2L term exactly as stable t2l does (same target, normalisation and reduction)",
     )
     measure(f"{parameterization}_{schedule}", float(stable_term))
 

@@ -31,6 +31,7 @@ import torch
 
 from compat.harness import AUTOCAST_TOLERANCES, row_runner, row_settings, row_test, sensitivity_control
 from compat.oracle import TOLERANCES, tol
+from compat.outcomes import control_failed, expect
 from compat.terms import cycle_terms, stable_terms
 from latentDLM_mmdit.precision import autocast, autocast_dtype
 
@@ -118,9 +119,12 @@ def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what:
             bad.append(f"{key}: {value:.6g} vs float32 {ref:.6g} (rel {rel:.2e})")
     for setting, rel in worst.items():
         measure(f"{what}_{setting}_max_rel", rel)
-    assert not bad, (
-        f"{what} differs from the float32 reference beyond tol('{tolerance}') "
-        f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']}): " + "; ".join(bad)
+    expect(
+        not bad,
+        f"the losses under {what} differ from the float32 losses by more than {tolerance} allows "
+        f"(rtol {rtol_atol['rtol']}, atol {rtol_atol['atol']})",
+        "compute the losses in float32 from the low-precision outputs, and keep the weights in float32",
+        "; ".join(bad),
     )
     return worst
 
@@ -136,9 +140,12 @@ def check_autocast_exercised(ctx, measure):
         for p in r.passes
         if {o.dtype for o in p.outputs if o.is_floating_point()} != {want}
     ]
-    assert not wrong, (
-        f"under {mode} autocast every model pass should compute in {want}; "
-        f"{'; '.join(wrong)} (a trainer turned autocast off or ran its model in float32)"
+    expect(
+        not wrong,
+        f"under training.mixed_precision {mode} a trainer's model passes do not compute in {want} (it turned "
+        "autocast off or ran its model in float32)",
+        "run every model pass inside the loop's autocast (no autocast(enabled=False), no .float() model)",
+        "; ".join(wrong),
     )
 
 
@@ -149,7 +156,8 @@ def check_autocast_matches_fp32(ctx, measure):
     amp = run_all(ctx, model, ctx.device, mixed_precision=mode, grad=True)
     loss_tol = AUTOCAST_TOLERANCES[mode][0]
     got, want = loss_values(ctx, amp, loss_tol), loss_values(ctx, fp32, ctx.oracle_tolerance)
-    assert got != want, f"the {mode} autocast run gave exactly the float32 losses: autocast was not exercised"
+    if got == want:
+        control_failed(f"the {mode} autocast run gave exactly the float32 losses: autocast was not exercised")
     drift = compare(got, want, loss_tol, AUTOCAST_TOLERANCES[mode][0], measure)
     rtol, atol = TOLERANCES[AUTOCAST_TOLERANCES[mode][1]]
     bad = []
@@ -161,7 +169,12 @@ def check_autocast_matches_fp32(ctx, measure):
         measure(f"autocast_{mode}_grad_{name}_rel", rel)
         if not rel <= rtol:
             bad.append(f"{name}: ||g_{mode} - g_fp32|| / ||g_fp32|| = {rel:.3g} > {rtol}")
-    assert not bad, f"gradients under {mode} autocast drift from float32 beyond the table: " + "; ".join(bad)
+    expect(
+        not bad,
+        f"the gradients under {mode} autocast drift from float32 beyond {AUTOCAST_TOLERANCES[mode][1]}",
+        "keep weights and gradients in float32 and reduce the losses in float32",
+        "; ".join(bad),
+    )
     factor = TOLERANCES["autocast_drift_factor"][0]
     # Like for like: the cycle step's own t2l and l2t terms against the stable steps' losses (its
     # cycle terms chain two passes, so they drift more by construction; they are bounded above).
@@ -171,13 +184,17 @@ def check_autocast_matches_fp32(ctx, measure):
     stable_loss = max(drift["stable_l2t"], drift["stable_t2l"])
     stable_grad = max(grad_drift["stable_l2t"], grad_drift["stable_t2l"])
     floor_loss, floor_grad = tol(loss_tol)["rtol"] / 10, rtol / 10
-    assert drift["cycle"] <= factor * max(stable_loss, floor_loss), (
-        f"the cycle trainer's losses drift {drift['cycle']:.3g} under {mode} autocast, more than {factor} x the "
-        f"stable trainer's {stable_loss:.3g}: the cycle trainer is the one that drifts"
+    expect(
+        drift["cycle"] <= factor * max(stable_loss, floor_loss),
+        f"under {mode} autocast the cycle trainer's base losses drift {drift['cycle']:.3g} from float32, more than "
+        f"{factor} x the stable trainer's {stable_loss:.3g}",
+        "compute the cycle trainer's terms as the stable trainer does under autocast (losses in float32)",
     )
-    assert grad_drift["cycle"] <= factor * max(stable_grad, floor_grad), (
-        f"the cycle trainer's gradients drift {grad_drift['cycle']:.3g} under {mode} autocast, more than "
-        f"{factor} x the stable trainer's {stable_grad:.3g}: the cycle trainer is the one that drifts"
+    expect(
+        grad_drift["cycle"] <= factor * max(stable_grad, floor_grad),
+        f"under {mode} autocast the cycle trainer's gradients drift {grad_drift['cycle']:.3g} from float32, more "
+        f"than {factor} x the stable trainer's {stable_grad:.3g}",
+        "compute the cycle trainer's terms as the stable trainer does under autocast (losses in float32)",
     )
 
 
@@ -195,9 +212,12 @@ def check_losses_computed_in_float32(ctx, measure):
             (bad if name.startswith("stable") else low.setdefault(name, [])).append(
                 f"{name}: returned {got:.7g}, oracle from its own {mode} outputs {want:.7g} (rel {rel:.2e})"
             )
-    assert not bad, (
-        "under autocast the stable reference must reduce its loss in float32 from the model's outputs "
-        "(tol('autocast_loss_reduction')): " + "; ".join(bad)
+    expect(
+        not bad,
+        "under autocast the stable reference reduces its loss in the low dtype, not in float32 from the model's "
+        "outputs (tol('autocast_loss_reduction'))",
+        "cast the model's outputs to float32 before the loss reduction (.float())",
+        "; ".join(bad),
     )
     if low:
         # The cycle trainer's own loss code: CUDA autocast runs mse_loss and cross_entropy in float32 by
@@ -215,9 +235,14 @@ def check_bf16_cast_matches_fp32(ctx, measure):
     bf16_model = ctx.fresh_semantic_model().to(torch.bfloat16)
     runs = run_all(ctx, bf16_model, ctx.device, dtype=torch.bfloat16)
     fed = {str(t.dtype) for r, _, _ in runs.values() for p in r.passes for t in (p.text_t, p.latent_t) if t is not None}
-    assert fed == {"torch.bfloat16"}, f"trainers with training.dtype=bf16 fed the model timesteps in {sorted(fed)}"
+    expect(
+        fed == {"torch.bfloat16"},
+        f"with training.dtype bf16 the trainers feed the model timesteps in {sorted(fed)}",
+        "cast latents and timesteps to training.dtype before the model",
+    )
     bf16 = loss_values(ctx, runs, "bfloat16")
-    assert bf16 != fp32, "the bfloat16 run gave exactly the float32 losses: bfloat16 was not exercised"
+    if bf16 == fp32:
+        control_failed("the bfloat16 run gave exactly the float32 losses: bfloat16 was not exercised")
     compare(bf16, fp32, "bfloat16", "bf16_cast", measure)
 
 

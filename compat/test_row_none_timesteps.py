@@ -13,7 +13,7 @@ import torch
 
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import L2T, T2L
-from compat.outcomes import not_applicable
+from compat.outcomes import expect_close, not_applicable
 from compat.oracle import tol
 
 pytestmark = pytest.mark.compat_row("none_timesteps")
@@ -39,11 +39,12 @@ def check_none_equals_zeros(ctx, measure):
                 latent_timesteps=zeros if latent_t is None else latent_t,
             )
             for name, g, w in zip(("text_logits", "latent_pred", "cluster_logits"), got, want):
-                torch.testing.assert_close(
+                expect_close(
                     g,
                     w,
                     **tol("bit_exact"),
-                    msg=lambda m, n=name, lbl=label: f"None {lbl} timestep(s) != zeros in {n}\n{m}",
+                    problem=f"the model treats a None {label} timestep differently from zeros ({name} differ)",
+                    fix="map a None timestep to torch.zeros(B) of the model's dtype, as upstream's model does",
                 )
     measure("none_vs_zeros_max_abs", 0.0)
 
@@ -67,11 +68,13 @@ def check_clean_modalities_get_zero(ctx, measure):
     for label, kind, text_t, latent_t in expectations:
         p = records[label].one(kind)
         for which, want in (("text", text_t), ("latent", latent_t)):
-            torch.testing.assert_close(
+            expect_close(
                 p.timestep(which),
                 torch.full((2,), want),
                 **tol("bit_exact"),
-                msg=lambda m, lbl=label, k=kind, w=which, wt=want: f"{lbl} {k} pass: {w} timestep is not {wt}\n{m}",
+                problem=f"the {label} trainer's {kind} pass gives the {which} modality t = "
+                f"{p.timestep(which).tolist()} where the stable trainer's protocol has {want:g}",
+                fix=f"give the {which} timestep {want:g} in the {kind} pass ({'clean' if want == 0 else 'fully noised'})",
             )
     measure("clean_t", "0 in both trainers")
 

@@ -36,7 +36,7 @@ import torch
 from compat.harness import row_runner, row_settings, row_test
 from compat.observe import L2T, T2L
 from compat.terms import LatentSchedule, latent_term
-from compat.outcomes import not_applicable
+from compat.outcomes import expect, expect_close, incompatible, not_applicable
 from compat.oracle import tol
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.checkpoints import CheckpointError
@@ -75,10 +75,18 @@ def model_outputs(ctx, model, batch) -> tuple[torch.Tensor, ...]:
 
 
 def assert_same_outputs(got, want, what: str) -> None:
-    assert len(got) == len(want), f"{what}: {len(got)} outputs, the shared model gives {len(want)}"
+    expect(
+        len(got) == len(want),
+        f"{what} gives {len(got)} outputs where the shared model gives {len(want)}",
+        "load every tensor of the checkpoint into a model of the configured layout",
+    )
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(
-            g, w, **tol("bit_exact"), msg=lambda m, i=i: f"{what}: output {i} differs from the shared model's\n{m}"
+        expect_close(
+            g,
+            w,
+            **tol("bit_exact"),
+            problem=f"{what} gives another output {i} than the shared model from the same file",
+            fix="load the checkpoint strictly, every tensor (prefixes stripped, nothing left initialised)",
         )
 
 
@@ -110,14 +118,18 @@ def check_loads_strictly(ctx, measure):
     path = Path(ctx.checkpoint_path)
     measure("file_bytes", path.stat().st_size)
     if ctx.load_error is not None:
-        raise AssertionError(
-            f"the checkpoint under test does not load strictly into the configured model: {ctx.load_error}"
+        incompatible(
+            "the checkpoint does not load strictly into the model the cycle config builds",
+            "set the cycle config's model.* keys to the checkpoint's layout (the differences are listed)",
+            ctx.load_error,
         )
     measure("nonfinite_tensors", len(ctx.nonfinite))
-    assert not ctx.nonfinite, (
-        f"the checkpoint holds non-finite weights in {len(ctx.nonfinite)} tensor(s): "
-        f"{'; '.join(ctx.nonfinite[:8])}{' ...' if len(ctx.nonfinite) > 8 else ''} "
-        "(fine-tuning from it trains on NaN; use an earlier checkpoint)"
+    expect(
+        not ctx.nonfinite,
+        f"the checkpoint holds non-finite weights in {len(ctx.nonfinite)} tensor(s), so fine-tuning from it trains "
+        "on NaN",
+        "start from an earlier checkpoint of the run",
+        f"{'; '.join(ctx.nonfinite[:8])}{' ...' if len(ctx.nonfinite) > 8 else ''}",
     )
     if ctx.large:  # no second copy of a full-size model: the shared model's own strict load is the evidence
         model, report = ctx.require_model(), ctx.load_report
@@ -126,9 +138,11 @@ def check_loads_strictly(ctx, measure):
         try:
             report = checkpoints.load_checkpoint_into(model, path)
         except CheckpointError as exc:
-            raise AssertionError(
-                f"the checkpoint does not load strictly into a fresh model of the configured layout: {exc}"
-            ) from None
+            incompatible(
+                "the checkpoint does not load strictly into a fresh model of the configured layout",
+                "build the model with the checkpoint's layout (model.num_residual_streams and the other model.* keys)",
+                str(exc),
+            )
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
     measure("written_by", written_by(report))
@@ -143,9 +157,10 @@ def check_loads_strictly(ctx, measure):
                 else ""
             ),
         )
-    assert report.n_tensors == expected, (
-        f"the checkpoint provides {report.n_tensors} tensors, the model has "
-        f"{expected}: a strict load must provide every one"
+    expect(
+        report.n_tensors == expected,
+        f"the checkpoint provides {report.n_tensors} tensors where the model has {expected}",
+        "load every tensor of the model from the checkpoint (a strict load)",
     )
     assert_same_outputs(
         model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
@@ -173,14 +188,13 @@ def check_fresh_instances_identical(ctx, measure):
     t2l = ctx.run_stable("t2l", batch, draws=draws, model=for_stable, grad=False)
     cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=for_cycle, grad=False)
     for kind, stable_record, output in ((L2T, l2t, 0), (T2L, t2l, 1)):
-        torch.testing.assert_close(
+        expect_close(
             cycle.one(kind).outputs[output],
             stable_record.one(kind).outputs[output],
             **tol("bit_exact"),
-            msg=lambda m, k=kind: (
-                f"{k}: the cycle trainer's pass on the pretrained weights "
-                f"does not reproduce the stable trainer's output\n{m}"
-            ),
+            problem=f"on the pretrained weights the cycle trainer's {kind} pass does not reproduce the stable "
+            "trainer's output",
+            fix=f"give the {kind} pass exactly the stable trainer's inputs (tokens, latents, timesteps, mask, dtypes)",
         )
     schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
     x0 = ctx.x0_of(batch)
@@ -188,24 +202,24 @@ def check_fresh_instances_identical(ctx, measure):
     stable_t2l, _ = latent_term(t2l, t2l.one(T2L), x0, schedule, ctx.oracle_tolerance)
     weight = float(ctx.cycle_config_for(BASE_ONLY).loss.latent_loss_weight)
     want = l2t.loss.detach().double().cpu() + weight * stable_t2l
-    torch.testing.assert_close(
+    expect_close(
         cycle.loss.detach().double().cpu(),
         want,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: (
-            "the cycle trainer's base loss on the pretrained weights is not the "
-            f"stable L2T loss + w x the stable T2L term\n{m}"
-        ),
+        problem="on the pretrained weights the cycle trainer's base loss is not stable l2t's loss + "
+        "latent_loss_weight x stable t2l's term",
+        fix="compute the base terms as the stable trainer does",
     )
-    torch.testing.assert_close(
+    expect_close(
         cycle_t2l,
         stable_t2l,
         **tol("bit_exact"),
-        msg=lambda m: f"T2L latent loss: the trainers differ on the pretrained weights\n{m}",
+        problem="on the pretrained weights the cycle trainer's T2L latent loss differs from stable t2l's",
+        fix="compute the T2L term as stable t2l does (same target, normalisation and reduction)",
     )
     measure("l2t_text_loss", float(l2t.loss))
     measure("t2l_latent_loss", float(stable_t2l))
-    assert sha256(path) == before, f"loading {path} changed the file"
+    expect(sha256(path) == before, f"loading {path} changed the file", "open checkpoints read-only")
 
 
 def upstream_layouts(ctx, model) -> dict[str, object]:
@@ -236,7 +250,11 @@ def check_upstream_layouts(ctx, measure):
         names = {k: tuple(v.shape) for k, v in shared.state_dict().items()}
         for prefix in ("model.", "module._orig_mod.model.", "_orig_mod.module.model."):
             mapping = checkpoints.normalize_keys([prefix + k for k in names] + ["text_noise_schedule.log_B"], prefix)
-            assert sorted(mapping) == sorted(names), f"keys prefixed {prefix!r} do not map back onto the model's keys"
+            expect(
+                sorted(mapping) == sorted(names),
+                f"the checkpoint loader does not map keys prefixed {prefix!r} back onto the model's keys",
+                "strip DDP's module., compile's _orig_mod. and the trainer's model. prefixes in any nesting",
+            )
         measure("upstream_layouts_keys", "mapped (large checkpoint: round trip on the proxy)")
         shared = ctx.semantic_model()
     batch = ctx.batch(2, seed=SEED + 2)
@@ -252,12 +270,19 @@ def check_upstream_layouts(ctx, measure):
         try:
             report = checkpoints.load_checkpoint_into(model, path)
         except CheckpointError as exc:
-            raise AssertionError(f"upstream layout {name} does not load strictly: {exc}") from None
-        assert report.n_tensors == len(model.state_dict()), (
-            f"upstream layout {name}: {report.n_tensors} tensors loaded, the model has {len(model.state_dict())}"
+            incompatible(
+                f"a checkpoint in upstream's {name} layout does not load strictly",
+                "strip DDP's module., compile's _orig_mod. and the trainer's model. prefixes (in any nesting) and "
+                "drop text_noise_schedule.* before the strict load",
+                str(exc),
+            )
+        expect(
+            report.n_tensors == len(model.state_dict()),
+            f"upstream layout {name}: {report.n_tensors} tensors loaded where the model has {len(model.state_dict())}",
+            "load every tensor of the model from upstream's file",
         )
         assert_same_outputs(model_outputs(ctx, model, batch), want, f"upstream layout {name}")
-        assert sha256(path) == before, f"loading upstream layout {name} changed the source file {path}"
+        expect(sha256(path) == before, f"loading upstream layout {name} changed {path}", "open checkpoints read-only")
         path.unlink()
         loaded.append(name)
     measure("upstream_layouts_loaded", ",".join(loaded))
@@ -283,13 +308,16 @@ def check_other_mmdit_layout(ctx, measure):
     except CheckpointError as exc:
         message = str(exc)
     else:
-        raise AssertionError(
-            f"a checkpoint written with mmdit {recorded} loaded into a model built with mmdit "
-            f"{installed}: the residual-stream layouts differ, the load must be refused"
+        incompatible(
+            f"a checkpoint written with mmdit {recorded} loads into a model built with mmdit {installed} although "
+            "their residual-stream layouts differ",
+            "refuse a checkpoint whose recorded mmdit layout differs from the installed one",
         )
-    assert "another mmdit version" in message, (
-        f"loading an mmdit {recorded} checkpoint under mmdit {installed} failed without saying why "
-        f"(no 'another mmdit version' in the message): {message}"
+    expect(
+        "another mmdit version" in message,
+        f"loading an mmdit {recorded} checkpoint under mmdit {installed} fails without saying why",
+        "name the version mismatch ('another mmdit version') in the refusal",
+        message,
     )
     measure("mmdit_0.2_checkpoint", "refused: another mmdit version")
 

@@ -24,6 +24,7 @@ import torch
 from compat.harness import row_runner, row_test
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, T2L
 from compat.oracle import tol
+from compat.outcomes import expect, expect_close
 from compat.terms import cycle_terms
 
 pytestmark = pytest.mark.compat_row("recommended_settings")
@@ -46,12 +47,18 @@ def model_for_settings(ctx):
 def check_latent_t_mode(ctx, measure):
     mode = str(loss_settings(ctx).latent_t_mode)
     measure("latent_t_mode", mode)
-    assert mode in FULL_ALIASES, (
-        f"loss.latent_t_mode={mode!r}: the cycle T2L passes see t < 1 while the pretrained stable T2L only trained at "
-        "t = 1 (a distribution shift); review section 5: set loss.latent_t_mode=full"
+    expect(
+        mode in FULL_ALIASES,
+        f"loss.latent_t_mode is {mode!r}: the cycle T2L passes see t < 1 while the pretrained stable T2L only "
+        "trained at t = 1 (a distribution shift)",
+        "set loss.latent_t_mode: full (review section 5)",
     )
     if mode != "full":
-        measure("latent_t_mode_spelling", f"{mode!r} (an alias of full; the review writes 'full')", review=True)
+        measure(
+            "latent_t_mode_spelling",
+            f"loss.latent_t_mode {mode!r} is an alias of full: write 'full', as the review does",
+            review=True,
+        )
 
 
 def check_cycle_weights_small(ctx, measure):
@@ -61,7 +68,10 @@ def check_cycle_weights_small(ctx, measure):
         measure(f"{term}_weight", base)
         if base > SMALL_WEIGHT:
             measure(
-                f"{term}_weight_not_small", f"{base:g} > {SMALL_WEIGHT:g} (review section 5: start at 0.1)", review=True
+                f"{term}_weight_not_small",
+                f"loss.{term}_weight {base:g} is above the review's starting {SMALL_WEIGHT:g}: start at "
+                f"{SMALL_WEIGHT:g} (review section 5)",
+                review=True,
             )
 
 
@@ -78,7 +88,8 @@ def check_ramps(ctx, measure):
         if base > 0 and ramp <= 0:
             measure(
                 f"{term}_no_ramp",
-                f"weight {base:g} applies in full from step {warmup} (review section 5: ramp it in over N steps)",
+                f"loss.{term}_weight {base:g} applies in full from step {warmup}: ramp it in with "
+                f"loss.{term}_ramp_steps (review section 5)",
                 review=True,
             )
 
@@ -89,8 +100,8 @@ def check_stop_grad(ctx, measure):
     if not stop:
         measure(
             "stop_grad_off",
-            "x0 from the T2L prediction is not detached in cycle_text "
-            "(review section 5: keep cycle_stop_grad_latent true)",
+            "x0 from the T2L prediction is not detached in cycle_text: keep loss.cycle_stop_grad_latent true "
+            "(review section 5)",
             review=True,
         )
 
@@ -106,25 +117,31 @@ def check_trainer_honours_config(ctx, measure):
         batch, config=config, step=step, draws=ctx.draws(batch, seed=120), model=model_for_settings(ctx), grad=True
     )
     terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
-    torch.testing.assert_close(
+    expect_close(
         record.loss.detach().double().cpu(),
         terms.total,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: (
-            f"at step {step} the trainer's loss is not the one its config gives (weights {terms.weights})\n{m}"
-        ),
+        problem=f"at step {step} the cycle trainer's loss is not the one its config gives: it reads a setting "
+        "(a weight, warmup or ramp) from the wrong key or ignores it",
+        fix="read loss.cycle_text_* and loss.cycle_latent_* each from its own key",
+        details=f"weights the config gives at step {step}: {terms.weights}",
     )
     if str(loss.latent_t_mode) in FULL_ALIASES:
         for p in record.passes:
             if p.kind in (T2L, CYCLE_LATENT):
-                assert torch.equal(p.timestep("latent"), torch.ones(p.batch_size)), (
-                    f"latent_t_mode full, yet the {p.kind} pass got t {p.timestep('latent').tolist()}"
+                expect(
+                    torch.equal(p.timestep("latent"), torch.ones(p.batch_size)),
+                    f"with loss.latent_t_mode full the cycle trainer's {p.kind} pass gets t "
+                    f"{p.timestep('latent').tolist()}",
+                    "give every noised pass t = 1 in full mode",
                 )
     if record.has(CYCLE_TEXT) and terms.weights["cycle_text"] > 0:
         graph = record.one(CYCLE_TEXT).latents_require_grad
-        assert graph == (not bool(loss.cycle_stop_grad_latent)), (
-            f"cycle_stop_grad_latent={bool(loss.cycle_stop_grad_latent)}, yet the x0 fed to cycle_text "
-            f"{'carries' if graph else 'lacks'} an autograd graph"
+        expect(
+            graph == (not bool(loss.cycle_stop_grad_latent)),
+            f"with loss.cycle_stop_grad_latent {bool(loss.cycle_stop_grad_latent)} the x0 fed to cycle_text "
+            f"{'carries' if graph else 'lacks'} an autograd graph",
+            "detach x0 exactly when cycle_stop_grad_latent is true",
         )
     if step is None:
         measure(

@@ -35,6 +35,7 @@ import torch
 from compat import oracle, reference_golden
 from compat.harness import row_runner, row_test
 from compat.oracle import tol
+from compat.outcomes import Incompatible, comparison_details, incompatible
 from latentDLM_mmdit import checkpoints
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
@@ -347,15 +348,49 @@ def check_stable_mode_schedule(ctx, measure):
     measure("stable_sequential_modes", f"equal the schedule's, by step and by epoch ({len(MODE_SCHEDULE)} entries)")
 
 
+def shared_component(check, component: str, path: str):
+    """`check` of a component both trainers share: a failure says which component is wrong (a defect
+    there is on both sides, so no stable-vs-cycle comparison could see it) and where to fix it."""
+
+    def checked(ctx, measure):
+        try:
+            check(ctx, measure)
+        except Incompatible:
+            raise
+        except AssertionError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            incompatible(
+                f"the shared {component} is wrong: {lines[0] if lines else 'a reference value differs'}",
+                f"fix {path} (both trainers use it; the oracle and recorded golden values are in compat/oracle.py "
+                "and compat/data/reference_golden.json)",
+                comparison_details("\n".join(lines[1:])),
+            )
+
+    checked.__name__ = getattr(check, "__name__", "check")
+    return checked
+
+
 CHECKS = {
-    "schedules": check_schedules,
-    "timesteps_and_noising": check_timesteps_and_noising,
-    "masking": check_masking,
-    "loss_helpers": check_loss_helpers,
-    "checkpoint_round_trips": check_checkpoint_round_trips,
-    "model_forward_golden": check_model_forward_golden,
-    "stable_mode_schedule": check_stable_mode_schedule,
-    "batch_and_outputs": check_batch_and_outputs,
+    "schedules": shared_component(check_schedules, "noise schedule", "latentDLM_mmdit/continuous_diffusion.py"),
+    "timesteps_and_noising": shared_component(
+        check_timesteps_and_noising, "timestep mapping or noising", "latentDLM_mmdit/continuous_diffusion.py"
+    ),
+    "masking": shared_component(check_masking, "text masking", "latentDLM_mmdit/diffusion_process.py"),
+    "loss_helpers": shared_component(check_loss_helpers, "loss helpers", "latentDLM_mmdit/losses.py"),
+    "checkpoint_round_trips": shared_component(
+        check_checkpoint_round_trips, "checkpoint reader/writer", "latentDLM_mmdit/checkpoints.py"
+    ),
+    "model_forward_golden": shared_component(
+        check_model_forward_golden,
+        "model forward",
+        "latentDLM_mmdit/models/multimodal_mmdit.py (or install the pinned mmdit / hyper-connections)",
+    ),
+    "stable_mode_schedule": shared_component(
+        check_stable_mode_schedule, "stable reference's mode schedule", "latentDLM_mmdit/improved_trainer_stable.py"
+    ),
+    "batch_and_outputs": shared_component(
+        check_batch_and_outputs, "batch preparation or output splitting", "latentDLM_mmdit/trainer_base.py"
+    ),
 }
 
 

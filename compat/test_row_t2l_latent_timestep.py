@@ -23,6 +23,7 @@ import torch
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_LATENT, T2L
 from compat.oracle import tol
+from compat.outcomes import expect, expect_close
 from compat.subjects import INJECTED
 from compat.terms import LatentSchedule, latent_term
 
@@ -52,7 +53,11 @@ def noised_timesteps(ctx, settings: dict, steps: int = STEPS, with_draws: bool =
         draws = ctx.draws(batch, seed=40 + step) if with_draws else None
         record = ctx.run_cycle(batch, settings=settings, step=10_000 + step, draws=draws, seed=40 + step, grad=False)
         noised = [p for p in record.passes if p.kind in (T2L, CYCLE_LATENT)]
-        assert noised, f"the cycle step made no noised pass (passes: {record.kinds})"
+        expect(
+            bool(noised),
+            f"the cycle step makes no noised T2L pass (its passes: {record.kinds})",
+            "make the base T2L pass (clean text, latents noised at t_lat)",
+        )
         ts += [p.timestep("latent") for p in noised]
         records.append((batch, draws, record))
     return torch.cat(ts), records
@@ -62,23 +67,29 @@ def check_stable_uses_t1(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=41)
     record = ctx.run_stable("t2l", batch, draws=ctx.draws(batch, seed=41))
     p = record.one(T2L)
-    torch.testing.assert_close(
+    expect_close(
         p.timestep("latent"),
         torch.ones(batch["input_ids"].shape[0]),
         **tol("bit_exact"),
-        msg=lambda m: f"stable t2l latent t is not 1\n{m}",
+        problem="the stable reference's t2l pass does not noise the latents at t = 1",
+        fix="the stable trainer under test must train T2L at latent t = 1 (upstream's stable t2l)",
     )
-    torch.testing.assert_close(
+    expect_close(
         p.timestep("text"),
         torch.zeros(batch["input_ids"].shape[0]),
         **tol("bit_exact"),
-        msg=lambda m: f"stable t2l text t is not 0\n{m}",
+        problem="the stable reference's t2l pass does not give the clean text t = 0",
+        fix="the stable trainer under test must give the clean text t = 0 (upstream's stable t2l)",
     )
     schedule = LatentSchedule.of(ctx.stable_config_for("t2l"))
     name, _ = record.noise_of(
         p, ctx.x0_of(batch), schedule.alphas_cumprod, schedule.num_timesteps, ctx.oracle_tolerance
     )
-    assert name == "latent_noise", f"stable t2l noised its latents with {name}, not the latent_noise draw"
+    expect(
+        name == "latent_noise",
+        f"the stable reference's t2l pass noised its latents with {name}, not the latent_noise draw it was given",
+        "draw the T2L noise as the stable trainer's protocol names it (latent_noise)",
+    )
     measure("stable_t", 1.0)
 
 
@@ -91,10 +102,15 @@ def check_cycle_distribution(ctx, measure):
     not_one = ts != 1.0
     share = float(not_one.float().mean())
     measure("cycle_t_share_not_1", share)
-    assert share == 0.0, (
-        f"distribution shift: with latent_t_mode={mode} the cycle trainer's noised passes see t != 1 in "
-        f"{share:.0%} of samples (mean t {float(ts.mean()):.4g}, min {float(ts.min()):.4g}, max "
-        f"{float(ts.max()):.4g}) while the pretrained stable T2L only saw t = 1: set loss.latent_t_mode=full"
+    full = mode in ("full", "ones", "t1")
+    expect(
+        share == 0.0,
+        f"the cycle trainer's noised T2L passes see latent t != 1 in {share:.0%} of samples while the pretrained "
+        "stable T2L only trained at t = 1 (a distribution shift)",
+        "make the cycle trainer honour loss.latent_t_mode=full (t = 1 for every noised pass)"
+        if full
+        else f"set loss.latent_t_mode: full (it is {mode})",
+        f"mean t {float(ts.mean()):.4g}, min {float(ts.min()):.4g}, max {float(ts.max()):.4g}",
     )
 
 
@@ -103,22 +119,29 @@ def check_random_mode_is_a_shift(ctx, measure):
     ts, records = noised_timesteps(ctx, RANDOM, steps=2, with_draws=True)
     low, high = RANDOM["cycle_latent_t_min"], min(RANDOM["cycle_latent_t_max"], LATENT_T_CAP)
     measure("random_mode_t_mean", float(ts.mean()))
-    assert float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6, (
-        f"latent_t_mode random with t in [{low}, {high}] gave t from {float(ts.min()):.4g} to {float(ts.max()):.4g}"
+    expect(
+        float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6,
+        f"with latent_t_mode random the cycle trainer draws t from {float(ts.min()):.4g} to {float(ts.max()):.4g}, "
+        f"outside loss.cycle_latent_t_min/t_max [{low}, {high}]",
+        "draw t in [cycle_latent_t_min, cycle_latent_t_max] (clamped below 0.9999)",
     )
-    assert float((ts < 1).float().mean()) > 0.9, "random mode gave t = 1 for most samples"
+    expect(
+        float((ts < 1).float().mean()) > 0.9,
+        "with latent_t_mode random the cycle trainer still gives t = 1 to most samples",
+        "draw t from U[cycle_latent_t_min, cycle_latent_t_max] in random mode",
+    )
     for _batch, draws, record in records:
         if record.draw_mode != INJECTED:
             continue
         for kind, name in ((T2L, "latent_t"), (CYCLE_LATENT, "cycle_latent_t")):
             want = (low + (RANDOM["cycle_latent_t_max"] - low) * draws[name]).clamp(max=LATENT_T_CAP)
-            torch.testing.assert_close(
+            expect_close(
                 record.one(kind).timestep("latent"),
                 ctx.as_fed(want),  # rounded to training.dtype, as the trainer feeds it (bf16 on a cluster config)
                 **tol("float32_loss"),
-                msg=lambda m, k=kind: (
-                    f"random mode: the {k} pass's t is not t_min + (t_max - t_min) u for its draw u\n{m}"
-                ),
+                problem=f"in random mode the cycle trainer's {kind} pass t is not t_min + (t_max - t_min) u for its "
+                f"{name} draw u",
+                fix="map the uniform draw to [cycle_latent_t_min, cycle_latent_t_max] linearly",
             )
 
 
@@ -128,21 +151,23 @@ def check_full_matches_stable_loss(ctx, measure):
     model = ctx.require_model()  # the checkpoint's T2L path
     stable = ctx.run_stable("t2l", batch, draws=draws, model=model, grad=False)
     cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=model, grad=False)
-    torch.testing.assert_close(
+    expect_close(
         cycle.one(T2L).outputs[1],
         stable.one(T2L).outputs[1],
         **tol("bit_exact"),
-        msg=lambda m: f"full mode: the T2L prediction differs from stable t2l's on the same batch and noise\n{m}",
+        problem="in full mode the cycle trainer's T2L prediction differs from stable t2l's on the same batch and noise",
+        fix="call the model for T2L with exactly stable t2l's inputs (x_t in float32, t = 1, t_text = 0, the mask)",
     )
     schedule = LatentSchedule.of(ctx.cycle_config_for(BASE_ONLY))
     x0 = ctx.x0_of(batch)
     cycle_term, noise_name = latent_term(cycle, cycle.one(T2L), x0, schedule, ctx.oracle_tolerance)
     stable_term, _ = latent_term(stable, stable.one(T2L), x0, schedule, ctx.oracle_tolerance)
-    torch.testing.assert_close(
+    expect_close(
         cycle_term,
         stable_term,
         **tol("float32_loss"),
-        msg=lambda m: f"full mode: the T2L latent loss differs from stable t2l's\n{m}",
+        problem="in full mode the cycle trainer's T2L latent loss differs from stable t2l's",
+        fix="compute the T2L term as stable t2l does (normalised MSE to the configured target)",
     )
     measure("t2l_latent_loss", float(stable_term))
     measure("t2l_noise", noise_name)

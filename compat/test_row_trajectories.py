@@ -51,7 +51,7 @@ from compat import trajectories as T
 from compat.harness import AUTOCAST_TOLERANCES, PROXY_SIZES, row_runner, row_test
 from compat.oracle import TOLERANCES, derived_tol, gamma, unit_roundoff
 from latentDLM_mmdit.settings import STABLE_LOSS_TYPES
-from compat.outcomes import cannot_check, control_failed, not_applicable
+from compat.outcomes import cannot_check, control_failed, expect, not_applicable
 from compat.subjects import CandidateError, trainer_failure
 from latentDLM_mmdit.checkpoints import installed_versions
 
@@ -196,9 +196,10 @@ def check_loop_matches_oracle(kind: str):
         measure(f"{kind}_window", run.window.reason)
         if kind == "stable":
             measure("stable_stable_mode", str(run.config.loss.loss_type))
-        assert len(run.metrics) == T.STEPS, (
-            f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where "
-            f"training.num_train_steps asked for {T.STEPS}"
+        expect(
+            len(run.metrics) == T.STEPS,
+            f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where it was asked for {T.STEPS}",
+            "step the optimizer once per training.gradient_accumulation_steps micro-batches, up to the stop step",
         )
         resolvable, moved = update_is_resolvable(run, replay)
         measure(f"{kind}_update", moved)
@@ -284,13 +285,14 @@ def check_loop_matches_oracle(kind: str):
                 "the stable reference's training loop does not match its AdamW/clipping/schedule replay, so the "
                 "cycle run has no trustworthy baseline: " + "; ".join(problems)
             )
-        assert not problems, (
-            f"the {kind} entry point's training loop does not step as its config says (optimizer.lr {opt.lr}, "
+        expect(
+            not problems,
+            f"the {kind} entry point's training loop does not train as its config says (optimizer.lr {opt.lr}, "
             f"beta1/beta2 {opt.beta1}/{opt.beta2}, weight_decay {opt.weight_decay}, grad_clip_norm "
             f"{opt.grad_clip_norm}, {run.config.training.lr_schedule} schedule with {run.config.training.warmup_steps} "
-            f"warmup steps, gradient_accumulation_steps {run.config.training.gradient_accumulation_steps}): fix the "
-            "loop's optimizer, clipping or schedule so it trains with these settings. Replayed outside the loop: "
-            + "; ".join(problems)
+            f"warmup steps, gradient_accumulation_steps {run.config.training.gradient_accumulation_steps})",
+            f"make the {kind} entry point's optimizer, clipping and schedule read these keys",
+            "replayed outside the loop: " + "; ".join(problems),
         )
 
     return check
@@ -318,9 +320,11 @@ def check_cycle_keeps_base_losses(ctx, measure):
     nonfinite = [m for m in cycle if not math.isfinite(cycle[m])] + [
         f"step {r['step']} loss" for r in r["cycle"].metrics if not math.isfinite(float(r["loss"]))
     ]
-    assert not nonfinite, (
-        f"fine-tuning with this cycle trainer and config diverges: its run went non-finite within "
-        f"{T.STEPS} steps ({', '.join(nonfinite)})"
+    expect(
+        not nonfinite,
+        f"fine-tuning with this cycle trainer and config diverges: its run goes non-finite within {T.STEPS} steps "
+        f"({', '.join(nonfinite)})",
+        "lower loss.cycle_*_weight or ramp them in (*_warmup_steps, *_ramp_steps), and check the x0 gain",
     )
     # The stable continuation must have moved its own base losses by more than the float32 resolution of
     # a loss (a reduction over the vocabulary and the batch), or a rise could not have shown either.
@@ -355,10 +359,12 @@ def check_cycle_keeps_base_losses(ctx, measure):
             f"cycle {max(cycle_norms):.4g}, stable {max(stable_norms):.4g} (x{factor:.2g})",
             review=spike,
         )
-    assert rises[worst] <= limit, (
-        f"fine-tuning with this cycle trainer and config undoes the pretraining: after {T.STEPS} steps the cycle "
-        f"run's base {worst} loss is {cycle[worst]:.5g} against the stable continuation's {stable[worst]:.5g} "
-        f"(+{rises[worst]:.1%} > {limit:.0%}, trajectory_base_rise); lower loss.cycle_*_weight or ramp them in"
+    expect(
+        rises[worst] <= limit,
+        f"fine-tuning with this cycle trainer and config undoes the pretraining: after {T.STEPS} steps its base "
+        f"{worst} loss is {rises[worst]:+.1%} above the stable continuation's (more than {limit:.0%})",
+        "lower loss.cycle_*_weight or ramp them in (*_warmup_steps, *_ramp_steps)",
+        f"cycle {cycle[worst]:.5g}, stable {stable[worst]:.5g} (trajectory_base_rise)",
     )
 
 
@@ -429,11 +435,12 @@ def check_golden_values(ctx, measure):
                 moved.append(f"{kind} final weights {what}: {g:.10g} (golden {w:.10g})")
         measure(f"golden_{kind}_bit_identical", have["weights"]["sha256"] == want["weights"]["sha256"])
     measure("golden_file", f"{path} (torch {golden['versions'].get('torch')})")
-    assert not moved, (
-        f"training numerics moved against {path} (tol('golden_trajectory')): "
-        + "; ".join(moved)
-        + ". If the change is deliberate, re-record: python -m compat --record-golden "
-        + str(path)
+    expect(
+        not moved,
+        f"training numerics moved against the golden trajectories {path}",
+        "find what changed (dependency versions, data order, a numerics change); if it is deliberate, re-record: "
+        f"python -m compat --record-golden {path}",
+        "; ".join(moved) + " (tol('golden_trajectory'))",
     )
 
 

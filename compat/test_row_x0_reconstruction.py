@@ -25,11 +25,16 @@ from compat import oracle
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import derived_tol, tol
-from compat.outcomes import control_failed
+from compat.outcomes import control_failed, expect, expect_close
 from compat.terms import LatentSchedule
 
 pytestmark = pytest.mark.compat_row("x0_reconstruction")
 PARAMETERIZATIONS = ("epsilon", "x0", "v_param")
+X0_FORMULAS = {
+    "epsilon": "x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)",
+    "v_param": "x0 = sqrt(ab) x_t - sqrt(1 - ab) v",
+    "x0": "x0 = the prediction",
+}
 GAIN_INCOMPATIBLE = 100.0
 GAIN_REVIEW = 10.0
 CYCLE_TEXT_ON = row_settings(
@@ -49,14 +54,13 @@ def check_formula(ctx, measure, parameterization):
         t2l.latents_2d.cpu(), t2l.outputs[1].reshape(t2l.batch_size, -1).cpu(), ab, parameterization
     )
     got = ct.latents_2d.double().cpu()
-    torch.testing.assert_close(
+    expect_close(
         got,
         want,
         **tol(ctx.oracle_tolerance),
-        msg=lambda m: (
-            f"{parameterization}: the x0 fed to cycle_text is not x0 reconstructed "
-            f"from the T2L pass's latents, t and prediction\n{m}"
-        ),
+        problem=f"the x0 the cycle trainer feeds to cycle_text is not the x0 that the {parameterization} "
+        "parameterization gives from the T2L pass's latents, t and prediction",
+        fix=f"reconstruct x0 with the {parameterization} formula ({X0_FORMULAS[parameterization]})",
     )
     measure(f"{parameterization}_max_abs_err", float((got - want).abs().max()))
 
@@ -169,13 +173,21 @@ def check_gain_at_t1(ctx, measure):
         measure("x0_gain_applies", f"no: latent_t_mode={mode}, cycle_text_weight={w_text:g}")
         return
     v_gain = float(closed_form_gain(dataclasses.replace(schedule, parameterization="v_param"), m["t"]).max())
-    assert gain <= GAIN_INCOMPATIBLE, (
+    expect(
+        gain <= GAIN_INCOMPATIBLE,
         f"cycle_text conditions on an x0 whose error is amplified {gain:.2g}x at t = 1 ({label}, "
-        f"latent_t_mode={mode}, cycle_text_weight={w_text:g}): set model.latent_parameterization to v_param "
-        f"(gain {v_gain:.2g}) or x0 (gain 1), or loss.cycle_text_weight to 0"
+        f"latent_t_mode={mode}, cycle_text_weight={w_text:g})",
+        f"set model.latent_parameterization to v_param (gain {v_gain:.2g}) or x0 (gain 1), or loss.cycle_text_weight "
+        "to 0",
+        f"measured {gain:.4g}, closed form {closed:.4g}, above {GAIN_INCOMPATIBLE:g}",
     )
     if gain > GAIN_REVIEW:
-        measure("x0_gain_above_10", gain, review=True)
+        measure(
+            "x0_gain_above_10",
+            f"cycle_text conditions on an x0 whose error is amplified {gain:.3g}x at t = 1 ({label}): consider "
+            "v_param or x0 parameterization",
+            review=True,
+        )
 
 
 CHECKS = {

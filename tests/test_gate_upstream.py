@@ -13,13 +13,11 @@ compatibility findings, never a format difference:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,54 +29,15 @@ from latentDLM_mmdit.diffusion_process import MaskedDiffusion
 from latentDLM_mmdit.factory import build_model
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.tokenizer import read_tokenizer_folder
+from tests.upstream_files import TrainingState, save_like_upstream
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 STABLE_YAML = DATA / "upstream_configs" / "mmdit_stable_tiny.yaml"
 CYCLE_YAML = DATA / "upstream_configs" / "mmdit_cycle_vae_tiny.yaml"
 TOKENIZER = DATA / "tokenizers" / "bert_tiny"
-UPSTREAM_MODULE = "latentDLM_mmdit.checkpoints_mmdit"
 
 pytestmark = pytest.mark.slow
-
-
-@dataclasses.dataclass
-class TrainingState:  # upstream's record, as its module defines it
-    epoch: int = 0
-    epoch_start_step: int = 0
-    step: int = 0
-    total_tokens: int = 0
-    total_flops: float = 0.0
-    start_time: float = 0.0
-    curr_time: float = 0.0
-
-
-def save_like_upstream(folder: Path, trainer, optimizer, state) -> Path:
-    """upstream's checkpoints_mmdit.save_checkpoint, with TrainingState living in a module of
-    upstream's name only while saving (so that nothing can import it while loading)."""
-    fake = types.ModuleType(UPSTREAM_MODULE)
-    TrainingState.__module__ = UPSTREAM_MODULE
-    fake.TrainingState = TrainingState
-    previous = sys.modules.get(UPSTREAM_MODULE)
-    sys.modules[UPSTREAM_MODULE] = fake
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "model_state_dict": trainer.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(),
-                "state": state,
-                "config": None,
-            },
-            folder / "checkpoint.pt",
-        )
-    finally:
-        TrainingState.__module__ = __name__
-        if previous is None:
-            del sys.modules[UPSTREAM_MODULE]
-        else:
-            sys.modules[UPSTREAM_MODULE] = previous
-    return folder / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")

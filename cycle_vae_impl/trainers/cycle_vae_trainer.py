@@ -214,14 +214,17 @@ class CycleVAETrainer(DiffusionTrainerBase):
         latent_on: bool,
         draws: Mapping[str, torch.Tensor] | None = None,
     ):
-        """The step with the cycle weights given (0-dim float32 tensors) and whether each term runs."""
+        """The step with the cycle weights given (0-dim float32 tensors; Python floats are accepted, at the
+        cost of a recompilation per value under torch.compile) and whether each term runs."""
         source = DrawSource(self.generator, draws, self.DRAW_NAMES, "cycle trainer")
         input_ids, attention_mask, latents = prepare_batch(batch, self.dtype, "cycle trainer")
         batch_size = input_ids.shape[0]
         device = input_ids.device
         zero = torch.zeros((), device=device, dtype=self.dtype)
         nonfinite: list[str] = []
-        w_text, w_latent = w_text.to(device), w_latent.to(device)  # [], []
+        # [], []: 0-dim tensors (a Python float would be a constant of a compiled graph, see term_weights)
+        w_text = torch.as_tensor(w_text, dtype=torch.float32, device=device)
+        w_latent = torch.as_tensor(w_latent, dtype=torch.float32, device=device)
         t_text_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
         t_text_full = torch.ones(batch_size, device=device, dtype=self.dtype)
         t_latent_clean = torch.zeros(batch_size, device=device, dtype=self.dtype)
