@@ -214,6 +214,7 @@ def check_ramp(ctx, measure):
     draws = ctx.draws(batch, seed=67)
     config = ctx.cycle_config_for(RAMPS)
     seen = []
+    applied = {"steps": list(RAMP_STEPS), "settings": dict(RAMPS), "cycle_text": [], "cycle_latent": []}
     for step in RAMP_STEPS:
         record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
         terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
@@ -224,6 +225,8 @@ def check_ramp(ctx, measure):
             msg=lambda m, s=step, w=terms.weights: f"step {s}: the total does not follow the ramped weights {w}\n{m}",
         )
         seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
+        for term in ("cycle_text", "cycle_latent"):
+            applied[term].append(terms.weights[term])
         if step == 0 and len(record.passes) > 2:
             measure(
                 "passes_in_warmup",
@@ -231,6 +234,7 @@ def check_ramp(ctx, measure):
                 review=True,
             )
     measure("ramp_weights_text/latent", " ".join(seen))
+    measure("ramp_applied", applied, figure=True)
 
 
 def _latent_head_grad(ctx, stop_grad: bool) -> tuple[float, bool]:

@@ -131,7 +131,7 @@ def check_loads_strictly(ctx, measure):
             ) from None
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
-    measure("written_by", written_by(report))
+    measure("written_by", written_by(report), headline=True)
     if report.contents is not None:
         measure(
             "weights_from",

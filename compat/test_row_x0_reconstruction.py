@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from compat import oracle
+from compat.figure_data import x0_gain_curves
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import tol
@@ -108,6 +109,7 @@ def check_gain_at_t1(ctx, measure):
     config = ctx.cycle_config_for()
     schedule = LatentSchedule.of(config)
     gain, t = measured_gain(ctx, dict(CYCLE_TEXT_ON, latent_t_mode="full"))
+    measure("x0_gain", x0_gain_curves(schedule, float(t.max()), gain, GAIN_REVIEW, GAIN_INCOMPATIBLE), figure=True)
     ab = schedule.ab(t)
     closed = {"epsilon": ((1 - ab).sqrt() / ab.sqrt()), "v_param": (1 - ab).sqrt(), "x0": torch.ones_like(ab)}[
         schedule.parameterization
@@ -122,7 +124,7 @@ def check_gain_at_t1(ctx, measure):
             f"{schedule.parameterization}/{schedule.beta_schedule} at t = 1\n{m}"
         ),
     )
-    measure(f"{schedule.parameterization}_x0_error_gain_t1", gain)
+    measure(f"{schedule.parameterization}_x0_error_gain_t1", gain, headline=True)
     mode, w_text = str(config.loss.latent_t_mode), float(config.loss.cycle_text_weight)
     if mode not in ("full", "ones", "t1") or w_text <= 0:
         return
