@@ -64,6 +64,12 @@ _EXCEPTION_PREFIX = re.compile(r"^(?:[\w.]+\.)?(?:AssertionError|CandidateError)
 _TORCH_CLOSE_NOISE = re.compile(r"\s*(?:Scalars|Tensor-likes) are not (?:close|equal)!.*$")
 _SENTENCE_END = re.compile(r"(?<=[^\s.][^\s.])[.!?](?=\s+[A-Z(\[])")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.IGNORECASE)
+# An exception named inside a message ("raised AttributeError in its step: ...", "KeyError: ..."): the
+# innermost one is the cause, whichever check or wrapper (DDP worker, compiled run, loop) reported it.
+_TYPED = re.compile(r"\b([A-Z]\w*(?:Error|Exception|Warning))\b(?: [^:]{0,40})?: ")
+_WRAPPERS = ("AssertionError", "CandidateError")
+_LOCATION = re.compile(r" at (\S+:\d+) in (\S+)$")
+_OBJECT_OF = re.compile(r"'\w+' object")
 _RAISED = re.compile(r"^the (\w+) trainer (\S+) raised (\w+) in its (\w+): (.*?)(?: at (\S+:\d+) in (\S+))?$")
 
 
@@ -82,6 +88,8 @@ def clean_message(message: str, keep_details: bool = False) -> str:
     for i, line in enumerate(lines):
         if i > 0 and line.startswith("assert "):
             break  # pytest's rewritten comparison and its `+ where` lines follow the message
+        if i > 0 and line.startswith(("+", "where ", "and ")):
+            continue  # pytest's explanation of a bare `assert` (no message)
         kept.append(line)
     text = " ".join(" ".join(kept).split())
     text = _EXCEPTION_PREFIX.sub("", text, count=1)
@@ -122,9 +130,16 @@ def first_sentence(message: str, width: int = FINDING_WIDTH) -> str:
 
 
 def cause_key(message: str) -> str:
-    """What two failures must share to be one cause: the cleaned message with its numbers masked
-    (a batch size or a step count differs between rows, the cause does not)."""
-    return _NUMBER.sub("#", clean_message(message))
+    """What two failures must share to be one cause: the innermost exception the message names
+    (its type and message; where it was raised and the class it was raised on left out), else the
+    whole cleaned message; numbers masked (a batch size or a step count differs between rows, the
+    cause does not)."""
+    text = clean_message(message)
+    typed = [m for m in _TYPED.finditer(text) if m.group(1) not in _WRAPPERS]
+    if typed:
+        core = _LOCATION.sub("", text[typed[-1].end() :])
+        text = f"{typed[-1].group(1)}: {_OBJECT_OF.sub('#', core)}"
+    return _NUMBER.sub("#", text)
 
 
 def _format_value(value) -> str:
@@ -185,9 +200,8 @@ def _fix_for(message: str, raised: re.Match | None) -> str:
         if needle in message:
             return fix
     if raised is not None:
-        where = raised.group(6)
-        place = f" at {where}" if where else ""
-        return f"fix the {raised.group(1)} trainer's {raised.group(4)}{place}: every row listed fails on this one error"
+        place = " where it raised" if raised.group(6) else ""
+        return f"make the {raised.group(1)} trainer's {raised.group(4)} stop raising{place}: every row listed fails on this one error"
     tail = message.rsplit(": ", 1)[-1] if ": " in message else ""
     if tail.lower().startswith(_ACTION_WORDS):
         return tail.rstrip(".")
@@ -199,6 +213,7 @@ def _make_cause(number: int, message: str, rows: list[str]) -> Cause:
     if raised is not None:
         label = f"{raised.group(1)} trainer raised {raised.group(3)} in its {raised.group(4)}"
         where = f"{raised.group(6)} in {raised.group(7)}" if raised.group(6) else None
+        message = _LOCATION.sub("", message)  # said on its own line
     else:
         label, where = first_sentence(message, 60), None
     return Cause(number, message, label, where, _fix_for(message, raised), rows)
@@ -213,7 +228,9 @@ def _causes(rows: list[dict]) -> list[Cause]:
             continue
         for test in _failed(row):
             key = cause_key(test.get("message", ""))
-            message_of.setdefault(key, clean_message(test.get("message", "")))
+            message = clean_message(test.get("message", ""))
+            if key not in message_of or (_RAISED.match(message) and not _RAISED.match(message_of[key])):
+                message_of[key] = message  # prefer the trainer's own "raised X in its step" form
             if row["id"] not in rows_of.setdefault(key, []):
                 rows_of[key].append(row["id"])
     shared = [key for key, ids in rows_of.items() if len(ids) >= SHARED_CAUSE_MIN_ROWS]
@@ -252,7 +269,7 @@ def row_finding(row: dict, causes: list[Cause], problem: str | None = None) -> t
         if tests:
             reason = tests[0].get("message", reason)
         if problem and (problem in reason or not tests):
-            return shorten(f"{kind}: see the problem below"), None
+            return shorten(f"{kind}: see the problem"), None
         return shorten(f"{kind}: {reason}"), None
     if verdict == REVIEW:
         flagged = [name for t in row.get("tests", []) for name in t.get("review", [])]
@@ -317,20 +334,34 @@ def summarize(matrix: dict) -> Summary:
     return summary
 
 
+LISTED_MAX = 6  # row ids named in one part of the exit line; the rest counted
+
+
+def _names(ids: list[str]) -> str:
+    return ", ".join(ids[:LISTED_MAX]) + (f" and {len(ids) - LISTED_MAX} more" if len(ids) > LISTED_MAX else "")
+
+
 def _listed(label: str, ids: list[str]) -> str:
-    return f"{len(ids)} {label}: {', '.join(ids)}"
+    return f"{len(ids)} {label}: {_names(ids)}"
 
 
 def _exit_line(s: Summary, total: int) -> str:
     code = s.exit_code
     parts = []
+    if code == 2 and not s.incompatible:
+        unrun = s.not_run
+        if len(unrun) == total:
+            parts.append("could not check: no row ran")
+        else:
+            parts.append("could not check" + (f": {_listed('rows not run', unrun)}" if unrun else ""))
+        return "compat gate: " + "; ".join(parts) + " (exit 2)"
     if s.incompatible:
         if s.causes:
             from_causes = ", ".join(f"{len(c.rows)} from cause [{c.number}]" for c in s.causes)
             own = f"; {_listed('for another reason', s.standout)}" if s.standout else ""
             parts.append(f"{len(s.incompatible)} rows INCOMPATIBLE ({from_causes}{own})")
         else:
-            parts.append(f"INCOMPATIBLE rows: {', '.join(s.incompatible)}")
+            parts.append(f"INCOMPATIBLE rows: {_names(s.incompatible)}")
     else:
         parts.append("no incompatible row")
     if s.review:
@@ -345,8 +376,6 @@ def _exit_line(s: Summary, total: int) -> str:
     if s.not_applicable:
         parts.append(_listed("not applicable", s.not_applicable))
     tail = f" (exit {code})" if code is not None else ""
-    if code == 2 and not s.incompatible:
-        parts.insert(0, "could not check")
     return "compat gate: " + "; ".join(parts) + tail
 
 
@@ -355,11 +384,35 @@ def versions_line(context: dict) -> str:
     return context.get("versions", "")
 
 
-def render_header(context: dict, width: int = HEADER_WIDTH) -> list[str]:
-    """The setup facts, once: `label  value` lines wrapped to `width`."""
+def setup_facts(context: dict, compact: bool) -> list[tuple[str, str]]:
+    """(label, value) of the setup, in HEADER_FACTS order. Compact (the terminal): the trainers
+    without their step/draws protocol, data and batch on one line, no vocabulary and no timings
+    but the wall time (--verbose and the page have them all).
+
+    Args:
+        context: the matrix's context.
+        compact: the terminal's short form.
+    """
     known = {key for key, _ in HEADER_FACTS}
-    facts = [(label, context[key]) for key, label in HEADER_FACTS if context.get(key)]
-    facts += [(key, value) for key, value in context.items() if key not in known and key != "setup seconds" and value]
+    facts = [(label, str(context[key])) for key, label in HEADER_FACTS if context.get(key)]
+    facts += [(key, str(value)) for key, value in context.items() if key not in known and value]
+    if not compact:
+        return facts
+    out = []
+    for label, value in facts:
+        if label in ("vocabulary", "setup seconds", "batch"):
+            continue
+        if label.endswith("trainer"):
+            value = value.split("; ", 1)[0]  # the class and its file @ commit; the protocol is in the page
+        if label == "data" and context.get("batch"):
+            value = f"{value}, batch {context['batch']}"
+        out.append((label, value))
+    return out
+
+
+def render_header(context: dict, width: int = HEADER_WIDTH, compact: bool = True) -> list[str]:
+    """The setup facts, once: `label  value` lines wrapped to `width`."""
+    facts = setup_facts(context, compact)
     label_w = max([len(label) for label, _ in facts] + [10])
     lines = []
     for label, value in facts:
@@ -448,7 +501,8 @@ def render_terminal(matrix: dict, verbose: bool = False) -> str:
         verbose: also print every row's full measured text.
     """
     summary = summarize(matrix)
-    lines = ["compat matrix: stable vs cycle trainer", *render_header(matrix.get("context", {})), ""]
+    context = matrix.get("context", {})
+    lines = ["compat matrix: stable vs cycle trainer", *render_header(context, compact=not verbose), ""]
     causes = render_causes(summary)
     if causes:
         lines += [*causes, ""]
@@ -510,6 +564,7 @@ h1{font-size:22px;margin:0 0 6px} h2{font-size:18px;margin:28px 0 8px}
 .exit-2{background:#fff4d6;border-color:#8a6100}
 dl.setup{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;font-size:13px;margin:12px 0;color:#333}
 dl.setup dt{font-weight:600} dl.setup dd{margin:0;word-break:break-word}
+details.setup-more{font-size:13px;margin:-6px 0 10px} details.setup-more summary{color:#1a4d8f;cursor:pointer}
 .problem,.cause{border-left:6px solid #b3261e;background:#fdf1f0;padding:8px 12px;margin:10px 0;font-size:14px}
 .problem{border-color:#8a6100;background:#fff8e6}
 table.matrix{border-collapse:collapse;width:100%;font-size:14px}
@@ -548,11 +603,11 @@ def _html_header(matrix: dict, summary: Summary) -> list[str]:
         '<dl class="setup">',
     ]
     context = matrix.get("context", {})
-    known = {key for key, _ in HEADER_FACTS}
-    facts = [(label, context[key]) for key, label in HEADER_FACTS if context.get(key)]
-    facts += [(k, v) for k, v in context.items() if k not in known and v]
-    out += [f"<dt>{_e(label)}</dt><dd>{_e(value)}</dd>" for label, value in facts]
-    out += ["</dl>", "</header>"]
+    top = dict(setup_facts(context, compact=True))
+    out += [f"<dt>{_e(label)}</dt><dd>{_e(value)}</dd>" for label, value in top.items()]
+    out += ["</dl>", '<details class="setup-more"><summary>the whole setup</summary><dl class="setup">']
+    out += [f"<dt>{_e(label)}</dt><dd>{_e(value)}</dd>" for label, value in setup_facts(context, compact=False)]
+    out += ["</dl></details>", "</header>"]
     error = matrix.get("problem") or matrix.get("input_error")
     if error:
         out.append(
@@ -568,6 +623,14 @@ def _html_header(matrix: dict, summary: Summary) -> list[str]:
     return out
 
 
+def _finding_html(finding: str, cause: int | None) -> str:
+    """The finding; a shared cause's number links to where the cause is said."""
+    if cause is None:
+        return _e(finding)
+    tag = f"[cause {cause}]"
+    return f'<a href="#cause-{cause}">{_e(tag)}</a>{_e(finding.removeprefix(tag))}'
+
+
 def _check_rows(row: dict) -> list[str]:
     out = ['<table class="checks"><tr><th>check</th><th>status</th><th>measured / message</th><th>test</th></tr>']
     for t in row.get("tests", []):
@@ -580,7 +643,7 @@ def _check_rows(row: dict) -> list[str]:
         nodeid = t.get("nodeid", "")
         path, _, test = nodeid.partition("::")
         out.append(
-            f'<tr><td>{_e(_check_name(t))}</td><td class="st-{_e(t.get("outcome", ""))}">{_e(status)}</td>'
+            f'<tr class="check"><td>{_e(_check_name(t))}</td><td class="st-{_e(t.get("outcome", ""))}">{_e(status)}</td>'
             f'<td class="measured">{cell}</td><td><code>{_e(path)}</code><br><code>{_e(test)}</code></td></tr>'
         )
     out.append("</table>")
@@ -633,11 +696,18 @@ def render_html(matrix: dict, figures: list | None = None) -> str:
             f"<td>{_e(r['cycle'])}</td>",
             f'<td class="verdict"><span class="badge" aria-label="verdict {_e(r["verdict"])}">'
             f'<span aria-hidden="true">{symbol} </span>{_e(r["verdict"])}</span></td>',
-            f'<td class="finding">{_e(summary.findings[r["id"]])}',
-            f"<details><summary>{n} check{'s' if n != 1 else ''}{f' ({tally})' if tally else ''}</summary>{links}",
-            *_check_rows(r),
-            f"<p>all measured: <code>{_e(r.get('measured') or '-')}</code></p>" if r.get("measured") else "",
-            "</details></td></tr>",
+            f'<td class="finding">{_finding_html(summary.findings[r["id"]], summary.cause_of.get(r["id"]))}',
+            *(
+                [
+                    f"<details><summary>{n} check{'s' if n != 1 else ''} ({tally})</summary>{links}",
+                    *_check_rows(r),
+                    f"<p>all measured: <code>{_e(r.get('measured') or '-')}</code></p>" if r.get("measured") else "",
+                    "</details>",
+                ]
+                if n
+                else []
+            ),
+            "</td></tr>",
         ]
     out.append("</tbody></table>")
     out.append('<h2 id="figures">Figures</h2>')

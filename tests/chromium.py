@@ -57,7 +57,7 @@ PAGE_FACTS_JS = """
       badge: tr.querySelector('.badge').innerText.trim(),
       badge_label: tr.querySelector('.badge').getAttribute('aria-label'),
       finding: tr.querySelector('td.finding').firstChild.textContent.trim(),
-      checks: tr.querySelectorAll('table.checks tr').length - 1,
+      checks: tr.querySelectorAll('table.checks tr.check').length,
       ...box(tr)})),
     images: images.map((img, i) => ({
       figure: (img.closest('figure') || {}).id || null,
