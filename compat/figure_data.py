@@ -31,11 +31,13 @@ def _finite(value) -> float | None:
 
 
 def trajectory_steps(stable, cycle) -> dict:
-    """Per-step losses and gradient norms of the stable and cycle loop runs (`Trajectory`s)."""
+    """Per-step losses and gradient norms of the stable and cycle loop runs (`Trajectory`s), and
+    the loss type each trained with (a sequential stable run alternates l2t and t2l steps)."""
     return {
         kind: {
             "losses": [_finite(v) for v in run.losses],
             "grad_norms": [_finite(v) for v in run.grad_norms],
+            "mode": str(run.config.loss.get("loss_type", "")) if getattr(run, "config", None) is not None else "",
         }
         for kind, run in (("stable", stable), ("cycle", cycle))
     }
@@ -82,9 +84,9 @@ def parameter_reach(reached: Iterable[str], model: torch.nn.Module) -> dict[str,
     reached = set(reached)
     out = {g: [0, 0] for g in GROUPS}
     for name, _ in model.named_parameters():
-        group = parameter_group(name)
-        out[group][1] += 1
-        out[group][0] += name in reached
+        counts = out.setdefault(parameter_group(name), [0, 0])
+        counts[1] += 1
+        counts[0] += name in reached
     return out
 
 

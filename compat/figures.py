@@ -110,6 +110,12 @@ def draw_trajectories(data: dict):
     caption = (
         "Per-step training loss and gradient norm of the stable and the cycle run through the real loop"
         + (", with the golden file's values (x) and its tolerance band" if golden else "")
+        + (
+            f" (the stable run trains in {steps['stable']['mode']} mode: its l2t and t2l steps alternate, hence the "
+            "zigzag on a log scale; the cycle run's loss is its weighted total)"
+            if steps.get("stable", {}).get("mode") == "sequential"
+            else ""
+        )
         + ". Look for: the two runs starting together and no gradient-norm spike in the cycle run"
         + ("; golden crosses on the lines (numerics unchanged)" if golden else "")
         + (

@@ -2,7 +2,7 @@
 
     python -m compat [--checkpoint CKPT] [--stable-config YAML] [--cycle-config YAML]
                      [--data-tokens DIR --data-latents DIR] [--device cpu|cuda]
-                     [--report DIR] [--kill-table] [-- extra pytest args]
+                     [--report DIR] [--verbose] [--kill-table] [-- extra pytest args]
 
 Exit codes (the same for `pytest compat/`):
   0  every applicable row ran and none is INCOMPATIBLE
@@ -501,7 +501,9 @@ def _report_folder(argv: list[str] | None) -> str:
     return known.report
 
 
-def _stop(folder: str, error: GateInputError, started: float, options: CompatOptions | None = None) -> int:
+def _stop(
+    folder: str, error: GateInputError, started: float, options: CompatOptions | None = None, verbose: bool = False
+) -> int:
     """Exit 2 before pytest runs: the matrix written with every row NOT RUN, the problem block."""
     collector = MatrixCollector()
     collector.input_error = error
@@ -512,7 +514,7 @@ def _stop(folder: str, error: GateInputError, started: float, options: CompatOpt
         EXIT_CANNOT_CHECK,
     )
     paths = write_report_files(folder, matrix)
-    print(render_terminal(matrix))
+    print(render_terminal(matrix, verbose=verbose))
     print(f"\nwrote {paths['html']} (the page), {paths['markdown'].name} and {paths['json'].name}")
     print(render_problem_block(matrix), file=sys.stderr)
     return EXIT_CANNOT_CHECK
@@ -531,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_options(options)
     except GateInputError as error:
-        return _stop(args.report, error, started, options)
+        return _stop(args.report, error, started, options, args.verbose)
     quiet_progress = args.quiet or args.verbose  # --verbose shows pytest's own progress and output
     collector = MatrixCollector(args.report, progress=None if quiet_progress else sys.stdout, gate_mode=True)
     pytest_output = io.StringIO()

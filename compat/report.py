@@ -200,8 +200,8 @@ def _fix_for(message: str, raised: re.Match | None) -> str:
         if needle in message:
             return fix
     if raised is not None:
-        place = " where it raised" if raised.group(6) else ""
-        return f"make the {raised.group(1)} trainer's {raised.group(4)} stop raising{place}: every row listed fails on this one error"
+        place = " at that line" if raised.group(6) else ""
+        return f"fix the {raised.group(1)} trainer's {raised.group(4)}{place}: every row listed fails on this one error"
     tail = message.rsplit(": ", 1)[-1] if ": " in message else ""
     if tail.lower().startswith(_ACTION_WORDS):
         return tail.rstrip(".")
@@ -428,7 +428,7 @@ def render_causes(summary: Summary, width: int = HEADER_WIDTH) -> list[str]:
         return []
     n_rows = sum(len(c.rows) for c in summary.causes)
     head = "1 cause" if len(summary.causes) == 1 else f"{len(summary.causes)} causes"
-    lines = [f"{head} made {n_rows} rows INCOMPATIBLE (each said once here):"]
+    lines = [f"{head} made {n_rows} rows INCOMPATIBLE (said once here):"]
     for c in summary.causes:
         lines += textwrap.wrap(c.message, width, initial_indent=f"  [{c.number}] ", subsequent_indent="      ")
         if c.where:
