@@ -237,10 +237,12 @@ def draw_x0_gain(data: dict):
     ax.annotate(
         f"measured through the trainer: {point['gain']:.3g}x at t = {point['t']:.3g}",
         (point["t"], point["gain"]),
-        xytext=(-12, 14),
+        xytext=(-16, 0),  # left of the circle: clear of the title whatever the gain
         textcoords="offset points",
         ha="right",
+        va="center",
         fontsize=9,
+        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#999", "alpha": 0.9},
     )
     ax.set_xlabel("latent timestep t", fontsize=10)
     ax.set_ylabel("x0 error gain |dx0 / d prediction|", fontsize=10)

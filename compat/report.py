@@ -126,7 +126,29 @@ def first_sentence(message: str, width: int = FINDING_WIDTH) -> str:
     end = _SENTENCE_END.search(text)
     if end is not None:
         text = text[: end.start()]
-    return shorten(text.rstrip("."), width)
+    text = text.rstrip(".")
+    if len(text) <= width:
+        return text
+    return _claim_and_action(text, width) or shorten(text, width)
+
+
+_LEADING_CLAUSE = re.compile(r"^(?:with|when|if|under|in|at) [^,]{0,80}, ", re.IGNORECASE)
+ACTION_WIDTH = 45
+
+
+def _claim_and_action(text: str, width: int) -> str | None:
+    """A long "claim: action" sentence kept as both: the action's first clause, and the claim
+    without a leading condition ("with X and Y, ..."; the header says the setup); None when the
+    sentence has no action or the claim would lose more than its tail."""
+    claim, sep, action = text.rpartition(": ")
+    if not sep or not action.lower().startswith(_ACTION_WORDS):
+        return None
+    action = shorten(re.split(r",? or |; ", action, maxsplit=1)[0], ACTION_WIDTH)
+    claim = _LEADING_CLAUSE.sub("", claim)
+    budget = width - len(action) - 2
+    if budget < width // 2:
+        return None
+    return f"{shorten(claim, budget)}: {action}"
 
 
 def cause_key(message: str) -> str:

@@ -148,12 +148,16 @@ def test_ok_row_finding_is_its_headline_else_its_first_value_past_the_control():
 @pytest.mark.parametrize(
     "message, finding",
     [
+        (X0, "cycle_text conditions on x0 whose error is amplified 6.4e4x at t = 1 (epsilon, cosine): use v_param"),
         (
-            X0,
-            "cycle_text conditions on x0 whose error is amplified 6.4e4x at t = 1 (epsilon, cosine): use v_param or x0 parameterization, or cycle_text_weight=0"[
-                :97
-            ]
-            + "...",
+            "with latent_t_mode=full and cycle_text_weight=1.0, cycle_text conditions on x0 whose error is amplified "
+            "6.42e+04x (epsilon, cosine): use v_param or x0 parameterization, or cycle_text_weight=0",
+            "cycle_text conditions on x0 whose error is amplified 6.42e+04x (epsilon, cosine): use v_param",
+        ),
+        (
+            "after 6 steps the cycle run's base t2l loss is 0.5 against the stable continuation's 0.1, far above the "
+            "limit of the row, so that fine-tuning with this trainer and config undoes the pretraining",
+            "after 6 steps the cycle run's base t2l loss is 0.5 against the stable continuation's 0.1, far...",
         ),
         (
             "AssertionError: full mode: the T2L prediction differs from stable t2l's on the same batch and noise\n"
@@ -172,15 +176,21 @@ def test_ok_row_finding_is_its_headline_else_its_first_value_past_the_control():
         ),
         ("RuntimeError: e.g. a shape mismatch. Second sentence", "RuntimeError: e.g. a shape mismatch"),
     ],
-    ids=["long-cut-at-a-word", "tensor-block", "scalar-block", "bare-assert", "candidate-error", "two-sentences"],
+    ids=[
+        "claim-and-action",
+        "leading-condition-dropped",
+        "long-cut-at-a-word",
+        "tensor-block",
+        "scalar-block",
+        "bare-assert",
+        "candidate-error",
+        "two-sentences",
+    ],
 )
 def test_first_sentence_drops_pytest_noise(message, finding):
     got = first_sentence(message)
     assert len(got) <= FINDING_WIDTH
-    if finding.endswith("..."):
-        assert got.endswith("...") and finding[:60] in got, got
-    else:
-        assert got == finding
+    assert got == finding
 
 
 def test_clean_message_keeps_torch_details_only_when_asked():
