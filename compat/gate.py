@@ -403,13 +403,6 @@ def write_report(
     return write_report_files(folder, matrix_of(rows, context, collector, code))
 
 
-def render_text(rows: list[RowResult], width: int = 60) -> str:
-    """Every row's full measured text (the --verbose table), from row results."""
-    from compat.report import render_measured
-
-    return render_measured({"rows": [asdict(r) for r in rows]}, width)
-
-
 def installed_versions_line() -> str:
     """torch, mmdit, hyper-connections and x-transformers as installed (read without importing them)."""
     found = []
