@@ -32,7 +32,11 @@ def _finite(value) -> float | None:
 
 def trajectory_steps(stable, cycle) -> dict:
     """Per-step losses and gradient norms of the stable and cycle loop runs (`Trajectory`s), and
-    the loss type each trained with (a sequential stable run alternates l2t and t2l steps)."""
+    the loss type each trained with (a sequential stable run alternates l2t and t2l steps).
+
+    Args:
+        stable, cycle: the two runs (anything with `losses`, `grad_norms` and optionally `config`).
+    """
     return {
         kind: {
             "losses": [_finite(v) for v in run.losses],
@@ -78,7 +82,12 @@ def x0_gain_curves(
 
 
 def parameter_reach(reached: Iterable[str], model: torch.nn.Module) -> dict[str, list[int]]:
-    """{group: [parameter tensors reached, parameter tensors in the group]} for text / latent / shared."""
+    """{group: [parameter tensors reached, parameter tensors in the group]} for text / latent / shared.
+
+    Args:
+        reached: names of the parameters that got a non-zero gradient.
+        model: the model they belong to.
+    """
     from latentDLM_mmdit.improved_trainer_stable import parameter_group
 
     reached = set(reached)
@@ -92,7 +101,13 @@ def parameter_reach(reached: Iterable[str], model: torch.nn.Module) -> dict[str,
 
 def weight_schedule(loss: Mapping, checked_step: int | None, checked: Mapping[str, float]) -> dict:
     """The cycle weights the config gives at each step (`oracle.ramp`, past the end of both ramps)
-    and the step at which the trainer's loss was shown to follow them."""
+    and the step at which the trainer's loss was shown to follow them.
+
+    Args:
+        loss: the cycle config's `loss` section.
+        checked_step: the step the row ran the trainer at (None: the trainer takes no step).
+        checked: the weights its loss was shown to follow there.
+    """
     ends = [int(loss[f"{t}_warmup_steps"]) + int(loss[f"{t}_ramp_steps"]) for t in TERMS]
     last = max(10, int(max(ends) * 1.25) + 2)
     steps = list(range(last + 1))
@@ -116,7 +131,13 @@ def weight_schedule(loss: Mapping, checked_step: int | None, checked: Mapping[st
 
 
 def golden_band(runs: Mapping, rtol: float, atol: float, path) -> dict:
-    """The golden file's per-step losses and gradient norms of both runs, with its margins."""
+    """The golden file's per-step losses and gradient norms of both runs, with its margins.
+
+    Args:
+        runs: the golden file's `runs`.
+        rtol, atol: its comparison margins.
+        path: the file.
+    """
     return {
         "file": str(path),
         "rtol": float(rtol),

@@ -34,7 +34,11 @@ class Figure:
 
 
 def figure_inputs(matrix: dict) -> dict[str, dict]:
-    """{row id: {figure name: data}} from every check of every row."""
+    """{row id: {figure name: data}} from every check of every row.
+
+    Args:
+        matrix: compat-matrix.json as a dict.
+    """
     out: dict[str, dict] = {}
     for row in matrix.get("rows", []):
         for test in row.get("tests", []):
@@ -69,6 +73,13 @@ def _values(seq) -> list[float]:
 
 # -- one function per figure: (data of its row) -> (fig, caption) or None ----------------------------
 def draw_trajectories(data: dict):
+    """Loss and gradient norm per step of both loop runs, and the held-out base losses.
+
+    Args:
+        data: the trajectories row's figure data (`steps`, `base_losses`, `golden`).
+    Returns:
+        (matplotlib figure, caption), or None without the data.
+    """
     steps = data.get("steps")
     if not steps:
         return None
@@ -154,6 +165,13 @@ def _draw_base_rises(ax, base: dict) -> None:
 
 
 def draw_t2l_timesteps(data: dict):
+    """Histogram of the latent timesteps the noised passes were given, stable against cycle.
+
+    Args:
+        data: the t2l_latent_timestep row's figure data.
+    Returns:
+        (matplotlib figure, caption), or None without the data.
+    """
     stable = data.get("stable_latent_t")
     cycle = data.get("cycle_latent_t")
     if stable is None and cycle is None:
@@ -210,6 +228,13 @@ def draw_t2l_timesteps(data: dict):
 
 
 def draw_x0_gain(data: dict):
+    """The x0 error gain against t per parameterization, and the measured point.
+
+    Args:
+        data: the x0_reconstruction row's figure data (`x0_gain`).
+    Returns:
+        (matplotlib figure, caption), or None without the data.
+    """
     gain = data.get("x0_gain")
     if not gain:
         return None
@@ -258,6 +283,13 @@ def draw_x0_gain(data: dict):
 
 
 def draw_gradient_flow(data: dict):
+    """For each loss term, the parameter tensors of each group it sends gradient to.
+
+    Args:
+        data: the gradient_flow row's figure data (`reach_stable_*`, `reach_cycle`).
+    Returns:
+        (matplotlib figure, caption), or None without the data.
+    """
     cycle = data.get("reach_cycle") or {}
     stable = {mode: data[f"reach_stable_{mode}"] for mode in ("l2t", "t2l") if data.get(f"reach_stable_{mode}")}
     if not cycle and not stable:
@@ -309,6 +341,14 @@ def _rect(x: float, y: float, color: str, alpha: float, hatch: str = ""):
 
 
 def draw_cycle_weights(config: dict | None, applied: dict | None):
+    """The cycle weights per step: the config's schedule, and the row's test ramp as applied.
+
+    Args:
+        config: recommended_settings' `config_weights`, if recorded.
+        applied: cycle_terms' `ramp_applied`, if recorded.
+    Returns:
+        (matplotlib figure, caption), or None without either.
+    """
     if not config and not applied:
         return None
     panels = [p for p in (config, applied) if p]
@@ -356,6 +396,13 @@ def draw_cycle_weights(config: dict | None, applied: dict | None):
 
 
 def draw_resources(data: dict):
+    """Stacked memory parts of one step, stable against cycle.
+
+    Args:
+        data: the resources row's figure data (`memory`: {"stable": {part: bytes}, "cycle": {...}}).
+    Returns:
+        (matplotlib figure, caption), or None without the data.
+    """
     memory = data.get("memory")
     if not memory:
         return None

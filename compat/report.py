@@ -155,7 +155,11 @@ def cause_key(message: str) -> str:
     """What two failures must share to be one cause: the innermost exception the message names
     (its type and message; where it was raised and the class it was raised on left out), else the
     whole cleaned message; numbers masked (a batch size or a step count differs between rows, the
-    cause does not)."""
+    cause does not).
+
+    Args:
+        message: a failed check's message.
+    """
     text = clean_message(message)
     typed = [m for m in _TYPED.finditer(text) if m.group(1) not in _WRAPPERS]
     if typed:
@@ -402,10 +406,6 @@ def _exit_line(s: Summary, total: int) -> str:
 
 
 # -- terminal ----------------------------------------------------------------------------------------
-def versions_line(context: dict) -> str:
-    return context.get("versions", "")
-
-
 def setup_facts(context: dict, compact: bool) -> list[tuple[str, str]]:
     """(label, value) of the setup, in HEADER_FACTS order. Compact (the terminal): the trainers
     without their step/draws protocol, data and batch on one line, no vocabulary and no timings
@@ -433,7 +433,13 @@ def setup_facts(context: dict, compact: bool) -> list[tuple[str, str]]:
 
 
 def render_header(context: dict, width: int = HEADER_WIDTH, compact: bool = True) -> list[str]:
-    """The setup facts, once: `label  value` lines wrapped to `width`."""
+    """The setup facts, once: `label  value` lines wrapped to `width`.
+
+    Args:
+        context: the matrix's context.
+        width: the widest line.
+        compact: the terminal's short form (`setup_facts`).
+    """
     facts = setup_facts(context, compact)
     label_w = max([len(label) for label, _ in facts] + [10])
     lines = []
@@ -445,7 +451,12 @@ def render_header(context: dict, width: int = HEADER_WIDTH, compact: bool = True
 
 
 def render_causes(summary: Summary, width: int = HEADER_WIDTH) -> list[str]:
-    """Each shared cause once: its message, where it was raised, its fix and the rows it failed."""
+    """Each shared cause once: its message, where it was raised, its fix and the rows it failed.
+
+    Args:
+        summary: `summarize`'s result.
+        width: the widest line.
+    """
     if not summary.causes:
         return []
     n_rows = sum(len(c.rows) for c in summary.causes)
@@ -465,7 +476,12 @@ def render_causes(summary: Summary, width: int = HEADER_WIDTH) -> list[str]:
 
 
 def render_rows(matrix: dict, summary: Summary) -> list[str]:
-    """One line per row (id, verdict, finding); rows not selected by -k on one line at the end."""
+    """One line per row (id, verdict, finding); rows not selected by -k on one line at the end.
+
+    Args:
+        matrix: compat-matrix.json as a dict.
+        summary: `summarize(matrix)`.
+    """
     rows = matrix.get("rows", [])
     shown = [r for r in rows if r["id"] not in summary.not_selected]
     id_w = max([len(r["id"]) for r in rows] + [3])
@@ -487,7 +503,11 @@ def render_rows(matrix: dict, summary: Summary) -> list[str]:
 
 
 def render_problem_block(matrix: dict) -> str | None:
-    """The exit-2 block (problem and fix), for stderr; None when the run had no input problem."""
+    """The exit-2 block (problem and fix), for stderr; None when the run had no problem.
+
+    Args:
+        matrix: compat-matrix.json as a dict.
+    """
     error = matrix.get("problem") or matrix.get("input_error")
     if not error:
         return None
@@ -501,7 +521,12 @@ def render_problem_block(matrix: dict) -> str | None:
 
 
 def render_measured(matrix: dict, width: int = 60) -> str:
-    """Every row's full measured text (the gate's --verbose table)."""
+    """Every row's full measured text (the gate's --verbose table).
+
+    Args:
+        matrix: compat-matrix.json as a dict.
+        width: the measured column's width.
+    """
     rows = matrix.get("rows", [])
     id_w = max([22] + [len(r["id"]) for r in rows])
     topic_w = max([34] + [len(r["topic"]) for r in rows])
@@ -541,7 +566,11 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(matrix: dict) -> str:
     """compat-matrix.md: the setup, the matrix as the review lays it out (topic, stable, cycle,
-    verdict, finding), the shared causes, the exit line and every row's measured values."""
+    verdict, finding), the shared causes, the exit line and every row's measured values.
+
+    Args:
+        matrix: compat-matrix.json as a dict.
+    """
     summary = summarize(matrix)
     out = ["# Compatibility matrix: stable vs cycle trainer", ""]
     out += [f"- {k}: {v}" for k, v in matrix.get("context", {}).items()]
@@ -752,7 +781,11 @@ def render_html(matrix: dict, figures: list | None = None) -> str:
 # -- files -------------------------------------------------------------------------------------------
 def annotate(matrix: dict) -> dict:
     """The matrix with each row's finding and the summary (causes, counts, exit line) added, as
-    compat-matrix.json stores them for machine readers."""
+    compat-matrix.json stores them for machine readers.
+
+    Args:
+        matrix: the matrix (`compat.gate.matrix_of`), changed in place and returned.
+    """
     summary = summarize(matrix)
     for r in matrix.get("rows", []):
         r["finding"] = summary.findings[r["id"]]
@@ -791,8 +824,12 @@ def write_report(folder: str | Path, matrix: dict, html_page: bool = True) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Renders a saved compat-matrix.json again: the summary on stdout, and the page with --html."""
-    parser = argparse.ArgumentParser(prog="python -m compat.report", description=main.__doc__)
+    """Renders a saved compat-matrix.json again: the summary on stdout, and the page with --html.
+
+    Args:
+        argv: the command line (default: sys.argv[1:]).
+    """
+    parser = argparse.ArgumentParser(prog="python -m compat.report", description=main.__doc__.split("\n")[0])
     parser.add_argument("matrix", help="a compat-matrix.json written by the gate")
     parser.add_argument("--verbose", action="store_true", help="also print every row's full measured text")
     parser.add_argument("--html", metavar="DIR", help="write compat-matrix.md and index.html to DIR")

@@ -406,3 +406,26 @@ def test_one_exception_reported_through_different_wrappers_is_one_cause():
     cause = summary.causes[0]
     assert cause.message == f"the cycle trainer CycleTrainer raised AttributeError in its step: {core}"
     assert cause.where == "/x/train_cycle.py:57 in forward" and summary.standout == ["cycle_terms"]
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"rows": 3}'], ids=["missing", "not-json", "no-rows"])
+def test_rendering_a_file_that_is_not_a_matrix_says_so(tmp_path, capsys, content):
+    from compat.report import main
+
+    path = tmp_path / "compat-matrix.json"
+    if content is not None:
+        path.write_text(content)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compat.report: cannot read {path} as a compat matrix") and "Traceback" not in err
+
+
+def test_rendering_a_saved_matrix_again(tmp_path, capsys):
+    from compat.report import main
+
+    path = tmp_path / "compat-matrix.json"
+    path.write_text(json.dumps(matrix({"x0_reconstruction": [failed("gain_at_t1", X0)]}, 1, default=all_ok)))
+    assert main([str(path), "--html", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "compat gate: INCOMPATIBLE rows: x0_reconstruction (exit 1)" in out
+    assert (tmp_path / "again" / "index.html").read_text().count('class="row ') == len(ROWS)
