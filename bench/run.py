@@ -21,6 +21,9 @@ Figures:
   checkpoint_save  the training loop's crash-safe checkpoint pair (temporaries fsynced, train
                    state published first, weights last, directory fsynced) / the same two files
                    written with a rename each and no fsync, round robin  (target <= 1.5)
+  report_render    the report (compat-matrix.json, .md, index.html with every figure) written from a
+                   saved matrix in a fresh process, matplotlib's import included, median of 3 runs /
+                   3 s: what the report adds to the gate's wall time (target <= 1.0)
   teeth            (only with --only teeth) mutants killed by `pytest compat/` / mutants judged,
                    mutmut over the trainers and the loss, diffusion and masking code, see
                    bench/teeth.py                                     (target >= 0.90)
@@ -247,6 +250,41 @@ def step_cost_figures(small: bool) -> list[str]:
     ]
 
 
+# -- report rendering --------------------------------------------------------------------------------
+REPORT_MATRIX = REPO / "bench" / "data" / "report_matrix.json"  # a full default gate run's matrix
+REPORT_BUDGET_S = 3.0
+_RENDER = (
+    "import json, sys, time\n"
+    "started = time.perf_counter()\n"
+    "from compat.report import write_report\n"
+    "paths = write_report(sys.argv[2], json.loads(open(sys.argv[1]).read()))\n"
+    "print(time.perf_counter() - started, paths['html'].stat().st_size)\n"
+)
+
+
+def report_figure(workdir: Path, matrix: Path | None = None, runs: int = 3) -> list[str]:
+    """Seconds to write the report from a saved compat-matrix.json (fresh process each run)."""
+    matrix = matrix or REPORT_MATRIX
+    seconds, size = [], 0
+    for i in range(runs):
+        proc = subprocess.run(
+            [sys.executable, "-c", _RENDER, str(matrix), str(workdir / f"report-{i}")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"rendering {matrix} failed: {proc.stderr[-2000:]}")
+        took, size = proc.stdout.split()
+        seconds.append(float(took))
+    median = statistics.median(seconds)
+    detail = (
+        f"{median:.2f} s (runs {', '.join(f'{s:.2f}' for s in seconds)}), index.html {int(size) / 1024:.0f} KiB, "
+        f"from {matrix.name}"
+    )
+    return [line("report_render", median / REPORT_BUDGET_S, "target <= 1.0", detail, median <= REPORT_BUDGET_S)]
+
+
 # -- compat suite wall time --------------------------------------------------------------------------
 def suite_figure() -> list[str]:
     started = time.perf_counter()
@@ -390,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
     parser.add_argument(
         "--only",
-        choices=["gate", "step", "suite", "plugin", "save", "loader", "teeth"],
+        choices=["gate", "step", "suite", "plugin", "save", "loader", "report", "teeth"],
         action="append",
         help="run only these figures (repeatable); teeth (the mutation score, bench/teeth.py) runs only when named",
     )
@@ -409,9 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         help="teeth: run N mutants drawn uniformly at random (seeded) and state the score's 95%% interval",
     )
     parser.add_argument("--teeth-seed", type=int, default=0, help="teeth: the sample's seed (default 0)")
+    parser.add_argument(
+        "--report-matrix",
+        default=None,
+        metavar="JSON",
+        help="report: the compat-matrix.json to render (default: bench/data/report_matrix.json, a default gate run)",
+    )
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader"])
+    selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader", "report"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(
@@ -428,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
 
         lines += loader_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
+    if "report" in selected:
+        matrix = Path(args.report_matrix) if args.report_matrix else None
+        if matrix is not None and not matrix.is_file():
+            print(f"bench: --report-matrix {matrix}: no such file", file=sys.stderr)
+            return 2
+        lines += report_figure(workdir, matrix)
+        print(lines[-1], flush=True)
     if "suite" in selected:
         lines += suite_figure()
         print(lines[-1], flush=True)

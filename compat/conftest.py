@@ -14,7 +14,7 @@ import time
 import pytest
 
 from compat.options import OPTIONS, CompatOptions
-from compat.outcomes import EXIT_CANNOT_CHECK, GateInputError, cannot_check
+from compat.outcomes import EXIT_CANNOT_CHECK, FIGURE_PREFIX, HEADLINE, GateInputError, cannot_check
 from compat.rows import REVIEW, ROWS_BY_ID
 
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
@@ -45,7 +45,7 @@ def pytest_configure(config):
         # Plain `pytest compat/`: the matrix goes into --junitxml as suite properties, and with
         # --compat-report DIR it is written and printed too (the gate registers its own collector).
         config.pluginmanager.register(
-            MatrixCollector(report_folder=config.getoption("--compat-report"), sets_exit_status=True),
+            MatrixCollector(report_folder=config.getoption("--compat-report")),
             "compat-matrix-report",
         )
     config.addinivalue_line("markers", "compat_row(id): ties a test to a row of the compatibility matrix")
@@ -113,14 +113,27 @@ def _plain(value):
 
 @pytest.fixture
 def measure(request):
-    """measure(name, value, review=False): a measured value for the matrix (a junitxml property
-    `measured.<name>`); review=True marks a measured risk that does not break compatibility
-    (verdict REVIEW)."""
+    """measure(name, value, review=False, headline=False, figure=False): a measured value for the
+    matrix (a junitxml property `measured.<name>`).
 
-    def record(name: str, value, review: bool = False) -> None:
+    Args (of the returned function):
+        name: the value's name in the matrix.
+        value: a number, string or anything JSON can hold.
+        review: a measured risk that does not break compatibility (verdict REVIEW).
+        headline: the value that sums up the row when it is OK (its finding in the summary).
+        figure: `value` is the data of one of the report's figures (`compat.figures`): kept as JSON
+            in compat-matrix.json (`figure.<name>`), not in the measured text.
+    """
+
+    def record(name: str, value, review: bool = False, headline: bool = False, figure: bool = False) -> None:
+        if figure:
+            request.node.user_properties.append((f"{FIGURE_PREFIX}{name}", json.dumps(value, default=float)))
+            return
         request.node.user_properties.append((f"measured.{name}", _plain(value)))
         if review:
             request.node.user_properties.append((REVIEW.lower(), name))
+        if headline:
+            request.node.user_properties.append((HEADLINE, name))
 
     return record
 
@@ -134,6 +147,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         )
 
 
+def session_exit_status(exitstatus, error: GateInputError | None) -> int:
+    """The exit status `pytest compat/` ends with: pytest's, or 2 when the inputs could not be used
+    and nothing failed (`pytest_sessionfinish` below sets it)."""
+    if error is not None and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        return EXIT_CANNOT_CHECK
+    return int(exitstatus)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     error = session.config.stash.get(INPUT_ERROR_KEY, None)
@@ -144,5 +165,4 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line("")
         reporter.write_line(f"compat: could not check: {error.problem}", red=True)
         reporter.write_line(f"compat: fix: {error.fix}")
-    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        session.exitstatus = EXIT_CANNOT_CHECK
+    session.exitstatus = session_exit_status(exitstatus, error)

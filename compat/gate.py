@@ -2,25 +2,28 @@
 
     python -m compat [--checkpoint CKPT] [--stable-config YAML] [--cycle-config YAML]
                      [--data-tokens DIR --data-latents DIR] [--device cpu|cuda]
-                     [--report DIR] [--kill-table] [-- extra pytest args]
+                     [--report DIR] [--verbose] [--kill-table] [-- extra pytest args]
 
 Exit codes (the same for `pytest compat/`):
   0  every applicable row ran and none is INCOMPATIBLE
   1  at least one row is INCOMPATIBLE
   2  the gate could not check: a usage error, an unreadable or unsafe checkpoint, a bad config or
      bad data, a device that is not there, or a row that should have run did not
-The matrix (Markdown and JSON, default folder `compat-report/`) is written in every case; rows that
-could not run are NOT RUN with the reason, and a short block at the end says what to do.
+The matrix (compat-matrix.json, compat-matrix.md and the page index.html with its figures, default
+folder `compat-report/`) is written in every case; rows that could not run are NOT RUN with the
+reason, and a short block at the end says what to do. The terminal shows a summary that fits a
+screen (`--verbose`: also every row's full measured text and pytest's own output).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import re
 import sys
-import textwrap
 import time
+from importlib import metadata
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +37,15 @@ from compat.outcomes import (
     EXIT_CANNOT_CHECK,
     EXIT_INCOMPATIBLE,
     EXIT_OK,
+    FIGURE_PREFIX,
+    HEADLINE,
     NOT_APPLICABLE,
     GateInputError,
     is_control_failure,
     skip_kind,
 )
+from compat.report import clean_message, render_problem_block, render_terminal, summarize
+from compat.report import write_report as write_report_files
 from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
 
 COMPAT_DIR = Path(__file__).resolve().parent
@@ -46,6 +53,8 @@ DEFAULT_REPORT = "compat-report"
 NOT_SELECTED = "not selected"
 # Which NOT RUN kinds make the gate exit 2 (when no row is INCOMPATIBLE): all but these.
 HARMLESS_NOT_RUN = (NOT_APPLICABLE, NOT_SELECTED)
+VERSION_PACKAGES = ("torch", "mmdit", "hyper-connections", "x-transformers")
+PYTEST_OUTPUT = "pytest-output.txt"  # pytest's own output of a gate run (tracebacks), in the report folder
 
 
 @dataclass
@@ -56,6 +65,8 @@ class CheckOutcome:
     skip_kind: str | None = None  # for skipped: not applicable | could not check | blocked | skipped
     measured: list = field(default_factory=list)
     review: list = field(default_factory=list)
+    headline: list = field(default_factory=list)  # names of measured values that sum the row up
+    figures: dict = field(default_factory=dict)  # figure name -> data (compat.figure_data)
 
     @property
     def check(self) -> str:
@@ -77,11 +88,18 @@ class RowResult:
 
 
 class MatrixCollector:
-    """pytest plugin: gathers each test's outcome and measured values by row; with `report_folder`
-    (plain `pytest compat/ --compat-report DIR`) it also writes and prints the matrix at the end."""
+    """pytest plugin: gathers each test's outcome, measured values and figure data by row.
 
-    def __init__(self, report_folder: str | None = None, sets_exit_status: bool = False):
-        self.sets_exit_status = sets_exit_status  # plain `pytest compat/`: the session exits with the gate's code
+    Args:
+        report_folder: where the report goes. Plain `pytest compat/` (gate_mode False) writes it
+            there at the end when given (`--compat-report DIR`) and prints the summary whenever a
+            row ran; the gate writes and prints it itself, the folder only names the page in JUnit.
+        progress: where to print one character per check (the gate's progress line); nothing is
+            printed before the inputs are known to be usable, so that an exit-2 run shows no dots.
+        gate_mode: the gate (`python -m compat`) drives the session.
+    """
+
+    def __init__(self, report_folder: str | None = None, progress=None, gate_mode: bool = False):
         self.row_of: dict[str, str] = {}
         self.outcomes: dict[str, CheckOutcome] = {}
         self.kills: list[dict] = []
@@ -89,7 +107,17 @@ class MatrixCollector:
         self.context: dict[str, str] = {}
         self.input_error: GateInputError | None = None
         self.report_folder = report_folder
+        self.gate_mode = gate_mode
+        self.progress = progress
+        self.pending_progress = ""
+        self.progress_started = False
+        self.written: dict[str, Path] = {}
+        self.exit_code: int | None = None
+        self.session = None
         self.started = time.perf_counter()
+
+    def pytest_sessionstart(self, session):
+        self.session = session
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
@@ -115,6 +143,12 @@ class MatrixCollector:
             (name.removeprefix("measured."), value) for name, value in props if name.startswith("measured.")
         ]
         outcome.review = [value for name, value in props if name == REVIEW.lower()]
+        outcome.headline = [value for name, value in props if name == HEADLINE]
+        outcome.figures = {
+            name.removeprefix(FIGURE_PREFIX): json.loads(value)
+            for name, value in props
+            if name.startswith(FIGURE_PREFIX)
+        }
         for name, value in props:
             if name == "kill":
                 kill = json.loads(value)
@@ -122,29 +156,67 @@ class MatrixCollector:
                     self.kills.append(kill)
         if report.outcome == "failed" and report.nodeid not in self.row_of and report.nodeid not in self.other_failures:
             self.other_failures.append(report.nodeid)
+        if report.when == "call" or report.outcome != "passed":
+            self._progress({"passed": ".", "failed": "F", "skipped": "s"}.get(report.outcome, "?"), report)
+
+    def _progress(self, mark: str, report) -> None:
+        """One character per check, held back until the inputs are known to be usable."""
+        if self.progress is None or self.session is None or report.nodeid not in self.row_of:
+            return
+        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY
+
+        stash = self.session.config.stash
+        if stash.get(INPUT_ERROR_KEY, None) is not None:
+            self.progress = None  # exit 2: its problem block, not progress, is what the user sees
+            return
+        self.pending_progress += mark
+        if stash.get(CONTEXT_KEY, None) is None:
+            return
+        if not self.progress_started:
+            self.progress.write(f"checking {len(set(self.row_of.values()))} rows ({len(self.row_of)} checks): ")
+            self.progress_started = True
+        self.progress.write(self.pending_progress)
+        self.progress.flush()
+        self.pending_progress = ""
+
+    def end_progress(self) -> None:
+        """Ends the progress line, if one was started."""
+        if self.progress is not None and self.progress_started:
+            self.progress.write("\n")
+            self.progress.flush()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session, exitstatus):
-        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY
+        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY, session_exit_status
 
         checked = session.config.stash.get(CONTEXT_KEY, None)
         self.context = checked.describe() if checked is not None else {}
         self.input_error = session.config.stash.get(INPUT_ERROR_KEY, None)
         rows = self.rows()
-        add_junit_suite_properties(session.config, rows)
-        code = exit_code(rows, self.input_error, self.other_failures) if self.row_of else None
-        if self.sets_exit_status and code == EXIT_CANNOT_CHECK and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = EXIT_CANNOT_CHECK  # a row that should have run did not (e.g. a failed control)
-        if self.report_folder is None:
+        html = Path(self.report_folder or DEFAULT_REPORT) / "index.html"
+        add_junit_suite_properties(session.config, rows, html if (self.gate_mode or self.report_folder) else None)
+        if self.gate_mode or not self.row_of:
             return
-        context = run_context(self, time.perf_counter() - self.started)
-        path = write_report(self.report_folder, rows, context, self, code)
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("")
-            for line in render_text(rows).splitlines():
-                reporter.write_line(line)
-            reporter.write_line(f"compat matrix written to {path}")
+        # Plain `pytest compat/`: its exit status as conftest's pytest_sessionfinish will leave it, or 2
+        # when a row that should have run did not (e.g. a failed harness control) and nothing failed.
+        self.exit_code = session_exit_status(exitstatus, self.input_error)
+        if self.exit_code == EXIT_OK and exit_code(rows, self.input_error, self.other_failures) == EXIT_CANNOT_CHECK:
+            session.exitstatus = self.exit_code = EXIT_CANNOT_CHECK
+        if self.report_folder is not None:
+            context = run_context(self, time.perf_counter() - self.started)
+            self.written = write_report(self.report_folder, rows, context, self, self.exit_code)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        """Plain `pytest compat/`: the gate's summary after pytest's own (the gate prints its own)."""
+        if self.gate_mode or not self.row_of:
+            return
+        matrix = matrix_of(self.rows(), run_context(self, time.perf_counter() - self.started), self, self.exit_code)
+        terminalreporter.write_sep("=", "compat matrix")
+        for line in render_terminal(matrix).splitlines():
+            terminalreporter.write_line(line)
+        for path in self.written.values():
+            terminalreporter.write_line(f"wrote {path}")
+        terminalreporter.write_line(summarize(matrix).exit_line)
 
     def rows(self) -> list[RowResult]:
         by_row: dict[str, list[CheckOutcome]] = defaultdict(list)
@@ -154,10 +226,11 @@ class MatrixCollector:
         return [row_result(row, by_row.get(row.id, [])) for row in ROWS]
 
 
-def add_junit_suite_properties(config, rows: list[RowResult]) -> None:
+def add_junit_suite_properties(config, rows: list[RowResult], html: Path | None = None) -> None:
     """With --junitxml, each row's verdict and measured values as suite properties
-    (`compat.<row>.verdict`, `compat.<row>.measured`): valid in every junit family (xunit2 allows
-    no properties on test cases; those carry `measured.<name>` for the legacy families)."""
+    (`compat.<row>.verdict`, `compat.<row>.measured`) and the report page's path (`compat.report.html`):
+    valid in every junit family (xunit2 allows no properties on test cases; those carry
+    `measured.<name>` for the legacy families)."""
     try:
         from _pytest.junitxml import xml_key
     except ImportError:  # pytest moved its internals: the per-test properties remain
@@ -165,34 +238,21 @@ def add_junit_suite_properties(config, rows: list[RowResult]) -> None:
     xml = config.stash.get(xml_key, None)
     if xml is None:
         return
+    if html is not None:
+        xml.add_global_property("compat.report.html", str(html.resolve()))
     for r in rows:
         xml.add_global_property(f"compat.{r.id}.verdict", r.verdict)
         xml.add_global_property(f"compat.{r.id}.measured", r.measured)
 
 
-# Exceptions whose name says nothing to the user: the harness's own, and a plain assert's.
-HARNESS_EXCEPTIONS = ("compat.outcomes.Incompatible", "compat.subjects.CandidateError", "AssertionError", "Failed")
-# pytest's rewritten-assert explanation, appended after the message on a line of its own.
-_REWRITTEN_ASSERT = re.compile(r"\n(?:assert |where |\s*\+\s)")
-
-
-def failure_text(message: str) -> str:
-    """A check's failure as the user reads it: the sentence first (no harness exception name before
-    it, no rewritten-assert explanation after it), on one line."""
-    text = message.strip()
-    for name in HARNESS_EXCEPTIONS:
-        if text.startswith(f"{name}: "):
-            text = text[len(name) + 2 :]
-            break
-    return " ".join(_REWRITTEN_ASSERT.split(text)[0].split())
-
-
 def _failure_message(report) -> str:
-    """The message of the exception that ended the check (the last of a chain), on one line."""
+    """The message of the exception that ended the check (the last of a chain), on one line,
+    without pytest's `AssertionError: ` prefix and rewritten `assert ...` explanation (torch's
+    comparison details stay: the verbose text and the page show them)."""
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
     message = getattr(crash, "message", None)
     if message:
-        return failure_text(message)
+        return clean_message(message, keep_details=True)
     return _first_line(report.longreprtext)
 
 
@@ -290,33 +350,34 @@ def not_run_rows(reason: str) -> list[RowResult]:
     ]
 
 
-# -- rendering -------------------------------------------------------------------------------------
-def render_text(rows: list[RowResult], width: int = 60) -> str:
-    id_w = max([22] + [len(r.id) for r in rows])
-    topic_w = max([34] + [len(r.topic) for r in rows])
-    header = f"{'row':<{id_w}} {'topic':<{topic_w}} {'verdict':<13} measured"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        wrapped = textwrap.wrap(r.measured or "-", width) or ["-"]
-        lines.append(f"{r.id:<{id_w}} {r.topic:<{topic_w}} {r.verdict:<13} {wrapped[0]}")
-        lines.extend(f"{'':<{id_w}} {'':<{topic_w}} {'':<13} {more}" for more in wrapped[1:])
-    return "\n".join(lines)
+# -- rendering (compat.report renders the matrix; this builds it) --------------------------------------
+def matrix_of(
+    rows: list[RowResult],
+    context: dict,
+    collector: "MatrixCollector | None",
+    code: int | None,
+    problem: GateInputError | None = None,
+) -> dict:
+    """The matrix as compat-matrix.json holds it: the source every view is rendered from.
 
-
-def render_markdown(rows: list[RowResult], context: dict) -> str:
-    out = ["# Compatibility matrix: stable vs cycle trainer", ""]
-    out += [f"- {k}: {v}" for k, v in context.items()]
-    out += [
-        "",
-        "Each row's checks are in `compat/test_row_<row>.py`.",
-        "",
-        "| Row | Topic | Stable | Cycle | Measured | Verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = [f"`{r.id}`", r.topic, r.stable, r.cycle, r.measured or "-", f"**{r.verdict}**"]
-        out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(out) + "\n"
+    Args:
+        rows: every row's result.
+        context: the matrix header (`run_context`).
+        collector: the session's collector (input error, kills, other failures), if any.
+        code: the exit code of the run.
+        problem: why the run could not check (exit 2), when that is not the input error itself.
+    """
+    error = collector.input_error if collector is not None else None
+    problem = problem or error
+    return {
+        "context": context,
+        "exit_code": code,
+        "rows": [asdict(r) for r in rows],
+        "input_error": {"problem": error.problem, "fix": error.fix} if error else None,
+        "problem": {"problem": problem.problem, "fix": problem.fix} if problem else None,
+        "kills": collector.kills if collector else [],
+        "other_failures": collector.other_failures if collector else [],
+    }
 
 
 def render_kill_table(kills: list[dict]) -> str:
@@ -333,43 +394,36 @@ def render_kill_table(kills: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_error_block(error: GateInputError) -> str:
-    return "\n".join(
-        [
-            "compat gate: could not check (exit 2)",
-            *textwrap.wrap(f"problem: {error.problem}", 100, subsequent_indent="  "),
-            *textwrap.wrap(f"fix: {error.fix}", 100, subsequent_indent="  "),
-        ]
-    )
-
-
 def write_report(
     folder: str | Path,
     rows: list[RowResult],
     context: dict,
     collector: "MatrixCollector | None" = None,
     code: int | None = None,
-) -> Path:
-    """compat-matrix.md and compat-matrix.json in `folder`; returns the Markdown path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    error = collector.input_error if collector is not None else None
-    (folder / "compat-matrix.md").write_text(render_markdown(rows, context))
-    (folder / "compat-matrix.json").write_text(
-        json.dumps(
-            {
-                "context": context,
-                "exit_code": code,
-                "rows": [asdict(r) for r in rows],
-                "input_error": {"problem": error.problem, "fix": error.fix} if error else None,
-                "kills": collector.kills if collector else [],
-                "other_failures": collector.other_failures if collector else [],
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    return folder / "compat-matrix.md"
+) -> dict[str, Path]:
+    """compat-matrix.json, compat-matrix.md and index.html in `folder` (`compat.report.write_report`).
+
+    Args:
+        folder: the report folder.
+        rows: every row's result.
+        context: the matrix header (`run_context`).
+        collector: the session's collector (input error, kills, other failures), if any.
+        code: the exit code of the run.
+    Returns:
+        the paths written, by kind ("json", "markdown", "html").
+    """
+    return write_report_files(folder, matrix_of(rows, context, collector, code))
+
+
+def installed_versions_line() -> str:
+    """torch, mmdit, hyper-connections and x-transformers as installed (read without importing them)."""
+    found = []
+    for name in VERSION_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
 
 
 def run_context(collector: MatrixCollector | None, seconds: float, options: CompatOptions | None = None) -> dict:
@@ -382,6 +436,7 @@ def run_context(collector: MatrixCollector | None, seconds: float, options: Comp
             "cycle config": options.cycle_config or "packaged tiny default",
             "device": options.device,
         }
+    context["versions"] = installed_versions_line()
     context["wall seconds"] = f"{seconds:.1f}"
     return context
 
@@ -407,9 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             f"--{option.name}", type=option.type, default=option.default, metavar=option.metavar, help=option.help
         )
-    p.add_argument("--report", default=DEFAULT_REPORT, metavar="DIR", help="folder for compat-matrix.md / .json")
+    p.add_argument(
+        "--report",
+        default=DEFAULT_REPORT,
+        metavar="DIR",
+        help="folder for index.html (the page), compat-matrix.md / .json and pytest-output.txt",
+    )
     p.add_argument("--kill-table", action="store_true", help="also run every planted defect and print the kill table")
-    p.add_argument("--quiet", action="store_true", help="pass -q -q to pytest")
+    p.add_argument("--quiet", action="store_true", help="no progress line (and pass -q -q to pytest)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print every row's full measured text, and pytest's own output (tracebacks) as it runs",
+    )
     p.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments (e.g. -k, -x)")
     return p
 
@@ -441,16 +506,22 @@ def _report_folder(argv: list[str] | None) -> str:
     return known.report
 
 
-def _stop(folder: str, error: GateInputError, started: float, options: CompatOptions | None = None) -> int:
-    rows = not_run_rows(error.one_line())
-    print(render_text(rows))
+def _stop(
+    folder: str, error: GateInputError, started: float, options: CompatOptions | None = None, verbose: bool = False
+) -> int:
+    """Exit 2 before pytest runs: the matrix written with every row NOT RUN, the problem block."""
     collector = MatrixCollector()
     collector.input_error = error
-    markdown = write_report(
-        folder, rows, run_context(None, time.perf_counter() - started, options), collector, EXIT_CANNOT_CHECK
+    matrix = matrix_of(
+        not_run_rows(error.one_line()),
+        run_context(None, time.perf_counter() - started, options),
+        collector,
+        EXIT_CANNOT_CHECK,
     )
-    print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
-    print(render_error_block(error), file=sys.stderr)
+    paths = write_report_files(folder, matrix)
+    print(render_terminal(matrix, verbose=verbose))
+    print(f"\nwrote {paths['html']} (the page), {paths['markdown'].name} and {paths['json'].name}")
+    print(render_problem_block(matrix), file=sys.stderr)
     return EXIT_CANNOT_CHECK
 
 
@@ -467,36 +538,49 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_options(options)
     except GateInputError as error:
-        return _stop(args.report, error, started, options)
-    collector = MatrixCollector()
-    rc = pytest.main(pytest_arguments(args), plugins=[collector])
+        return _stop(args.report, error, started, options, args.verbose)
+    quiet_progress = args.quiet or args.verbose  # --verbose shows pytest's own progress and output
+    collector = MatrixCollector(args.report, progress=None if quiet_progress else sys.stdout, gate_mode=True)
+    pytest_output = io.StringIO()
+    # pytest's own output (progress dots, tracebacks, warning summary) goes to the report folder
+    # unless --verbose: the summary below says what the run found, and an exit-2 run shows its problem.
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(pytest_output):
+        rc = pytest.main(pytest_arguments(args), plugins=[collector])
+    collector.end_progress()
+    output_file = Path(args.report) / PYTEST_OUTPUT
+    if not args.verbose:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        output_file.write_text(pytest_output.getvalue())
     if rc in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR, pytest.ExitCode.INTERRUPTED):
         collector.input_error = collector.input_error or GateInputError(
             f"pytest stopped with exit code {int(rc)} ({rc.name.lower().replace('_', ' ')}) before the matrix was complete",
-            "read pytest's message above; extra pytest arguments after -- must be valid",
+            "read pytest's message "
+            + ("above" if args.verbose else f"in {output_file}")
+            + "; extra pytest arguments after -- must be valid",
         )
     rows = collector.rows()
     code = exit_code(rows, collector.input_error, collector.other_failures)
     context = run_context(collector, time.perf_counter() - started, options)
+    problem = None
+    if code == EXIT_CANNOT_CHECK and collector.input_error is None:
+        problem = GateInputError(
+            _cannot_check_summary(rows, collector.other_failures),
+            "see the NOT RUN rows' reasons in the matrix"
+            + ("" if args.verbose else f" and pytest's output in {output_file}"),
+        )
+    matrix = matrix_of(rows, context, collector, code, problem)
+    paths = write_report_files(args.report, matrix)
     print()
-    print(render_text(rows))
-    print(f"\nmodel: {context.get('model', 'not built')}")
+    print(render_terminal(matrix, verbose=args.verbose))
     if args.kill_table:
         print()
         print(render_kill_table(collector.kills))
-    markdown = write_report(args.report, rows, context, collector, code)
-    print(f"\nwrote {markdown} and {markdown.with_suffix('.json')}")
-    if code == EXIT_INCOMPATIBLE:
-        print(f"compat gate: INCOMPATIBLE rows: {', '.join(r.id for r in rows if r.verdict == INCOMPATIBLE)} (exit 1)")
-    elif code == EXIT_CANNOT_CHECK:
-        error = collector.input_error or GateInputError(
-            _cannot_check_summary(rows, collector.other_failures), "see the NOT RUN rows' reasons in the matrix"
-        )
-        print(render_error_block(error), file=sys.stderr)
-    else:
-        print("compat gate: every applicable row ran; no incompatible row (exit 0)")
-    if collector.input_error is not None and code == EXIT_INCOMPATIBLE:
-        print(render_error_block(collector.input_error), file=sys.stderr)
+    print(f"\nwrote {paths['html']} (the page), {paths['markdown'].name} and {paths['json'].name}")
+    block = render_problem_block(matrix)
+    if code != EXIT_CANNOT_CHECK:
+        print(summarize(matrix).exit_line)
+    if block is not None:
+        print(block, file=sys.stderr)
     return code
 
 

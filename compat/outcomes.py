@@ -32,6 +32,10 @@ BLOCKED = "blocked"
 SKIP_KINDS = (NOT_APPLICABLE, CANNOT_CHECK, BLOCKED)
 CONTROL_PREFIX = "harness control: "  # a could-not-check reason that comes from a failed harness control
 
+# User properties a check records besides `measured.<name>` (see the `measure` fixture):
+FIGURE_PREFIX = "figure."  # `figure.<name>`: one figure's data as JSON (compat-matrix.json; not measured text)
+HEADLINE = "headline"  # names the measured value that is the row's finding when the row is OK
+
 
 class GateInputError(Exception):
     """A problem with what the user passed (a file, a key, an option), and how to fix it.

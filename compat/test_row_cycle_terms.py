@@ -240,6 +240,7 @@ def check_ramp(ctx, measure):
     draws = ctx.draws(batch, seed=67)
     config = ctx.cycle_config_for(RAMPS)
     seen = []
+    applied = {"steps": list(RAMP_STEPS), "settings": dict(RAMPS), "cycle_text": [], "cycle_latent": []}
     for step in RAMP_STEPS:
         record = ctx.run_cycle(batch, config=config, step=step, draws=draws, grad=False)
         terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
@@ -253,6 +254,8 @@ def check_ramp(ctx, measure):
             details=f"weights at step {step}: {terms.weights}",
         )
         seen.append(f"{step}:{terms.weights['cycle_text']:.2g}/{terms.weights['cycle_latent']:.2g}")
+        for term in ("cycle_text", "cycle_latent"):
+            applied[term].append(terms.weights[term])
         if step == 0 and len(record.passes) > 2:
             measure(
                 "passes_in_warmup",
@@ -261,6 +264,7 @@ def check_ramp(ctx, measure):
                 review=True,
             )
     measure("ramp_weights_text/latent", " ".join(seen))
+    measure("ramp_applied", applied, figure=True)
 
 
 def _latent_head_grad(ctx, stop_grad: bool) -> tuple[float, bool]:

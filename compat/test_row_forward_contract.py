@@ -171,7 +171,7 @@ def _batching(ctx, measure, setting: str):
                 problem=f"the cycle trainer's {name} term of a batch differs from the mean over its samples",
                 fix="reduce the term per sample before averaging (no sample's inputs reaching another's)",
             )
-    measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()))
+    measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()), headline=setting == "cycle")
     measure(f"{setting}_draws", batched.draw_mode)
 
 

@@ -32,6 +32,7 @@ import contextlib
 import pytest
 import torch
 
+from compat.figure_data import parameter_reach
 from compat.harness import row_runner, row_test, sensitivity_control, unfreeze
 from compat.outcomes import expect
 from latentDLM_mmdit.improved_trainer_stable import frozen_groups, parameter_group
@@ -148,6 +149,7 @@ def check_stable_modes(ctx, measure):
             reached, grads = stable_reach(ctx, mode)
             got = _groups(reached)
             measure(f"stable_{mode}_groups", _fmt(got))
+            measure(f"reach_stable_{mode}", parameter_reach(reached, model), figure=True)
             leaked = sorted(n for n, g in grads.items() if parameter_group(n) in frozen_groups(mode) and g is not None)
             expect(
                 not leaked,
@@ -167,6 +169,7 @@ def check_cycle_terms(ctx, measure):
     model = ctx.semantic_model()
     with _grad_scope(model):
         reach = cycle_term_reach(ctx)
+    measure("reach_cycle", {term: parameter_reach(names, model) for term, names in reach.items()}, figure=True)
     for term, names in reach.items():
         measure(f"{term}_groups", _fmt(_groups(names)))
     for term in reach:

@@ -145,7 +145,7 @@ def check_loads_strictly(ctx, measure):
             )
     expected = len(model.state_dict())
     measure("n_tensors", report.n_tensors)
-    measure("written_by", written_by(report))
+    measure("written_by", written_by(report), headline=True)
     if report.contents is not None:
         measure(
             "weights_from",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compat.figure_data import weight_schedule
 from compat.harness import row_runner, row_test
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, T2L
 from compat.oracle import tol
@@ -117,6 +118,7 @@ def check_trainer_honours_config(ctx, measure):
         batch, config=config, step=step, draws=ctx.draws(batch, seed=120), model=model_for_settings(ctx), grad=True
     )
     terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
+    measure("config_weights", weight_schedule(loss, step, terms.weights), figure=True)
     expect_close(
         record.loss.detach().double().cpu(),
         terms.total,

@@ -67,6 +67,7 @@ def check_stable_uses_t1(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=41)
     record = ctx.run_stable("t2l", batch, draws=ctx.draws(batch, seed=41))
     p = record.one(T2L)
+    measure("stable_latent_t", p.timestep("latent").tolist(), figure=True)
     expect_close(
         p.timestep("latent"),
         torch.ones(batch["input_ids"].shape[0]),
@@ -101,7 +102,8 @@ def check_cycle_distribution(ctx, measure):
     measure("cycle_t_mean", float(ts.mean()))
     not_one = ts != 1.0
     share = float(not_one.float().mean())
-    measure("cycle_t_share_not_1", share)
+    measure("cycle_t_share_not_1", share, headline=True)
+    measure("cycle_latent_t", {"mode": mode, "t": ts.tolist()}, figure=True)
     full = mode in ("full", "ones", "t1")
     expect(
         share == 0.0,
@@ -119,6 +121,7 @@ def check_random_mode_is_a_shift(ctx, measure):
     ts, records = noised_timesteps(ctx, RANDOM, steps=2, with_draws=True)
     low, high = RANDOM["cycle_latent_t_min"], min(RANDOM["cycle_latent_t_max"], LATENT_T_CAP)
     measure("random_mode_t_mean", float(ts.mean()))
+    measure("random_mode_latent_t", {"t": ts.tolist(), "t_min": low, "t_max": high}, figure=True)
     expect(
         float(ts.min()) >= low - 1e-6 and float(ts.max()) <= high + 1e-6,
         f"with latent_t_mode random the cycle trainer draws t from {float(ts.min()):.4g} to {float(ts.max()):.4g}, "

@@ -48,6 +48,7 @@ import pytest
 import torch
 
 from compat import trajectories as T
+from compat.figure_data import golden_band, trajectory_steps
 from compat.harness import AUTOCAST_TOLERANCES, PROXY_SIZES, row_runner, row_test
 from compat.oracle import TOLERANCES, derived_tol, gamma, unit_roundoff
 from latentDLM_mmdit.settings import STABLE_LOSS_TYPES
@@ -341,6 +342,8 @@ def check_cycle_keeps_base_losses(ctx, measure):
             "a rise of the cycle run could not show; the config's optimizer.lr / schedule trains too little there"
         )
     limit = TOLERANCES["trajectory_base_rise"][0]
+    measure("steps", trajectory_steps(r["stable"], r["cycle"]), figure=True)
+    measure("base_losses", {"start": before, "stable": stable, "cycle": cycle, "limit": limit}, figure=True)
     rises = {mode: (cycle[mode] - stable[mode]) / max(abs(stable[mode]), 1e-12) for mode in stable}
     for mode in stable:
         measure(
@@ -348,7 +351,7 @@ def check_cycle_keeps_base_losses(ctx, measure):
             f"start {before[mode]:.5g}, stable {stable[mode]:.5g}, cycle {cycle[mode]:.5g} (rise {rises[mode]:+.2%})",
         )
     worst = max(rises, key=rises.get)
-    measure("largest_base_rise", f"{rises[worst]:+.2%} ({worst})")
+    measure("largest_base_rise", f"{rises[worst]:+.2%} ({worst})", headline=True)
     stable_norms = [n for n in r["stable"].grad_norms if n is not None]
     cycle_norms = [n for n in r["cycle"].grad_norms if n is not None]
     if stable_norms and cycle_norms:
@@ -422,6 +425,7 @@ def check_golden_values(ctx, measure):
     if golden.get("inputs") != got["inputs"]:
         not_applicable(f"{path} was recorded for other inputs ({golden.get('inputs')})")
     rtol, atol = TOLERANCES["golden_trajectory"]
+    measure("golden", golden_band(golden["runs"], rtol, atol, path), figure=True)
     moved = []
     for kind in ("stable", "cycle"):
         want, have = golden["runs"][kind], got["runs"][kind]

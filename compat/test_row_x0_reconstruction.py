@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from compat import oracle
+from compat.figure_data import x0_gain_curves
 from compat.harness import row_runner, row_settings, row_test, sensitivity_control
 from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import derived_tol, tol
@@ -152,6 +153,11 @@ def check_gain_at_t1(ctx, measure):
     schedule = LatentSchedule.of(config)
     m = measured_gain(ctx, dict(CYCLE_TEXT_ON, latent_t_mode="full"), schedule)
     gain, closed = m["gain"], m["closed"]
+    measure(
+        "x0_gain",
+        x0_gain_curves(schedule, float(m["t"].max()), gain, GAIN_REVIEW, GAIN_INCOMPATIBLE),
+        figure=True,
+    )
     bound = derived_tol(
         "x0_gain_measurement", dtype=m["fed_dtype"], x0_norm=m["x0_norm"], delta_norm=m["delta_norm"], gain=gain
     )
@@ -160,6 +166,7 @@ def check_gain_at_t1(ctx, measure):
         f"{schedule.parameterization}_x0_error_gain_t1",
         f"{gain:.4g} measured, {closed:.4g} closed form (x0 fed in {str(m['fed_dtype']).removeprefix('torch.')}, "
         f"measurement rtol {bound['rtol']:.2g})",
+        headline=True,
     )
     if not abs(gain - closed) <= bound["atol"] + bound["rtol"] * closed:
         control_failed(

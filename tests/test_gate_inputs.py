@@ -307,6 +307,7 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
             "-k",
             "l2t_masking or none_timesteps",
             f"--junitxml={xml_path}",
+            f"--compat-report={tmp_path / 'compat-report'}",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -329,6 +330,16 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
         for p in case.iter("property")
     }
     assert "measured.B4_l2t_loss_stable" in case_props, case_props
+    # The pytest path writes the report (its JSON with the exit code the run ends with), names the
+    # page in JUnit and prints the gate's summary at the end.
+    page = Path(suite_props["compat.report.html"])
+    assert page == (tmp_path / "compat-report" / "index.html").resolve() and page.is_file()
+    matrix = json.loads((tmp_path / "compat-report" / "compat-matrix.json").read_text())
+    assert matrix["exit_code"] == 0
+    last = proc.stdout.strip().splitlines()
+    summary = f"compat gate: no incompatible row; {len(ROWS) - 2} of {len(ROWS)} rows not selected (-k; 2 ran) (exit 0)"
+    assert summary in last[-3:], last[-30:]
+    assert any(line.split()[:2] == ["l2t_masking", "OK"] for line in last), last[-30:]
 
 
 def test_every_unusable_data_sample_is_named(tmp_path, tiny):
