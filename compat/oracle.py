@@ -196,6 +196,9 @@ STATISTICS = {
         "alpha": 1e-3,  # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
         "min_draws": 3000,  # pseudo tokens drawn (steps x batch_size x S)
         "batch_size": 64,  # at most this many samples per step (fewer when S is long: ~min_draws a run)
+        # and at most this many values per [B, S, V] logits tensor of a step (64 MiB of float32): a step
+        # makes four such passes, so a 30k vocabulary at S = 128 takes 4 samples a step, not 24
+        "max_logit_values": 2**24,
         "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
     },
@@ -368,6 +371,30 @@ def uniformity_chi2(values: torch.Tensor, bins: int) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
+def wrong_sampler_pit(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, repeats: int = 200
+) -> torch.Tensor:
+    """PIT values under softmax(logits) of `repeats` ids per row drawn from softmax(logits /
+    temperature) instead (by inverse CDF): what `uniformity_chi2` sees from a sampler at the wrong
+    temperature. logits [N, V] -> [N, repeats] float64 (computed in blocks of rows)."""
+    rows, vocab = logits.shape
+    sample_u = torch.rand((rows, repeats), generator=generator, dtype=torch.float64)  # inverse-CDF draws
+    pit_u = torch.rand((rows, repeats), generator=generator, dtype=torch.float64)
+    pit = torch.empty((rows, repeats), dtype=torch.float64)
+    for a, b in _row_blocks(rows, vocab):  # ids from the wrong distribution by its inverse CDF
+        wrong_cdf = torch.softmax(logits[a:b].double() / temperature, dim=-1).cumsum(-1)  # [R, V]
+        ids = torch.searchsorted(wrong_cdf, sample_u[a:b].contiguous()).clamp(max=vocab - 1)  # [R, repeats]
+        pit[a:b] = _pit_at(logits[a:b], ids, pit_u[a:b])
+    return pit
+
+
+def rejection_rate(pit: torch.Tensor, alpha: float, bins: int) -> float:
+    """Share of the columns of `pit` [N, repeats] whose `uniformity_chi2` rejects at `alpha`: the
+    test's power against the alternative the columns were drawn from (`wrong_sampler_pit`)."""
+    rejected = sum(uniformity_chi2(pit[:, r], bins)[1] < alpha for r in range(pit.shape[1]))
+    return rejected / pit.shape[1]
+
+
 def categorical_power(
     logits: torch.Tensor, temperature: float, alpha: float, bins: int, repeats: int = 200, seed: int = 0
 ) -> float:
@@ -375,16 +402,7 @@ def categorical_power(
     when the ids are drawn from softmax(logits / temperature) instead: the test's power against
     that mistake, at this sample size and on these logits. logits [N, V]."""
     gen = torch.Generator().manual_seed(seed)
-    rows, vocab = logits.shape
-    sample_u = torch.rand((rows, repeats), generator=gen, dtype=torch.float64)  # inverse-CDF draws
-    pit_u = torch.rand((rows, repeats), generator=gen, dtype=torch.float64)
-    pit = torch.empty((rows, repeats), dtype=torch.float64)
-    for a, b in _row_blocks(rows, vocab):  # ids from the wrong distribution by its inverse CDF
-        wrong_cdf = torch.softmax(logits[a:b].double() / temperature, dim=-1).cumsum(-1)  # [R, V]
-        ids = torch.searchsorted(wrong_cdf, sample_u[a:b].contiguous()).clamp(max=vocab - 1)  # [R, repeats]
-        pit[a:b] = _pit_at(logits[a:b], ids, pit_u[a:b])
-    rejected = sum(uniformity_chi2(pit[:, r], bins)[1] < alpha for r in range(repeats))
-    return rejected / repeats
+    return rejection_rate(wrong_sampler_pit(logits, temperature, gen, repeats), alpha, bins)
 
 
 def sequential_mode(schedule: list[tuple[str, int, int]], step: int | None, epoch: int) -> str:

@@ -40,9 +40,10 @@ def loss_settings(ctx):
 
 
 def model_for_settings(ctx):
-    """The settings need no pretrained weights: when the checkpoint did not load, a fresh model of
-    the configured layout drives the trainer."""
-    return ctx.model if ctx.model is not None and not ctx.nonfinite else ctx.proxy_model()
+    """The settings need no pretrained weights: the semantics rows' model (for a full-size checkpoint
+    the proxy, so that no autograd graph is built over the full model), or, when the checkpoint did not
+    load, a fresh proxy of the configured layout."""
+    return ctx.semantic_model() if ctx.model is not None and not ctx.nonfinite else ctx.proxy_model()
 
 
 def check_latent_t_mode(ctx, measure):

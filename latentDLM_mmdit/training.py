@@ -113,6 +113,35 @@ class TrainingError(ValueError):
 
 # -- settings --------------------------------------------------------------------------------------
 LOOP_REQUIRED = ("training.train_batch_size", "training.num_train_steps", "optimizer.lr")
+# Every config key the loop itself reads (`LoopSettings.from_config`); the trainers read the rest.
+LOOP_KEYS = (
+    "training.seed",
+    "training.train_batch_size",
+    "training.num_train_steps",
+    "training.gradient_accumulation_steps",
+    "training.lr_schedule",
+    "training.warmup_steps",
+    "training.ddp_timeout_minutes",
+    "training.mixed_precision",
+    "training.compile_model",
+    "training.compile_backend",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.beta1",
+    "optimizer.beta2",
+    "optimizer.eps",
+    "optimizer.grad_clip_norm",
+    "data.token_dir",
+    "data.latent_dir",
+    "data.num_workers",
+    "data.synthetic_seq_len",
+    "data.synthetic_num_samples",
+    "logging.run_name",
+    "logging.log_dir",
+    "logging.log_every",
+    "logging.save_every",
+    "loss.on_nonfinite",
+)
 
 
 def validated_config(config: Any) -> DictConfig:
