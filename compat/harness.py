@@ -247,6 +247,7 @@ class CompatContext:
     _semantic: MultimodalMMDiT | None = field(default=None, repr=False)
     semantic_note: str = "semantics rows not run"
     trajectories: dict[str, Any] = field(default_factory=dict, repr=False)  # the trajectories row's runs
+    resources: dict[Any, Any] = field(default_factory=dict, repr=False)  # the resources row's traced steps
     # Every check that passed in this session, keyed by what decides its outcome (the check and both
     # trainers as driven: class, step and draws protocol, role): a planted defect's control may be
     # that pass (`compat/test_mutants.py`), on the built-in and the plug-in path alike.

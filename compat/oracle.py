@@ -60,6 +60,15 @@ TOLERANCES = {
     # The control of a semantics row: an input the row compares must move the model's outputs by at
     # least this relative change (100 x the float32 loss tolerance), or the row could pass blind.
     "sensitivity": (1e-3, 0.0),
+    # The resources row's budgets (rtol; bytes and FLOPs counted exactly). What the cycle trainer's own
+    # code saves for backward vs what the stable trainer saves for the same loss terms: the cycle step's
+    # own extras are a few [B, D] tensors (x0 reconstruction, weighted sums), 3% of the budget on the
+    # tiny default's [B, S, V=64] cross entropies, nothing at a real vocabulary.
+    "resources_saved_budget": (0.05, 0.0),
+    # The cycle step's FLOPs vs its passes' stable counterparts: a pass's backward differs from its
+    # counterpart's by the groups the stable mode freezes (the latent encoder's weight gradients in
+    # l2t): 0.1% on the tiny default; a pass for a term weighted 0 adds 25-50%.
+    "resources_flops_budget": (0.02, 0.0),
     # -- used by the unit tests (tests/) -----------------------------------------------------------
     # A few float32 adds and multiplies of O(1) values vs the same arithmetic in another order or in
     # float64 (a loss total rebuilt from its logged terms, x_t from its formula): a few ulp.
