@@ -49,14 +49,14 @@ def cycle_trainer_path(ctx, path: str):
 
 @contextlib.contextmanager
 def fresh_runs(ctx):
-    """Runs the context caches (the trajectories' training runs) are redone under a mutant, and the
-    unmutated ones come back after it."""
-    saved = ctx.trajectories
-    ctx.trajectories = {}
+    """Runs the context caches (the trajectories' training runs, the resources row's traced steps)
+    are redone under a mutant, and the unmutated ones come back after it."""
+    saved = ctx.trajectories, ctx.resources
+    ctx.trajectories, ctx.resources = {}, {}
     try:
         yield
     finally:
-        ctx.trajectories = saved
+        ctx.trajectories, ctx.resources = saved
 
 
 def check_of(row: str, check: str):
