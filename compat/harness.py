@@ -264,10 +264,12 @@ class CompatContext:
         return (check, driven(self.cycle_subject), driven(self.stable_subject))
 
     @classmethod
-    def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
+    def create(cls, options: CompatOptions, workdir: Path, load_model: bool = True) -> "CompatContext":
         """Reads every input (GateInputError naming the problem when one cannot be used), then
         builds the shared model from the checkpoint (a load failure is the pretrained row's
-        verdict, kept in `load_error`)."""
+        verdict, kept in `load_error`). `load_model=False` reads only the checkpoint's names and
+        shapes (what the resources row needs; `bench --only resources` measures it so); the rows that
+        need the model are then blocked."""
         check_options(options)
         device = resolve_device(options.device)
         stable_config, stable_path = load_user_config(options.stable_config, "stable")
@@ -314,6 +316,9 @@ class CompatContext:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
         if options.stable_trainer:
             ctx.stable_subject = Subject(TrainerSpec.load(options.stable_trainer, "--stable-trainer"), "stable")
+        if not load_model:
+            ctx.load_error = "not loaded: the context was created with load_model=False"
+            return ctx
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:

@@ -69,6 +69,14 @@ TOLERANCES = {
     # counterpart's by the groups the stable mode freezes (the latent encoder's weight gradients in
     # l2t): 0.1% on the tiny default; a pass for a term weighted 0 adds 25-50%.
     "resources_flops_budget": (0.02, 0.0),
+    # Bytes the FakeTensorMode trace counts as saved for backward vs what autograd saves in a real run
+    # of the same step (tests/test_resources.py): the same tensors, but a CPU kernel returns some 0-dim
+    # results inside the storage of its [B, D] work buffer (96 B where the fake tensor has 4): 184 B
+    # of 2.9 MB on the tiny cycle step.
+    "resources_saved_vs_real": (1e-3, 0.0),
+    # The traced estimate vs torch.cuda.max_memory_allocated of a real step (tests/test_resources.py,
+    # gpu): the issue's 10%; CUDA kernels' workspaces (cuBLAS) and CPU-vs-CUDA autocast op lists differ.
+    "resources_cuda_peak": (0.10, 0.0),
     # -- used by the unit tests (tests/) -----------------------------------------------------------
     # A few float32 adds and multiplies of O(1) values vs the same arithmetic in another order or in
     # float64 (a loss total rebuilt from its logged terms, x_t from its formula): a few ulp.

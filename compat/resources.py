@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import time
 import weakref
 from dataclasses import dataclass, field, replace
@@ -109,19 +110,19 @@ def parse_size(text: str) -> int:
 
     Raises ValueError naming what is wrong (no unit, an unknown unit, not a positive number)."""
     raw = str(text).strip()
-    number = raw.rstrip("BbIiKkMmGgTt ")
-    unit = raw[len(number) :].strip().lower()
-    if not number or not unit:
+    match = re.fullmatch(r"(.*?)\s*([A-Za-z]*)", raw)
+    number, unit = match.group(1), match.group(2)
+    if not unit:
         raise ValueError(f"{raw!r} has no unit")
-    if unit not in _UNITS:
-        raise ValueError(f"{raw!r}: unknown unit {raw[len(number) :].strip()!r}")
+    if unit.lower() not in _UNITS:
+        raise ValueError(f"{raw!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     try:
         value = float(number)
     except ValueError:
-        raise ValueError(f"{raw!r}: {number.strip()!r} is not a number") from None
+        raise ValueError(f"{raw!r}: {number!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{raw!r} is not a positive size")
-    return int(value * _UNITS[unit])
+    return int(value * _UNITS[unit.lower()])
 
 
 def size_text(n: float, unit: str | None = None) -> str:
@@ -212,6 +213,7 @@ class StepTracer(TorchDispatchMode):
         self.total = 0
         self.phase = FORWARD
         self.peaks = {phase: PhasePeak() for phase in PHASES}
+        self.at_start: dict[str, dict[str, int]] = {}  # live bytes by kind when each phase began
         self.saved = {MODEL_PASSES: 0, OWN_CODE: 0}  # bytes first saved for backward, by where
         self.in_pass = 0  # > 0 while the model's forward runs
         self.passes = 0
@@ -266,6 +268,7 @@ class StepTracer(TorchDispatchMode):
     def start_phase(self, phase: str) -> None:
         """The step moves on to `phase`: its peak starts from what is live now."""
         self.phase = phase
+        self.at_start[phase] = dict(self.live)
         self.peaks[phase] = PhasePeak(self.total, dict(self.live))
         self._at_peak = True
 
@@ -361,6 +364,7 @@ class StepSetup:
         seq_len: tokens per sample.
         step: the global step passed as `step=` (a trainer without it gets none).
         device: the device the fake tensors claim ("cpu" traces CPU autocast; "cuda" needs CUDA).
+        round_to: allocation granularity in bytes (the CUDA caching allocator's 512; 1: exact bytes).
     """
 
     subject: Any
@@ -372,6 +376,7 @@ class StepSetup:
     seq_len: int
     step: int | None
     device: torch.device = torch.device("cpu")
+    round_to: int = CUDA_BLOCK
 
     @property
     def n_blocks(self) -> int:
@@ -392,6 +397,12 @@ class StepTrace:
     params_trained: int  # parameters that received a gradient
     params_total: int
     untrained_state: dict[str, int] = field(default_factory=dict)  # AdamW state bytes of parameters without a gradient
+    at_start: dict[str, dict[str, int]] = field(default_factory=dict)  # live bytes by kind as each phase began
+    seconds: float = 0.0
+
+    @property
+    def flops(self) -> int:
+        return self.flops_forward + self.flops_backward
 
 
 @contextlib.contextmanager
@@ -421,6 +432,7 @@ def trace_step(setup: StepSetup, depth: int | None = None) -> StepTrace:
     """Traces one loop step of `setup` at `depth` blocks (default: the real depth) under
     FakeTensorMode. A trainer that raises is a `compat.subjects.CandidateError`."""
     depth = setup.n_blocks if depth is None else depth
+    started = time.perf_counter()
     config = setup.config
     training, optimizer_cfg = config.training, config.optimizer
     sizes = setup.sizes
@@ -457,14 +469,14 @@ def trace_step(setup: StepSetup, depth: int | None = None) -> StepTrace:
         }
         draws = _fake_draws(setup.subject.spec.draw_names, B, S, D, device)
 
-        tracer = StepTracer()
+        tracer = StepTracer(setup.round_to)
         for p in params:
             tracer.register(p, PARAMETERS)
         for buffer in list(model.buffers()) + list(getattr(trainer, "buffers", lambda: [])()):
             tracer.register(buffer, PARAMETERS)
         for state in optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value):
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":  # AdamW's step counters live on the host
                     tracer.register(value, OPTIMIZER)
         for value in list(batch.values()) + list(draws.values()):
             tracer.register(value, TEMPORARIES)
@@ -499,7 +511,9 @@ def trace_step(setup: StepSetup, depth: int | None = None) -> StepTrace:
         peaks = {phase: replace(peak, split=dict(peak.split)) for phase, peak in tracer.peaks.items()}
         trained_ids = {id(p) for p in trained}
         untrained_state = {
-            name: sum(tracer.nbytes(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+            name: sum(
+                tracer.nbytes(v) for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and k != "step"
+            )
             for name, p in model.named_parameters()
             if id(p) not in trained_ids
         }
@@ -520,6 +534,8 @@ def trace_step(setup: StepSetup, depth: int | None = None) -> StepTrace:
             params_trained=sum(p.numel() for p in trained),
             params_total=sum(p.numel() for p in params),
             untrained_state=untrained_state,
+            at_start={phase: dict(split) for phase, split in tracer.at_start.items()},
+            seconds=time.perf_counter() - started,
         )
 
 
@@ -571,6 +587,11 @@ class StepCost:
     @property
     def flops(self) -> int:
         return self.flops_forward + self.flops_backward
+
+    @property
+    def activations(self) -> int:
+        """The most bytes saved for backward live at once (at a phase's peak)."""
+        return max(peak.split[ACTIVATIONS] for peak in self.peaks.values())
 
     @property
     def extrapolated(self) -> bool:
@@ -789,16 +810,23 @@ class RowMeasurements:
         setup = self._setup(self.ctx.cycle_subject, self.ctx.cycle_config, b, self.full_step)
         return self._cached(("cycle", b), lambda: measure_steps({"cycle": setup})["cycle"])
 
-    def cycle_first_step(self) -> tuple[StepCost, dict[str, float]] | None:
+    def cycle_first_step(self) -> tuple[StepTrace, dict[str, float]] | None:
         """The cycle step at step 0 and its weights, when some term is weighted 0 there and not at
-        full weight (a warmup or a ramp from 0), for a trainer that takes step=; else None."""
+        full weight (a warmup or a ramp from 0), for a trainer that takes step=; else None. Traced
+        at the shallowest depth the row traces (`shallow`): which passes a step makes does not
+        depend on the depth."""
         if not self.accepts_step:
             return None
         weights = cycle_weights(self.ctx.cycle_config, 0)
         if all((weights[t] > 0) == (self.weights[t] > 0) for t in weights):
             return None
         setup = self._setup(self.ctx.cycle_subject, self.ctx.cycle_config, self.cycle_batch, 0)
-        return self._cached(("cycle@0",), lambda: measure_steps({"cycle@0": setup})["cycle@0"]), weights
+        return self._cached(("cycle@0",), lambda: trace_step(setup, self.shallow)), weights
+
+    @property
+    def shallow(self) -> int:
+        """The shallowest depth every step of the row is traced at."""
+        return depths_to_trace(int(self.ctx.cycle_config.model.n_blocks))[0]
 
     # -- stable -------------------------------------------------------------------------------------
     def _stable_config(self, mode: str, like_cycle: bool) -> DictConfig:
@@ -845,7 +873,7 @@ class RowMeasurements:
         costs = []
         for value in self.cache.values():
             costs += list(value.values()) if isinstance(value, dict) else [value]
-        return sum(c.seconds for c in costs if isinstance(c, StepCost))
+        return sum(c.seconds for c in costs if isinstance(c, (StepCost, StepTrace)))
 
     def steps_with_a_term_off(self) -> int:
         """Steps at the start of the schedule where a term weighted > 0 at full weight is still 0."""

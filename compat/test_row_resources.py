@@ -36,7 +36,6 @@ from compat.inputs import gpu_memory_bytes
 from compat.oracle import TOLERANCES
 from compat.outcomes import cannot_check, not_applicable
 from compat.resources import (
-    ACTIVATIONS,
     ASSUMED_MFU,
     HEADROOM_REVIEW,
     OWN_CODE,
@@ -93,7 +92,7 @@ def check_memory(ctx, measure):
     stable = traced(run.stable)
     parts = traced(run.counterparts)
     worst = max(stable.values(), key=lambda c: c.peak)
-    act_ratio = cycle.split[ACTIVATIONS] / max(worst.split[ACTIVATIONS], 1)
+    act_ratio = cycle.activations / max(max(c.activations for c in stable.values()), 1)
     measure(
         "per_rank",
         f"cycle {size_text(cycle.peak)} vs stable {size_text(worst.peak)} (x{cycle.peak / worst.peak:.2f}), "
@@ -134,27 +133,28 @@ def check_memory(ctx, measure):
     )
 
 
-def _flops_budget(parts: dict[str, StepCost], weights: dict[str, float]) -> tuple[int, list[str]]:
-    """FLOPs of the passes the weights need, each at its stable counterpart's cost, and their names."""
+def _flops_budget(parts: dict[str, int], weights: dict[str, float]) -> tuple[int, list[str]]:
+    """FLOPs of the passes the weights need, each at its stable counterpart's (`parts`: t2l, l2t), and
+    their names."""
     needed = [("T2L", "t2l"), ("L2T", "l2t")]
     if weights["cycle_text"] > 0:
         needed.append(("cycle_text", "l2t"))
     if weights["cycle_latent"] > 0:
         needed.append(("cycle_latent", "t2l"))
-    return sum(parts[mode].flops for _, mode in needed), [name for name, _ in needed]
+    return sum(parts[mode] for _, mode in needed), [name for name, _ in needed]
 
 
-def _assert_within_flops_budget(cost: StepCost, parts, weights, when: str) -> str:
+def _assert_within_flops_budget(flops: int, passes: int, parts: dict[str, int], weights, when: str) -> str:
     budget, needed = _flops_budget(parts, weights)
     rtol = TOLERANCES["resources_flops_budget"][0]
     zero = [t for t, v in weights.items() if v <= 0]
-    assert cost.flops <= budget * (1 + rtol), (
-        f"the cycle step {when} costs {cost.flops / budget:.2f}x the FLOPs of the passes its weights need "
-        f"({' + '.join(needed)}; {', '.join(zero) or 'no term'} weighted 0): it makes {cost.passes} model passes, "
+    assert flops <= budget * (1 + rtol), (
+        f"the cycle step {when} costs {flops / budget:.2f}x the FLOPs of the passes its weights need "
+        f"({' + '.join(needed)}; {', '.join(zero) or 'no term'} weighted 0): it makes {passes} model passes, "
         f"a pass for a term weighted 0; skip a term's pass while its weight is 0. "
-        f"{flops_text(cost.flops)} vs {flops_text(budget)} x {1 + rtol:g}"
+        f"{flops_text(flops)} vs {flops_text(budget)} x {1 + rtol:g}"
     )
-    return f"{cost.flops / budget:.3f} of {' + '.join(needed)}"
+    return f"{flops / budget:.3f} of {' + '.join(needed)}"
 
 
 def check_flops(ctx, measure):
@@ -163,8 +163,9 @@ def check_flops(ctx, measure):
     first = traced(run.cycle_first_step)  # checked first: a warmup pass needs no full-weight trace to show
     at_first = None
     if first is not None:
-        cost, weights = first
-        at_first = _assert_within_flops_budget(cost, parts, weights, "at step 0 of the schedule")
+        trace, weights = first
+        shallow = {mode: cost.traces[trace.depth].flops for mode, cost in parts.items()}
+        at_first = _assert_within_flops_budget(trace.flops, trace.passes, shallow, weights, "at step 0 of the schedule")
     cycle = traced(run.cycle)
     traced(run.stable)
     stable_flops = run.stable_flops_per_step()
@@ -173,11 +174,17 @@ def check_flops(ctx, measure):
         f"x{cycle.flops / stable_flops:.2f}: cycle {flops_text(cycle.flops)} vs stable {flops_text(stable_flops)} "
         "per step (forward + backward; the stable schedule's average)",
     )
-    full = _assert_within_flops_budget(cycle, parts, run.weights, "with the weights at their largest")
+    full = _assert_within_flops_budget(
+        cycle.flops,
+        cycle.passes,
+        {m: c.flops for m, c in parts.items()},
+        run.weights,
+        "with the weights at their largest",
+    )
     if at_first is None:
         measure("flops_budget", f"{full} (no step of the schedule weights a term 0)")
     else:
-        measure("flops_budget", f"full weights {full}; step 0 {at_first}")
+        measure("flops_budget", f"full weights {full}; step 0 (depth {first[0].depth}) {at_first}")
 
 
 def gpu_limit(ctx) -> tuple[int, str]:
@@ -192,23 +199,27 @@ def gpu_limit(ctx) -> tuple[int, str]:
 
 def fitting_batch(run: RowMeasurements, limit: int, ddp: int) -> tuple[int, int, StepCost] | None:
     """The largest per-rank batch whose traced cycle step fits `limit` (with 10% free when one does),
-    keeping the global batch with an integer accumulation: (batch, accumulation, its step)."""
+    keeping the global batch with an integer accumulation: (batch, accumulation, its step). Two
+    candidates or fewer are traced in turn; more are ranked by a prediction from batch 1 and the
+    configured batch (every allocation has the batch as a factor or none), then confirmed by a trace."""
     B, A = run.cycle_batch, run.cycle_accumulation
     candidates = batch_candidates(B, A)
-    if not candidates:
-        return None
-    full, one = run.cycle(), run.cycle(1)
+    if len(candidates) > 2:
+        full, one = run.cycle(), run.cycle(1)
 
-    def predicted(b: int) -> int:  # every phase's peak is affine in the batch (activations scale with it)
-        return max(
-            one.peaks[p].total + (full.peaks[p].total - one.peaks[p].total) * (b - 1) // max(B - 1, 1)
-            for p in full.peaks
-        )
+        def predicted(b: int) -> int:
+            return max(
+                one.peaks[p].total + (full.peaks[p].total - one.peaks[p].total) * (b - 1) // (B - 1) for p in full.peaks
+            )
+    else:
+
+        def predicted(b: int) -> int:
+            return 0  # trace them all
 
     for free in (HEADROOM_REVIEW, 0.0):
         for b in candidates:
             if predicted(b) + ddp <= limit * (1 - free):
-                cost = run.cycle(b)  # confirmed by its own trace
+                cost = run.cycle(b)
                 if cost.peak + ddp <= limit * (1 - free):
                     return b, B * A // b, cost
     return None
