@@ -37,8 +37,11 @@ from compat.oracle import TOLERANCES
 from compat.outcomes import cannot_check, not_applicable
 from compat.resources import (
     ASSUMED_MFU,
+    GRADIENTS,
     HEADROOM_REVIEW,
+    OPTIMIZER,
     OWN_CODE,
+    PARAMETERS,
     RowMeasurements,
     StepCost,
     batch_candidates,
@@ -199,26 +202,24 @@ def gpu_limit(ctx) -> tuple[int, str]:
 
 def fitting_batch(run: RowMeasurements, limit: int, ddp: int) -> tuple[int, int, StepCost] | None:
     """The largest per-rank batch whose traced cycle step fits `limit` (with 10% free when one does),
-    keeping the global batch with an integer accumulation: (batch, accumulation, its step). Two
-    candidates or fewer are traced in turn; more are ranked by a prediction from batch 1 and the
-    configured batch (every allocation has the batch as a factor or none), then confirmed by a trace."""
+    keeping the global batch with an integer accumulation: (batch, accumulation, its step). A
+    candidate is traced only when a lower bound of its peak fits: each phase's parameters, gradients
+    and AdamW state as they are, the rest scaled by b / B (the rest is a batch-independent part, e.g.
+    autocast's weight copies, plus a part proportional to the batch, so scaling all of it down
+    underestimates)."""
     B, A = run.cycle_batch, run.cycle_accumulation
-    candidates = batch_candidates(B, A)
-    if len(candidates) > 2:
-        full, one = run.cycle(), run.cycle(1)
+    full = run.cycle()
 
-        def predicted(b: int) -> int:
-            return max(
-                one.peaks[p].total + (full.peaks[p].total - one.peaks[p].total) * (b - 1) // (B - 1) for p in full.peaks
-            )
-    else:
-
-        def predicted(b: int) -> int:
-            return 0  # trace them all
+    def lower_bound(b: int) -> int:
+        bound = 0
+        for peak in full.peaks.values():
+            fixed = peak.split[PARAMETERS] + peak.split[GRADIENTS] + peak.split[OPTIMIZER]
+            bound = max(bound, fixed + (peak.total - fixed) * b // B)
+        return bound
 
     for free in (HEADROOM_REVIEW, 0.0):
-        for b in candidates:
-            if predicted(b) + ddp <= limit * (1 - free):
+        for b in batch_candidates(B, A):
+            if lower_bound(b) + ddp <= limit * (1 - free):
                 cost = run.cycle(b)
                 if cost.peak + ddp <= limit * (1 - free):
                     return b, B * A // b, cost
