@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry as FLOP_FORMULAS
 from torch.utils.weak import WeakIdKeyDictionary
@@ -130,7 +131,9 @@ def size_text(n: float, unit: str | None = None) -> str:
     scales = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}
     unit = unit or next((u for u, v in scales.items() if abs(n) >= v), "KiB")
     value = n / scales[unit]
-    return f"{value:.1f} {unit}" if abs(value) >= 10 else f"{value:.3g} {unit}"
+    if abs(value) >= 10:
+        return f"{value:.1f} {unit}"
+    return f"{value:.3g} {unit}" if abs(value) >= 0.005 else f"0 {unit}"
 
 
 def size_unit(n: float) -> str:
@@ -348,6 +351,54 @@ class StepTracer(TorchDispatchMode):
         return out
 
 
+# -- CUDA's autocast policy on a CPU trace -------------------------------------------------------------
+def _cuda_float32_functions() -> frozenset:
+    """The Python entry points of the ops CUDA autocast runs in float32 (torch's autocast_mode.cpp:
+    its fp32 list and the ops it gives dtype=float32) that CPU autocast leaves in bfloat16."""
+    import torch.nn.functional as F
+
+    T = torch.Tensor
+    return frozenset(
+        [
+            torch.softmax, T.softmax, F.softmax, torch.log_softmax, T.log_softmax, F.log_softmax,
+            torch.exp, T.exp, torch.expm1, T.expm1, torch.log, T.log, torch.log1p, T.log1p, torch.log2, T.log2,
+            torch.log10, T.log10, torch.pow, T.pow, T.__pow__, torch.rsqrt, T.rsqrt, torch.reciprocal, T.reciprocal,
+            torch.layer_norm, F.layer_norm, torch.group_norm, F.group_norm, F.normalize,
+            torch.norm, T.norm, torch.linalg.vector_norm, torch.linalg.matrix_norm,
+            torch.sum, T.sum, torch.cumsum, T.cumsum, torch.prod, T.prod, torch.cumprod, T.cumprod,
+            torch.logsumexp, T.logsumexp, F.softplus, F.cosine_similarity,
+            F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.nll_loss, F.kl_div,
+            F.binary_cross_entropy_with_logits, F.cosine_embedding_loss, F.margin_ranking_loss,
+        ]
+    )  # fmt: skip
+
+
+class CudaAutocastPolicy(TorchFunctionMode):
+    """CUDA autocast's float32 ops on top of CPU autocast, for a CPU trace of a run that will use CUDA.
+
+    CPU and CUDA autocast cast the same matmul-family ops to the low dtype, but CUDA also runs
+    softmax, log_softmax, norms, exp/log/pow, layer and group norm, sums and the losses in float32, and
+    CPU autocast does not: traced with CPU autocast alone, a softmax called without a dtype would save
+    its output in bfloat16 where CUDA saves float32 (and a bfloat16 copy for the next matmul: a third
+    of the bytes). (This backbone's attention asks softmax for float32 itself; its adaptive layer
+    norms and the trainers' losses are where the policy shows.) While CPU autocast is on, this mode
+    casts those ops' 16-bit floating arguments to float32 first, as CUDA autocast does (above
+    autograd, so the casts are in the graph as CUDA's are)."""
+
+    FUNCTIONS = _cuda_float32_functions()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FUNCTIONS and torch.is_autocast_enabled("cpu"):
+
+            def up(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+            args = tuple(up(a) for a in args)
+            kwargs = {k: up(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
 # -- one traced step ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepSetup:
@@ -365,6 +416,8 @@ class StepSetup:
         step: the global step passed as `step=` (a trainer without it gets none).
         device: the device the fake tensors claim ("cpu" traces CPU autocast; "cuda" needs CUDA).
         round_to: allocation granularity in bytes (the CUDA caching allocator's 512; 1: exact bytes).
+        cuda_policy: on a CPU trace with autocast, apply CUDA autocast's float32 ops
+            (`CudaAutocastPolicy`): the run being estimated is a CUDA run.
     """
 
     subject: Any
@@ -377,6 +430,7 @@ class StepSetup:
     step: int | None
     device: torch.device = torch.device("cpu")
     round_to: int = CUDA_BLOCK
+    cuda_policy: bool = True
 
     @property
     def n_blocks(self) -> int:
@@ -482,11 +536,14 @@ def trace_step(setup: StepSetup, depth: int | None = None) -> StepTrace:
             tracer.register(value, TEMPORARIES)
         handles = tracer.track_gradients(params) + tracer.track_passes(model)
         accumulation = int(training.get("gradient_accumulation_steps", 1) or 1)
+        mixed_precision = str(training.get("mixed_precision", "no"))
+        emulate = setup.cuda_policy and device.type == "cpu" and mixed_precision != "no"
+        policy = CudaAutocastPolicy() if emulate else contextlib.nullcontext()
         clip = float(optimizer_cfg.get("grad_clip_norm", 0.0) or 0.0)
         try:
             with tracer, tracer.saving():
                 tracer.start_phase(FORWARD)
-                with autocast(str(training.get("mixed_precision", "no")), device):
+                with autocast(mixed_precision, device), policy:
                     loss, metrics, _, _ = setup.subject.call(trainer, batch, step=setup.step, draws=draws, grad=True)
                 flops_forward = tracer.flops
                 tracer.start_phase(BACKWARD)

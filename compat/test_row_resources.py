@@ -116,8 +116,8 @@ def check_memory(ctx, measure):
     reads = cycle.host_reads + sum(c.host_reads for c in stable.values())
     measure(
         "traced",
-        f"FakeTensorMode, nothing allocated: {_traced_how(cycle)}; {reads} host reads (non-finite and token-range "
-        f"checks, metrics) answered finite / in range; AdamW(foreach) as on CUDA; {run.seconds():.1f} s",
+        f"FakeTensorMode (nothing allocated), {_traced_how(cycle)}, {reads} host reads answered finite / in range, "
+        f"{run.seconds():.1f} s",
     )
     # The trainer's own code saves for backward what its loss terms need, like the stable trainer's.
     w = run.weights

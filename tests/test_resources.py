@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import resource
 import weakref
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from compat.resources import (
     BACKWARD,
     CATEGORIES,
     CUDA_BLOCK,
+    CudaAutocastPolicy,
     GRADIENTS,
     OPTIMIZER,
     PARAMETERS,
@@ -116,8 +118,10 @@ def real_saved_bytes(setup: StepSetup) -> tuple[int, int]:
             refs.append((weakref.ref(storage), storage.nbytes()))
         return t.detach()
 
+    mixed_precision = str(cfg.training.mixed_precision)
+    policy = CudaAutocastPolicy() if setup.cuda_policy and mixed_precision != "no" else nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast(str(cfg.training.mixed_precision), "cpu"):
+        with autocast(mixed_precision, "cpu"), policy:
             loss, metrics, _, _ = setup.subject.call(trainer, batch, step=setup.step, draws=draws)
         alive = sum(n for ref, n in refs if ref() is not None)
     assert loss.requires_grad
@@ -146,6 +150,29 @@ def test_traced_activations_equal_what_a_real_run_saves(step, precision):
     assert abs(traced_alive - alive) <= atol + rtol * alive, (traced_alive, alive)
     assert trace.passes == (4 if kind == "cycle" else 1)
     assert trace.host_reads > 0  # the non-finite checks were answered, not skipped
+
+
+def test_a_cpu_trace_follows_cuda_autocast_where_cpu_autocast_differs():
+    x, layer = torch.randn(4, 8), torch.nn.Linear(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).softmax(-1).dtype == torch.bfloat16  # CPU autocast alone
+        with CudaAutocastPolicy():
+            y = layer(x)
+            assert y.dtype == torch.bfloat16  # matmuls in the low dtype, as on CUDA
+            assert y.softmax(-1).dtype == torch.float32  # CUDA runs softmax in float32
+            assert torch.nn.functional.layer_norm(y, (8,)).dtype == torch.float32
+    with CudaAutocastPolicy():
+        assert torch.randn(3, dtype=torch.bfloat16).softmax(-1).dtype == torch.bfloat16  # no autocast, no cast
+    # What autograd saves follows: softmax saves its output, in float32 under the policy.
+    saved = {}
+    for name, policy in (("cpu", nullcontext()), ("cuda", CudaAutocastPolicy())):
+        with FakeTensorMode():
+            layer, x = torch.nn.Linear(64, 64), torch.randn(16, 64)
+            tracer = StepTracer(round_to=1)
+            with tracer, tracer.saving(), torch.autocast("cpu", dtype=torch.bfloat16), policy:
+                layer(x).softmax(-1).float().sum().backward()
+        saved[name] = sum(tracer.saved.values())
+    assert saved["cuda"] - saved["cpu"] == 16 * 64 * (4 - 2)
 
 
 def test_parameters_gradients_and_adamw_state_equal_the_exact_count():
