@@ -6,22 +6,25 @@ the configured autocast, backward of its loss, gradient clipping and the AdamW s
 built from the config's real sizes (`model.*`, the checkpoint's vocabulary and latent width) in
 train mode, a batch of `training.train_batch_size` x the sequence length. It runs under
 `torch._subclasses.fake_tensor.FakeTensorMode`: every tensor has its shape, dtype and device and no
-storage, so an 893M-parameter step at S=4096 traces on a laptop. Three dispatch modes watch it:
+storage, so an 893M-parameter step at S=4096 traces on a laptop. One dispatch mode, `StepTracer`,
+watches it:
 
-- `HostScalars` answers the host reads a step makes (`Tensor.item()`, i.e. `aten._local_scalar_dense`):
-  under FakeTensorMode there is no value to read. The trainers' non-finite checks are answered
-  "finite" (True), the model's token-id range check "in range" (0), a float metric 1.0; the
-  trainers' semantics are not touched, and the count of answered reads is reported.
-- `MemoryTracker` follows every storage from its allocation to its release (weak references on the
-  storages, as the caching allocator sees them: rounded up to 512 bytes) and sorts the live bytes
-  into five kinds: parameters (and buffers), gradients (a `.grad`, from the moment autograd
-  accumulates it), optimizer state (AdamW's moments and step counters), activations (storages
-  autograd saved for backward, `torch.autograd.graph.saved_tensors_hooks`) and temporaries
-  (everything else: forward intermediates, outputs, autocast's weight copies, gradients of
-  activations, the optimizer's and clipping's foreach intermediates). It records the peak of each
-  phase (forward, backward, optimizer) with its split, and who first saved each activation: a
+- memory: every storage from its allocation to its release (weak references on the storages, as
+  the caching allocator sees them: rounded up to 512 bytes), sorted into five kinds: parameters (and
+  buffers), gradients (a `.grad`, from the moment autograd accumulates it), optimizer state (AdamW's
+  moments), activations (storages autograd saved for backward, `saved_tensors_hooks`) and
+  temporaries (everything else: forward intermediates, outputs, autocast's weight copies, gradients
+  of activations, the optimizer's and clipping's foreach intermediates). It records the peak of
+  each phase (forward, backward, optimizer) with its split, and who first saved each activation: a
   model pass, or the trainer's own code between passes (losses, reconstructions).
-- `torch.utils.flop_counter.FlopCounterMode` counts the matmul-family FLOPs, forward and backward.
+- FLOPs: `torch.utils.flop_counter`'s formulas (FlopCounterMode's), forward and backward.
+- host reads (`Tensor.item()`, i.e. `aten._local_scalar_dense`): under FakeTensorMode there is no
+  value to read. The trainers' non-finite checks are answered "finite" (True), the model's token-id
+  range check "in range" (0), a float metric 1.0; the trainers' code is not touched, and the count
+  of answered reads is reported.
+
+On a CPU trace of a mixed-precision run, `CudaAutocastPolicy` adds CUDA autocast's float32 ops to
+CPU autocast (the estimate is for a CUDA run).
 
 Why not `torch.distributed._tools.mem_tracker.MemTracker`: on this step it (1) refuses a model
 called more than once per iteration from a trainer that is not an `nn.Module` ("does not support
@@ -30,8 +33,8 @@ the model four times; (2) splits activations from temporaries by phase (allocate
 backward), so its "activations" include forward temporaries and autocast casts and cannot be checked
 against what autograd saves, and labels the optimizer step's temporaries optimizer state
 (measured: 2.43x the parameters' bytes for AdamW, whose state is 2x); (3) walks every tracked module
-at every op: 8x the trace's time on a two-block model (9.4 s against 1.2 s), where this tracker
-adds about a tenth.
+at every op: 8x the trace's time on a two-block model (9.4 s against 1.2 s); this tracer adds a
+small fraction to FakeTensorMode's own cost.
 
 Depth. The trace costs ~50 us of Python per op and a block of this backbone is ~11k ops per pass
 forward and backward (the hyper-connections' Sinkhorn iterations alone are half), so the cycle

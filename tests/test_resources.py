@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import re
 import resource
 import weakref
 from contextlib import nullcontext
@@ -354,3 +355,59 @@ def test_the_estimate_matches_cuda_max_memory_allocated(step):
         f"{step}: estimate {estimate / 2**20:.1f} MiB vs max_memory_allocated {measured / 2**20:.1f} MiB on "
         f"{torch.cuda.get_device_name()}"
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_context(tmp_path_factory):
+    """The gate's context on a checkpoint of the packaged tiny model, its weights not loaded."""
+    from compat.harness import CompatContext
+    from compat.options import CompatOptions
+    from latentDLM_mmdit.checkpoints import save_checkpoint
+    from latentDLM_mmdit.factory import build_model
+
+    folder = tmp_path_factory.mktemp("resources")
+    cfg = load_config(config_path("cycle"))
+    checkpoint = save_checkpoint(
+        folder / "tiny.safetensors", build_model(cfg, seed=0), config=cfg, trainer_kind="stable", step=1
+    )
+    return CompatContext.create(CompatOptions(checkpoint=str(checkpoint)), folder, load_model=False)
+
+
+def run_check(ctx, name: str, **options) -> tuple[str, dict]:
+    """(outcome, measured) of the resources row's check `name` with the gate's `options`."""
+    from dataclasses import replace as with_options
+
+    from compat.test_row_resources import CHECKS
+
+    measured, saved = {}, ctx.options
+    ctx.options = with_options(saved, **options)
+    try:
+        CHECKS[name](ctx, lambda key, value, review=False: measured.update({key: (value, review)}))
+    except pytest.skip.Exception as exc:
+        return f"skipped: {exc}", measured
+    except AssertionError as exc:
+        return f"failed: {exc}", measured
+    finally:
+        ctx.options = saved
+    return "passed", measured
+
+
+@pytest.mark.slow
+def test_the_fit_check_names_the_batch_that_fits_or_the_headroom(tiny_context):
+    ctx = tiny_context
+    outcome, _ = run_check(ctx, "fit")
+    assert outcome.startswith("skipped: not applicable") and "--gpu-memory" in outcome
+    # The tiny cycle step needs 36.5 MiB per rank (DDP's buckets included), the stable step 19.7 MiB.
+    outcome, measured = run_check(ctx, "fit", gpu_memory="24MiB")
+    assert re.match(
+        r"failed: the cycle step needs 3\d\.\d MiB per rank and does not fit 24\.0 MiB where the stable step "
+        r"\(19\.\d MiB\) did: set training\.train_batch_size 1 and training\.gradient_accumulation_steps 4 "
+        r"\(same global batch",
+        outcome,
+    ), outcome
+    outcome, measured = run_check(ctx, "fit", gpu_memory="40MiB")
+    assert outcome == "passed" and measured["fit_headroom"][1], measured  # 9% free: REVIEW
+    outcome, measured = run_check(ctx, "fit", gpu_memory="1GiB")
+    assert outcome == "passed" and not measured["fit"][1] and "fits 1 GiB, 96% free" in measured["fit"][0], measured
+    outcome, measured = run_check(ctx, "cost", gpu_tflops=100.0)
+    assert outcome == "passed" and "GPU-hours per rank (x4.00)" in measured["gpu_hours"][0], measured
