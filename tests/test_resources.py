@@ -411,3 +411,32 @@ def test_the_fit_check_names_the_batch_that_fits_or_the_headroom(tiny_context):
     assert outcome == "passed" and not measured["fit"][1] and "fits 1 GiB, 96% free" in measured["fit"][0], measured
     outcome, measured = run_check(ctx, "cost", gpu_tflops=100.0)
     assert outcome == "passed" and "GPU-hours per rank (x4.00)" in measured["gpu_hours"][0], measured
+
+
+class NumpyMetricsCycleTrainer(CycleVAETrainer):
+    """The built-in cycle trainer, its metrics read through `.numpy()` (fine on real tensors)."""
+
+    def forward(self, batch, *, step=None, draws=None):
+        loss, metrics = super().forward(batch, step=step, draws=draws)
+        metrics["loss_np"] = float(loss.detach().cpu().numpy())
+        return loss, metrics
+
+
+class BrokenCycleTrainer(CycleVAETrainer):
+    def forward(self, batch, *, step=None, draws=None):
+        raise AttributeError("no attribute current_step")
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_be_traced_is_not_run_and_a_raising_one_is_incompatible(tiny_context):
+    ctx, saved = tiny_context, tiny_context.cycle_subject
+    try:
+        ctx.cycle_subject, ctx.resources = Subject(TrainerSpec.of(NumpyMetricsCycleTrainer), "cycle"), {}
+        outcome, _ = run_check(ctx, "memory")
+        assert outcome.startswith("skipped: could not check: the step cannot be traced without data"), outcome
+        assert ".numpy()" in outcome
+        ctx.cycle_subject, ctx.resources = Subject(TrainerSpec.of(BrokenCycleTrainer), "cycle"), {}
+        outcome, _ = run_check(ctx, "memory")
+        assert outcome.startswith("failed: the cycle trainer BrokenCycleTrainer raised AttributeError"), outcome
+    finally:
+        ctx.cycle_subject, ctx.resources = saved, {}
