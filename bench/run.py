@@ -20,6 +20,10 @@ Figures:
   gate_plugin_*    the gate with the cycle trainer given as a SPEC (the built-in class, and a
                    foreign trainer that draws from the global RNG) / the built-in path, timed
                    round robin                                       (target <= 1.1)
+  resources_wall   wall seconds of the resources row alone on the cluster config's shapes (real sizes,
+                   B=4, S=4096; bench/resources_row.py, the checkpoint's weights never read) / 30
+                                                                      (target <= 1.0)
+  resources_rss    peak RSS of that process / 2 GiB (nothing real is allocated)   (target <= 1.0)
   checkpoint_save  the training loop's crash-safe checkpoint pair (temporaries fsynced, train
                    state published first, weights last, directory fsynced) / the same two files
                    written with a rename each and no fsync, round robin  (target <= 1.5)
@@ -79,18 +83,31 @@ GATE_MEMORY_TARGET = 1.2  # peak RSS / checkpoint bytes (goal 1.1)
 GATE_WALL_TARGET_S = 90.0  # seconds on 2 cores (goal 60)
 
 
-def gate_figures(small: bool, workdir: Path, per_row: bool = False) -> list[str]:
+def cluster_checkpoint(small: bool, workdir: Path) -> tuple[Path, Path, int]:
+    """(config file, random checkpoint, parameters) of the packaged cluster config (shrunk with
+    --small), written into `workdir` once and reused by the figures that need it."""
     from bench.random_checkpoint import write_random_checkpoint
-    from bench.row_profile import ENV as ROW_PROFILE_ENV
     from cycle_vae_impl.configs import config_path
     from latentDLM_mmdit.config import load_config
 
-    config_path = config_path("cycle_cluster")
     overrides = ["model.hidden_size=256", "model.cond_dim=256", "model.n_blocks=4"] if small else []
-    config = load_config(config_path, overrides)
+    config = load_config(config_path("cycle_cluster"), overrides)
     cfg_file = workdir / "gate_config.yaml"
+    checkpoint = workdir / "random_cluster.safetensors"
+    if cfg_file.is_file() and checkpoint.is_file() and OmegaConf.load(cfg_file) == config:
+        from compat.inputs import open_user_checkpoint
+
+        with open_user_checkpoint(checkpoint) as source:
+            return cfg_file, checkpoint, sum(int(torch.Size(s).numel()) for s in source.shapes.values())
     OmegaConf.save(config, cfg_file)
-    checkpoint, n_params = write_random_checkpoint(config, workdir / "random_cluster.safetensors")
+    checkpoint, n_params = write_random_checkpoint(config, checkpoint)
+    return cfg_file, checkpoint, n_params
+
+
+def gate_figures(small: bool, workdir: Path, per_row: bool = False) -> list[str]:
+    from bench.row_profile import ENV as ROW_PROFILE_ENV
+
+    cfg_file, checkpoint, n_params = cluster_checkpoint(small, workdir)
     size = checkpoint.stat().st_size
     cmd = [
         sys.executable,
@@ -169,6 +186,52 @@ def row_profile_lines(profile: Path, checkpoint_bytes: int) -> list[str]:
         )
     lines.append(f"{'gate_row':<16} {'(process peak)':<24} {'':>6} {'':>8} {'':>10} {data['max_rss'] / 2**30:>10.2f} G")
     return lines
+
+
+# -- the resources row alone ------------------------------------------------------------------------
+RESOURCES_WALL_TARGET = 30.0  # seconds (issue 18): nothing real is allocated, so a laptop's minute is too much
+RESOURCES_RSS_TARGET = 2 * 2**30  # bytes
+
+
+def resources_figures(small: bool, workdir: Path) -> list[str]:
+    """The resources row on the random cluster checkpoint's shapes (its weights are never read), at
+    the config's real sizes (B = training.train_batch_size, S = model.max_seq_len), in a process of
+    its own (`bench/resources_row.py`): wall time and peak RSS."""
+    import json
+
+    cfg_file, checkpoint, n_params = cluster_checkpoint(small, workdir)
+    cmd = [sys.executable, "-m", "bench.resources_row", "--checkpoint", str(checkpoint)]
+    cmd += ["--stable-config", str(cfg_file), "--cycle-config", str(cfg_file)]
+    cmd += ["--gpu-memory", "80GiB", "--gpu-tflops", "989"]
+    proc, wall, peak = run_measured(cmd)
+    (workdir / "resources.log").write_text(proc.stdout + proc.stderr)
+    marker = [x for x in proc.stdout.splitlines() if x.startswith("@@resources=")]
+    if proc.returncode != 0 or not marker:
+        raise RuntimeError(
+            f"the resources row failed to run (exit {proc.returncode}); log: {workdir / 'resources.log'}"
+        )
+    result = json.loads(marker[-1].split("=", 1)[1])
+    measured = dict(result["measured"])
+    verdicts = ", ".join(f"{k} {v[0]}" for k, v in result["outcomes"].items())
+    full = not small
+    label = "small" if small else "cluster"
+    return [
+        line(
+            "resources_wall",
+            wall / RESOURCES_WALL_TARGET,
+            "target <= 1.0" + ("" if full else " (full)"),
+            f"{wall:.1f} s ({result['row_seconds']:.1f} s the row's checks) on {os.cpu_count()} cores, {label} "
+            f"config, {n_params / 1e6:.0f}M params: {measured.get('per_rank', '?')}; {verdicts}",
+            wall <= RESOURCES_WALL_TARGET if full else None,
+        ),
+        line(
+            "resources_rss",
+            peak / RESOURCES_RSS_TARGET,
+            "target <= 1.0" + ("" if full else " (full)"),
+            f"peak RSS {peak / 2**30:.2f} GiB of {RESOURCES_RSS_TARGET / 2**30:.0f} GiB; fit: {measured.get('fit', '?')}",
+            peak <= RESOURCES_RSS_TARGET if full else None,
+        ),
+    ]
 
 
 # -- cycle step cost ---------------------------------------------------------------------------------
@@ -468,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small sizes (CI): runs in under two minutes")
     parser.add_argument(
         "--only",
-        choices=["gate", "step", "suite", "plugin", "save", "loader", "report", "teeth"],
+        choices=["gate", "step", "suite", "plugin", "save", "loader", "report", "resources", "teeth"],
         action="append",
         help="run only these figures (repeatable); teeth (the mutation score, bench/teeth.py) runs only when named",
     )
@@ -500,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and logs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader", "report"])
+    selected = set(args.only or ["gate", "step", "suite", "plugin", "save", "loader", "report", "resources"])
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmdit-compat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(
@@ -537,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         gate_lines = gate_figures(args.small, workdir, per_row=args.per_row)
         lines += gate_lines
         print(*gate_lines, sep="\n", flush=True)
+    if "resources" in selected:
+        lines += resources_figures(args.small, workdir)
+        print(*lines[-2:], sep="\n", flush=True)
     if "teeth" in selected:
         from bench.teeth import TeethError, teeth_figure
 

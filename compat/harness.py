@@ -247,10 +247,11 @@ class CompatContext:
     _semantic: MultimodalMMDiT | None = field(default=None, repr=False)
     semantic_note: str = "semantics rows not run"
     trajectories: dict[str, Any] = field(default_factory=dict, repr=False)  # the trajectories row's runs
+    resources: dict[Any, Any] = field(default_factory=dict, repr=False)  # the resources row's traced steps
     # Every check that passed in this session, keyed by what decides its outcome (the check and both
     # trainers as driven: class, step and draws protocol, role): a planted defect's control may be
     # that pass (`compat/test_mutants.py`), on the built-in and the plug-in path alike.
-    passed_checks: set = field(default_factory=set, repr=False)
+    passed_checks: dict = field(default_factory=dict, repr=False)  # check key -> the review items it flagged
     # The outcome of each planted defect's check, keyed by (defect, check_key): the plug-in path's
     # case reuses the built-in path's run when its subject is driven the same way.
     mutated_outcomes: dict = field(default_factory=dict, repr=False)
@@ -263,10 +264,12 @@ class CompatContext:
         return (check, driven(self.cycle_subject), driven(self.stable_subject))
 
     @classmethod
-    def create(cls, options: CompatOptions, workdir: Path) -> "CompatContext":
+    def create(cls, options: CompatOptions, workdir: Path, load_model: bool = True) -> "CompatContext":
         """Reads every input (GateInputError naming the problem when one cannot be used), then
         builds the shared model from the checkpoint (a load failure is the pretrained row's
-        verdict, kept in `load_error`)."""
+        verdict, kept in `load_error`). `load_model=False` reads only the checkpoint's names and
+        shapes (what the resources row needs; `bench --only resources` measures it so); the rows that
+        need the model are then blocked."""
         check_options(options)
         device = resolve_device(options.device)
         stable_config, stable_path = load_user_config(options.stable_config, "stable")
@@ -313,6 +316,9 @@ class CompatContext:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
         if options.stable_trainer:
             ctx.stable_subject = Subject(TrainerSpec.load(options.stable_trainer, "--stable-trainer"), "stable")
+        if not load_model:
+            ctx.load_error = "not loaded: the context was created with load_model=False"
+            return ctx
         try:
             ctx.model = ctx.build_model(load=True)
         except CheckpointError as exc:
@@ -668,7 +674,14 @@ def row_test(checks: dict):
     def test_row(ctx, measure, check):
         if control is not None and check is not control:
             require_sensitive(ctx, control.inputs)
-        check(ctx, measure)
-        ctx.passed_checks.add(ctx.check_key(check))
+        flagged = []
+
+        def recording(name, value, review=False, **kwargs):
+            if review:
+                flagged.append(name)
+            measure(name, value, review=review, **kwargs)
+
+        check(ctx, recording)
+        ctx.passed_checks[ctx.check_key(check)] = tuple(flagged)
 
     return test_row

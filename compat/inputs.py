@@ -8,7 +8,7 @@ input is modified; the checkpoint is only read safely (see `latentDLM_mmdit.chec
 from __future__ import annotations
 
 import dataclasses
-
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,27 @@ def check_options(options: CompatOptions) -> None:
             f"--compile-scope {options.compile_scope!r} is not a scope of the compiled_trainer row",
             f"pass one of {', '.join(COMPILE_SCOPES)}, or omit it (full on cuda, trainer on cpu)",
         )
+    if options.gpu_memory is not None:
+        gpu_memory_bytes(options.gpu_memory)
+    if options.gpu_tflops is not None and not (math.isfinite(options.gpu_tflops) and options.gpu_tflops > 0):
+        raise GateInputError(
+            f"--gpu-tflops {options.gpu_tflops}: a GPU's throughput is a positive number of TFLOP/s",
+            "pass the card's dense bf16 TFLOP/s, e.g. --gpu-tflops 989 (H100 SXM), or omit it",
+        )
     resolve_device(options.device)
+
+
+def gpu_memory_bytes(size: str) -> int:
+    """Bytes of `--gpu-memory SIZE`; GateInputError naming the option and an example when it is not a size."""
+    from compat.resources import parse_size
+
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise GateInputError(
+            f"--gpu-memory {size!r} is not a memory size: {exc}",
+            "pass the GPU's memory with its unit, e.g. --gpu-memory 80GiB (or 24GB, 81920MiB)",
+        ) from None
 
 
 def resolve_device(spec: str) -> torch.device:

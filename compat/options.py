@@ -84,6 +84,19 @@ OPTIONS: tuple[GateOption, ...] = (
         metavar="SCOPE",
     ),
     GateOption(
+        "gpu-memory",
+        "memory of one GPU for the resources row's fit check, with its unit (80GiB, 24GB, 81920MiB); "
+        "default: the CUDA device's total memory with --device cuda, else the fit check is not applicable",
+        metavar="SIZE",
+    ),
+    GateOption(
+        "gpu-tflops",
+        "dense bf16 TFLOP/s of one GPU (e.g. 989 for an H100 SXM): the resources row projects GPU-hours "
+        "for training.num_train_steps at an assumed utilisation; default: no projection",
+        type=float,
+        metavar="X",
+    ),
+    GateOption(
         "golden",
         "a golden trajectory file (from --record-golden) the trajectories row compares against; "
         "default: the committed one for the embedded default, none for your inputs",
@@ -117,6 +130,8 @@ class CompatOptions:
     seq_len: int | None = None
     compile_backend: str | None = None
     compile_scope: str | None = None
+    gpu_memory: str | None = None
+    gpu_tflops: float | None = None
     golden: str | None = None
     record_golden: str | None = None
 

@@ -102,6 +102,12 @@ ROWS = (
         "the same; base losses kept against the stable continuation; golden values",
     ),
     Row(
+        "resources",
+        "Resources (memory, FLOPs per step)",
+        "peak memory per rank and FLOPs of a step, each mode of its schedule",
+        "the same, weights at their largest; fits --gpu-memory; GPU-hours at --gpu-tflops",
+    ),
+    Row(
         "reference_integrity",
         "Reference integrity (shared components)",
         "schedules, masking, loss helpers, checkpoints, model forward",

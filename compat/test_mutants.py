@@ -19,13 +19,14 @@ with `--kill-table`; every row has at least one mutant (checked).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import importlib
 import json
 import warnings
 
 import pytest
 
-from compat.mutants import ASSERTION, CONTROL, MUTANTS, TRAINER_ERROR
+from compat.mutants import ASSERTION, CONTROL, MUTANTS, REVIEWED, TRAINER_ERROR
 from compat.outcomes import CONTROL_PREFIX, Incompatible
 from compat.rows import ROWS
 from compat.subjects import CandidateError, Subject
@@ -51,14 +52,14 @@ def cycle_trainer_path(ctx, path: str):
 
 @contextlib.contextmanager
 def fresh_runs(ctx):
-    """Runs the context caches (the trajectories' training runs) are redone under a mutant, and the
-    unmutated ones come back after it."""
-    saved = ctx.trajectories
-    ctx.trajectories = {}
+    """Runs the context caches (the trajectories' training runs, the resources row's traced steps)
+    are redone under a mutant, and the unmutated ones come back after it."""
+    saved = ctx.trajectories, ctx.resources
+    ctx.trajectories, ctx.resources = {}, {}
     try:
         yield
     finally:
-        ctx.trajectories = saved
+        ctx.trajectories, ctx.resources = saved
 
 
 def check_of(row: str, check: str):
@@ -66,67 +67,93 @@ def check_of(row: str, check: str):
     return importlib.import_module(f"compat.test_row_{row}").CHECKS[check]
 
 
-def run_check(ctx, row: str, check: str) -> None:
+def run_check(ctx, row: str, check: str) -> tuple[str, ...]:
+    """Runs the check; returns the review items it flagged."""
+    flagged = []
+
+    def measure(name, value, review=False, **kwargs):
+        if review:
+            flagged.append(name)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Using a target size")
-        check_of(row, check)(ctx, lambda *args, **kwargs: None)
+        check_of(row, check)(ctx, measure)
+    return tuple(flagged)
 
 
-def control_outcome(ctx, row: str, check: str) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Outcome:
+    """How a check ended: "passed" | "assertion" | "trainer error" | "harness control" | "skipped" |
+    "bare assertion" | "other error", what it said, and the review items it flagged when it passed.
+    "assertion" is an `Incompatible`: the row's line then begins with the problem and its fix (never
+    "AssertionError" or a comparison's "Scalars are not close")."""
+
+    kind: str
+    detail: str
+    reviews: tuple[str, ...] = ()
+
+
+def control_outcome(ctx, row: str, check: str) -> Outcome:
     """The check unmutated: a pass of it recorded in this session with the same trainers driven the
     same way (its row's own test, or the control of the other path: the plug-in path loads the same
     class), else a run of it now."""
-    function = check_of(row, check)
-    if ctx.check_key(function) in ctx.passed_checks:
-        return "passed", "the row's own test passed it in this session"
+    key = ctx.check_key(check_of(row, check))
+    if key in ctx.passed_checks:
+        return Outcome("passed", "the row's own test passed it in this session", ctx.passed_checks[key])
     outcome = outcome_of(ctx, row, check)
-    if outcome[0] == "passed":
-        ctx.passed_checks.add(ctx.check_key(function))
+    if outcome.kind == "passed":
+        ctx.passed_checks[key] = outcome.reviews
     return outcome
 
 
-def outcome_of(ctx, row: str, check: str) -> tuple[str, str]:
-    """("passed" | "assertion" | "trainer error" | "harness control" | "skipped" | "bare assertion" |
-    "other error", detail). "assertion" is an `Incompatible`: the row's line then begins with the problem
-    and its fix (never "AssertionError" or a comparison's "Scalars are not close")."""
+def outcome_of(ctx, row: str, check: str) -> Outcome:
     try:
-        run_check(ctx, row, check)
+        reviews = run_check(ctx, row, check)
     except pytest.skip.Exception as exc:
-        return (CONTROL if CONTROL_PREFIX in str(exc) else "skipped"), str(exc)
+        return Outcome(CONTROL if CONTROL_PREFIX in str(exc) else "skipped", str(exc))
     except CandidateError as exc:
-        return TRAINER_ERROR, str(exc).splitlines()[0]
+        return Outcome(TRAINER_ERROR, str(exc).splitlines()[0])
     except Incompatible as exc:  # the check's finding, said as the user acts on it (problem: fix. numbers)
-        return ASSERTION, str(exc)
+        return Outcome(ASSERTION, str(exc))
     except AssertionError as exc:  # a bare assert: a finding without its fix is not how a row may fail
-        return "bare assertion", (str(exc).strip().splitlines() or [""])[0]
+        return Outcome("bare assertion", (str(exc).strip().splitlines() or [""])[0])
     except Exception as exc:  # noqa: BLE001 - reported, and not counted as a catch
-        return "other error", f"{type(exc).__name__}: {exc}"
-    return "passed", "the check passed"
+        return Outcome("other error", f"{type(exc).__name__}: {exc}")
+    return Outcome("passed", "the check passed" + (f" (review: {', '.join(reviews)})" if reviews else ""), reviews)
 
 
-def mutated_outcome(ctx, mutant, path: str) -> tuple[str, str]:
+def mutated_outcome(ctx, mutant, path: str) -> Outcome:
     """The check's outcome under `mutant`: a run now, or the run of the other path when both paths
     drive the same trainer the same way (the same check key: the same computation)."""
     key = (mutant.name, ctx.check_key(check_of(mutant.row, mutant.check)))
     if key in ctx.mutated_outcomes:
-        got, detail, ran_on = ctx.mutated_outcomes[key]
-        return got, f"= {ran_on} run (trainer driven the same way): {detail}"
+        outcome, ran_on = ctx.mutated_outcomes[key]
+        return Outcome(outcome.kind, f"= {ran_on} run (trainer driven the same way): {outcome.detail}", outcome.reviews)
     with mutant.apply(), fresh_runs(ctx):
-        got, detail = outcome_of(ctx, mutant.row, mutant.check)
-    ctx.mutated_outcomes[key] = (got, detail, path)
-    return got, detail
+        outcome = outcome_of(ctx, mutant.row, mutant.check)
+    ctx.mutated_outcomes[key] = (outcome, path)
+    return outcome
+
+
+def caught_as(mutant, outcome: Outcome) -> str:
+    """How the mutated check ended, as the mutant's `expect` names it: a defect that is a cost is
+    caught when the check passes flagging the mutant's review item."""
+    if mutant.expect == REVIEWED and outcome.kind == "passed" and mutant.review in outcome.reviews:
+        return REVIEWED
+    return outcome.kind
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
 def test_mutant_is_caught(ctx, mutant, path, request):
     with cycle_trainer_path(ctx, path):
-        control, control_detail = control_outcome(ctx, mutant.row, mutant.check)
-        assert control == "passed", (
-            f"control: {mutant.row}/{mutant.check} does not pass unmutated ({control}: "
-            f"{control_detail}), so a failure under the mutant would prove nothing"
+        control = control_outcome(ctx, mutant.row, mutant.check)
+        assert control.kind == "passed" and mutant.review not in control.reviews, (
+            f"control: {mutant.row}/{mutant.check} does not pass clean unmutated ({control.kind}: "
+            f"{control.detail}), so a failure under the mutant would prove nothing"
         )
-        got, detail = mutated_outcome(ctx, mutant, path)
+        mutated = mutated_outcome(ctx, mutant, path)
+    got = caught_as(mutant, mutated)
     caught = got == mutant.expect
     request.node.user_properties.append(
         (
@@ -139,14 +166,14 @@ def test_mutant_is_caught(ctx, mutant, path, request):
                     "path": path,
                     "caught": caught,
                     "how": got,
-                    "detail": detail,
+                    "detail": mutated.detail,
                 }
             ),
         )
     )
     assert caught, (
         f"mutant {mutant.name} ({mutant.description}) was not caught by {mutant.row}/{mutant.check} "
-        f"on the {path} path: expected {mutant.expect}, got {got}: {detail}"
+        f"on the {path} path: expected {mutant.expect}, got {got}: {mutated.detail}"
     )
 
 

@@ -144,6 +144,9 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         (["--cycle-config", "{missing}"], ["--cycle-config", "missing.yaml"]),
         (["--compile-backend", "indcutor"], ["--compile-backend", "indcutor", "aot_eager"]),
         (["--compile-scope", "model"], ["--compile-scope", "trainer"]),
+        (["--gpu-memory", "80"], ["--gpu-memory", "has no unit", "80GiB"]),
+        (["--gpu-memory", "80 GiBs"], ["--gpu-memory", "unknown unit", "80GiB"]),
+        (["--gpu-tflops", "0"], ["--gpu-tflops", "989"]),
     ],
     ids=[
         "half-data-options",
@@ -152,6 +155,9 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         "missing-config",
         "compile-backend-typo",
         "compile-scope",
+        "gpu-memory-without-unit",
+        "gpu-memory-unknown-unit",
+        "gpu-tflops-zero",
     ],
 )
 def test_usage_errors_exit_2_with_the_matrix_written(tmp_path, tiny, args, needles):

@@ -32,6 +32,7 @@ from latentDLM_mmdit.losses import NORMALIZE_EPS
 TRAINER_ERROR = "trainer error"  # the defect makes the trainer raise: the row's check reports it
 ASSERTION = "assertion"          # the defect changes numbers or inputs: the check's own assertion fails
 CONTROL = "harness control"      # the defect is in the reference the gate measures against: its control fails
+REVIEWED = "review"              # the defect is a cost, not a difference: the check flags `review` (REVIEW)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Mutant:
     description: str
     patches: Callable[[], list]
     expect: str = ASSERTION
+    review: str | None = None  # with expect REVIEWED: the review item the check must flag (and not unmutated)
 
     @contextlib.contextmanager
     def apply(self) -> Iterator[None]:
@@ -260,6 +262,38 @@ def _mask_checked_outside_compile(prepare):
     return prepare_batch
 
 
+def _graph_kept_past_stop_grad(original_step):
+    def cycle_step(self, batch, w_text, w_latent, text_on, latent_on, draws=None):
+        logits = []
+        run = self._run
+
+        def recording_run(*args, **kwargs):
+            out = run(*args, **kwargs)
+            logits.append(out[0])
+            return out
+
+        self._run = recording_run
+        try:
+            total, metrics = original_step(self, batch, w_text, w_latent, text_on, latent_on, draws=draws)
+        finally:
+            del self._run
+        if latent_on:
+            # The pseudo tokens' confidence from the L2T logits (the second pass), kept in the graph
+            # although stop-grad is on: x / x is 1.0 in value, so the loss is unchanged, but backward
+            # now keeps softmax(L2T logits) [B, S, V] in float32.
+            confidence = torch.softmax(logits[1].float(), dim=-1).amax(dim=-1).mean()
+            total = total * (confidence / confidence.detach())
+        return total, metrics
+    return cycle_step
+
+
+def _passes_at_weight_zero(original):
+    def term_weights(self, step):
+        w_text, w_latent, _, _ = original(self, step)
+        return w_text, w_latent, True, True  # every cycle pass made, whatever its weight
+    return term_weights
+
+
 _real_installed_versions = checkpoints_module.installed_versions
 
 
@@ -371,6 +405,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "the cycle trainer converts the attention mask inside an `if not is_compiling()` check: compiled, "
            "padding is attended",
            lambda: [mock.patch.object(cycle_module, "prepare_batch", _mask_checked_outside_compile(cycle_module.prepare_batch))]),
+    Mutant("cycle_latent_graph_kept", "resources", "memory",
+           "the cycle trainer scales its loss by the pseudo tokens' softmax confidence over its detached value "
+           "(1.0 in value): the graph through the L2T logits is kept for backward although stop-grad is on "
+           "(+B x S x V float32 saved)",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "cycle_step",
+                                      _graph_kept_past_stop_grad(cycle_module.CycleVAETrainer.cycle_step))]),
+    Mutant("passes_at_weight_zero", "resources", "flops",
+           "the cycle trainer makes the cycle_text and cycle_latent passes while their weights are 0 (the warmup): "
+           "a cost (REVIEW), as the cycle_terms row says of it",
+           lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "term_weights",
+                                      _passes_at_weight_zero(cycle_module.CycleVAETrainer.term_weights))],
+           expect=REVIEWED, review="passes_for_terms_weighted_0"),
 )
 
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
