@@ -202,13 +202,21 @@ def sensitivity_control(*inputs: str):
     return check_model_sees_inputs
 
 
+NONFINITE_SCAN_CHUNK = 2**22  # elements of a tensor checked at once: isfinite's temporaries stay ~16 MiB
+
+
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names (with counts) of the model's tensors that hold NaN or Inf."""
+    """Names (with counts) of the model's tensors that hold NaN or Inf, scanned in chunks so that a
+    full-size embedding costs no temporaries of its own size (the gate's memory peak)."""
     found = []
     with torch.no_grad():
         for name, value in model.state_dict().items():
             if value.is_floating_point():
-                bad = int((~torch.isfinite(value)).sum())
+                flat = value.detach().reshape(-1)
+                bad = sum(
+                    int(flat[i : i + NONFINITE_SCAN_CHUNK].isfinite().logical_not().sum())
+                    for i in range(0, flat.numel(), NONFINITE_SCAN_CHUNK)
+                )
                 if bad:
                     found.append(f"{name} ({bad} of {value.numel()} non-finite)")
     return found
@@ -438,6 +446,19 @@ class CompatContext:
             "from the same config; loading, outputs and both trainers' losses ran on the checkpoint"
         )
 
+    def pretrained_or_proxy(self) -> MultimodalMMDiT:
+        """The model for checks that compare a few passes of both trainers on the pretrained weights:
+        the checkpoint's own; for a large checkpoint the semantics rows' proxy instead. Those checks are
+        about the trainers' code, which the proxy runs alike; the pretrained_checkpoint row runs both
+        trainers' losses on the full-size checkpoint itself, once (each full-size pass costs seconds on a
+        CPU, and the gate must stay within its time)."""
+        return self.semantic_model() if self.large else self.require_model()
+
+    @property
+    def pretrained_note(self) -> str:
+        """Which model `pretrained_or_proxy` gave, for a row's measured values."""
+        return "the proxy (large checkpoint)" if self.large else "the checkpoint's model"
+
     def require_model(self) -> MultimodalMMDiT:
         """The shared model. A row that needs it is NOT RUN (blocked by the pretrained-checkpoint
         row, which is then INCOMPATIBLE) when it did not load or holds non-finite weights."""
@@ -574,15 +595,16 @@ class CompatContext:
     def trainer_dtype_name(self) -> str:
         return str(self.cycle_config.training.dtype)
 
-    def x0_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's clean latents [B, D] as the trainers feed them (rounded to the trainer dtype),
-        in float64 on the CPU: the x0 of the oracle."""
+    def x0_of(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The batch's clean latents [B, D] as the trainers feed them (rounded to `dtype`, default the
+        trainer dtype), in float64 on the CPU: the x0 of the oracle."""
         B = batch["input_ids"].shape[0]
-        return self.as_fed(batch["latent"].reshape(B, -1)).double()
+        return self.as_fed(batch["latent"].reshape(B, -1), dtype).double()
 
-    def as_fed(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` as a trainer casts it before use (rounded to the trainer dtype), in float32 on the CPU."""
-        return x.detach().to(self.trainer_dtype).float().cpu()
+    def as_fed(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`x` as a trainer casts it before use (rounded to `dtype`, default the trainer dtype), in
+        float32 on the CPU."""
+        return x.detach().to(dtype or self.trainer_dtype).float().cpu()
 
     @property
     def oracle_tolerance(self) -> str:

@@ -113,6 +113,13 @@ class StepRecord:
         )
         return found[0]
 
+    def release_outputs(self) -> "StepRecord":
+        """Drops the passes' outputs (text logits are [B, S, V]: with a 30k vocabulary a step's four
+        passes hold over 100 MiB) for a record whose inputs, timesteps and loss are all that is needed."""
+        for p in self.passes:
+            p.outputs = ()
+        return self
+
     def has(self, kind: str) -> bool:
         return bool(passes_of(self.passes, kind))
 

@@ -93,7 +93,8 @@ STOP_GRAD = row_settings(
 
 
 def check_weights_zero_equal_stable(ctx, measure, batch_size):
-    model = ctx.require_model()  # the checkpoint's own model: these are the losses a user continues from
+    model = ctx.pretrained_or_proxy()  # the checkpoint's own model: the losses a user continues from
+    measure(f"B{batch_size}_model", ctx.pretrained_note)
     batch = ctx.batch(batch_size, seed=60 + batch_size)
     draws = ctx.draws(batch, seed=60 + batch_size)
     weight = float(ctx.cycle_config_for().loss.latent_loss_weight)

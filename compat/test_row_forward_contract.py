@@ -57,7 +57,8 @@ def run(ctx, setting: str, batch, draws, model=None):
 
 def check_keywords_and_shapes(ctx, measure):
     """Every pass of both trainers fits the model's forward contract."""
-    model = ctx.require_model()
+    model = ctx.pretrained_or_proxy()
+    measure("output_shapes_model", ctx.pretrained_note)
     batch = ctx.batch(ctx.options.batch_size, seed=1)
     draws = ctx.draws(batch, seed=1)
     B, S = batch["input_ids"].shape

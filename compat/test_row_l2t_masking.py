@@ -48,7 +48,8 @@ def l2t_pass_ok(ctx, label: str, p, batch) -> None:
 
 
 def check_l2t_loss(ctx, measure, batch_size):
-    model = ctx.require_model()  # the checkpoint's own L2T path
+    model = ctx.pretrained_or_proxy()  # the checkpoint's own L2T path
+    measure(f"B{batch_size}_model", ctx.pretrained_note)
     batch = ctx.batch(batch_size, seed=20 + batch_size)
     draws = ctx.draws(batch, seed=20 + batch_size)
     stable = ctx.run_stable("l2t", batch, draws=draws, model=model, grad=False)

@@ -33,6 +33,7 @@ from compat.harness import AUTOCAST_TOLERANCES, row_runner, row_settings, row_te
 from compat.oracle import TOLERANCES, tol
 from compat.outcomes import control_failed, expect
 from compat.terms import cycle_terms, stable_terms
+from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.precision import autocast, autocast_dtype
 
 pytestmark = pytest.mark.compat_row("mixed_precision")
@@ -84,7 +85,7 @@ def run_all(ctx, model, device, *, mixed_precision="no", dtype=torch.float32, gr
 
 
 def oracle_terms(ctx, name, record, config, batch, tolerance):
-    x0 = ctx.x0_of(batch)
+    x0 = ctx.x0_of(batch, dtype_from_config(config))  # as this run's training.dtype fed it
     if name == "cycle":
         return cycle_terms(record, batch, config, None, x0, tolerance)
     return stable_terms(record, batch, config, name.removeprefix("stable_"), x0, tolerance)

@@ -162,11 +162,12 @@ def check_loads_strictly(ctx, measure):
         f"the checkpoint provides {report.n_tensors} tensors where the model has {expected}",
         "load every tensor of the model from the checkpoint (a strict load)",
     )
-    assert_same_outputs(
-        model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
-        model_outputs(ctx, ctx.require_model(), ctx.batch(2, seed=SEED)),
-        "a fresh load of the checkpoint",
-    )
+    if model is not ctx.require_model():  # a large checkpoint is loaded once: there is nothing to compare
+        assert_same_outputs(
+            model_outputs(ctx, model, ctx.batch(2, seed=SEED)),
+            model_outputs(ctx, ctx.require_model(), ctx.batch(2, seed=SEED)),
+            "a fresh load of the checkpoint",
+        )
 
 
 def check_fresh_instances_identical(ctx, measure):

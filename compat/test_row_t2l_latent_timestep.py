@@ -59,7 +59,7 @@ def noised_timesteps(ctx, settings: dict, steps: int = STEPS, with_draws: bool =
             "make the base T2L pass (clean text, latents noised at t_lat)",
         )
         ts += [p.timestep("latent") for p in noised]
-        records.append((batch, draws, record))
+        records.append((batch, draws, record.release_outputs()))  # the timesteps are inputs: kept
     return torch.cat(ts), records
 
 
@@ -151,7 +151,8 @@ def check_random_mode_is_a_shift(ctx, measure):
 def check_full_matches_stable_loss(ctx, measure):
     batch = ctx.batch(ctx.options.batch_size, seed=42)
     draws = ctx.draws(batch, seed=42)
-    model = ctx.require_model()  # the checkpoint's T2L path
+    model = ctx.pretrained_or_proxy()  # the checkpoint's T2L path
+    measure("full_mode_model", ctx.pretrained_note)
     stable = ctx.run_stable("t2l", batch, draws=draws, model=model, grad=False)
     cycle = ctx.run_cycle(batch, settings=BASE_ONLY, draws=draws, model=model, grad=False)
     expect_close(
