@@ -515,12 +515,16 @@ class CompatContext:
         draws: dict[str, torch.Tensor] | None = None,
         model: torch.nn.Module | None = None,
         seed: int = 0,
-        grad: bool = True,
+        grad: bool = False,
+        outputs: bool = True,
         config: DictConfig | None = None,
         after: StepRecord | None = None,
     ) -> StepRecord:
         """One step of the cycle trainer under test (`--cycle-trainer`, default the built-in one) on
-        `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`)."""
+        `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`). With
+        `grad` the step builds its autograd graph (a check that needs gradients or what requires grad);
+        without it, none (a [B, S, V] vocabulary makes a graph's saved tensors the largest cost).
+        `outputs=False` keeps no pass's outputs in the record (a check of inputs, timesteps or losses)."""
         config = config if config is not None else self.cycle_config_for(settings)
         model = model if model is not None else self.semantic_model()
         unfreeze(model)  # a stable trainer over the same model may have frozen groups
@@ -535,6 +539,7 @@ class CompatContext:
             seed=seed,
             mask_token_id=self.vocab.mask_token_id,
             grad=grad,
+            outputs=outputs,
             after=after,
         )
 
@@ -548,7 +553,8 @@ class CompatContext:
         draws: dict[str, torch.Tensor] | None = None,
         model: torch.nn.Module | None = None,
         seed: int = 0,
-        grad: bool = True,
+        grad: bool = False,
+        outputs: bool = True,
         config: DictConfig | None = None,
         after: StepRecord | None = None,
     ) -> StepRecord:
@@ -566,6 +572,7 @@ class CompatContext:
             seed=seed,
             mask_token_id=self.vocab.mask_token_id,
             grad=grad,
+            outputs=outputs,
             after=after,
         )
 

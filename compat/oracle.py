@@ -213,9 +213,9 @@ STATISTICS = {
         "alpha": 1e-3,  # a correct sampler fails 1 run in 1000 (runs are seeded: deterministic)
         "min_draws": 3000,  # pseudo tokens drawn (steps x batch_size x S)
         "batch_size": 64,  # at most this many samples per step (fewer when S is long: ~min_draws a run)
-        # and at most this many values per [B, S, V] logits tensor of a step (64 MiB of float32): a step
-        # makes four such passes, so a 30k vocabulary at S = 128 takes 4 samples a step, not 24
-        "max_logit_values": 2**24,
+        # and at most this many values per [B, S, V] logits tensor of a step (32 MiB of float32): a step
+        # makes four such passes, so a 30k vocabulary at S = 128 takes 2 samples a step, not 24
+        "max_logit_values": 2**23,
         "bins": 10,  # chi-square bins of the probability integral transform
         "alternative_temperature": 2.0,  # the power is stated against sampling softmax(logits / 2)
     },
@@ -320,20 +320,30 @@ def normalized_mse(prediction: torch.Tensor, target_: torch.Tensor) -> torch.Ten
     return ((p - y) ** 2).mean().clamp(0, 10)
 
 
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[ids] per position in float64, logits [B, S, V] and ids [B, S] -> [B, S],
+    computed in blocks of positions (`PIT_BLOCK_VALUES` float64 values at a time): a 30k vocabulary
+    makes a float64 [B, S, V] table alone the size of several model passes."""
+    B, S, V = logits.shape
+    flat, targets = logits.reshape(B * S, V), ids.reshape(B * S)
+    out = torch.empty(B * S, dtype=torch.float64)
+    for a, b in _row_blocks(B * S, V):
+        logp = torch.log_softmax(flat[a:b].double(), dim=-1)  # [R, V]
+        out[a:b] = -logp.gather(-1, targets[a:b, None].to(logp.device)).squeeze(-1).cpu()
+    return out.reshape(B, S)
+
+
 def ce_every_position(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Token-mean cross entropy over all B*S positions (padding included), clamped to [0, 100]."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, S]
-    return nll.mean().clamp(0, 100)
+    return _nll(logits, ids).mean().clamp(0, 100)
 
 
 def masked_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Upstream's masked cross entropy: the summed NLL of the positions in `mask` over (their count,
     at least 1) + 1e-8, clamped to [0, 100]. Every id is a real class (no ignore index)."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, S]
+    nll = _nll(logits, ids)  # [B, S]
     count = max(int(mask.sum()), 1) + 1e-8
-    return ((nll * mask.double()).sum() / count).clamp(0, 100)
+    return ((nll * mask.double().cpu()).sum() / count).clamp(0, 100)
 
 
 def token_accuracy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:

@@ -188,18 +188,21 @@ class Subject:
         seed: int = 0,
         mask_token_id: int,
         grad: bool = True,
+        outputs: bool = True,
         after: StepRecord | None = None,
     ) -> StepRecord:
         """One step on `batch` (see the module docstring). `grad=False` runs without an autograd
-        graph (values only). `after` continues the trainer of an earlier step (its own state, e.g.
-        its generator) instead of building a fresh one."""
+        graph (values only); `outputs=False` keeps no pass's outputs (inputs, timesteps and the loss
+        only). `after` continues the trainer of an earlier step (its own state, e.g. its generator)
+        instead of building a fresh one."""
         with trainer_running():  # the config keys read in here are the trainer's (compat.config_reads)
             if after is None:
-                recorder = PassRecorder(model)
+                recorder = PassRecorder(model, keep_outputs=outputs)
                 trainer = self.build(recorder, vocab, dtype, config)
             else:
                 recorder, trainer = after.recorder, after.trainer
                 recorder.passes = []
+                recorder.keep_outputs = outputs
             draws = dict(draws or {})
             loss, metrics, capture, mode = self.call(trainer, batch, step=step, draws=draws, seed=seed, grad=grad)
         passes = classify_passes(list(recorder.passes), batch, mask_token_id)

@@ -221,6 +221,8 @@ def check_compiled_matches_eager(ctx, measure):
     measure("backend", f"{backend}, scope {scope}, on {ctx.device.type} (tol('{tolerance}'))")
     measure("compiled_vs_eager_max_rel", ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
     measure("compile_and_run_s", round(time.perf_counter() - started, 1))
+    del pair
+    fresh_dynamo()  # the compiled graphs and dynamo's caches are not kept for the rest of the gate
 
 
 def check_recompilations_bounded(ctx, measure):
@@ -252,6 +254,8 @@ def check_recompilations_bounded(ctx, measure):
     measure("recompiled_at_steps", ", ".join(map(str, steps)) or "none")
     measure("graph_breaks", "; ".join(f"{n} x {r}" for r, n in sorted(breaks.items(), key=lambda x: -x[1])) or "none")
     reasons = [f"step {s}: {frame}: {reason.splitlines()[0][:160]}" for s in steps for frame, reason in at_step[s]]
+    del pair
+    fresh_dynamo()  # the compiled graphs and dynamo's caches are not kept for the rest of the gate
     expect(
         len(steps) <= limit,
         f"the compiled cycle step recompiles at {len(steps)} of {SCHEDULE_STEPS} steps of a warmup + ramp schedule "

@@ -193,7 +193,10 @@ def check_loss_settings(ctx, measure):
     )
     fed = set()
     batch = ctx.batch(2, seed=81)
-    for record in (ctx.run_stable("t2l", batch, grad=False), ctx.run_cycle(batch, settings=BASE_ONLY, grad=False)):
+    for record in (
+        ctx.run_stable("t2l", batch, outputs=False),
+        ctx.run_cycle(batch, settings=BASE_ONLY, outputs=False),
+    ):
         fed |= {str(p.latent_t.dtype) for p in record.passes if p.latent_t is not None}
     expect(
         fed == {str(cycle_dtype)},

@@ -284,7 +284,11 @@ def _latent_head_grad(ctx, stop_grad: bool) -> tuple[float, bool]:
     model.zero_grad(set_to_none=True)
     batch = ctx.batch(2, seed=68)
     record = ctx.run_cycle(
-        batch, settings=dict(STOP_GRAD, cycle_stop_grad_latent=stop_grad), step=0, draws=ctx.draws(batch, seed=68)
+        batch,
+        settings=dict(STOP_GRAD, cycle_stop_grad_latent=stop_grad),
+        step=0,
+        draws=ctx.draws(batch, seed=68),
+        grad=True,
     )
     record.loss.backward()
     grads = [

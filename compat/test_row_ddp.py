@@ -89,9 +89,9 @@ def step(ctx, setting: str, batch, draws, model):
     """One single-process step and backward of the setting's trainer; its loss."""
     run = ctx.run_stable if setting == "stable_t2l" else ctx.run_cycle
     record = (
-        run("t2l", batch, config=config_for(ctx, setting), draws=draws, model=model)
+        run("t2l", batch, config=config_for(ctx, setting), draws=draws, model=model, grad=True)
         if setting == "stable_t2l"
-        else run(batch, config=config_for(ctx, setting), draws=draws, model=model)
+        else run(batch, config=config_for(ctx, setting), draws=draws, model=model, grad=True)
     )
     record.loss.backward()
     return record.loss.detach()

@@ -138,7 +138,7 @@ def check_stable_unconditional(ctx, measure):
         measure,
         "stable_unconditional",
         lambda batch, step, after: ctx.run_stable(
-            "unconditional", batch, step=step, grad=False, seed=SEED + step, after=after
+            "unconditional", batch, step=step, grad=False, outputs=False, seed=SEED + step, after=after
         ),
     )
     ts = torch.stack([r.passes[0].timestep("text") for r in records])
@@ -153,7 +153,7 @@ def check_cycle_random_categorical(ctx, measure):
         measure,
         "cycle_random",
         lambda batch, step, after: ctx.run_cycle(
-            batch, settings=CYCLE_RANDOM, step=step, grad=False, seed=SEED + step, after=after
+            batch, settings=CYCLE_RANDOM, step=step, grad=False, outputs=False, seed=SEED + step, after=after
         ),
     )
     ts = torch.stack([r.one(T2L).timestep("latent") for r in records])
@@ -171,7 +171,7 @@ def check_cycle_full(ctx, measure):
         measure,
         "cycle_full",
         lambda batch, step, after: ctx.run_cycle(
-            batch, settings=CYCLE_FULL, step=step, grad=False, seed=SEED + step, after=after
+            batch, settings=CYCLE_FULL, step=step, grad=False, outputs=False, seed=SEED + step, after=after
         ),
     )
 
@@ -185,12 +185,12 @@ def check_seed_matters(ctx, measure):
         (
             "stable",
             ctx.stable_subject,
-            lambda extra: ctx.run_stable("unconditional", batch, settings=extra, grad=False),
+            lambda extra: ctx.run_stable("unconditional", batch, settings=extra, outputs=False),
         ),
         (
             "cycle",
             ctx.cycle_subject,
-            lambda extra: ctx.run_cycle(batch, settings={**CYCLE_RANDOM, **extra}, grad=False),
+            lambda extra: ctx.run_cycle(batch, settings={**CYCLE_RANDOM, **extra}, outputs=False),
         ),
     ):
         a, b = run({}), run(other)

@@ -49,10 +49,10 @@ def trainer_of(setting: str) -> str:
     return "cycle trainer" if setting == "cycle" else "stable trainer"
 
 
-def run(ctx, setting: str, batch, draws, model=None):
+def run(ctx, setting: str, batch, draws, model=None, outputs: bool = True):
     if setting == "cycle":
-        return ctx.run_cycle(batch, settings=CYCLE_ALL_TERMS, draws=draws, model=model)
-    return ctx.run_stable(setting.removeprefix("stable_"), batch, draws=draws, model=model)
+        return ctx.run_cycle(batch, settings=CYCLE_ALL_TERMS, draws=draws, model=model, outputs=outputs)
+    return ctx.run_stable(setting.removeprefix("stable_"), batch, draws=draws, model=model, outputs=outputs)
 
 
 def check_keywords_and_shapes(ctx, measure):
@@ -129,9 +129,10 @@ def check_cluster_head(ctx, measure):
         f"a model with model.cluster_size > 0 returns {len(out)} outputs instead of 3",
         "return (text_logits, latent_pred, text_cluster_logits) from a cluster-head model",
     )
+    del out
     draws = ctx.draws(batch, seed=2)
     for setting in EXPECTED_PASSES:
-        record = run(ctx, setting, batch, draws, model=cluster)
+        record = run(ctx, setting, batch, draws, model=cluster, outputs=False)
         expect(
             bool(torch.isfinite(record.loss)),
             f"the {trainer_of(setting)} gives a non-finite loss ({float(record.loss.detach())}) on a cluster-head model",
@@ -145,10 +146,23 @@ def _batching(ctx, measure, setting: str):
     batch = ctx.batch(ctx.options.batch_size, seed=3)
     draws = ctx.draws(batch, seed=3)
     B = batch["input_ids"].shape[0]
+    config = ctx.cycle_config_for(CYCLE_ALL_TERMS)
+
+    def terms_of(record, part):  # the cycle step's terms from its passes (the records are not kept)
+        return cycle_terms(record, part, config, None, ctx.x0_of(part), ctx.oracle_tolerance)
+
     batched = run(ctx, setting, batch, draws)
-    singles = [run(ctx, setting, slice_batch(batch, i), sample_draws(draws, i)) for i in range(B)]
+    batched_terms = terms_of(batched, batch) if setting == "cycle" else None
+    draw_mode = batched.draw_mode
     got = batched.loss.detach().double().cpu()
-    mean = torch.stack([s.loss.detach().double().cpu() for s in singles]).mean()
+    del batched
+    single_losses, each = [], []
+    for i in range(B):
+        single = run(ctx, setting, slice_batch(batch, i), sample_draws(draws, i), outputs=setting == "cycle")
+        single_losses.append(single.loss.detach().double().cpu())
+        if setting == "cycle":
+            each.append(terms_of(single, slice_batch(batch, i)))
+    mean = torch.stack(single_losses).mean()
     expect_close(
         got,
         mean,
@@ -158,22 +172,16 @@ def _batching(ctx, measure, setting: str):
         fix="give the [B,1,D] prediction the target's [B,D] shape before the MSE (no [B,B,D] broadcast)",
     )
     if setting == "cycle":  # and term by term, from the observed passes
-        config = ctx.cycle_config_for(CYCLE_ALL_TERMS)
-        terms = cycle_terms(batched, batch, config, None, ctx.x0_of(batch), ctx.oracle_tolerance)
-        each = [
-            cycle_terms(s, slice_batch(batch, i), config, None, ctx.x0_of(slice_batch(batch, i)), ctx.oracle_tolerance)
-            for i, s in enumerate(singles)
-        ]
         for name in ("t2l", "l2t", "cycle_text", "cycle_latent"):
             expect_close(
-                getattr(terms, name),
+                getattr(batched_terms, name),
                 torch.stack([getattr(e, name) for e in each]).mean(),
                 **tol("float32_batching"),
                 problem=f"the cycle trainer's {name} term of a batch differs from the mean over its samples",
                 fix="reduce the term per sample before averaging (no sample's inputs reaching another's)",
             )
     measure(f"{setting}_batch_vs_samples_abs_diff", float((got - mean).abs()), headline=setting == "cycle")
-    measure(f"{setting}_draws", batched.draw_mode)
+    measure(f"{setting}_draws", draw_mode)
 
 
 def check_batching_stable_l2t(ctx, measure):

@@ -106,7 +106,7 @@ def _inputs(ctx):
 def stable_reach(ctx, mode: str) -> tuple[set[str], dict]:
     model = ctx.semantic_model()
     batch, draws = _inputs(ctx)
-    grads = _grads(model, lambda: ctx.run_stable(mode, batch, draws=draws).loss)
+    grads = _grads(model, lambda: ctx.run_stable(mode, batch, draws=draws, grad=True).loss)
     return _reached(grads), grads
 
 
@@ -126,7 +126,7 @@ def cycle_term_grads(ctx, latent_loss_weight: float, w_text: float, w_latent: fl
         cycle_latent_ramp_steps=0,
         cycle_stop_grad_latent=stop_grad,
     )
-    return _grads(model, lambda: ctx.run_cycle(batch, settings=settings, step=0, draws=draws).loss)
+    return _grads(model, lambda: ctx.run_cycle(batch, settings=settings, step=0, draws=draws, grad=True).loss)
 
 
 def cycle_term_reach(ctx) -> dict[str, set[str]]:
@@ -212,7 +212,7 @@ def check_cycle_total(ctx, measure):
     with _grad_scope(model):
         stable = set().union(*(stable_reach(ctx, mode)[0] for mode in ("l2t", "t2l")))
         draws = ctx.draws(batch, seed=SEED)
-        reached = _reached(_grads(model, lambda: ctx.run_cycle(batch, draws=draws).loss))
+        reached = _reached(_grads(model, lambda: ctx.run_cycle(batch, draws=draws, grad=True).loss))
         frozen_now = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     measure("cycle_total_groups", _fmt(_groups(reached)))
     missing_groups = _groups(stable) - _groups(reached)

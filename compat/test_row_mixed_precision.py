@@ -64,24 +64,34 @@ def mixed_precision_of(ctx) -> str:
     return mode if mode != "no" else "bf16"
 
 
-def run_all(ctx, model, device, *, mixed_precision="no", dtype=torch.float32, grad=False, cycle=CYCLE) -> dict:
-    """The three settings on the same batch and draws, under `mixed_precision` autocast, with the
-    trainers' `training.dtype` set to `dtype`: {setting: (record, config, batch)}."""
+def run_setting(ctx, model, device, name, *, mixed_precision="no", dtype=torch.float32, grad=False, cycle=CYCLE):
+    """One setting (stable_l2t, stable_t2l or cycle) on the row's batch and draws, under
+    `mixed_precision` autocast, with the trainer's `training.dtype` set to `dtype`: (record, config, batch)."""
     batch = {k: v.to(device) for k, v in ctx.batch(ctx.options.batch_size, seed=SEED).items()}
     draws = {k: v.to(device) for k, v in ctx.draws(batch, seed=SEED).items()}
     override = {"training.dtype": DTYPE_NAMES[dtype]}
     with autocast(mixed_precision, device):
-        records = {
-            "stable_l2t": ctx.run_stable("l2t", batch, settings=override, draws=draws, model=model, grad=grad),
-            "stable_t2l": ctx.run_stable("t2l", batch, settings=override, draws=draws, model=model, grad=grad),
-            "cycle": ctx.run_cycle(batch, settings={**cycle, **override}, draws=draws, model=model, grad=grad),
-        }
-    configs = {
-        "stable_l2t": ctx.stable_config_for("l2t", override),
-        "stable_t2l": ctx.stable_config_for("t2l", override),
-        "cycle": ctx.cycle_config_for({**cycle, **override}),
+        if name == "cycle":
+            record = ctx.run_cycle(batch, settings={**cycle, **override}, draws=draws, model=model, grad=grad)
+        else:
+            mode = name.removeprefix("stable_")
+            record = ctx.run_stable(mode, batch, settings=override, draws=draws, model=model, grad=grad)
+    config = (
+        ctx.cycle_config_for({**cycle, **override})
+        if name == "cycle"
+        else ctx.stable_config_for(name.removeprefix("stable_"), override)
+    )
+    return record, config, batch
+
+
+def run_all(ctx, model, device, *, mixed_precision="no", dtype=torch.float32, grad=False, cycle=CYCLE) -> dict:
+    """The three settings on the same batch and draws (see `run_setting`): {setting: (record, config, batch)}."""
+    return {
+        name: run_setting(
+            ctx, model, device, name, mixed_precision=mixed_precision, dtype=dtype, grad=grad, cycle=cycle
+        )
+        for name in SETTINGS
     }
-    return {name: (records[name], configs[name], batch) for name in SETTINGS}
 
 
 def oracle_terms(ctx, name, record, config, batch, tolerance):
@@ -91,20 +101,34 @@ def oracle_terms(ctx, name, record, config, batch, tolerance):
     return stable_terms(record, batch, config, name.removeprefix("stable_"), x0, tolerance)
 
 
+def setting_values(ctx, name, run, tolerance) -> dict[str, float]:
+    """A setting's returned loss and, for the cycle step, each term recomputed by the oracle from its passes."""
+    record, config, batch = run
+    out = {f"{name}.loss": float(record.loss)}
+    if name == "cycle":
+        terms = oracle_terms(ctx, "cycle", record, config, batch, tolerance)
+        out.update({f"cycle.{t}": float(getattr(terms, t)) for t in ("t2l", "l2t", "cycle_text", "cycle_latent")})
+    return out
+
+
 def loss_values(ctx, runs, tolerance) -> dict[str, float]:
     """Every returned loss and every cycle term (recomputed by the oracle from the observed passes)."""
-    out = {f"{name}.loss": float(r.loss) for name, (r, _, _) in runs.items()}
-    record, config, batch = runs["cycle"]
-    terms = oracle_terms(ctx, "cycle", record, config, batch, tolerance)
-    out.update({f"cycle.{name}": float(getattr(terms, name)) for name in ("t2l", "l2t", "cycle_text", "cycle_latent")})
-    return out
+    return {
+        key: value for name, run in runs.items() for key, value in setting_values(ctx, name, run, tolerance).items()
+    }
 
 
 def gradients(model, record) -> torch.Tensor:
     """The flattened gradient of the step's loss with respect to every parameter (zeros where unused)."""
     params = list(model.parameters())
-    grads = torch.autograd.grad(record.loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1) for g, p in zip(grads, params)])
+    trained = [p for p in params if p.requires_grad]  # a stable mode freezes a group for its step
+    found = dict(zip(map(id, trained), torch.autograd.grad(record.loss, trained, allow_unused=True)))
+    return torch.cat(
+        [
+            (found.get(id(p)) if found.get(id(p)) is not None else torch.zeros_like(p)).float().reshape(-1)
+            for p in params
+        ]
+    )
 
 
 def compare(got: dict[str, float], want: dict[str, float], tolerance: str, what: str, measure) -> dict[str, float]:
@@ -153,10 +177,18 @@ def check_autocast_exercised(ctx, measure):
 def check_autocast_matches_fp32(ctx, measure):
     mode = mixed_precision_of(ctx)
     model = ctx.fresh_semantic_model()
-    fp32 = run_all(ctx, model, ctx.device, grad=True)
-    amp = run_all(ctx, model, ctx.device, mixed_precision=mode, grad=True)
     loss_tol = AUTOCAST_TOLERANCES[mode][0]
-    got, want = loss_values(ctx, amp, loss_tol), loss_values(ctx, fp32, ctx.oracle_tolerance)
+    # One graph at a time, freed as its gradient is taken (with a 30k vocabulary a graph's saved logits are
+    # the row's largest cost).
+    want, got, grads32, grads_amp = {}, {}, {}, {}
+    for name in SETTINGS:
+        run = run_setting(ctx, model, ctx.device, name, grad=True)
+        want.update(setting_values(ctx, name, run, ctx.oracle_tolerance))
+        grads32[name] = gradients(model, run[0])
+        run = run_setting(ctx, model, ctx.device, name, mixed_precision=mode, grad=True)
+        got.update(setting_values(ctx, name, run, loss_tol))
+        grads_amp[name] = gradients(model, run[0])
+        del run
     if got == want:
         control_failed(f"the {mode} autocast run gave exactly the float32 losses: autocast was not exercised")
     drift = compare(got, want, loss_tol, AUTOCAST_TOLERANCES[mode][0], measure)
@@ -164,7 +196,7 @@ def check_autocast_matches_fp32(ctx, measure):
     bad = []
     grad_drift = {}
     for name in SETTINGS:
-        g32, gamp = gradients(model, fp32[name][0]), gradients(model, amp[name][0])
+        g32, gamp = grads32[name], grads_amp[name]
         rel = float((gamp - g32).norm() / g32.norm().clamp_min(1e-30))
         grad_drift[name] = rel
         measure(f"autocast_{mode}_grad_{name}_rel", rel)

@@ -56,9 +56,9 @@ def check_clean_modalities_get_zero(ctx, measure):
     batch = ctx.batch(2, seed=12)
     draws = ctx.draws(batch, seed=12)
     records = {
-        "stable l2t": ctx.run_stable("l2t", batch, draws=draws),
-        "stable t2l": ctx.run_stable("t2l", batch, draws=draws),
-        "cycle": ctx.run_cycle(batch, settings=CYCLE_BASE_ONLY, draws=draws),
+        "stable l2t": ctx.run_stable("l2t", batch, draws=draws, outputs=False),
+        "stable t2l": ctx.run_stable("t2l", batch, draws=draws, outputs=False),
+        "cycle": ctx.run_cycle(batch, settings=CYCLE_BASE_ONLY, draws=draws, outputs=False),
     }
     expectations = [
         ("stable l2t", L2T, 1.0, 0.0),

@@ -118,6 +118,7 @@ def check_trainer_honours_config(ctx, measure):
     record = ctx.run_cycle(
         batch, config=config, step=step, draws=ctx.draws(batch, seed=120), model=model_for_settings(ctx), grad=True
     )
+    record.loss = record.loss.detach()  # the graph was for what requires grad (recorded): not kept for the rest
     terms = cycle_terms(record, batch, config, step, ctx.x0_of(batch), ctx.oracle_tolerance)
     measure("config_weights", weight_schedule(loss, step, terms.weights), figure=True)
     expect_close(

@@ -51,7 +51,9 @@ def noised_timesteps(ctx, settings: dict, steps: int = STEPS, with_draws: bool =
     for step in range(steps):
         batch = ctx.batch(ctx.options.batch_size, seed=40 + step)
         draws = ctx.draws(batch, seed=40 + step) if with_draws else None
-        record = ctx.run_cycle(batch, settings=settings, step=10_000 + step, draws=draws, seed=40 + step, grad=False)
+        record = ctx.run_cycle(
+            batch, settings=settings, step=10_000 + step, draws=draws, seed=40 + step, grad=False, outputs=False
+        )
         noised = [p for p in record.passes if p.kind in (T2L, CYCLE_LATENT)]
         expect(
             bool(noised),
