@@ -49,12 +49,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from bench.results import FIGURE_INPUTS, Figure, record
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def line(name: str, ratio: float, target: str, detail: str, ok: bool | None) -> str:
-    verdict = "-" if ok is None else ("meets target" if ok else "MISSES target")
-    return f"{name:<16} ratio {ratio:8.3f}   {target:<22} {verdict:<14} {detail}"
+def line(name: str, ratio: float, target: str, detail: str, ok: bool | None) -> Figure:
+    """One figure (printed as its line; recorded in bench/results.json by a full-size run)."""
+    return Figure(name, ratio, target, ok, detail)
 
 
 # A launcher process whose only child is the measured command, so that RUSAGE_CHILDREN is that
@@ -159,14 +161,14 @@ def gate_figures(small: bool, workdir: Path, per_row: bool = False) -> list[str]
         ),
     ]
     if per_row:
-        lines += row_profile_lines(profile, size)
+        lines[0].rows = row_profile(profile, size)
     return lines
 
 
-def row_profile_lines(profile: Path, checkpoint_bytes: int) -> list[str]:
-    """One line per row of the gate, in the order the rows ran: its seconds, the largest rise of RSS
-    within one of its checks (what the row itself allocates), and the process's peak RSS while it ran
-    against the checkpoint's size (memory an earlier row left behind counts there too)."""
+def row_profile(profile: Path, checkpoint_bytes: int) -> list[dict]:
+    """Per row of the gate, in the order the rows ran: its checks and seconds, the largest rise of RSS
+    within one of its checks (what the row itself allocates), and the process's peak RSS while it ran,
+    also against the checkpoint's size (memory an earlier row left behind counts there too)."""
     import json
 
     data = json.loads(profile.read_text())
@@ -177,14 +179,27 @@ def row_profile_lines(profile: Path, checkpoint_bytes: int) -> list[str]:
         row["peak"] = max(row["peak"], r["rss_peak"])
         row["rise"] = max(row["rise"], r["rss_peak"] - r["rss_start"])
         row["checks"] += 1
+    return [
+        {
+            "row": name,
+            "checks": row["checks"],
+            "seconds": round(row["seconds"], 1),
+            "rise_gib": round(row["rise"] / 2**30, 3),
+            "peak_gib": round(row["peak"] / 2**30, 3),
+            "peak_ratio": round(row["peak"] / checkpoint_bytes, 3),
+        }
+        for name, row in by_row.items()
+    ]
+
+
+def row_profile_lines(rows: list[dict]) -> list[str]:
+    """The per-row table as printed: one `gate_row` line per row."""
     lines = [f"{'gate_row':<16} {'row':<24} {'checks':>6} {'seconds':>8} {'own rise':>10} {'peak RSS':>20}"]
-    for name, row in by_row.items():
-        peak = f"{row['peak'] / 2**30:.2f} G ({row['peak'] / checkpoint_bytes:.2f} x)"
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f} G ({r['peak_ratio']:.2f} x)"
         lines.append(
-            f"{'gate_row':<16} {name:<24} {row['checks']:>6} {row['seconds']:>8.1f} "
-            f"{row['rise'] / 2**30:>8.2f} G {peak:>20}"
+            f"{'gate_row':<16} {r['row']:<24} {r['checks']:>6} {r['seconds']:>8.1f} {r['rise_gib']:>8.2f} G {peak:>20}"
         )
-    lines.append(f"{'gate_row':<16} {'(process peak)':<24} {'':>6} {'':>8} {'':>10} {data['max_rss'] / 2**30:>10.2f} G")
     return lines
 
 
@@ -599,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gate" in selected:
         gate_lines = gate_figures(args.small, workdir, per_row=args.per_row)
         lines += gate_lines
-        print(*gate_lines, sep="\n", flush=True)
+        print(*gate_lines, *row_profile_lines(gate_lines[0].rows) if gate_lines[0].rows else (), sep="\n", flush=True)
     if "resources" in selected:
         lines += resources_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
@@ -619,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         lines += teeth_lines
         print(*teeth_lines, sep="\n", flush=True)
+    if not args.small:  # the figure of record for each measured figure (README: python -m bench.results)
+        measured = [f for f in lines if isinstance(f, Figure) and f.name in FIGURE_INPUTS]
+        if measured:
+            record(measured)
+            print(f"recorded {', '.join(f.name for f in measured)} in bench/results.json", flush=True)
     return 0
 
 

@@ -370,3 +370,35 @@ def test_every_unusable_data_sample_is_named(tmp_path, tiny):
     assert problem.startswith("data: 3 of the first 6 samples cannot be used")
     assert all(bad.name in problem for bad in files[:3]), problem
     assert problem.count("exceeds model.max_seq_len") == 3
+
+
+@pytest.mark.slow
+def test_pytest_on_a_users_inputs_leaves_the_planted_defects_out(tmp_path, tiny):
+    """The planted defects prove the rows' teeth on the embedded default; on a user's checkpoint they
+    are not run and never decide the exit code (a compatible user's CI is green, its JSON has the code)."""
+    report = tmp_path / "compat-report"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(REPO / "compat"),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-k",
+            "l2t_masking or upstream_defect_1 or partial_l2t_mask",
+            f"--compat-checkpoint={tiny['checkpoint']}",
+            f"--compat-report={report}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "planted-defect tests not run" in output and "test_mutant_is_caught" not in output
+    matrix = json.loads((report / "compat-matrix.json").read_text())
+    assert matrix["exit_code"] == 0 and not matrix["kills"]
+    assert {r["id"]: r["verdict"] for r in matrix["rows"]}["l2t_masking"] == "OK"
