@@ -198,15 +198,16 @@ def check_loop_matches_oracle(kind: str):
         if kind == "stable":
             measure("stable_stable_mode", str(run.config.loss.loss_type))
         expect(
-            len(run.metrics) == T.STEPS,
-            f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where it was asked for {T.STEPS}",
+            len(run.metrics) == run.window.steps,
+            f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where it was asked for "
+            f"{run.window.steps}",
             "step the optimizer once per training.gradient_accumulation_steps micro-batches, up to the stop step",
         )
         resolvable, moved = update_is_resolvable(run, replay)
         measure(f"{kind}_update", moved)
         if not resolvable:
             cannot_check(
-                f"the {kind} run's {T.STEPS} steps moved the weights by less than "
+                f"the {kind} run's {run.window.steps} steps moved the weights by less than "
                 f"{TOLERANCES['trajectory_min_update'][0]:g}x float32's resolution of them ({moved}): a loop that "
                 "steps differently could not be told apart; optimizer.lr or the schedule is too small anywhere "
                 "near these steps (pass a config whose schedule trains)"
@@ -323,7 +324,7 @@ def check_cycle_keeps_base_losses(ctx, measure):
     ]
     expect(
         not nonfinite,
-        f"fine-tuning with this cycle trainer and config diverges: its run goes non-finite within {T.STEPS} steps "
+        f"fine-tuning with this cycle trainer and config diverges: its run goes non-finite within {window.steps} steps "
         f"({', '.join(nonfinite)})",
         "lower loss.cycle_*_weight or ramp them in (*_warmup_steps, *_ramp_steps), and check the x0 gain",
     )
@@ -337,7 +338,7 @@ def check_cycle_keeps_base_losses(ctx, measure):
     )
     if max(moved.values()) <= resolution:
         cannot_check(
-            f"the {T.STEPS} stable steps ({window.reason}) did not move the base losses measurably (relative change "
+            f"the {window.steps} stable steps ({window.reason}) did not move the base losses measurably (relative change "
             f"{max(moved.values()):.2g} <= {resolution:.2g}, float32's resolution of a loss over {n_terms} terms): "
             "a rise of the cycle run could not show; the config's optimizer.lr / schedule trains too little there"
         )
@@ -364,7 +365,7 @@ def check_cycle_keeps_base_losses(ctx, measure):
         )
     expect(
         rises[worst] <= limit,
-        f"fine-tuning with this cycle trainer and config undoes the pretraining: after {T.STEPS} steps its base "
+        f"fine-tuning with this cycle trainer and config undoes the pretraining: after {window.steps} steps its base "
         f"{worst} loss is {rises[worst]:+.1%} above the stable continuation's (more than {limit:.0%})",
         "lower loss.cycle_*_weight or ramp them in (*_warmup_steps, *_ramp_steps)",
         f"cycle {cycle[worst]:.5g}, stable {stable[worst]:.5g} (trajectory_base_rise)",

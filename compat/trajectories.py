@@ -50,13 +50,16 @@ class Window:
 
 
 def schedule_window(config: DictConfig, steps: int = STEPS) -> Window:
-    """Where in `config`'s schedule K steps are trained. From step 0 when the warmup ends within them
+    """Where in `config`'s schedule K steps are trained (all of a run shorter than K). From step 0 when
+    the warmup ends within them
     (they cross it into the decay); when training.warmup_steps exceeds K, steps 0..K-1 would run at
     most K / warmup of optimizer.lr (a 2,000-step warmup: 0.3% of it) and move nothing, so the window
     is placed across the end of warmup, where the schedule reaches its peak, as the cluster run spends
     nearly all its steps."""
     warmup = int(config.training.warmup_steps)
     total = int(config.training.num_train_steps)
+    if total < steps:  # the whole run is shorter than K: all of it
+        return Window(0, total, f"the whole run: training.num_train_steps is {total}")
     if warmup <= steps or total < warmup + steps:
         return Window(
             0, steps, "from the first step (the window crosses the end of warmup)" if warmup else "from step 0"

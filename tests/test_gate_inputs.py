@@ -267,7 +267,7 @@ def test_configs_differing_only_in_dtype_are_reported_as_that(tmp_path, tiny):
     assert code == 0, stdout[-3000:] + stderr[-2000:]
     assert not [r for r in rows.values() if r["verdict"] == "INCOMPATIBLE"]
     assert rows["config_resolution"]["verdict"] == "REVIEW"
-    assert "training.dtype=differs: stable bf16, cycle fp32" in rows["config_resolution"]["measured"]
+    assert "the stable config trains in bf16, the cycle config in fp32" in rows["config_resolution"]["measured"]
 
 
 @pytest.mark.slow
