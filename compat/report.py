@@ -74,6 +74,11 @@ _OBJECT_OF = re.compile(r"'\w+' object")
 _RAISED = re.compile(r"^the (\w+) trainer (\S+) raised (\w+) in its (\w+): (.*?)(?: at (\S+:\d+) in (\S+))?$")
 
 
+def _wrap(text: str, width: int, **kwargs) -> list[str]:
+    """textwrap.wrap that never splits an option like --mask-token-id at its hyphens."""
+    return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False, **kwargs)
+
+
 # -- findings ----------------------------------------------------------------------------------------
 def clean_message(message: str, keep_details: bool = False) -> str:
     """A failure message without pytest's noise: the `AssertionError: ` prefix, a rewritten
@@ -445,7 +450,7 @@ def render_header(context: dict, width: int = HEADER_WIDTH, compact: bool = True
     label_w = max([len(label) for label, _ in facts] + [10])
     lines = []
     for label, value in facts:
-        wrapped = textwrap.wrap(str(value), width - label_w - 2) or [""]
+        wrapped = _wrap(str(value), width - label_w - 2) or [""]
         lines.append(f"{label:<{label_w}}  {wrapped[0]}")
         lines += [f"{'':<{label_w}}  {more}" for more in wrapped[1:]]
     return lines
@@ -464,11 +469,11 @@ def render_causes(summary: Summary, width: int = HEADER_WIDTH) -> list[str]:
     head = "1 cause" if len(summary.causes) == 1 else f"{len(summary.causes)} causes"
     lines = [f"{head} made {n_rows} rows INCOMPATIBLE (said once here):"]
     for c in summary.causes:
-        lines += textwrap.wrap(c.message, width, initial_indent=f"  [{c.number}] ", subsequent_indent="      ")
+        lines += _wrap(c.message, width, initial_indent=f"  [{c.number}] ", subsequent_indent="      ")
         if c.where:
-            lines += textwrap.wrap(f"where: {c.where}", width, initial_indent="      ", subsequent_indent="        ")
-        lines += textwrap.wrap(f"fix: {c.fix}", width, initial_indent="      ", subsequent_indent="        ")
-        lines += textwrap.wrap(
+            lines += _wrap(f"where: {c.where}", width, initial_indent="      ", subsequent_indent="        ")
+        lines += _wrap(f"fix: {c.fix}", width, initial_indent="      ", subsequent_indent="        ")
+        lines += _wrap(
             f"rows ({len(c.rows)}): {', '.join(c.rows)}", width, initial_indent="      ", subsequent_indent="        "
         )
     if summary.standout:
@@ -494,7 +499,7 @@ def render_rows(matrix: dict, summary: Summary) -> list[str]:
         mark = "!" if r["id"] in summary.standout else " "
         lines.append(f"{mark} {r['id']:<{id_w}}  {r['verdict']:<12}  {summary.findings[r['id']]}")
     if summary.not_selected:
-        lines += textwrap.wrap(
+        lines += _wrap(
             f"{len(summary.not_selected)} rows not selected (-k): {', '.join(summary.not_selected)}",
             HEADER_WIDTH,
             initial_indent="  ",
@@ -515,8 +520,8 @@ def render_problem_block(matrix: dict) -> str | None:
     return "\n".join(
         [
             "compat gate: could not check (exit 2)",
-            *textwrap.wrap(f"problem: {error['problem']}", 100, subsequent_indent="  "),
-            *textwrap.wrap(f"fix: {error['fix']}", 100, subsequent_indent="  "),
+            *_wrap(f"problem: {error['problem']}", 100, subsequent_indent="  "),
+            *_wrap(f"fix: {error['fix']}", 100, subsequent_indent="  "),
         ]
     )
 
@@ -534,7 +539,7 @@ def render_measured(matrix: dict, width: int = 60) -> str:
     header = f"{'row':<{id_w}} {'topic':<{topic_w}} {'verdict':<13} measured"
     lines = [header, "-" * len(header)]
     for r in rows:
-        wrapped = textwrap.wrap(r.get("measured") or "-", width) or ["-"]
+        wrapped = _wrap(r.get("measured") or "-", width) or ["-"]
         lines.append(f"{r['id']:<{id_w}} {r['topic']:<{topic_w}} {r['verdict']:<13} {wrapped[0]}")
         lines.extend(f"{'':<{id_w}} {'':<{topic_w}} {'':<13} {more}" for more in wrapped[1:])
     return "\n".join(lines)

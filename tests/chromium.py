@@ -205,6 +205,16 @@ class Chromium:
             if "method" in message:
                 self.events.append(message)
 
+    def _wait_until_loaded(self, url: str, timeout: float = 120.0) -> None:
+        """Until the page at `url` is the document and has loaded: a load event seen above may be
+        the previous document's (about:blank's, right after start)."""
+        check = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+        deadline = time.monotonic() + timeout
+        while not self.call("Runtime.evaluate", expression=check, returnByValue=True)["result"].get("value"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not finish loading within {timeout:.0f} s")
+            time.sleep(0.05)
+
     def visit(self, path: Path, screenshot: Path | None = None) -> PageVisit:
         """Opens `path`, waits for it to load, reads its facts and (optionally) writes a screenshot
         of the whole page.
@@ -217,6 +227,7 @@ class Chromium:
         url = Path(path).resolve().as_uri()
         self.call("Page.navigate", url=url)
         self._wait_for("Page.loadEventFired")
+        self._wait_until_loaded(url)
         facts = self.call("Runtime.evaluate", expression=PAGE_FACTS_JS, awaitPromise=True, returnByValue=True)
         if "exceptionDetails" in facts:
             raise RuntimeError(f"reading the page failed: {facts['exceptionDetails']}")

@@ -12,7 +12,7 @@ from compat.harness import (
     sensitized_copy,
 )
 from compat.options import CompatOptions
-from compat.outcomes import CANNOT_CHECK
+from compat.outcomes import CANNOT_CHECK, CONTROL_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,6 @@ def test_the_semantic_model_sees_every_compared_input(ctx):
 
 def test_a_blind_model_makes_the_row_not_run(ctx, monkeypatch):
     monkeypatch.setattr(ctx, "_sensitivity", {"text_t": 1e-6, "latent_t": 1e-2, "latents": 1.0, "text": 1.0})
-    with pytest.raises(pytest.skip.Exception, match=f"^{CANNOT_CHECK}: control: .*text_t"):
+    with pytest.raises(pytest.skip.Exception, match=f"^{CANNOT_CHECK}: {CONTROL_PREFIX}.*text_t"):
         require_sensitive(ctx, ("text_t", "latent_t"))
     assert require_sensitive(ctx, ("latent_t", "latents"))["latents"] == 1.0
