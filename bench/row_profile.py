@@ -55,26 +55,59 @@ class RowProfile:
         self.path = path
         self.process = psutil.Process()
         self.records: list[dict] = []
+        self.sampler: _Sampler | None = None
+        self.setting_up = False  # within a session fixture's setup (nested ones count in the outer)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
         mark = item.get_closest_marker("compat_row")
-        before, max_before = self.process.memory_info().rss, _max_rss_bytes()
+        self.test = {"rss_start": self.process.memory_info().rss, "max_before": _max_rss_bytes(), "setup_s": 0.0}
         started = time.perf_counter()
         with _Sampler(self.process) as sampler:
+            self.sampler = sampler
             yield
+        self.sampler = None
         max_after = _max_rss_bytes()
         # A new process-wide high-water mark reached during this test is this test's peak.
-        peak = max(sampler.peak, max_after if max_after > max_before else 0)
+        peak = max(sampler.peak, max_after if max_after > self.test["max_before"] else 0)
         self.records.append(
             {
                 "nodeid": item.nodeid,
                 "row": mark.args[0] if mark is not None else None,
-                "seconds": time.perf_counter() - started,
-                "rss_start": before,
+                "seconds": time.perf_counter() - started - self.test["setup_s"],
+                "rss_start": self.test["rss_start"],
                 "rss_peak": peak,
             }
         )
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        if fixturedef.scope != "session" or self.sampler is None or self.setting_up:
+            yield
+            return
+        before = self.process.memory_info().rss
+        started = time.perf_counter()
+        self.setting_up = True
+        try:
+            yield
+        finally:
+            self.setting_up = False
+        seconds = time.perf_counter() - started
+        after = self.process.memory_info().rss
+        self.records.append(
+            {
+                "nodeid": f"(setup: {fixturedef.argname})",
+                "row": f"(setup: {fixturedef.argname})",
+                "seconds": seconds,
+                "rss_start": before,
+                "rss_peak": max(self.sampler.peak, after),
+            }
+        )
+        # The test goes on from here: its time, its start and its peak exclude the setup.
+        self.test["setup_s"] += seconds
+        self.test["rss_start"] = after
+        self.test["max_before"] = _max_rss_bytes()
+        self.sampler.peak = after
 
     def pytest_sessionfinish(self, session):
         with open(self.path, "w", encoding="utf-8") as f:
