@@ -70,7 +70,9 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item.get_closest_marker("mutants") is None]
         config.stash[PLANTED_SKIPPED_KEY] = len(planted)
     # The planted defects run after the rows: a row's own pass is then the control of its defects.
-    items.sort(key=lambda item: item.get_closest_marker("mutants") is not None)
+    # The checkpoint's own row runs first: it is the only row that runs on a large checkpoint's
+    # weights, which are released after it (`CompatContext.release_model`).
+    items.sort(key=lambda item: (item.get_closest_marker("mutants") is not None, _row_of(item) != CHECKPOINT_ROW))
 
 
 def options_from(config) -> CompatOptions:
@@ -149,6 +151,7 @@ def _malloc_trim():
 
 
 MALLOC_TRIM = _malloc_trim()
+CHECKPOINT_ROW = "pretrained_checkpoint"
 
 
 @pytest.hookimpl(trylast=True)
@@ -156,8 +159,20 @@ def pytest_runtest_teardown(item, nextitem):
     """Hands the memory a check freed back to the system (glibc keeps freed blocks in its arenas): on a
     full-size checkpoint the next check's temporaries then come on top of the model, not on top of
     every earlier check's leftovers (the gate's peak RSS)."""
+    if _row_of(item) == CHECKPOINT_ROW and _row_of(nextitem) != CHECKPOINT_ROW:
+        context = item.config.stash.get(CONTEXT_KEY, None)
+        if context is not None:
+            context.release_model()  # a large checkpoint's weights: no later row runs on them
     if MALLOC_TRIM is not None:
         MALLOC_TRIM(0)
+
+
+def _row_of(item) -> str | None:
+    """The compat row a row test belongs to (None for a planted-defect test or no item)."""
+    if item is None or item.get_closest_marker("mutants") is not None:
+        return None
+    mark = item.get_closest_marker("compat_row")
+    return mark.args[0] if mark is not None else None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

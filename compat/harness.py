@@ -9,6 +9,7 @@ session). With options it runs on the user's checkpoint, configs and upstream-fo
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,7 @@ class CompatContext:
     gate_vocab: GateVocab | None = None
     contents: CheckpointContents | None = field(default=None, repr=False)
     model: MultimodalMMDiT | None = None
+    model_released: bool = False  # a large checkpoint's weights, freed once its own row has run
     load_report: LoadReport | None = None
     load_error: str | None = None
     nonfinite: list[str] = field(default_factory=list)
@@ -459,9 +461,29 @@ class CompatContext:
         """Which model `pretrained_or_proxy` gave, for a row's measured values."""
         return "the proxy (large checkpoint)" if self.large else "the checkpoint's model"
 
+    @property
+    def loaded(self) -> bool:
+        """The checkpoint loaded into the configured model (its weights may since have been released)."""
+        return self.model is not None or self.model_released
+
+    def release_model(self) -> bool:
+        """Frees a large checkpoint's weights once the only row that runs on them (pretrained_checkpoint)
+        is done: every other row runs on the proxy, and the gate's peak memory is then the load's,
+        not the load's plus every row's. `require_model()` loads them again if a later check asks.
+        Returns whether anything was released."""
+        if not self.large or self.model is None:
+            return False
+        self.model = None
+        self.model_released = True
+        gc.collect()
+        return True
+
     def require_model(self) -> MultimodalMMDiT:
         """The shared model. A row that needs it is NOT RUN (blocked by the pretrained-checkpoint
         row, which is then INCOMPATIBLE) when it did not load or holds non-finite weights."""
+        if self.model is None and self.model_released:
+            self.model = self.build_model(load=True)
+            self.model_released = False
         if self.model is None:
             blocked(
                 f"the checkpoint does not load into the configured model (see the pretrained checkpoint "

@@ -43,7 +43,7 @@ def model_for_settings(ctx):
     """The settings need no pretrained weights: the semantics rows' model (for a full-size checkpoint
     the proxy, so that no autograd graph is built over the full model), or, when the checkpoint did not
     load, a fresh proxy of the configured layout."""
-    return ctx.semantic_model() if ctx.model is not None and not ctx.nonfinite else ctx.proxy_model()
+    return ctx.semantic_model() if ctx.loaded and not ctx.nonfinite else ctx.proxy_model()
 
 
 def check_latent_t_mode(ctx, measure):
