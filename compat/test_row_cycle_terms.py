@@ -110,7 +110,7 @@ def check_weights_zero_equal_stable(ctx, measure, batch_size):
         f"t2l on the same batch (B={batch_size})",
         fix="make the base terms exactly stable l2t's and t2l's (same inputs, targets and reductions)",
     )
-    measure(f"B{batch_size}_weights0_abs_diff", float((cycle.loss.detach() - want).abs()))
+    measure(f"B{batch_size}_weights0_abs_diff", float((cycle.loss.detach() - want).abs()), headline=True)
     extra = [k for k in cycle.kinds if k not in (T2L, L2T)]
     if extra:
         measure(

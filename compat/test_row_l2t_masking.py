@@ -81,7 +81,7 @@ def check_l2t_loss(ctx, measure, batch_size):
         problem="the cycle trainer's L2T loss differs from stable l2t's on the same batch",
         fix="compute the L2T term as stable l2t does (masked_text_ce over every position)",
     )
-    measure(f"B{batch_size}_l2t_loss_stable", float(stable.loss))
+    measure(f"B{batch_size}_l2t_loss_stable", float(stable.loss), headline=True)
     measure(f"B{batch_size}_l2t_loss_cycle", float(cycle.loss))
 
 

@@ -47,7 +47,7 @@ def check_none_equals_zeros(ctx, measure):
                     problem=f"the model treats a None {label} timestep differently from zeros ({name} differ)",
                     fix="map a None timestep to torch.zeros(B) of the model's dtype, as upstream's model does",
                 )
-    measure("none_vs_zeros_max_abs", 0.0)
+    measure("none_vs_zeros_max_abs", 0.0, headline=True)
 
 
 def check_clean_modalities_get_zero(ctx, measure):
