@@ -46,9 +46,8 @@ from compat.outcomes import (
 )
 from compat.report import clean_message, render_problem_block, render_terminal, summarize
 from compat.report import write_report as write_report_files
-from compat.rows import INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
+from compat.rows import COMPAT_DIR, INCOMPATIBLE, NOT_RUN, OK, REVIEW, ROWS
 
-COMPAT_DIR = Path(__file__).resolve().parent
 DEFAULT_REPORT = "compat-report"
 NOT_SELECTED = "not selected"
 # Which NOT RUN kinds make the gate exit 2 (when no row is INCOMPATIBLE): all but these.
@@ -223,7 +222,7 @@ class MatrixCollector:
         for nodeid, row in self.row_of.items():
             if nodeid in self.outcomes:
                 by_row[row].append(self.outcomes[nodeid])
-        return [row_result(row, by_row.get(row.id, [])) for row in ROWS]
+        return [row_result(row, by_row.get(row.id, []), row.module.is_file()) for row in ROWS]
 
 
 def add_junit_suite_properties(config, rows: list[RowResult], html: Path | None = None) -> None:
@@ -281,11 +280,19 @@ def _format_value(value) -> str:
 _KIND_PRIORITY = (CANNOT_CHECK, "skipped", BLOCKED, NOT_APPLICABLE)
 
 
-def row_result(row, tests: list[CheckOutcome]) -> RowResult:
+def row_result(row, tests: list[CheckOutcome], module_present: bool = True) -> RowResult:
     """A row's verdict from its checks: any failure -> INCOMPATIBLE; none ran -> NOT RUN with the
     reason; some skipped -> REVIEW listing them; a measured risk -> REVIEW; otherwise OK (every
     check of the row that applies to this setup ran and passed; checks not applicable by design,
-    e.g. a CUDA comparison on a CPU run, are listed as n/a)."""
+    e.g. a CUDA comparison on a CPU run, are listed as n/a).
+
+    Args:
+        row: the row of `rows.py`.
+        tests: the outcomes of the row's checks that were collected.
+        module_present: whether the row's test module exists. A row with no collected check is
+            "not selected" (harmless: a run narrowed with -k) only when its module exists; a missing
+            module means the row cannot be checked at all (exit 2), never a silent pass.
+    """
     ran = [t for t in tests if t.outcome != "skipped"]
     failed = [t for t in tests if t.outcome in ("failed", "error")]
     skipped = [t for t in tests if t.outcome == "skipped"]
@@ -295,7 +302,13 @@ def row_result(row, tests: list[CheckOutcome]) -> RowResult:
         measured.extend(f"{name}={_format_value(value)}" for name, value in t.measured)
     controls = [t for t in skipped if is_control_failure(t.skip_kind, t.message)]
     kind = None
-    if not tests:
+    if not tests and not module_present:
+        verdict, kind = NOT_RUN, CANNOT_CHECK
+        note = (
+            f"{CANNOT_CHECK}: the row's test module compat/test_row_{row.id}.py is missing, so none of its "
+            "checks exists; restore it from the repository (git checkout -- compat/)"
+        )
+    elif not tests:
         verdict, kind, note = NOT_RUN, NOT_SELECTED, "not selected (no check of this row was collected)"
     elif controls and not failed:  # the harness could not measure what the row judges: no verdict
         verdict, kind = NOT_RUN, CANNOT_CHECK

@@ -10,6 +10,9 @@ measured risk -> REVIEW; otherwise OK.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+COMPAT_DIR = Path(__file__).resolve().parent
 
 OK = "OK"
 REVIEW = "REVIEW"
@@ -24,6 +27,11 @@ class Row:
     topic: str
     stable: str
     cycle: str
+
+    @property
+    def module(self) -> Path:
+        """The row's test module, `compat/test_row_<id>.py`."""
+        return COMPAT_DIR / f"test_row_{self.id}.py"
 
 
 ROWS = (

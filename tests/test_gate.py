@@ -56,6 +56,27 @@ def test_row_verdicts(outcomes, verdict, kind):
         assert result.measured, "a row that did not run, or skipped a check, must say why"
 
 
+def test_a_row_whose_module_is_missing_cannot_be_checked():
+    """A deleted row module is not 'not selected' (harmless, exit 0) but could-not-check (exit 2),
+    naming the file; a present module with nothing collected stays harmless (a run narrowed by -k)."""
+    missing = row_result(ROW, [], module_present=False)
+    assert (missing.verdict, missing.not_run_kind) == (NOT_RUN, "could not check")
+    assert "compat/test_row_t2l_latent_timestep.py is missing" in missing.measured
+    assert exit_code([missing, _row(OK)], None, []) == 2
+    narrowed = row_result(ROW, [], module_present=True)
+    assert exit_code([narrowed, _row(OK)], None, []) == 0
+
+
+def test_rows_and_row_modules_agree_one_to_one():
+    """Each row of rows.py has its module, each module marks the row it belongs to, and no module
+    is left over: the two are tied only by strings, so a rename on one side must fail here."""
+    modules = {p.stem.removeprefix("test_row_") for p in (REPO / "compat").glob("test_row_*.py")}
+    assert modules == {r.id for r in ROWS}
+    for row in ROWS:
+        assert row.module.is_file()
+        assert f'pytest.mark.compat_row("{row.id}")' in row.module.read_text(), row.module
+
+
 def _row(verdict: str, kind: str | None = None) -> RowResult:
     return RowResult("r", "topic", "-", "-", "why", verdict, kind, [])
 
