@@ -107,8 +107,7 @@ def check_timesteps_and_noising(ctx, measure):
             torch.testing.assert_close(
                 got,
                 oracle.x0_from_prediction(xt, target, ab, parameterization)[keep],
-                rtol=1e-4,
-                atol=1e-4,
+                **tol("float32_x0_from_prediction"),
                 msg=lambda m, lbl=label: f"{lbl}: x0 from the prediction differs from the oracle's\n{m}",
             )
     measure("noising", "x_t, targets and x0 conversions equal the oracle's (3 schedules x 3 parameterizations)")

@@ -1,6 +1,7 @@
 """Habits of the unit tests, kept by a check over tests/*.py: tiny models come from
-`tests/builders.py`, and every non-zero tolerance from the one table, `compat.oracle.TOLERANCES`
-(`tol("name")`, `scaled_tol("name", scale)`), whose every entry some code reads.
+`tests/builders.py`, and every non-zero tolerance, there and in the compat suite (compat/**/*.py
+except the table's own module), from the one table, `compat.oracle.TOLERANCES`
+(`tol("name")`, `scaled_tol("name", scale)`, `derived_tol("name", ...)`), whose every entry some code reads.
 
 A model constructed in a `test_*` function is allowed: there the constructor is what is tested.
 Bit-exact comparisons are written inline as `rtol=0, atol=0`: they are not tolerances."""
@@ -21,6 +22,7 @@ BUILDERS = TESTS / "builders.py"
 MODEL_CLASS = "MultimodalMMDiT"
 TOLERANCE_NAMES = ("rtol", "atol")
 TEST_FILES = sorted(TESTS.glob("*.py"))
+COMPAT_FILES = sorted(p for p in (REPO / "compat").rglob("*.py") if p.name != "oracle.py")
 
 
 def _called_name(call: ast.Call) -> str | None:
@@ -84,11 +86,11 @@ def test_test_files_build_models_with_the_builders(path):
     )
 
 
-@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TEST_FILES + COMPAT_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_test_files_take_tolerances_from_the_table(path):
     found = inline_tolerances(path.read_text())
     assert not found, (
-        f"{path.name} writes tolerances inline ({'; '.join(found)}): use **tol(name) from "
+        f"{path.relative_to(REPO)} writes tolerances inline ({'; '.join(found)}): use **tol(name) from "
         "compat.oracle.TOLERANCES, adding a named entry with its reason if none fits"
     )
 
