@@ -319,10 +319,6 @@ def _mutmut(args: list[str], src: Path, **kwargs) -> subprocess.CompletedProcess
     return subprocess.run(cmd, check=False, cwd=src, env=_env(), **kwargs)
 
 
-def module_of(file: str) -> str:
-    return file[: -len(".py")].replace("/", ".")
-
-
 def function_of(name: str) -> str:
     """ "Class.method" or "function" from a mutmut key (xǁClassǁmethod__mutmut_3 / x_function__mutmut_3)."""
     mangled = name.partition("__mutmut_")[0].rpartition(".")[2]

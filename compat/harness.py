@@ -71,9 +71,6 @@ LAYOUT_KEYS = (
     "latent_dim",
     "cluster_size",
 )
-# Where the checkpoint's names and shapes give the sizes a config may not hold.
-EMBEDDING_KEY = "text_encoder.token_embed.weight"  # [V, H]
-LATENT_PROJECTION_KEY = "latent_encoder.projection.0.weight"  # [2H, D]
 
 
 def make_embedded_checkpoint(stable_config: DictConfig, workdir: Path, steps: int = EMBEDDED_PRETRAIN_STEPS) -> Path:

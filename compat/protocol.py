@@ -52,16 +52,3 @@ class CompatTrainer(Protocol):
     ) -> None: ...
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Mapping[str, Any]]: ...
-
-
-class TrainerWithDraws(CompatTrainer, Protocol):
-    """A trainer that also takes its random draws by name (and the step)."""
-
-    DRAW_NAMES: tuple[str, ...]
-
-    def forward(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        step: int | None = None,
-        draws: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, Mapping[str, Any]]: ...

@@ -32,9 +32,7 @@ from compat import oracle
 from compat.config_reads import trainer_running
 from compat.draw_capture import DrawCapture
 from compat.observe import (
-    CYCLE_LATENT,
     PASS_INPUTS,
-    T2L,
     ModelPass,
     PassRecorder,
     classify_passes,
@@ -267,7 +265,3 @@ def _protocol_output(subject: Subject, out) -> tuple[torch.Tensor, dict]:
             "protocol is forward(batch) -> (scalar loss tensor, metrics dict)"
         )
     return out[0], dict(out[1])
-
-
-def noised_passes(record: StepRecord) -> list[ModelPass]:
-    return [p for p in record.passes if p.kind in (T2L, CYCLE_LATENT)]

@@ -25,8 +25,6 @@ from pathlib import Path
 
 from compat.outcomes import GateInputError
 
-CONSTRUCTOR = ("model", "tokenizer", "text_noise_schedule", "dtype", "config")
-
 
 @dataclass(frozen=True)
 class TrainerSpec:

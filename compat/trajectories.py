@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from latentDLM_mmdit.checkpoints import load_checkpoint_into, save_checkpoint
@@ -323,24 +323,3 @@ def replay_with_oracle(
         update_norms.append(math.sqrt(sum(float((t - initial[n]).pow(2).sum()) for n, t in master.items())))
     final = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     return Replay(losses, norms, lrs, final, initial, weight_norms, update_norms, largest, n_grads)
-
-
-def with_sections(config: DictConfig, source: DictConfig, sections: tuple[str, ...]) -> DictConfig:
-    """`config` with `sections` taken from `source` (validated)."""
-    raw = OmegaConf.to_container(config, resolve=True)
-    other = OmegaConf.to_container(source, resolve=True)
-    for name in sections:
-        raw[name] = other[name]
-    return with_updates(OmegaConf.create(raw), {}, "the trajectories row")
-
-
-def differing_settings(a: DictConfig, b: DictConfig, sections: tuple[str, ...]) -> list[str]:
-    """`section.key=a_value/b_value` for the keys of `sections` whose values differ."""
-    out = []
-    for name in sections:
-        left = OmegaConf.to_container(a[name], resolve=True)
-        right = OmegaConf.to_container(b[name], resolve=True)
-        for key in sorted(set(left) | set(right)):
-            if left.get(key) != right.get(key):
-                out.append(f"{name}.{key}={left.get(key)!r}/{right.get(key)!r}")
-    return out

@@ -69,12 +69,3 @@ def upstream_stable_reading(config: Any) -> dict:
         key: (_get(config, key) if _get(config, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
         for key in LATENT_KEYS
     }
-
-
-def upstream_cycle_reading(config: Any) -> dict:
-    """What upstream's cycle trainer would have used (model.* keys or its defaults)."""
-    model = _get(config, "model")
-    return {
-        key: (_get(model, key) if _get(model, key) is not None else UPSTREAM_LATENT_DEFAULTS[key])
-        for key in LATENT_KEYS
-    }

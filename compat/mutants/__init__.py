@@ -418,5 +418,3 @@ MUTANTS: tuple[Mutant, ...] = (
                                       _passes_at_weight_zero(cycle_module.CycleVAETrainer.term_weights))],
            expect=REVIEWED, review="passes_for_terms_weighted_0"),
 )
-
-MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
