@@ -76,6 +76,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def options_from(config) -> CompatOptions:
+    """The options the session checks with: the gate's own object when the gate drives the session
+    (its collector holds it; the gate refuses `--compat-*` after `--`), else pytest's parsed
+    `--compat-*` options (plain `pytest compat/`)."""
+    from compat.gate import MatrixCollector
+
+    for plugin in config.pluginmanager.get_plugins():
+        if isinstance(plugin, MatrixCollector) and plugin.options is not None:
+            return plugin.options
     return CompatOptions(**{o.dest: config.getoption(f"--compat-{o.name}") for o in OPTIONS})
 
 

@@ -96,9 +96,19 @@ class MatrixCollector:
         progress: where to print one character per check (the gate's progress line); nothing is
             printed before the inputs are known to be usable, so that an exit-2 run shows no dots.
         gate_mode: the gate (`python -m compat`) drives the session.
+        options: the gate's parsed and checked options, handed to the suite as they are (the
+            `compat_options` fixture reads them); None for plain `pytest compat/`, whose
+            `--compat-*` options are parsed by pytest.
     """
 
-    def __init__(self, report_folder: str | None = None, progress=None, gate_mode: bool = False):
+    def __init__(
+        self,
+        report_folder: str | None = None,
+        progress=None,
+        gate_mode: bool = False,
+        options: CompatOptions | None = None,
+    ):
+        self.options = options
         self.row_of: dict[str, str] = {}
         self.outcomes: dict[str, CheckOutcome] = {}
         self.kills: list[dict] = []
@@ -493,19 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pytest_arguments(args) -> list[str]:
+    """pytest's arguments for the gate's session: the suite and pytest's own flags. The compat
+    options are not among them: the session reads the gate's `CompatOptions` from its collector."""
     argv = [str(COMPAT_DIR), "-p", "no:cacheprovider", "-q", "--no-header", "-rN"]
     if args.quiet:
         argv.append("-q")
-    for option in OPTIONS:
-        value = getattr(args, option.dest)
-        if value is None:
-            continue
-        if option.metavar in ("CKPT", "YAML", "DIR"):
-            value = Path(value).resolve()
-        elif option.metavar == "SPEC" and ".py:" in value:  # path/to/file.py:Class
-            path, name = value.rsplit(":", 1)
-            value = f"{Path(path).resolve()}:{name}"
-        argv.append(f"--compat-{option.name}={value}")
     if not args.kill_table:
         argv += ["-m", "not mutants"]
     return argv + list(args.pytest_args)
@@ -545,6 +547,17 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except GateUsageError as exc:
         return _stop(_report_folder(argv), GateInputError(f"usage: {exc}", "see `python -m compat --help`"), started)
+    stray = [a.split("=", 1)[0] for a in args.pytest_args if a.startswith("--compat-")]
+    if stray:  # pytest would parse them, and the session reads the gate's own options instead
+        return _stop(
+            args.report,
+            GateInputError(
+                f"{', '.join(stray)} after -- is pytest's spelling of a gate option, and the gate does not read it there",
+                f"pass it before --, as the gate's own option: {stray[0].replace('--compat-', '--')} VALUE",
+            ),
+            started,
+            verbose=args.verbose,
+        )
     options = CompatOptions(**{o.dest: getattr(args, o.dest) for o in OPTIONS})
     from compat.inputs import check_options
 
@@ -553,7 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     except GateInputError as error:
         return _stop(args.report, error, started, options, args.verbose)
     quiet_progress = args.quiet or args.verbose  # --verbose shows pytest's own progress and output
-    collector = MatrixCollector(args.report, progress=None if quiet_progress else sys.stdout, gate_mode=True)
+    collector = MatrixCollector(
+        args.report, progress=None if quiet_progress else sys.stdout, gate_mode=True, options=options
+    )
     pytest_output = io.StringIO()
     # pytest's own output (progress dots, tracebacks, warning summary) goes to the report folder
     # unless --verbose: the summary below says what the run found, and an exit-2 run shows its problem.

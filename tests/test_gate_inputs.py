@@ -147,6 +147,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         (["--gpu-memory", "80"], ["--gpu-memory", "has no unit", "80GiB"]),
         (["--gpu-memory", "80 GiBs"], ["--gpu-memory", "unknown unit", "80GiB"]),
         (["--gpu-tflops", "0"], ["--gpu-tflops", "989"]),
+        (["--", "-k", "l2t", "--compat-batch-size=3"], ["--compat-batch-size after --", "--batch-size VALUE"]),
     ],
     ids=[
         "half-data-options",
@@ -158,6 +159,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
         "gpu-memory-without-unit",
         "gpu-memory-unknown-unit",
         "gpu-tflops-zero",
+        "pytest-spelling-after-dashes",
     ],
 )
 def test_usage_errors_exit_2_with_the_matrix_written(tmp_path, tiny, args, needles):
@@ -226,6 +228,20 @@ def test_bad_data_exits_2_naming_the_file(tmp_path, tiny, spoil, needle):
     )
     assert_could_not_check(code, matrix, stdout, stderr, bad.name, needle)
     assert sha256_tree([data, tiny["checkpoint"]]) == before
+
+
+@pytest.mark.slow
+def test_the_session_checks_the_gates_own_options_relative_paths_included(tmp_path, tiny):
+    """The gate hands its parsed options to the session as one object (no argv round trip): a path
+    relative to where the gate runs, and a non-default number, reach the rows as given."""
+    relative = os.path.relpath(tiny["checkpoint"], tmp_path)
+    assert not Path(relative).is_absolute()
+    code, matrix, stdout, stderr = run_gate(
+        tmp_path, "--checkpoint", relative, "--batch-size", "3", "--", "-k", "forward_contract"
+    )
+    assert code == 0, stdout[-3000:] + stderr[-2000:]
+    assert matrix["context"]["batch"].startswith("3 x "), matrix["context"]
+    assert Path(matrix["context"]["checkpoint"].split(" ")[0]).name == Path(tiny["checkpoint"]).name, matrix["context"]
 
 
 @pytest.mark.slow
