@@ -3,7 +3,7 @@ the pytest plugin (`pytest compat/ --compat-checkpoint ...`) are both built from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 
@@ -14,12 +14,19 @@ class GateOption:
     name: str
     help: str
     type: type = str
-    default: Any = None
     metavar: str | None = None
 
     @property
     def dest(self) -> str:
         return self.name.replace("-", "_")
+
+    @property
+    def default(self) -> Any:
+        """The default, declared once: the `CompatOptions` field of the same name."""
+        field = next((f for f in fields(CompatOptions) if f.name == self.dest), None)
+        if field is None or field.default is MISSING:
+            raise TypeError(f"CompatOptions has no field {self.dest!r} with a default for option --{self.name}")
+        return field.default
 
 
 OPTIONS: tuple[GateOption, ...] = (
@@ -60,14 +67,13 @@ OPTIONS: tuple[GateOption, ...] = (
         "MultimodalDiffusionTrainer (upstream parity)",
         metavar="SPEC",
     ),
-    GateOption("device", "cpu, cuda or cuda:N", default="cpu"),
-    GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, default=4, metavar="N"),
+    GateOption("device", "cpu, cuda or cuda:N"),
+    GateOption("batch-size", "samples per batch of the rows (>= 2)", type=int, metavar="N"),
     GateOption(
         "seq-len",
         "tokens per sample; default: 16 on synthetic data, on your data the longest sample "
         "(capped by model.max_seq_len)",
         type=int,
-        default=None,
         metavar="N",
     ),
     GateOption(
@@ -113,7 +119,8 @@ OPTIONS: tuple[GateOption, ...] = (
 
 @dataclass
 class CompatOptions:
-    """What the user passed (the gate's flags or pytest's `--compat-*` options)."""
+    """What the user passed (the gate's flags or pytest's `--compat-*` options). Each field is one
+    option of `OPTIONS` and its default is the option's default (`GateOption.default` reads it here)."""
 
     checkpoint: str | None = None
     stable_config: str | None = None

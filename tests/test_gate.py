@@ -159,3 +159,16 @@ def test_gate_draws_batches_from_upstream_format_data(tmp_path):
     )
     assert code == 0, stdout[-3000:]
     assert rows["l2t_masking"]["verdict"] == OK and rows["cycle_terms"]["verdict"] == OK
+
+
+def test_each_option_is_one_field_with_its_default_declared_once():
+    """The gate's flags, pytest's --compat-* options and CompatOptions are one list: same names in
+    the same order, and the parsers' defaults are the dataclass's (declared nowhere else)."""
+    from dataclasses import fields
+
+    from compat.gate import build_parser
+    from compat.options import OPTIONS, CompatOptions
+
+    assert [o.dest for o in OPTIONS] == [f.name for f in fields(CompatOptions)]
+    parsed = build_parser().parse_args([])
+    assert CompatOptions(**{o.dest: getattr(parsed, o.dest) for o in OPTIONS}) == CompatOptions()
