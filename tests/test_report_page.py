@@ -26,7 +26,7 @@ from tests.test_report import every_figure_data, matrix, with_resources
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURE_ROWS = "t2l_latent_timestep or x0_reconstruction or gradient_flow or recommended_settings"
-# The gate under a planted defect (compat/mutants): the patches hold for the whole in-process run.
+# The gate under a planted defect (compat/mutants.py): the patches hold for the whole in-process run.
 MUTANT_GATE = (
     "import sys\n"
     "from compat.gate import main\n"
