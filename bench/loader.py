@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import line
+from bench.results import line
 
 
 def _write_files(config, n: int, seq_len: int, root: Path) -> tuple[Path, Path]:

@@ -70,6 +70,11 @@ class Figure:
         return f"{self.name:<16} ratio {self.ratio:8.3f}   {self.target:<22} {self.verdict:<14} {self.detail}"
 
 
+def line(name: str, ratio: float, target: str, detail: str, ok: bool | None) -> Figure:
+    """One figure (printed as its line; recorded in bench/results.json by a full-size run)."""
+    return Figure(name, ratio, target, ok, detail)
+
+
 def inputs_digest(paths: tuple[str, ...], root: Path = REPO) -> str:
     """sha256 over the relative path and bytes of every file under `paths` (caches left out)."""
     digest = hashlib.sha256()

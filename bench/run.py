@@ -49,14 +49,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench.results import FIGURE_INPUTS, Figure, record
+from bench.loader import loader_figures
+from bench.results import FIGURE_INPUTS, Figure, line, record
+from bench.teeth import TeethError, teeth_figure
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def line(name: str, ratio: float, target: str, detail: str, ok: bool | None) -> Figure:
-    """One figure (printed as its line; recorded in bench/results.json by a full-size run)."""
-    return Figure(name, ratio, target, ok, detail)
 
 
 # A launcher process whose only child is the measured command, so that RUSAGE_CHILDREN is that
@@ -591,8 +588,6 @@ def main(argv: list[str] | None = None) -> int:
         lines += step_cost_figures(args.small)
         print(*lines[-2:], sep="\n", flush=True)
     if "loader" in selected:
-        from bench.loader import loader_figures
-
         lines += loader_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
     if "report" in selected:
@@ -619,8 +614,6 @@ def main(argv: list[str] | None = None) -> int:
         lines += resources_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
     if "teeth" in selected:
-        from bench.teeth import TeethError, teeth_figure
-
         try:
             teeth_lines = teeth_figure(
                 args.small,

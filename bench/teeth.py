@@ -45,6 +45,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from bench.results import line
+
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENT_FILE = REPO / "bench" / "teeth_equivalent.toml"
 TARGET = 0.90
@@ -630,8 +632,6 @@ def teeth_figure(
     small: bool, workdir: Path | None, files: list[str] | None = None, sample: int | None = None, seed: int = 0
 ) -> list[str]:
     """bench's teeth line (after the report lines). `small`: 3 mutants of losses.py (a smoke run)."""
-    from bench.run import line
-
     workdir = workdir or REPO / ".teeth"
     if small:
         result = run_teeth(REPO, workdir / "small", files=[SMALL_FILE], only_mutants=SMALL_MUTANTS)

@@ -15,14 +15,21 @@ import time
 
 import pytest
 
+from compat.gate import MatrixCollector
 from compat.options import OPTIONS, CompatOptions
-from compat.outcomes import EXIT_CANNOT_CHECK, FIGURE_PREFIX, HEADLINE, GateInputError, cannot_check
+from compat.outcomes import (
+    CONTEXT_KEY,
+    FIGURE_PREFIX,
+    HEADLINE,
+    INPUT_ERROR_KEY,
+    PLANTED_SKIPPED_KEY,
+    GateInputError,
+    cannot_check,
+    session_exit_status,
+)
 from compat.rows import REVIEW, ROWS_BY_ID
 
 TARGET_SIZE_WARNING = "error:Using a target size:UserWarning"
-CONTEXT_KEY = pytest.StashKey[object]()  # the CompatContext the session checked (the matrix header)
-INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
-PLANTED_SKIPPED_KEY = pytest.StashKey[int]()  # planted-defect tests not run on the user's inputs
 
 
 def pytest_addoption(parser):
@@ -41,8 +48,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    from compat.gate import MatrixCollector
-
     if not any(isinstance(p, MatrixCollector) for p in config.pluginmanager.get_plugins()):
         # Plain `pytest compat/`: the matrix goes into --junitxml as suite properties, and with
         # --compat-report DIR it is written and printed too (the gate registers its own collector).
@@ -79,8 +84,6 @@ def options_from(config) -> CompatOptions:
     """The options the session checks with: the gate's own object when the gate drives the session
     (its collector holds it; the gate refuses `--compat-*` after `--`), else pytest's parsed
     `--compat-*` options (plain `pytest compat/`)."""
-    from compat.gate import MatrixCollector
-
     for plugin in config.pluginmanager.get_plugins():
         if isinstance(plugin, MatrixCollector) and plugin.options is not None:
             return plugin.options
@@ -190,14 +193,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"compat: {planted} planted-defect tests not run: they prove the rows' teeth on the embedded default "
             "(run `pytest compat/` without --compat-* inputs for them)"
         )
-
-
-def session_exit_status(exitstatus, error: GateInputError | None) -> int:
-    """The exit status `pytest compat/` ends with: pytest's, or 2 when the inputs could not be used
-    and nothing failed (`pytest_sessionfinish` below sets it)."""
-    if error is not None and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        return EXIT_CANNOT_CHECK
-    return int(exitstatus)
 
 
 @pytest.hookimpl(trylast=True)

@@ -34,14 +34,17 @@ from compat.options import OPTIONS, CompatOptions
 from compat.outcomes import (
     BLOCKED,
     CANNOT_CHECK,
+    CONTEXT_KEY,
     EXIT_CANNOT_CHECK,
     EXIT_INCOMPATIBLE,
     EXIT_OK,
     FIGURE_PREFIX,
     HEADLINE,
+    INPUT_ERROR_KEY,
     NOT_APPLICABLE,
     GateInputError,
     is_control_failure,
+    session_exit_status,
     skip_kind,
 )
 from compat.report import clean_message, render_problem_block, render_terminal, summarize
@@ -172,8 +175,6 @@ class MatrixCollector:
         """One character per check, held back until the inputs are known to be usable."""
         if self.progress is None or self.session is None or report.nodeid not in self.row_of:
             return
-        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY
-
         stash = self.session.config.stash
         if stash.get(INPUT_ERROR_KEY, None) is not None:
             self.progress = None  # exit 2: its problem block, not progress, is what the user sees
@@ -196,8 +197,6 @@ class MatrixCollector:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session, exitstatus):
-        from compat.conftest import CONTEXT_KEY, INPUT_ERROR_KEY, session_exit_status
-
         checked = session.config.stash.get(CONTEXT_KEY, None)
         self.context = checked.describe() if checked is not None else {}
         self.input_error = session.config.stash.get(INPUT_ERROR_KEY, None)

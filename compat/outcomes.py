@@ -54,6 +54,21 @@ class GateInputError(Exception):
         return f"{self.problem} (fix: {self.fix})"
 
 
+# What a session found, kept in pytest's stash for the matrix (the collector in `compat.gate` reads
+# them, `compat/conftest.py` writes them: both import them from here).
+CONTEXT_KEY = pytest.StashKey[object]()  # the CompatContext the session checked (the matrix header)
+INPUT_ERROR_KEY = pytest.StashKey[GateInputError]()  # why it could not check, when it could not
+PLANTED_SKIPPED_KEY = pytest.StashKey[int]()  # planted-defect tests not run on the user's inputs
+
+
+def session_exit_status(exitstatus, error: GateInputError | None) -> int:
+    """The exit status `pytest compat/` ends with: pytest's, or 2 when the inputs could not be used
+    and nothing failed (conftest's `pytest_sessionfinish` sets it)."""
+    if error is not None and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        return EXIT_CANNOT_CHECK
+    return int(exitstatus)
+
+
 def not_applicable(reason: str):
     pytest.skip(f"{NOT_APPLICABLE}: {reason}")
 
