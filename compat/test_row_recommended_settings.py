@@ -27,12 +27,12 @@ from compat.observe import CYCLE_LATENT, CYCLE_TEXT, T2L
 from compat.oracle import tol
 from compat.outcomes import expect, expect_close
 from compat.terms import cycle_terms
+from latentDLM_mmdit.settings import FULL_T_MODES
 
 pytestmark = pytest.mark.compat_row("recommended_settings")
 
 SMALL_WEIGHT = 0.1
 TERMS = ("cycle_text", "cycle_latent")
-FULL_ALIASES = ("full", "ones", "t1")
 
 
 def loss_settings(ctx):
@@ -50,7 +50,7 @@ def check_latent_t_mode(ctx, measure):
     mode = str(loss_settings(ctx).latent_t_mode)
     measure("latent_t_mode", mode)
     expect(
-        mode in FULL_ALIASES,
+        mode in FULL_T_MODES,
         f"loss.latent_t_mode is {mode!r}: the cycle T2L passes see t < 1 while the pretrained stable T2L only "
         "trained at t = 1 (a distribution shift)",
         "set loss.latent_t_mode: full (review section 5)",
@@ -130,7 +130,7 @@ def check_trainer_honours_config(ctx, measure):
         fix="read loss.cycle_text_* and loss.cycle_latent_* each from its own key",
         details=f"weights the config gives at step {step}: {terms.weights}",
     )
-    if str(loss.latent_t_mode) in FULL_ALIASES:
+    if str(loss.latent_t_mode) in FULL_T_MODES:
         for p in record.passes:
             if p.kind in (T2L, CYCLE_LATENT):
                 expect(

@@ -26,6 +26,7 @@ from compat.oracle import tol
 from compat.outcomes import expect, expect_close
 from compat.subjects import INJECTED
 from compat.terms import LatentSchedule, latent_term
+from latentDLM_mmdit.settings import FULL_T_MODES
 
 pytestmark = pytest.mark.compat_row("t2l_latent_timestep")
 STEPS = 6
@@ -106,7 +107,7 @@ def check_cycle_distribution(ctx, measure):
     share = float(not_one.float().mean())
     measure("cycle_t_share_not_1", share, headline=True)
     measure("cycle_latent_t", {"mode": mode, "t": ts.tolist()}, figure=True)
-    full = mode in ("full", "ones", "t1")
+    full = mode in FULL_T_MODES
     expect(
         share == 0.0,
         f"the cycle trainer's noised T2L passes see latent t != 1 in {share:.0%} of samples while the pretrained "

@@ -28,6 +28,7 @@ from compat.observe import CYCLE_TEXT, T2L
 from compat.oracle import derived_tol, tol
 from compat.outcomes import control_failed, expect, expect_close
 from compat.terms import LatentSchedule
+from latentDLM_mmdit.settings import FULL_T_MODES
 
 pytestmark = pytest.mark.compat_row("x0_reconstruction")
 PARAMETERIZATIONS = ("epsilon", "x0", "v_param")
@@ -176,7 +177,7 @@ def check_gain_at_t1(ctx, measure):
             "parameterization says at t = 1, or the perturbation did not reach the cycle_text pass"
         )
     mode, w_text = str(config.loss.latent_t_mode), float(config.loss.cycle_text_weight)
-    if mode not in ("full", "ones", "t1") or w_text <= 0:
+    if mode not in FULL_T_MODES or w_text <= 0:
         measure("x0_gain_applies", f"no: latent_t_mode={mode}, cycle_text_weight={w_text:g}")
         return
     v_gain = float(closed_form_gain(dataclasses.replace(schedule, parameterization="v_param"), m["t"]).max())

@@ -46,7 +46,9 @@ from latentDLM_mmdit.precision import MIXED_PRECISION_MODES
 BASE_MODES = ("l2t", "t2l", "unconditional")
 STABLE_LOSS_TYPES = BASE_MODES + ("sequential", "random")
 CYCLE_LOSS_TYPE = "cycle_vae"
-LATENT_T_MODES = ("full", "random", "ones", "t1")  # ones and t1: the cycle trainer's aliases of full
+# loss.latent_t_mode: each value and the mode it names (ones and t1 are the cycle trainer's aliases of full).
+LATENT_T_MODES = {"full": "full", "random": "random", "ones": "full", "t1": "full"}
+FULL_T_MODES = tuple(value for value, mode in LATENT_T_MODES.items() if mode == "full")  # t = 1 on every pass
 PSEUDO_TOKEN_SAMPLINGS = ("argmax", "categorical")
 NONFINITE_POLICIES = ("upstream", "raise")
 DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -168,7 +170,7 @@ class LossSettings:
     loss_type: str = setting(choices=STABLE_LOSS_TYPES + (CYCLE_LOSS_TYPE,))
     latent_loss_weight: float = setting(0.1, check=_finite_non_negative)
     on_nonfinite: str = setting("upstream", choices=NONFINITE_POLICIES)
-    latent_t_mode: str = setting("full", choices=LATENT_T_MODES)
+    latent_t_mode: str = setting("full", choices=tuple(LATENT_T_MODES))
     cycle_text_weight: float = setting(0.1, check=_finite_non_negative)
     cycle_text_warmup_steps: int = setting(0, check=_at_least(0))
     cycle_text_ramp_steps: int = setting(2000, check=_at_least(0))

@@ -29,10 +29,8 @@ from latentDLM_mmdit.trainer_base import (
     split_model_outputs,
 )
 from latentDLM_mmdit.losses import is_finite, masked_text_ce, normalized_latent_mse
-from latentDLM_mmdit.settings import CYCLE_LOSS_TYPE, PSEUDO_TOKEN_SAMPLINGS, require
+from latentDLM_mmdit.settings import CYCLE_LOSS_TYPE, LATENT_T_MODES, PSEUDO_TOKEN_SAMPLINGS, require
 
-# The schema's latent_t_mode values: ones and t1 are aliases of full.
-LATENT_T_MODES = {"full": "full", "ones": "full", "t1": "full", "random": "random"}
 LATENT_T_CAP = 0.9999
 
 
