@@ -547,20 +547,7 @@ class CompatContext:
         config = config if config is not None else self.cycle_config_for(settings)
         model = model if model is not None else self.semantic_model()
         unfreeze(model)  # a stable trainer over the same model may have frozen groups
-        return self.cycle_subject.step(
-            model,
-            self.vocab,
-            dtype_from_config(config),
-            config,
-            batch,
-            step=step,
-            draws=draws,
-            seed=seed,
-            mask_token_id=self.vocab.mask_token_id,
-            grad=grad,
-            outputs=outputs,
-            after=after,
-        )
+        return self._run(self.cycle_subject, model, config, batch, step, draws, seed, grad, outputs, after)
 
     def run_stable(
         self,
@@ -580,7 +567,11 @@ class CompatContext:
         """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`."""
         config = config if config is not None else self.stable_config_for(mode, settings)
         model = model if model is not None else self.semantic_model()
-        return self.stable_subject.step(
+        return self._run(self.stable_subject, model, config, batch, step, draws, seed, grad, outputs, after)
+
+    def _run(self, subject, model, config, batch, step, draws, seed, grad, outputs, after) -> StepRecord:
+        """One step of `subject` (either trainer in its role) on `model` under `config`."""
+        return subject.step(
             model,
             self.vocab,
             dtype_from_config(config),
