@@ -17,7 +17,9 @@ a 2,000-step warmup would train at 0.3% of optimizer.lr and move nothing). The r
   unit roundoff, the number of terms each float32 reduction sums, the weights' own norm and the
   update's): an optimizer setting, clipping norm, schedule or accumulation that differs from the
   config moves them apart. The stable run is the reference's own loop: its mismatch is a failed
-  harness control (NOT RUN, could not check), the cycle run's is INCOMPATIBLE. When the K steps move
+  harness control (NOT RUN, could not check), the cycle run's is INCOMPATIBLE; the cycle run is
+  judged only after the stable run matched the same replay (else the replay, not the trainer, may be
+  what is wrong: could not check). When the K steps move
   the weights by less than float32 resolves, the comparison could not tell a defect from noise: NOT RUN;
 - cycle_keeps_base_losses: the stable trainer's own l2t and t2l losses, on a held-out batch with
   fixed draws, of the cycle run's final weights against the stable continuation's: non-finite, or a
@@ -184,109 +186,122 @@ def update_is_resolvable(run: T.Trajectory, replay: T.Replay) -> tuple[bool, str
     )
 
 
+def loop_vs_replay(ctx, kind: str, measure) -> tuple:
+    """(the run, what differs from its replay) of `kind`'s K loop steps; the measured values go to `measure`."""
+    r = runs(ctx, kind, f"{kind}_replay")
+    run, replay = r[kind], r[f"{kind}_replay"]
+    precision = str(run.config.training.mixed_precision)
+    measure(
+        f"{kind}_steps",
+        f"{len(run.metrics)} (K), batch {BATCH_SIZE}, {'proxy model' if r['proxy'] else 'the checkpoint'}, "
+        f"mixed_precision {precision}, training.dtype {run.config.training.dtype}",
+    )
+    measure(f"{kind}_window", run.window.reason)
+    if kind == "stable":
+        measure("stable_stable_mode", str(run.config.loss.loss_type))
+    expect(
+        len(run.metrics) == run.window.steps,
+        f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where it was asked for "
+        f"{run.window.steps}",
+        "step the optimizer once per training.gradient_accumulation_steps micro-batches, up to the stop step",
+    )
+    resolvable, moved = update_is_resolvable(run, replay)
+    measure(f"{kind}_update", moved)
+    if not resolvable:
+        cannot_check(
+            f"the {kind} run's {run.window.steps} steps moved the weights by less than "
+            f"{TOLERANCES['trajectory_min_update'][0]:g}x float32's resolution of them ({moved}): a loop that "
+            "steps differently could not be told apart; optimizer.lr or the schedule is too small anywhere "
+            "near these steps (pass a config whose schedule trains)"
+        )
+    problems = []
+    lrs = [m.get("lr") for m in run.metrics]
+    bad = first_mismatch(lrs, replay.lrs, 1e-12, 0.0)
+    if bad:
+        problems.append(
+            f"learning rate at step {run.window.start + bad[0] + 1}: the loop used {bad[1]}, "
+            f"training.lr_schedule/warmup_steps/optimizer.lr give {bad[2]:.6g}"
+        )
+    # Weights: the drift float32 storage and Adam's steps on ~0 gradients allow (trajectory_weights).
+    rtol_update = TOLERANCES[update_tolerance_name(precision)][0]
+    steps = len(replay.update_norms)
+    limits = derived_tol(
+        "trajectory_weights",
+        steps=steps,
+        weight_norm=replay.weight_norms[-1],
+        update_norm=replay.update_norms[-1],
+        rtol_update=rtol_update,
+    )
+    distance, worst_name, worst = weights_distance(run, replay)
+    allowed = limits["atol"] + limits["rtol"] * replay.update_norms[-1]
+    measure(
+        f"{kind}_weights_vs_replay",
+        f"||w_loop - w_replay|| {distance:.3g} of an update {replay.update_norms[-1]:.3g} (bound {allowed:.3g}: "
+        f"{TOLERANCES['trajectory_weights'].formula.split(',')[0]}); largest |diff| {worst:.3g} ({worst_name})",
+    )
+    if not distance <= allowed:
+        problems.append(
+            f"final weights {distance:.3g} away from the replay's (||w_loop - w_replay||, "
+            f"{distance / max(replay.update_norms[-1], 1e-300):.1%} of the update; allowed {allowed:.3g}), "
+            f"largest in {worst_name}"
+        )
+    # Losses: the same computation on weights that differ by at most the drift bound at that step.
+    if precision == "no":
+        vocab = int(ctx.model_sizes()["vocab_size"])
+        n_terms = vocab + BATCH_SIZE * ctx.seq_len
+        rtols, atols = [], []
+        for i, norm in enumerate(replay.grad_norms):
+            drift = (
+                0.0
+                if i == 0
+                else (i + 1) * unit_roundoff(torch.float32) * replay.weight_norms[i - 1]
+                + rtol_update * replay.update_norms[i - 1]
+            )
+            bound = derived_tol(
+                "trajectory_loss", grad_norm=norm, weight_drift=drift, n_terms=n_terms, dtype=torch.float32
+            )
+            rtols.append(bound["rtol"])
+            atols.append(bound["atol"])
+        loss_bound = f"trajectory_loss (rtol {rtols[0]:.2g} + ||grad|| drift)"
+    else:  # low-precision CPU kernels are not bit-reproducible: agreement at the autocast dtype's precision
+        rtols, atols = TOLERANCES[AUTOCAST_TOLERANCES[precision][0]]
+        loss_bound = AUTOCAST_TOLERANCES[precision][0]
+    bad = first_mismatch(run.losses, replay.losses, rtols, atols)
+    if bad:
+        problems.append(
+            f"loss at step {run.window.start + bad[0] + 1}: loop {bad[1]:.7g}, replay {bad[2]:.7g} ({loss_bound})"
+        )
+    # Gradient norms: torch's float32 norm against the replay's float64 one (trajectory_grad_norm).
+    if float(run.config.optimizer.grad_clip_norm) > 0:
+        norm_tol = derived_tol("trajectory_grad_norm", n_max=replay.largest_grad, n_tensors=replay.n_grads)
+        if precision != "no":
+            norm_tol["rtol"] += TOLERANCES[AUTOCAST_TOLERANCES[precision][1]][0]
+        measure(f"{kind}_grad_norm_rtol", f"{norm_tol['rtol']:.2g} (n_max {replay.largest_grad})")
+        bad = first_mismatch(run.grad_norms, replay.grad_norms, norm_tol["rtol"], norm_tol["atol"])
+        if bad:
+            problems.append(
+                f"gradient norm at step {run.window.start + bad[0] + 1}: loop {bad[1]}, replay {bad[2]:.7g} "
+                f"(trajectory_grad_norm rtol {norm_tol['rtol']:.2g})"
+            )
+    return run, problems
+
+
+STABLE_BASELINE = (
+    "the stable reference's training loop does not match its AdamW/clipping/schedule replay, so the "
+    "cycle run has no trustworthy baseline: "
+)
+
+
 def check_loop_matches_oracle(kind: str):
     def check(ctx, measure):
-        r = runs(ctx, kind, f"{kind}_replay")
-        run, replay = r[kind], r[f"{kind}_replay"]
-        precision = str(run.config.training.mixed_precision)
-        measure(
-            f"{kind}_steps",
-            f"{len(run.metrics)} (K), batch {BATCH_SIZE}, {'proxy model' if r['proxy'] else 'the checkpoint'}, "
-            f"mixed_precision {precision}, training.dtype {run.config.training.dtype}",
-        )
-        measure(f"{kind}_window", run.window.reason)
-        if kind == "stable":
-            measure("stable_stable_mode", str(run.config.loss.loss_type))
-        expect(
-            len(run.metrics) == run.window.steps,
-            f"the {kind} entry point's loop ran {len(run.metrics)} optimizer steps where it was asked for "
-            f"{run.window.steps}",
-            "step the optimizer once per training.gradient_accumulation_steps micro-batches, up to the stop step",
-        )
-        resolvable, moved = update_is_resolvable(run, replay)
-        measure(f"{kind}_update", moved)
-        if not resolvable:
-            cannot_check(
-                f"the {kind} run's {run.window.steps} steps moved the weights by less than "
-                f"{TOLERANCES['trajectory_min_update'][0]:g}x float32's resolution of them ({moved}): a loop that "
-                "steps differently could not be told apart; optimizer.lr or the schedule is too small anywhere "
-                "near these steps (pass a config whose schedule trains)"
-            )
-        problems = []
-        lrs = [m.get("lr") for m in run.metrics]
-        bad = first_mismatch(lrs, replay.lrs, 1e-12, 0.0)
-        if bad:
-            problems.append(
-                f"learning rate at step {run.window.start + bad[0] + 1}: the loop used {bad[1]}, "
-                f"training.lr_schedule/warmup_steps/optimizer.lr give {bad[2]:.6g}"
-            )
-        # Weights: the drift float32 storage and Adam's steps on ~0 gradients allow (trajectory_weights).
-        rtol_update = TOLERANCES[update_tolerance_name(precision)][0]
-        steps = len(replay.update_norms)
-        limits = derived_tol(
-            "trajectory_weights",
-            steps=steps,
-            weight_norm=replay.weight_norms[-1],
-            update_norm=replay.update_norms[-1],
-            rtol_update=rtol_update,
-        )
-        distance, worst_name, worst = weights_distance(run, replay)
-        allowed = limits["atol"] + limits["rtol"] * replay.update_norms[-1]
-        measure(
-            f"{kind}_weights_vs_replay",
-            f"||w_loop - w_replay|| {distance:.3g} of an update {replay.update_norms[-1]:.3g} (bound {allowed:.3g}: "
-            f"{TOLERANCES['trajectory_weights'].formula.split(',')[0]}); largest |diff| {worst:.3g} ({worst_name})",
-        )
-        if not distance <= allowed:
-            problems.append(
-                f"final weights {distance:.3g} away from the replay's (||w_loop - w_replay||, "
-                f"{distance / max(replay.update_norms[-1], 1e-300):.1%} of the update; allowed {allowed:.3g}), "
-                f"largest in {worst_name}"
-            )
-        # Losses: the same computation on weights that differ by at most the drift bound at that step.
-        if precision == "no":
-            vocab = int(ctx.model_sizes()["vocab_size"])
-            n_terms = vocab + BATCH_SIZE * ctx.seq_len
-            rtols, atols = [], []
-            for i, norm in enumerate(replay.grad_norms):
-                drift = (
-                    0.0
-                    if i == 0
-                    else (i + 1) * unit_roundoff(torch.float32) * replay.weight_norms[i - 1]
-                    + rtol_update * replay.update_norms[i - 1]
-                )
-                bound = derived_tol(
-                    "trajectory_loss", grad_norm=norm, weight_drift=drift, n_terms=n_terms, dtype=torch.float32
-                )
-                rtols.append(bound["rtol"])
-                atols.append(bound["atol"])
-            loss_bound = f"trajectory_loss (rtol {rtols[0]:.2g} + ||grad|| drift)"
-        else:  # low-precision CPU kernels are not bit-reproducible: agreement at the autocast dtype's precision
-            rtols, atols = TOLERANCES[AUTOCAST_TOLERANCES[precision][0]]
-            loss_bound = AUTOCAST_TOLERANCES[precision][0]
-        bad = first_mismatch(run.losses, replay.losses, rtols, atols)
-        if bad:
-            problems.append(
-                f"loss at step {run.window.start + bad[0] + 1}: loop {bad[1]:.7g}, replay {bad[2]:.7g} ({loss_bound})"
-            )
-        # Gradient norms: torch's float32 norm against the replay's float64 one (trajectory_grad_norm).
-        if float(run.config.optimizer.grad_clip_norm) > 0:
-            norm_tol = derived_tol("trajectory_grad_norm", n_max=replay.largest_grad, n_tensors=replay.n_grads)
-            if precision != "no":
-                norm_tol["rtol"] += TOLERANCES[AUTOCAST_TOLERANCES[precision][1]][0]
-            measure(f"{kind}_grad_norm_rtol", f"{norm_tol['rtol']:.2g} (n_max {replay.largest_grad})")
-            bad = first_mismatch(run.grad_norms, replay.grad_norms, norm_tol["rtol"], norm_tol["atol"])
-            if bad:
-                problems.append(
-                    f"gradient norm at step {run.window.start + bad[0] + 1}: loop {bad[1]}, replay {bad[2]:.7g} "
-                    f"(trajectory_grad_norm rtol {norm_tol['rtol']:.2g})"
-                )
+        if kind == "cycle":  # the replay is judged first on the reference's own loop (its control)
+            _, baseline = loop_vs_replay(ctx, "stable", lambda *args, **kwargs: None)
+            if baseline:
+                control_failed(STABLE_BASELINE + "; ".join(baseline))
+        run, problems = loop_vs_replay(ctx, kind, measure)
         opt = run.config.optimizer
         if problems and kind == "stable":  # the reference's own loop: the baseline the row measures against
-            control_failed(
-                "the stable reference's training loop does not match its AdamW/clipping/schedule replay, so the "
-                "cycle run has no trustworthy baseline: " + "; ".join(problems)
-            )
+            control_failed(STABLE_BASELINE + "; ".join(problems))
         expect(
             not problems,
             f"the {kind} entry point's training loop does not train as its config says (optimizer.lr {opt.lr}, "

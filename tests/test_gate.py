@@ -36,6 +36,11 @@ def skipped(kind: str, reason: str = "why") -> CheckOutcome:
         ([CheckOutcome("a", "passed", review=["x"])], REVIEW, None),
         ([CheckOutcome("a", "passed", review=["x"]), CheckOutcome("b", "failed", "boom")], INCOMPATIBLE, None),
         ([CheckOutcome("a", "error", "fixture broke")], INCOMPATIBLE, None),
+        (
+            [CheckOutcome("a", "passed"), skipped("could not check", "harness control: replay differs")],
+            NOT_RUN,
+            "could not check",
+        ),
     ],
     ids=[
         "nothing-selected",
@@ -47,6 +52,7 @@ def skipped(kind: str, reason: str = "why") -> CheckOutcome:
         "review",
         "failure-wins",
         "setup-error",
+        "control-failed-beats-pass",
     ],
 )
 def test_row_verdicts(outcomes, verdict, kind):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compat.outcomes import GateInputError
+from compat.inputs import resolve_device
 from compat.rows import NOT_RUN, ROWS
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.checkpoints import save_checkpoint
@@ -228,6 +229,21 @@ def test_bad_data_exits_2_naming_the_file(tmp_path, tiny, spoil, needle):
     )
     assert_could_not_check(code, matrix, stdout, stderr, bad.name, needle)
     assert sha256_tree([data, tiny["checkpoint"]]) == before
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("gpu0", "is not a device"),
+        ("mps", "only cpu and cuda"),
+        (f"cuda:{torch.cuda.device_count() + 7}", "CUDA"),  # not available here, or past the last device
+    ],
+    ids=["malformed", "other-backend", "cuda-missing-or-past-last"],
+)
+def test_device_refusals_name_the_device(spec, needle):
+    with pytest.raises(GateInputError, match=needle) as caught:
+        resolve_device(spec)
+    assert spec in caught.value.problem and "--device" in caught.value.fix + caught.value.problem
 
 
 @pytest.mark.slow
