@@ -56,6 +56,40 @@ class Mutant:
             yield
 
 
+# The resources row's cached traces of the stable trainer alone (`RowMeasurements.stable`, `.counterparts`).
+STABLE_TRACE_KEYS = ("stable", "counterparts")
+
+
+def patched_classes(patches) -> list[type] | None:
+    """The classes whose attributes the (not started) patches replace; None when one patches
+    anything else (a module's function: any trainer may call it)."""
+    classes = []
+    for patch in patches:
+        target = patch.getter()
+        if not isinstance(target, type):
+            return None
+        classes.append(target)
+    return classes
+
+
+@contextlib.contextmanager
+def fresh_runs(ctx, mutant=None):
+    """Runs the context caches (the trajectories' training runs, the resources row's traced steps)
+    are redone under a mutant, and the unmutated ones come back after it. The stable trainer's
+    traced steps are kept when the mutant patches only classes the stable trainer is not made of
+    (the cycle trainer's): they are the same computation, unmutated."""
+    saved = ctx.trajectories, ctx.resources
+    kept = {}
+    classes = patched_classes(mutant.patches()) if mutant is not None else None
+    if classes is not None and not set(classes) & set(ctx.stable_subject.spec.cls.__mro__):
+        kept = {key: value for key, value in ctx.resources.items() if key[0] in STABLE_TRACE_KEYS}
+    ctx.trajectories, ctx.resources = {}, kept
+    try:
+        yield
+    finally:
+        ctx.trajectories, ctx.resources = saved
+
+
 # -- the defects -------------------------------------------------------------------------------------
 def _broadcast_latent_mse(latent_pred, latent_target):
     # Upstream cycle trainer: [B,1,D] prediction against a [B,D] target, no reshape.

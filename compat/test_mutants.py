@@ -26,7 +26,7 @@ import warnings
 
 import pytest
 
-from compat.mutants import ASSERTION, CONTROL, MUTANTS, REVIEWED, TRAINER_ERROR
+from compat.mutants import ASSERTION, CONTROL, MUTANTS, REVIEWED, TRAINER_ERROR, fresh_runs
 from compat.outcomes import CONTROL_PREFIX, Incompatible
 from compat.rows import ROWS
 from compat.subjects import CandidateError, Subject
@@ -48,18 +48,6 @@ def cycle_trainer_path(ctx, path: str):
         yield
     finally:
         ctx.cycle_subject = saved
-
-
-@contextlib.contextmanager
-def fresh_runs(ctx):
-    """Runs the context caches (the trajectories' training runs, the resources row's traced steps)
-    are redone under a mutant, and the unmutated ones come back after it."""
-    saved = ctx.trajectories, ctx.resources
-    ctx.trajectories, ctx.resources = {}, {}
-    try:
-        yield
-    finally:
-        ctx.trajectories, ctx.resources = saved
 
 
 def check_of(row: str, check: str):
@@ -129,7 +117,7 @@ def mutated_outcome(ctx, mutant, path: str) -> Outcome:
     if key in ctx.mutated_outcomes:
         outcome, ran_on = ctx.mutated_outcomes[key]
         return Outcome(outcome.kind, f"= {ran_on} run (trainer driven the same way): {outcome.detail}", outcome.reviews)
-    with mutant.apply(), fresh_runs(ctx):
+    with mutant.apply(), fresh_runs(ctx, mutant):
         outcome = outcome_of(ctx, mutant.row, mutant.check)
     ctx.mutated_outcomes[key] = (outcome, path)
     return outcome

@@ -440,3 +440,39 @@ def test_a_step_that_cannot_be_traced_is_not_run_and_a_raising_one_is_incompatib
         assert outcome.startswith("failed: the cycle trainer BrokenCycleTrainer raised AttributeError"), outcome
     finally:
         ctx.cycle_subject, ctx.resources = saved, {}
+
+
+def test_a_cycle_only_defect_keeps_the_stable_traces_and_a_module_defect_keeps_none():
+    """Under a planted defect the resources row re-traces what the defect can change: the stable
+    trainer's traces are kept only when every patch replaces an attribute of a class the stable
+    trainer is not made of."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import latentDLM_mmdit.losses as losses
+    from compat.mutants import MUTANTS
+    from compat.mutants import fresh_runs
+    from compat.trainer_spec import TrainerSpec
+    from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
+    from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
+
+    cached = {("stable",): "s", ("counterparts", ("l2t",)): "c", ("cycle", 4): "x", ("cycle@0",): "z"}
+
+    def kept_under(patches):
+        ctx = SimpleNamespace(
+            trajectories={"run": 1},
+            resources=dict(cached),
+            stable_subject=SimpleNamespace(spec=TrainerSpec.of(MultimodalDiffusionTrainer)),
+        )
+        with fresh_runs(ctx, SimpleNamespace(patches=lambda: patches)):
+            inside = dict(ctx.resources), dict(ctx.trajectories)
+        assert ctx.resources == cached and ctx.trajectories == {"run": 1}  # restored after
+        return inside
+
+    resources, trajectories = kept_under([mock.patch.object(CycleVAETrainer, "cycle_step", None)])
+    assert set(resources) == {("stable",), ("counterparts", ("l2t",))} and trajectories == {}
+    assert kept_under([mock.patch.object(losses, "masked_text_ce", None)])[0] == {}
+    shared = MultimodalDiffusionTrainer.__mro__[1]  # a base class both trainers may share
+    assert kept_under([mock.patch.object(shared, "__doc__", None)])[0] == {}
+    graph_kept = next(m for m in MUTANTS if m.name == "cycle_latent_graph_kept")
+    assert set(kept_under(graph_kept.patches())[0]) == {("stable",), ("counterparts", ("l2t",))}
