@@ -43,7 +43,7 @@ FIGURE_INPUTS: dict[str, tuple[str, ...]] = {
     "loader_feed_w1": ("latentDLM_mmdit/training.py", "latentDLM_mmdit/data.py", "bench/loader.py"),
     "gate_plugin_spec": (*_GATE, "tests/foreign_trainers"),
     "gate_plugin_foreign": (*_GATE, "tests/foreign_trainers"),
-    "checkpoint_save": ("latentDLM_mmdit/checkpoints.py", "latentDLM_mmdit/training.py", "bench/run.py"),
+    "checkpoint_save": ("latentDLM_mmdit/checkpoints", "latentDLM_mmdit/training.py", "bench/run.py"),
     "report_render": ("compat/report.py", "compat/figures.py", "compat/figure_data.py", "bench/data"),
     "resources_wall": (*_PRODUCT, "compat/resources.py", "compat/test_row_resources.py", "bench/resources_row.py"),
     "resources_rss": (*_PRODUCT, "compat/resources.py", "compat/test_row_resources.py", "bench/resources_row.py"),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import cycle_vae_impl.trainers.cycle_vae_trainer as cycle_module
 import latentDLM_mmdit.checkpoints as checkpoints_module
+import latentDLM_mmdit.checkpoints.keys as checkpoint_keys_module
 import latentDLM_mmdit.draws as draws_module
 import latentDLM_mmdit.improved_trainer_stable as stable_module
 import latentDLM_mmdit.continuous_diffusion as diffusion_module
@@ -373,7 +374,7 @@ MUTANTS: tuple[Mutant, ...] = (
                                       _mask_dropped(model_module.MultimodalMMDiT.forward))]),
     Mutant("checkpoint_prefix_left_on", "pretrained_checkpoint", "upstream_layouts",
            "loader strips module./_orig_mod. but leaves the trainer's model. prefix",
-           lambda: [mock.patch.object(checkpoints_module, "normalize_key", _prefix_kept)]),
+           lambda: [mock.patch.object(checkpoint_keys_module, "normalize_key", _prefix_kept)]),
     Mutant("ramp_ignores_warmup", "cycle_terms", "ramp",
            "cycle weight ramp starts at step 0 regardless of *_warmup_steps",
            lambda: [mock.patch.object(cycle_module, "ramp_weight", _ramp_ignores_warmup)]),

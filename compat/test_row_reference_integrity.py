@@ -377,7 +377,7 @@ CHECKS = {
     "masking": shared_component(check_masking, "text masking", "latentDLM_mmdit/diffusion_process.py"),
     "loss_helpers": shared_component(check_loss_helpers, "loss helpers", "latentDLM_mmdit/losses.py"),
     "checkpoint_round_trips": shared_component(
-        check_checkpoint_round_trips, "checkpoint reader/writer", "latentDLM_mmdit/checkpoints.py"
+        check_checkpoint_round_trips, "checkpoint reader/writer", "latentDLM_mmdit/checkpoints/"
     ),
     "model_forward_golden": shared_component(
         check_model_forward_golden,

@@ -151,7 +151,7 @@ def _lr_one_step_ahead(step, config):  # compat/trajectories.py
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))  # noqa: F821
 
 
-def _no_tensor_is_non_finite(checkpoint):  # latentDLM_mmdit/checkpoints.py
+def _no_tensor_is_non_finite(checkpoint):  # latentDLM_mmdit/checkpoints/nonfinite.py
     return []
 
 
@@ -288,7 +288,7 @@ def _defects() -> tuple[GateDefect, ...]:
         ),
         GateDefect(
             "non_finite_scan_blind",
-            "latentDLM_mmdit/checkpoints.py",
+            "latentDLM_mmdit/checkpoints/nonfinite.py",
             "the checkpoint's non-finite scan finds nothing: a NaN checkpoint passes",
             lambda: [code_of(checkpoints.find_non_finite, _no_tensor_is_non_finite)],
             ("tests/test_checkpoints_validation.py::test_non_finite_tensors_are_listed_with_counts",),

@@ -42,7 +42,7 @@ SAVER = """
 import os, sys, time
 from pathlib import Path
 import torch
-import latentDLM_mmdit.checkpoints as checkpoints
+import latentDLM_mmdit.checkpoints.saving as checkpoint_saving  # where the weights are written
 import latentDLM_mmdit.training as training
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.config import load_config
@@ -74,7 +74,7 @@ def save(path, model, **kwargs):
     return result
 
 
-real_save_file = checkpoints.save_file
+real_save_file = checkpoint_saving.save_file
 def save_file(tensors, filename, metadata=None):
     if armed and phase == "weights_write":
         partial(filename, b"\\0" * 4096)
@@ -100,7 +100,7 @@ def replace(src, dst):
     return real_replace(src, dst)
 
 
-training.save_checkpoint, checkpoints.save_file, torch.save, os.replace = save, save_file, torch_save, replace
+training.save_checkpoint, checkpoint_saving.save_file, torch.save, os.replace = save, save_file, torch_save, replace
 training.run_training(load_config(config_path("stable"), overrides), trainer=STABLE, output_dir=out_dir,
                       synthetic=True, progress=False, device="cpu")
 sys.exit(3)  # the phase was never reached

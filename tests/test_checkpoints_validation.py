@@ -404,7 +404,7 @@ EXPECTED_NON_FINITE = [
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("chunk", [checkpoints.NON_FINITE_CHUNK, 7])
 def test_non_finite_tensors_are_listed_with_counts(tmp_path, monkeypatch, suffix, chunk):
-    monkeypatch.setattr(checkpoints, "NON_FINITE_CHUNK", chunk)
+    monkeypatch.setattr(checkpoints.nonfinite, "NON_FINITE_CHUNK", chunk)
     state = planted_state()
     path = write_state(state, tmp_path / f"nan{suffix}")
     found = find_non_finite(path)

@@ -33,7 +33,7 @@ GATE_MODULES = (
     "compat/terms.py",
     "compat/oracle.py",
     "compat/trajectories.py",
-    "latentDLM_mmdit/checkpoints.py",
+    "latentDLM_mmdit/checkpoints/nonfinite.py",
 )
 DEFECTS = gate_defects()
 

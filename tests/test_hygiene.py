@@ -23,6 +23,7 @@ MODEL_CLASS = "MultimodalMMDiT"
 TOLERANCE_NAMES = ("rtol", "atol")
 TEST_FILES = sorted(TESTS.glob("*.py"))
 COMPAT_FILES = sorted(p for p in (REPO / "compat").rglob("*.py") if p.name != "oracle.py")
+GATE_DEFECTS = TESTS / "gate_defects.py"  # its loosened tolerance table is a planted defect, not a tolerance
 
 
 def _called_name(call: ast.Call) -> str | None:
@@ -86,7 +87,9 @@ def test_test_files_build_models_with_the_builders(path):
     )
 
 
-@pytest.mark.parametrize("path", TEST_FILES + COMPAT_FILES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "path", [p for p in TEST_FILES + COMPAT_FILES if p != GATE_DEFECTS], ids=lambda p: str(p.relative_to(REPO))
+)
 def test_test_files_take_tolerances_from_the_table(path):
     found = inline_tolerances(path.read_text())
     assert not found, (
