@@ -55,6 +55,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -690,6 +691,13 @@ def run_training(
             stop_at_step,
             start_at_step,
         )
+    except BaseException as exc:
+        # Free the loop's objects (the DDP module and its reducer, the loaders) now, while the process
+        # group exists: kept alive by the traceback, they were freed after destroy_process_group
+        # below, where a DDP module's teardown could block in gloo (a run stopped by
+        # loss.on_nonfinite=raise then hung on one rank instead of exiting). The traceback still prints.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         if ctx.initialized_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -68,6 +68,11 @@ def test_the_checkpoint_row_runs_first():
 
         stash = {}
 
+        class pluginmanager:  # no gate collector: the options come from getoption
+            @staticmethod
+            def get_plugins():
+                return []
+
     conftest.pytest_collection_modifyitems(Config(), items)
     assert [(i.row, i.mutant) for i in items] == [
         ("pretrained_checkpoint", False),
