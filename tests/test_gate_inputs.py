@@ -55,6 +55,17 @@ def run_gate(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[int, dict,
     return proc.returncode, matrix, proc.stdout, proc.stderr
 
 
+def pytest_compat(cwd: Path, selection: str, *args: str) -> subprocess.CompletedProcess:
+    """`pytest compat/ -k selection *args` as a CI job runs it, from `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "compat"), "-p", "no:cacheprovider", "-q", "-k", selection, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def assert_could_not_check(code, matrix, stdout, stderr, *needles: str) -> None:
     assert code == 2, f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     assert "Traceback" not in stdout + stderr, (stdout + stderr)[-4000:]
@@ -333,24 +344,11 @@ def test_pytest_junitxml_carries_each_rows_verdict_and_measured_values(tmp_path)
     import xml.etree.ElementTree as ET
 
     xml_path = tmp_path / "report.xml"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(REPO / "compat"),
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-k",
-            "l2t_masking or none_timesteps",
-            f"--junitxml={xml_path}",
-            f"--compat-report={tmp_path / 'compat-report'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = pytest_compat(
+        tmp_path,
+        "l2t_masking or none_timesteps",
+        f"--junitxml={xml_path}",
+        f"--compat-report={tmp_path / 'compat-report'}",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "INTERNALERROR" not in proc.stdout + proc.stderr
@@ -409,24 +407,11 @@ def test_pytest_on_a_users_inputs_leaves_the_planted_defects_out(tmp_path, tiny)
     """The planted defects prove the rows' teeth on the embedded default; on a user's checkpoint they
     are not run and never decide the exit code (a compatible user's CI is green, its JSON has the code)."""
     report = tmp_path / "compat-report"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(REPO / "compat"),
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-k",
-            "l2t_masking or upstream_defect_1 or partial_l2t_mask",
-            f"--compat-checkpoint={tiny['checkpoint']}",
-            f"--compat-report={report}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = pytest_compat(
+        tmp_path,
+        "l2t_masking or upstream_defect_1 or partial_l2t_mask",
+        f"--compat-checkpoint={tiny['checkpoint']}",
+        f"--compat-report={report}",
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
