@@ -7,8 +7,9 @@ vocabulary and latent width), `training.train_batch_size`, the sequence length (
 data files' length, else `model.max_seq_len`), `training.dtype`, `training.mixed_precision`,
 gradient accumulation, clipping and AdamW as the loop builds them. Each step is traced under
 FakeTensorMode (`compat/resources.py`: nothing is allocated, the trainer under test is driven through
-the same protocol as in every row) and its memory split into parameters, gradients, optimizer state,
-activations and temporaries.
+the same protocol as in every row; a small step, such as the tiny default's, is run for real and
+counted the same way) and its memory split into parameters, gradients, optimizer state, activations
+and temporaries.
 
 - memory: the headline numbers; the cycle trainer's own code (between model passes: losses,
   reconstructions) may save for backward at most what its loss terms need, i.e. what the stable
@@ -46,6 +47,8 @@ from compat.resources import (
     OPTIMIZER,
     OWN_CODE,
     PARAMETERS,
+    REAL_STEP_BYTES,
+    REAL_STEP_FLOPS,
     RowMeasurements,
     StepCost,
     batch_candidates,
@@ -58,8 +61,9 @@ from compat.subjects import CandidateError
 
 pytestmark = pytest.mark.compat_row("resources")
 
-# What only a trace without data fails on: a value the step reads that no answer covers (torch.equal,
-# torch.unique), an op FakeTensorMode cannot run, `.numpy()` of a fake tensor.
+# What only a trace without data fails on (a large step; a small one is run for real): a value the
+# step reads that no answer covers (torch.equal, torch.unique), an op FakeTensorMode cannot run,
+# `.numpy()` of a fake tensor.
 UNTRACEABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
 UNTRACEABLE_MESSAGES = ("tensor subclass", "FakeTensor", "fake tensor", "meta tensor")
 
@@ -125,10 +129,16 @@ def check_memory(ctx, measure):
         f"B={worst.batch_size}, {precision_of(ctx.stable_config)}",
     )
     reads = cycle.host_reads + sum(c.host_reads for c in stable.values())
+    steps = [cycle, *stable.values()]
+    if all(c.real for c in steps):
+        how = f"run for real (small steps: under {size_text(REAL_STEP_BYTES)} and {flops_text(REAL_STEP_FLOPS)})"
+    elif not any(c.real for c in steps):
+        how = "FakeTensorMode (nothing allocated)"
+    else:
+        how = "FakeTensorMode where a step is large, for real where small"
     measure(
         "traced",
-        f"FakeTensorMode (nothing allocated), {_traced_how(cycle)}, {reads} host reads answered finite / in range, "
-        f"{run.seconds():.1f} s",
+        f"{how}, {_traced_how(cycle)}, {reads} host reads answered finite / in range, {run.seconds():.1f} s",
     )
     # The trainer's own code saves for backward what its loss terms need, like the stable trainer's.
     w = run.weights

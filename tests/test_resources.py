@@ -18,6 +18,7 @@ import re
 import resource
 import weakref
 from contextlib import nullcontext
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+import compat.resources as resources_module
 from compat.oracle import TOLERANCES
 from compat.resources import (
     ACTIVATIONS,
@@ -83,9 +85,13 @@ def config(kind: str, *overrides: str):
     return load_config(config_path(kind), [*TINY_OVERRIDES, f"model.latent_dim={SIZES['latent_dim']}", *overrides])
 
 
-def setup_of(subject, cfg, n_blocks: int = 1, step: int | None = 0, round_to: int = 1) -> StepSetup:
+def setup_of(
+    subject, cfg, n_blocks: int = 1, step: int | None = 0, round_to: int = 1, execution: str = "fake"
+) -> StepSetup:
+    """A step at this file's sizes; traced under FakeTensorMode unless `execution` says otherwise (the
+    evidence below is about the trace a full-size config gets)."""
     model = OmegaConf.merge(cfg.model, {"n_blocks": n_blocks})
-    return StepSetup(subject, cfg, model, SIZES, VOCAB, B, S, step, round_to=round_to)
+    return StepSetup(subject, cfg, model, SIZES, VOCAB, B, S, step, round_to=round_to, execution=execution)
 
 
 def round_up(n: int, to: int = CUDA_BLOCK) -> int:
@@ -151,6 +157,80 @@ def test_traced_activations_equal_what_a_real_run_saves(step, precision):
     assert abs(traced_alive - alive) <= atol + rtol * alive, (traced_alive, alive)
     assert trace.passes == (4 if kind == "cycle" else 1)
     assert trace.host_reads > 0  # the non-finite checks were answered, not skipped
+
+
+def _trace_fields(trace) -> dict:
+    return {f.name: getattr(trace, f.name) for f in fields(trace) if f.name not in ("seconds", "real")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_a_small_step_run_for_real_counts_what_its_trace_counts(step, precision):
+    """A small step is run for real (8x faster than FakeTensorMode); both count the same: FLOPs, passes,
+    host reads, parameters, gradients and AdamW state exactly; every byte total within
+    `resources_saved_vs_real` (CPU's mse_loss keeps its [B, D] work buffer under its 0-dim mean, where
+    the meta kernel allocates 4 bytes), and exactly at the CUDA allocator's 512-byte rounding the row
+    uses, on these sizes."""
+    subject, kind, overrides = STEPS[step]
+    cfg = config(kind, *overrides, *(AUTOCAST if precision == "bf16" else []))
+    setup = setup_of(subject, cfg, n_blocks=2)
+    fake, real = trace_step(setup), trace_step(replace(setup, execution="real"))
+    assert real.real and not fake.real
+    exact = ("flops_forward", "flops_backward", "passes", "host_reads", "params_trained", "params_total")
+    assert {k: getattr(real, k) for k in exact} == {k: getattr(fake, k) for k in exact}
+    assert real.untrained_state == fake.untrained_state
+    rtol, atol = TOLERANCES["resources_saved_vs_real"]
+    for phase in PHASES:
+        for kind_ in (PARAMETERS, GRADIENTS, OPTIMIZER):
+            assert real.peaks[phase].split[kind_] == fake.peaks[phase].split[kind_], (phase, kind_)
+        for kind_ in (ACTIVATIONS, "temporaries"):
+            a, b = real.peaks[phase].split[kind_], fake.peaks[phase].split[kind_]
+            assert abs(a - b) <= atol + rtol * max(b, 1), (phase, kind_, a, b)
+        assert abs(real.peaks[phase].total - fake.peaks[phase].total) <= rtol * fake.peaks[phase].total
+    for where in fake.saved:
+        assert abs(real.saved[where] - fake.saved[where]) <= atol + rtol * sum(fake.saved.values()), where
+    rounded = replace(setup, round_to=CUDA_BLOCK)
+    assert _trace_fields(trace_step(replace(rounded, execution="real"))) == _trace_fields(trace_step(rounded))
+
+
+@pytest.mark.parametrize("limit", ["bytes", "flops"])
+def test_a_step_past_the_real_limits_is_traced_instead(monkeypatch, limit):
+    """Past REAL_STEP_BYTES live or REAL_STEP_FLOPS the real run stops and the step is traced under
+    FakeTensorMode: the same numbers as a trace from the start, the trainer's own error handling
+    notwithstanding."""
+    cfg = config("cycle", *ALL_TERMS)
+    setup = setup_of(CYCLE, cfg, round_to=CUDA_BLOCK, execution="auto")
+    small = trace_step(setup)
+    assert small.real
+    fake = trace_step(replace(setup, execution="fake"))
+    assert _trace_fields(small) == _trace_fields(fake)  # at 512-byte rounding, these sizes
+    if limit == "bytes":  # the parameters' share fits, the step's activations do not
+        monkeypatch.setattr(resources_module, "REAL_STEP_BYTES", 5 * max(p.total for p in fake.peaks.values()) // 8)
+    else:
+        monkeypatch.setattr(resources_module, "REAL_STEP_FLOPS", fake.flops_forward // 2)
+    stopped = trace_step(setup)
+    assert not stopped.real
+    assert _trace_fields(stopped) == _trace_fields(fake)
+    with pytest.raises(resources_module.RealStepTooLarge):
+        trace_step(replace(setup, execution="real"))
+
+
+class SwallowingCycleTrainer(CycleVAETrainer):
+    """Goes on after any error of its step with a loss of 0 (a trainer that 'degrades gracefully')."""
+
+    def forward(self, batch, *, step=None, draws=None):
+        try:
+            return super().forward(batch, step=step, draws=draws)
+        except Exception:
+            return torch.zeros((), requires_grad=True), {}
+
+
+def test_a_trainer_that_swallows_the_stop_is_still_traced_instead(monkeypatch):
+    cfg = config("cycle", *ALL_TERMS)
+    setup = setup_of(Subject(TrainerSpec.of(SwallowingCycleTrainer), "cycle"), cfg, round_to=CUDA_BLOCK)
+    monkeypatch.setattr(resources_module, "REAL_STEP_FLOPS", 1)
+    with pytest.raises(resources_module.RealStepTooLarge):
+        trace_step(replace(setup, execution="real"))
 
 
 def test_a_cpu_trace_follows_cuda_autocast_where_cpu_autocast_differs():
@@ -244,10 +324,11 @@ def test_flops_of_a_joint_attention_block_equal_the_hand_count():
     assert tracer.flops == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("execution", ["fake", "real"])
 @pytest.mark.parametrize("step", ["cycle", "stable_t2l"])
-def test_a_deeper_model_extrapolated_from_two_depths_equals_its_direct_trace(step):
+def test_a_deeper_model_extrapolated_from_two_depths_equals_its_direct_trace(step, execution):
     subject, kind, overrides = STEPS[step]
-    setup = setup_of(subject, config(kind, *overrides, *AUTOCAST), n_blocks=3, round_to=CUDA_BLOCK)
+    setup = setup_of(subject, config(kind, *overrides, *AUTOCAST), n_blocks=3, round_to=CUDA_BLOCK, execution=execution)
     extrapolated = measure_steps({"x": setup})["x"]
     traced = trace_step(setup, 3)
     direct = without_state(traced, traced.untrained_state)  # as measure_steps does for one run
@@ -267,6 +348,7 @@ def test_a_full_size_step_is_traced_without_allocating_it():
     trace = trace_step(setup)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     peak = max(p.total for p in trace.peaks.values())
+    assert not trace.real  # its parameters alone pass REAL_STEP_BYTES: traced, not run
     assert peak > 2 * 2**30, peak  # [4, 1024, 30522] float32 logits and their gradients alone are 0.47 GiB each
     assert grown < peak / 8, (grown, peak)
 
@@ -324,7 +406,9 @@ def test_the_estimate_matches_cuda_max_memory_allocated(step):
     cfg = config(kind, *overrides, *AUTOCAST, "model.hidden_size=256", "model.cond_dim=256", "model.max_seq_len=128")
     sizes = dict(SIZES, vocab_size=1000)
     vocab = SyntheticVocab(1000, mask_token_id=999, pad_token_id=0)
-    setup = StepSetup(subject, cfg, OmegaConf.merge(cfg.model, {"n_blocks": 2}), sizes, vocab, 4, 128, 0, "cuda")
+    setup = StepSetup(
+        subject, cfg, OmegaConf.merge(cfg.model, {"n_blocks": 2}), sizes, vocab, 4, 128, 0, "cuda", execution="fake"
+    )
     trace = trace_step(setup)
     estimate = max(p.total for p in trace.peaks.values())
 
@@ -428,11 +512,16 @@ class BrokenCycleTrainer(CycleVAETrainer):
 
 
 @pytest.mark.slow
-def test_a_step_that_cannot_be_traced_is_not_run_and_a_raising_one_is_incompatible(tiny_context):
+def test_a_step_that_cannot_be_traced_is_not_run_and_a_raising_one_is_incompatible(tiny_context, monkeypatch):
     ctx, saved = tiny_context, tiny_context.cycle_subject
     try:
         ctx.cycle_subject, ctx.resources = Subject(TrainerSpec.of(NumpyMetricsCycleTrainer), "cycle"), {}
-        outcome, _ = run_check(ctx, "memory")
+        outcome, _ = run_check(ctx, "memory")  # the tiny default's step is small: run for real, it reads values
+        assert outcome == "passed", outcome
+        with monkeypatch.context() as patched:  # as a full-size step: traced, no values to read
+            patched.setattr(resources_module, "REAL_STEP_BYTES", 0)
+            ctx.resources = {}
+            outcome, _ = run_check(ctx, "memory")
         assert outcome.startswith("skipped: could not check: the step cannot be traced without data"), outcome
         assert ".numpy()" in outcome
         ctx.cycle_subject, ctx.resources = Subject(TrainerSpec.of(BrokenCycleTrainer), "cycle"), {}
