@@ -24,7 +24,10 @@ import latentDLM_mmdit.improved_trainer_stable as stable_module
 import latentDLM_mmdit.continuous_diffusion as diffusion_module
 import latentDLM_mmdit.models.multimodal_mmdit as model_module
 import latentDLM_mmdit.trainer_base as base_module
-import latentDLM_mmdit.training as training_module
+import latentDLM_mmdit.training.dataloader as training_data_module
+import latentDLM_mmdit.training.distributed as training_distributed_module
+import latentDLM_mmdit.training.loop as training_loop_module
+from latentDLM_mmdit.training import LoopSettings
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.latent_settings import LatentSettings, upstream_stable_reading
 from latentDLM_mmdit.losses import NORMALIZE_EPS
@@ -216,19 +219,19 @@ def _latent_mse_in_low_precision(latent_pred, latent_target):
 
 
 def _cycle_entry_beta1(original_train):
-    def _train(config, settings, ctx, entry, *args, **kwargs):
+    def _train(config, settings, dist_ctx, entry, *args, **kwargs):
         if entry.kind == "cycle":  # an optimizer setting that differs only in the cycle entry point
             settings = dataclasses.replace(settings, betas=(0.8, settings.betas[1]))
-        return original_train(config, settings, ctx, entry, *args, **kwargs)
+        return original_train(config, settings, dist_ctx, entry, *args, **kwargs)
     return _train
 
 
-def _clip_norm_from_other_key(original_from_config):
-    def from_config(config):
-        settings = original_from_config(config)
+def _clip_norm_from_other_key(original_from_settings):
+    def from_settings(config):
+        settings = original_from_settings(config)
         # the clipping norm read from optimizer.weight_decay instead of optimizer.grad_clip_norm
         return dataclasses.replace(settings, grad_clip_norm=float(config.optimizer.weight_decay))
-    return staticmethod(from_config)
+    return staticmethod(from_settings)
 
 
 def _mmdit_default_streams(original_cls):
@@ -405,24 +408,24 @@ MUTANTS: tuple[Mutant, ...] = (
            lambda: [mock.patch.object(stable_module, "normalized_latent_mse", _latent_mse_in_low_precision)]),
     Mutant("cycle_entry_beta1", "trajectories", "cycle_loop_matches_oracle",
            "the cycle entry point's loop uses AdamW beta1 0.8 whatever optimizer.beta1 says",
-           lambda: [mock.patch.object(training_module, "_train", _cycle_entry_beta1(training_module._train))]),
+           lambda: [mock.patch.object(training_loop_module, "_train", _cycle_entry_beta1(training_loop_module._train))]),
     Mutant("clip_norm_from_other_key", "trajectories", "stable_loop_matches_oracle",
            "the loop reads its clipping norm from optimizer.weight_decay instead of optimizer.grad_clip_norm "
            "(the reference's own loop then fails its replay: the row cannot judge, exit 2)",
-           lambda: [mock.patch.object(training_module.LoopSettings, "from_config",
-                                      _clip_norm_from_other_key(training_module.LoopSettings.from_config))],
+           lambda: [mock.patch.object(LoopSettings, "from_settings",
+                                      _clip_norm_from_other_key(LoopSettings.from_settings))],
            expect=CONTROL),
     Mutant("synthetic_data_reseeded", "trajectories", "golden_values",
            "the loop's synthetic data seeded differently (a numerics change only a golden file sees)",
-           lambda: [mock.patch.object(training_module, "SYNTHETIC_DATA_SEED_OFFSET",
-                                      training_module.SYNTHETIC_DATA_SEED_OFFSET + 1)]),
+           lambda: [mock.patch.object(training_data_module, "SYNTHETIC_DATA_SEED_OFFSET",
+                                      training_data_module.SYNTHETIC_DATA_SEED_OFFSET + 1)]),
     Mutant("latent_ramp_from_text_key", "recommended_settings", "trainer_honours_config",
            "cycle_latent's ramp length read from cycle_text_ramp_steps (a setting read from the wrong key)",
            lambda: [mock.patch.object(cycle_module.CycleVAETrainer, "__init__",
                                       _latent_ramp_from_text_key(cycle_module.CycleVAETrainer.__init__))]),
     Mutant("ddp_not_wrapped", "ddp", "ddp_matches_single_process",
            "the training loop forgets to wrap the model in DDP (no gradient all-reduce between ranks)",
-           lambda: [mock.patch.object(training_module, "wrap_model_for_ddp", _ddp_not_wrapped)]),
+           lambda: [mock.patch.object(training_distributed_module, "wrap_model_for_ddp", _ddp_not_wrapped)]),
     Mutant("cosine_offset_wrong", "reference_integrity", "schedules",
            "the cosine schedule of both trainers uses s = 0.08 instead of 0.008",
            lambda: [mock.patch.object(diffusion_module, "cosine_betas", _cosine_offset_wrong)]),

@@ -1,7 +1,7 @@
 """Peak memory per rank and FLOPs of one training step at the user's full config size, traced
 without allocating anything (the `resources` row).
 
-One step is the loop's (`latentDLM_mmdit.training._optimizer_step`): the trainer's forward under
+One step is the loop's (`latentDLM_mmdit.training.step.StepRunner.run`): the trainer's forward under
 the configured autocast, backward of its loss, gradient clipping and the AdamW step, on a model
 built from the config's real sizes (`model.*`, the checkpoint's vocabulary and latent width) in
 train mode, a batch of `training.train_batch_size` x the sequence length. It runs under

@@ -6,7 +6,7 @@ the two ranks' losses equals the full-batch loss, and the DDP-averaged gradients
 gradients (every term is a mean over equally sized halves), within `tol('float32_batching')`.
 Checked for the stable trainer (t2l, which freezes the text group) and the cycle trainer (full mode,
 both cycle weights > 0, all four terms), through the training loop's own DDP plumbing
-(`latentDLM_mmdit.training.init_distributed` and `wrap_model_for_ddp`, find_unused_parameters=True),
+(`latentDLM_mmdit.training.distributed.init_distributed` and `wrap_model_for_ddp`, find_unused_parameters=True),
 with the draws injected and sliced per rank so both ranks and the single process see identical
 numbers. Parameters without a gradient in the single process (the frozen text group) must get none
 under DDP either: a zero gradient there would let AdamW's weight decay move frozen weights.
@@ -99,14 +99,14 @@ def step(ctx, setting: str, batch, draws, model):
 
 def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
     """Runs in a forked child: joins the group, runs both settings on its shard, saves the results."""
-    from latentDLM_mmdit import training
+    from latentDLM_mmdit.training import distributed  # the loop's DDP setup, looked up as the loop does
 
     try:
         torch.set_num_threads(1)
         os.environ.update(
             WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-        dctx = training.init_distributed("cpu", timeout=timedelta(seconds=TIMEOUT_S))
+        dctx = distributed.init_distributed("cpu", timeout=timedelta(seconds=TIMEOUT_S))
         try:
             batch, draws = inputs(ctx)
             results = {}
@@ -119,12 +119,12 @@ def _worker(ctx, rank: int, port: int, out_dir: Path) -> None:
                     f"the {subject.role} trainer keeps no .model, which the training loop wraps in DDP",
                     "keep the model the trainer is given as self.model (upstream's protocol)",
                 )
-                training.wrap_model_for_ddp(trainer, dctx.device)
+                distributed.wrap_model_for_ddp(trainer, dctx.device)
                 loss, _, _, _ = subject.call(trainer, shard(batch, rank), draws=shard(draws, rank), seed=SEED + rank)
                 loss.backward()
                 results[setting] = {
                     "loss": loss.detach().clone(),
-                    "grads": grads_by_name(training.bare_model(trainer.model)),
+                    "grads": grads_by_name(distributed.bare_model(trainer.model)),
                 }
             torch.save(results, out_dir / f"rank{rank}.pt")
         finally:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import latentDLM_mmdit.checkpoints.saving as checkpoint_saving  # where the weights are written
 import latentDLM_mmdit.training as training
+import latentDLM_mmdit.training.checkpointing as training_checkpointing  # where the loop saves
 from cycle_vae_impl.configs import config_path
 from latentDLM_mmdit.config import load_config
 from latentDLM_mmdit.train_stable import STABLE
@@ -64,7 +65,7 @@ def partial(target, data):
     handle.flush()
 
 
-real_save = training.save_checkpoint
+real_save = training_checkpointing.save_checkpoint
 def save(path, model, **kwargs):
     global armed
     armed = kwargs["step"] == kill_step
@@ -100,7 +101,8 @@ def replace(src, dst):
     return real_replace(src, dst)
 
 
-training.save_checkpoint, checkpoint_saving.save_file, torch.save, os.replace = save, save_file, torch_save, replace
+training_checkpointing.save_checkpoint, checkpoint_saving.save_file, torch.save, os.replace = (
+    save, save_file, torch_save, replace)
 training.run_training(load_config(config_path("stable"), overrides), trainer=STABLE, output_dir=out_dir,
                       synthetic=True, progress=False, device="cpu")
 sys.exit(3)  # the phase was never reached
