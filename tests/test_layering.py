@@ -133,3 +133,46 @@ def test_cycle_finder_sees_a_planted_cycle(tmp_path):
     (package / "a.py").write_text("from compat.b import x\n")
     (package / "b.py").write_text("def x():\n    from compat import a\n")
     assert import_cycles(module_graph(tmp_path, ("compat",))) == [["compat.a", "compat.b"]]
+
+
+# The packages split along a loop's / a file format's concerns: each module may import only those
+# before it (the README's Layout says the same order), and none the package's interface (__init__).
+SPLIT_PACKAGES = {
+    "latentDLM_mmdit.checkpoints": (
+        "base", "keys", "safetensors_header", "source", "layout", "nonfinite", "loading", "saving", "convert",
+    ),
+    "latentDLM_mmdit.training": (
+        "loop_settings", "distributed", "dataloader", "run_dir", "checkpointing", "step", "loop", "cli",
+    ),
+}  # fmt: skip
+
+
+def layer_violations(graph: dict[str, set[str]], package: str, order: tuple[str, ...]) -> list[str]:
+    """'a imports b' for each module of `package` that imports a later one or the package itself."""
+    found = []
+    for i, name in enumerate(order):
+        allowed = {f"{package}.{earlier}" for earlier in order[:i]}
+        for target in sorted(graph.get(f"{package}.{name}", ())):
+            if (target == package or target.startswith(package + ".")) and target not in allowed:
+                found.append(f"{package}.{name} imports {target}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(SPLIT_PACKAGES))
+def test_each_module_of_a_split_package_imports_only_those_before_it(package):
+    graph = module_graph(REPO)
+    order = SPLIT_PACKAGES[package]
+    modules = {m.removeprefix(package + ".") for m in graph if m.startswith(package + ".")}
+    assert modules - {"__main__"} == set(order), (modules, order)  # a new module is placed in the order
+    assert not layer_violations(graph, package, order)
+
+
+def test_the_layer_order_check_sees_a_planted_upward_import(tmp_path):
+    package = tmp_path / "latentDLM_mmdit" / "training"
+    package.mkdir(parents=True)
+    for name in ("__init__", "loop_settings", "step"):
+        (package / f"{name}.py").write_text("")
+    (package / "loop_settings.py").write_text("from latentDLM_mmdit.training.step import StepRunner\n")
+    graph = module_graph(tmp_path, ("latentDLM_mmdit",))
+    found = layer_violations(graph, "latentDLM_mmdit.training", ("loop_settings", "step"))
+    assert found == ["latentDLM_mmdit.training.loop_settings imports latentDLM_mmdit.training.step"]
