@@ -24,6 +24,12 @@ Reading (`load_torch_file`) keeps torch's weights_only unpickler and adds only:
 Every other global torch does not allow already is refused before unpickling, with a message
 that names it and says how the pickle uses it; globals of modules that can run code (os, posix,
 builtins, subprocess, ...) are never given a stand-in, whatever the use.
+
+One module of ~760 lines, on purpose: its path is upstream's (`latentDLM_mmdit.checkpoints_mmdit`):
+upstream's pickles name `latentDLM_mmdit.checkpoints_mmdit.TrainingState` and code written against
+upstream imports it from here, and everything a pickle can reach is decided in this one file (the
+records, the numpy scalars, the static scan, the policy, the unpickler), read together by whoever
+reviews what an untrusted `.pt` can do. Its sections below are its seams.
 """
 
 from __future__ import annotations

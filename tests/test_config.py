@@ -175,7 +175,7 @@ def recorded_reads():
     def wrap(original):
         def reader(self, key, *args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if not caller.startswith("omegaconf") and caller != "latentDLM_mmdit.settings":
+            if not caller.startswith(("omegaconf", "latentDLM_mmdit.settings")):
                 try:
                     reads.add(self._get_full_key(key))
                 except (OmegaConfBaseException, KeyError, TypeError):  # not a config key omegaconf can name

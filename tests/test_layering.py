@@ -141,6 +141,7 @@ SPLIT_PACKAGES = {
     "latentDLM_mmdit.checkpoints": (
         "base", "keys", "safetensors_header", "source", "layout", "nonfinite", "loading", "saving", "convert",
     ),
+    "latentDLM_mmdit.settings": ("schema", "upstream_keys", "introspection", "validation"),
     "latentDLM_mmdit.training": (
         "loop_settings", "distributed", "dataloader", "run_dir", "checkpointing", "step", "loop", "cli",
     ),
