@@ -1,5 +1,7 @@
 """The fixture layer every row shares: ONE model instance, both trainers over it, seeded batches
-with padding, and the random draws both trainers are given.
+with padding, and the random draws both trainers are given. `CompatContext` is the tester: it reads
+the user's inputs and builds the model (here); what rows feed the trainers (`row_inputs.RowInputs`)
+and the trainers' runs (`runs.TrainerRuns`) are its mixins.
 
 With no options it runs on the embedded default: the packaged tiny stable and cycle configs and a
 checkpoint written by the stable training entry point (a few dozen synthetic steps, made once per
@@ -18,7 +20,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.config import with_updates
 from latentDLM_mmdit.checkpoints import (
     CheckpointContents,
     CheckpointError,
@@ -28,11 +29,10 @@ from latentDLM_mmdit.checkpoints import (
     layout_differences,
     load_checkpoint_into,
 )
-from latentDLM_mmdit.factory import build_model_uninitialized, dtype_from_config
+from latentDLM_mmdit.factory import build_model_uninitialized
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
 from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
 from latentDLM_mmdit.seeding import seed_everything
-from latentDLM_mmdit.synthetic import synthetic_batch
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 from compat.inputs import (
     GateVocab,
@@ -47,7 +47,9 @@ from compat.inputs import (
 from compat.options import CompatOptions
 from compat.oracle import TOLERANCES
 from compat.outcomes import GateInputError, blocked, control_failed
-from compat.subjects import StepRecord, Subject
+from compat.row_inputs import RowInputs
+from compat.runs import TrainerRuns
+from compat.subjects import Subject
 from compat.trainer_spec import TrainerSpec
 
 logger = logging.getLogger(__name__)
@@ -221,7 +223,7 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
 
 
 @dataclass
-class CompatContext:
+class CompatContext(RowInputs, TrainerRuns):
     """Everything a row needs. Build it with `CompatContext.create(options, workdir)`."""
 
     options: CompatOptions
@@ -240,6 +242,9 @@ class CompatContext:
     layout: ModelLayout | None = None
     gate_vocab: GateVocab | None = None
     contents: CheckpointContents | None = field(default=None, repr=False)
+    # The checkpoint's metadata (this project's files: config, versions, trainer; upstream's: none), read
+    # when the file was opened at `create`: rows read it here instead of opening the file again.
+    checkpoint_metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     model: MultimodalMMDiT | None = None
     model_released: bool = False  # a large checkpoint's weights, freed once its own row has run
     load_report: LoadReport | None = None
@@ -287,6 +292,7 @@ class CompatContext:
         with open_user_checkpoint(checkpoint) as source:
             layout = layout_of(source, checkpoint)
             contents = source.contents
+            metadata = copy.deepcopy(dict(source.metadata))
             checkpoint = Path(source.path)  # the file read (upstream's folder holds checkpoint.pt)
             n_params = sum(int(torch.Size(s).numel()) for s in source.shapes.values())
         # What the weights are (vocabulary, latent width) from the checkpoint; the cluster head from
@@ -318,6 +324,7 @@ class CompatContext:
             layout=layout,
             contents=contents,
             gate_vocab=gate_vocab,
+            checkpoint_metadata=metadata,
         )
         if options.cycle_trainer:
             ctx.cycle_subject = Subject(TrainerSpec.load(options.cycle_trainer, "--cycle-trainer"), "cycle")
@@ -492,188 +499,6 @@ class CompatContext:
                 f"{', '.join(self.nonfinite[:3])}"
             )
         return self.model
-
-    # -- trainers -------------------------------------------------------------------------------
-    @property
-    def vocab(self):
-        """The vocabulary both trainers use: the checkpoint's size, the resolved mask and pad ids."""
-        return self.gate_vocab.vocab
-
-    def _with_loss(self, config: DictConfig, overrides: dict[str, Any]) -> DictConfig:
-        """A validated copy of `config` with the row's overrides (`loss.*` keys unless dotted); a key
-        the schema does not know (a typo) is a ConfigError naming the nearest valid key."""
-        updates = {(key if "." in key else f"loss.{key}"): value for key, value in overrides.items()}
-        for key, value in list(updates.items()):
-            root_key = key.removeprefix("model.")
-            if key.startswith("model.latent_") and config.get(root_key) is not None:  # keep a root spelling in step
-                updates.setdefault(root_key, value)
-        return with_updates(config, updates, "compat row overrides")
-
-    # -- trainers under test: observed, never asked ---------------------------------------------
-    def stable_config_for(
-        self, mode: str, settings: dict[str, Any] | None = None, base: DictConfig | None = None
-    ) -> DictConfig:
-        """The stable config (or `base`) in `mode` and the comparison dtype, with `settings`
-        (`loss.*` keys unless dotted)."""
-        overrides = {"loss_type": mode, "training.dtype": self.trainer_dtype_name, **(settings or {})}
-        return self._with_loss(self.stable_config if base is None else base, overrides)
-
-    def cycle_config_for(self, settings: dict[str, Any] | None = None, base: DictConfig | None = None) -> DictConfig:
-        """The cycle config (or `base`, made a cycle config) with `settings` (`loss.*` keys unless dotted)."""
-        overrides = dict(settings or {})
-        if base is not None:
-            overrides = {"loss_type": "cycle_vae", **overrides}
-        return self._with_loss(self.cycle_config if base is None else base, overrides)
-
-    def run_cycle(
-        self,
-        batch: dict[str, torch.Tensor],
-        *,
-        settings: dict[str, Any] | None = None,
-        step: int | None = None,
-        draws: dict[str, torch.Tensor] | None = None,
-        model: torch.nn.Module | None = None,
-        seed: int = 0,
-        grad: bool = False,
-        outputs: bool = True,
-        config: DictConfig | None = None,
-        after: StepRecord | None = None,
-    ) -> StepRecord:
-        """One step of the cycle trainer under test (`--cycle-trainer`, default the built-in one) on
-        `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`). With
-        `grad` the step builds its autograd graph (a check that needs gradients or what requires grad);
-        without it, none (a [B, S, V] vocabulary makes a graph's saved tensors the largest cost).
-        `outputs=False` keeps no pass's outputs in the record (a check of inputs, timesteps or losses)."""
-        config = config if config is not None else self.cycle_config_for(settings)
-        model = model if model is not None else self.semantic_model()
-        unfreeze(model)  # a stable trainer over the same model may have frozen groups
-        return self._run(self.cycle_subject, model, config, batch, step, draws, seed, grad, outputs, after)
-
-    def run_stable(
-        self,
-        mode: str,
-        batch: dict[str, torch.Tensor],
-        *,
-        settings: dict[str, Any] | None = None,
-        step: int | None = None,
-        draws: dict[str, torch.Tensor] | None = None,
-        model: torch.nn.Module | None = None,
-        seed: int = 0,
-        grad: bool = False,
-        outputs: bool = True,
-        config: DictConfig | None = None,
-        after: StepRecord | None = None,
-    ) -> StepRecord:
-        """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`."""
-        config = config if config is not None else self.stable_config_for(mode, settings)
-        model = model if model is not None else self.semantic_model()
-        return self._run(self.stable_subject, model, config, batch, step, draws, seed, grad, outputs, after)
-
-    def _run(self, subject, model, config, batch, step, draws, seed, grad, outputs, after) -> StepRecord:
-        """One step of `subject` (either trainer in its role) on `model` under `config`."""
-        return subject.step(
-            model,
-            self.vocab,
-            dtype_from_config(config),
-            config,
-            batch,
-            step=step,
-            draws=draws,
-            seed=seed,
-            mask_token_id=self.vocab.mask_token_id,
-            grad=grad,
-            outputs=outputs,
-            after=after,
-        )
-
-    def draws(self, batch: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Every named draw a step of either trainer can use, from seeded generators: the latent
-        noises [B, D], the latent t uniforms [B], the pseudo-token uniforms [B, S], and the stable
-        unconditional mode's text t [B] and mask uniforms [B, S]."""
-        B, S = batch["input_ids"].shape
-        return {
-            "latent_noise": self.noise(batch, seed=seed),
-            "cycle_latent_noise": self.noise(batch, seed=seed + 50_000),
-            "latent_t": self.uniforms((B,), seed=seed),
-            "cycle_latent_t": self.uniforms((B,), seed=seed + 50_000),
-            "pseudo_token_uniform": self.uniforms((B, S), seed=seed + 60_000),
-            "text_t": self.uniforms((B,), seed=seed + 70_000),
-            "mask_uniform": self.uniforms((B, S), seed=seed + 80_000),
-        }
-
-    # -- inputs ---------------------------------------------------------------------------------
-    @property
-    def trainer_dtype(self) -> torch.dtype:
-        """The dtype both trainers feed latents and timesteps in: `training.dtype` of the cycle
-        config (what the cluster run will use); the stable trainer is run in it too."""
-        return dtype_from_config(self.cycle_config)
-
-    @property
-    def trainer_dtype_name(self) -> str:
-        return str(self.cycle_config.training.dtype)
-
-    def x0_of(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The batch's clean latents [B, D] as the trainers feed them (rounded to `dtype`, default the
-        trainer dtype), in float64 on the CPU: the x0 of the oracle."""
-        B = batch["input_ids"].shape[0]
-        return self.as_fed(batch["latent"].reshape(B, -1), dtype).double()
-
-    def as_fed(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`x` as a trainer casts it before use (rounded to `dtype`, default the trainer dtype), in
-        float32 on the CPU."""
-        return x.detach().to(dtype or self.trainer_dtype).float().cpu()
-
-    @property
-    def oracle_tolerance(self) -> str:
-        """Tolerance name for trainer vs float64 oracle: float32, or bfloat16 when the trainers run
-        their inputs in a 16-bit dtype."""
-        return "float32_oracle" if self.trainer_dtype == torch.float32 else "bfloat16"
-
-    @property
-    def latent_dim(self) -> int:
-        return int(self.model_sizes()["latent_dim"])
-
-    def batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A batch of `batch_size` samples with padding (each sample's tail is masked out), from
-        synthetic data or the user's upstream-format data, on the compat device."""
-        if self.data_samples is not None:
-            return self._data_batch(batch_size, seed)
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        batch = synthetic_batch(self.vocab, batch_size, self.seq_len, self.latent_dim, gen)
-        S = self.seq_len
-        lengths = [max(1, S - (i + 1) * S // (2 * batch_size)) for i in range(batch_size)]  # all < S: padded
-        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
-        batch["attention_mask"] = mask
-        batch["input_ids"] = torch.where(
-            mask.bool(), batch["input_ids"], torch.full_like(batch["input_ids"], self.vocab.pad_token_id)
-        )
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def _data_batch(self, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-        samples = self.data_samples
-        picks = [samples[(seed * batch_size + i) % len(samples)] for i in range(batch_size)]
-        S = self.seq_len
-        batch = {
-            "input_ids": torch.stack([torch.as_tensor(s["input_ids"])[:S] for s in picks]),
-            "attention_mask": torch.stack([torch.as_tensor(s["attention_mask"])[:S] for s in picks]),
-            "latent": torch.stack([torch.as_tensor(s["latent"]).reshape(1, -1) for s in picks]).float(),
-        }
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def noise(self, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """Standard normal latent noise [B, D] from a seeded generator: the draw both trainers get."""
-        gen = torch.Generator().manual_seed(20_000 + seed)
-        B = batch["input_ids"].shape[0]
-        return torch.randn(B, self.latent_dim, generator=gen).to(self.device)
-
-    def uniforms(self, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(30_000 + seed)
-        return torch.rand(shape, generator=gen).to(self.device)
-
-
-def unfreeze(model: torch.nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(True)
 
 
 def slice_batch(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

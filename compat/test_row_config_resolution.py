@@ -21,7 +21,6 @@ from compat.observe import T2L
 from compat.terms import LatentSchedule, latent_term
 from compat.oracle import tol
 from compat.outcomes import Incompatible, expect, expect_close, incompatible
-from latentDLM_mmdit.checkpoints import open_checkpoint
 from latentDLM_mmdit.factory import dtype_from_config
 from latentDLM_mmdit.latent_settings import resolve_latent_settings, upstream_stable_reading
 
@@ -77,10 +76,7 @@ def check_same_yaml_same_settings(ctx, measure):
 
 def trained_with(ctx) -> tuple[dict, str]:
     """The latent settings the checkpoint was trained with, and where that knowledge comes from."""
-    recorded = None
-    if ctx.checkpoint_path.suffix == ".safetensors":
-        with open_checkpoint(ctx.checkpoint_path) as source:
-            recorded = source.metadata.get("config")
+    recorded = ctx.checkpoint_metadata.get("config") if ctx.checkpoint_path.suffix == ".safetensors" else None
     if isinstance(recorded, dict) and recorded.get("model") is not None:
         return resolve_latent_settings(recorded).as_dict(), "the config recorded in the checkpoint"
     return upstream_stable_reading(

@@ -39,7 +39,8 @@ from torch import nn
 
 from compat import oracle
 from compat.config_reads import ReadLog, watching_reads
-from compat.harness import row_runner, row_settings, row_test, sensitivity_control, unfreeze
+from compat.harness import row_runner, row_settings, row_test, sensitivity_control
+from compat.runs import unfreeze
 from compat.observe import CYCLE_LATENT, CYCLE_TEXT, L2T, T2L
 from compat.oracle import STATISTICS, tol
 from compat.outcomes import control_failed, expect, expect_close

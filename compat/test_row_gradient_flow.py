@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from compat.figure_data import parameter_reach
-from compat.harness import row_runner, row_test, sensitivity_control, unfreeze
+from compat.harness import row_runner, row_test, sensitivity_control
+from compat.runs import unfreeze
 from compat.outcomes import expect
 from latentDLM_mmdit.improved_trainer_stable import frozen_groups, parameter_group
 
