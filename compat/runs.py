@@ -62,24 +62,17 @@ class TrainerRuns:
         batch: dict[str, torch.Tensor],
         *,
         settings: dict[str, Any] | None = None,
-        step: int | None = None,
-        draws: dict[str, torch.Tensor] | None = None,
-        model: torch.nn.Module | None = None,
-        seed: int = 0,
-        grad: bool = False,
-        outputs: bool = True,
         config: DictConfig | None = None,
-        after: StepRecord | None = None,
+        model: torch.nn.Module | None = None,
+        **step: Any,
     ) -> StepRecord:
         """One step of the cycle trainer under test (`--cycle-trainer`, default the built-in one) on
-        `batch`: its passes observed, `draws` given by name or served (see `compat.subjects`). With
-        `grad` the step builds its autograd graph (a check that needs gradients or what requires grad);
-        without it, none (a [B, S, V] vocabulary makes a graph's saved tensors the largest cost).
-        `outputs=False` keeps no pass's outputs in the record (a check of inputs, timesteps or losses)."""
+        `batch`, under `config` (default: the cycle config with `settings`), on `model` (default the
+        semantic model); `step` are `_run`'s step arguments."""
         config = config if config is not None else self.cycle_config_for(settings)
         model = model if model is not None else self.semantic_model()
         unfreeze(model)  # a stable trainer over the same model may have frozen groups
-        return self._run(self.cycle_subject, model, config, batch, step, draws, seed, grad, outputs, after)
+        return self._run(self.cycle_subject, model, config, batch, **step)
 
     def run_stable(
         self,
@@ -87,22 +80,42 @@ class TrainerRuns:
         batch: dict[str, torch.Tensor],
         *,
         settings: dict[str, Any] | None = None,
+        config: DictConfig | None = None,
+        model: torch.nn.Module | None = None,
+        **step: Any,
+    ) -> StepRecord:
+        """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`,
+        as `run_cycle`."""
+        config = config if config is not None else self.stable_config_for(mode, settings)
+        model = model if model is not None else self.semantic_model()
+        return self._run(self.stable_subject, model, config, batch, **step)
+
+    def _run(
+        self,
+        subject,
+        model: torch.nn.Module,
+        config: DictConfig,
+        batch: dict[str, torch.Tensor],
+        *,
         step: int | None = None,
         draws: dict[str, torch.Tensor] | None = None,
-        model: torch.nn.Module | None = None,
         seed: int = 0,
         grad: bool = False,
         outputs: bool = True,
-        config: DictConfig | None = None,
         after: StepRecord | None = None,
     ) -> StepRecord:
-        """One step of the stable reference (`--stable-trainer`, default the built-in one) in `mode`."""
-        config = config if config is not None else self.stable_config_for(mode, settings)
-        model = model if model is not None else self.semantic_model()
-        return self._run(self.stable_subject, model, config, batch, step, draws, seed, grad, outputs, after)
+        """One step of `subject` (either trainer in its role) on `model` under `config`: its passes
+        observed, `draws` given by name or served (see `compat.subjects`).
 
-    def _run(self, subject, model, config, batch, step, draws, seed, grad, outputs, after) -> StepRecord:
-        """One step of `subject` (either trainer in its role) on `model` under `config`."""
+        Args:
+            step: the global step given as `step=` (a trainer without it gets none).
+            draws: the named random draws (default: served from `seed`).
+            seed: seeds what the step draws that `draws` does not give.
+            grad: build the autograd graph (a check that needs gradients or what requires grad);
+                without it, none (a [B, S, V] vocabulary makes a graph's saved tensors the largest cost).
+            outputs: keep each pass's outputs in the record (False: a check of inputs, timesteps or losses).
+            after: an earlier step's record whose trainer continues (its own state, e.g. its generator).
+        """
         return subject.step(
             model,
             self.vocab,

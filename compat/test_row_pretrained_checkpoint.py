@@ -26,7 +26,6 @@ gave. Checked on the checkpoint under test (embedded default: written by the sta
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from pathlib import Path
 
@@ -48,14 +47,6 @@ BASE_ONLY = row_settings({"latent_t_mode": "full", "cycle_text_weight": 0.0, "cy
 
 MMDIT02_FIXTURE = Path(__file__).resolve().parent / "data" / "mmdit02_layout_h16.safetensors"
 SEED = 95
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_outputs(ctx, model, batch) -> tuple[torch.Tensor, ...]:
@@ -174,7 +165,7 @@ def check_fresh_instances_identical(ctx, measure):
     """(b): stable and cycle trainers, each on its own fresh load, give bit-identical base losses."""
     shared = ctx.require_model()
     path = Path(ctx.checkpoint_path)
-    before = sha256(path)
+    before = checkpoints.file_sha256(path)
     batch = ctx.batch(ctx.options.batch_size, seed=SEED + 1)
     if ctx.large:  # one instance shared by both trainers: a full-size model is not loaded twice more
         for_stable = for_cycle = shared
@@ -220,7 +211,7 @@ def check_fresh_instances_identical(ctx, measure):
     )
     measure("l2t_text_loss", float(l2t.loss))
     measure("t2l_latent_loss", float(stable_t2l))
-    expect(sha256(path) == before, f"loading {path} changed the file", "open checkpoints read-only")
+    expect(checkpoints.file_sha256(path) == before, f"loading {path} changed the file", "open checkpoints read-only")
 
 
 def upstream_layouts(ctx, model) -> dict[str, object]:
@@ -266,7 +257,7 @@ def check_upstream_layouts(ctx, measure):
     for name, obj in upstream_layouts(ctx, shared).items():
         path = folder / f"{name}.pt"
         torch.save(obj, path)
-        before = sha256(path)
+        before = checkpoints.file_sha256(path)
         model = poisoned_model(ctx, like=shared)
         try:
             report = checkpoints.load_checkpoint_into(model, path)
@@ -283,7 +274,11 @@ def check_upstream_layouts(ctx, measure):
             "load every tensor of the model from upstream's file",
         )
         assert_same_outputs(model_outputs(ctx, model, batch), want, f"upstream layout {name}")
-        expect(sha256(path) == before, f"loading upstream layout {name} changed {path}", "open checkpoints read-only")
+        expect(
+            checkpoints.file_sha256(path) == before,
+            f"loading upstream layout {name} changed {path}",
+            "open checkpoints read-only",
+        )
         path.unlink()
         loaded.append(name)
     measure("upstream_layouts_loaded", ",".join(loaded))

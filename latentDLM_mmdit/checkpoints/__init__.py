@@ -35,7 +35,7 @@ from latentDLM_mmdit.checkpoints.base import (
     CheckpointError,
     installed_versions,
 )
-from latentDLM_mmdit.checkpoints.convert import convert_checkpoint, inspect_lines, main, write_safetensors
+from latentDLM_mmdit.checkpoints.convert import convert_checkpoint, file_sha256, inspect_lines, main, write_safetensors
 from latentDLM_mmdit.checkpoints.keys import DROPPED_PREFIXES, STRIPPED_PREFIXES, normalize_key, normalize_keys
 from latentDLM_mmdit.checkpoints.layout import (
     MODEL_DEFAULT_RESIDUAL_STREAMS,
@@ -113,6 +113,7 @@ __all__ = [
     "derive_layout",
     "describe_value",
     "explain_layout_differences",
+    "file_sha256",
     "find_non_finite",
     "inspect_lines",
     "installed_versions",

@@ -27,7 +27,8 @@ from latentDLM_mmdit.checkpoints.safetensors_header import SAFETENSORS_NAMES
 from latentDLM_mmdit.checkpoints.source import CheckpointContents, CheckpointSource, open_checkpoint
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +112,7 @@ def _converted_metadata(source: CheckpointSource, requested: Path) -> dict[str, 
         {
             "path": str(requested),
             "file": str(source.path),
-            "sha256": _sha256(source.path),
+            "sha256": file_sha256(source.path),
             "format": contents.format,
             "folder": contents.folder_note,
             "weights_from": contents.keys_used,
