@@ -7,7 +7,10 @@
   allocator applied to each tensor); AdamW holds no state for a group the run never trains.
 - FLOPs of one Linear and of one joint-attention block equal the hand count, and FlopCounterMode's.
 - A deep model traced at depths 1 and 2 and extrapolated equals the direct trace, byte for byte.
-- A full-size step is traced without allocating it.
+- A full-size step is traced without allocating it; a small step is run for real and counts what
+  its trace counts (FLOPs, passes, host reads, state bytes exactly; activations within
+  `resources_saved_vs_real`); past the real limits it is traced instead, whatever the trainer does
+  with the stop.
 - On CUDA (marked gpu): the estimate against torch.cuda.max_memory_allocated of a real step.
 """
 
