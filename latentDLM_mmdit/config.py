@@ -383,8 +383,8 @@ def _apply_override(raw: dict, override: str, source: str, given_sources: dict[s
                 f"override {key}={text!r} for {source}: {key} is a section; override its keys "
                 f"({', '.join(map(str, current))})"
             )
-    elif key != BETAS_KEY and upstream_entry(key) is None:
-        raise ConfigError(unknown_key_message(key, source))
+    elif key != BETAS_KEY and upstream_entry(key) is None:  # the override's key, not the file's: say so
+        raise ConfigError(unknown_key_message(key, f"the override {override!r} (applied to {source})"))
     value = parse_override_value(key, text, kind, source)
     _set(raw, target, value, source)
     given_sources[_given_key(schema_key)] = "override"

@@ -295,6 +295,17 @@ def test_upstream_config_overrides_use_upstreams_names_and_group_options():
         _upstream(["logging.save_evry=5"])
 
 
+def test_a_typo_in_an_override_is_named_as_the_override_not_as_the_file():
+    """The file is fine; the command line's key is not: the message must send the user there."""
+    with pytest.raises(ConfigError) as info:
+        load_config(config_path("stable"), ["training.num_trian_steps=2"])
+    message = str(info.value)
+    assert message.startswith(
+        "unknown config key 'training.num_trian_steps' in the override 'training.num_trian_steps=2' (applied to "
+    ), message
+    assert "nearest valid key: 'training.num_train_steps'" in message
+
+
 def test_upstream_config_without_a_tokenizer_folder_names_what_to_pass():
     with pytest.raises(ConfigError) as info:
         _upstream(tokenizer_dir=None)
