@@ -267,6 +267,8 @@ class CompatContext(RowInputs, TrainerRuns):
     # The outcome of each planted defect's check, keyed by (defect, check_key): the plug-in path's
     # case reuses the built-in path's run when its subject is driven the same way.
     mutated_outcomes: dict = field(default_factory=dict, repr=False)
+    # The configs rows run under, built once: (id(base config), overrides) -> (base, sealed config).
+    row_configs: dict = field(default_factory=dict, repr=False)
 
     def check_key(self, check) -> tuple:
         def driven(subject: Subject) -> tuple:

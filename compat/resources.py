@@ -191,15 +191,20 @@ class RealStepTooLarge(Exception):
     FakeTensorMode instead."""
 
 
+def _model_of(model_config: DictConfig, sizes: dict) -> MultimodalMMDiT:
+    """The model `model_config` builds at the checkpoint's `sizes`, on the current default device."""
+    return MultimodalMMDiT(
+        model_config,
+        vocab_size=int(sizes["vocab_size"]),
+        latent_dim=int(sizes["latent_dim"]),
+        cluster_size=int(sizes.get("cluster_size", 0) or 0),
+    )
+
+
 def _parameter_bytes(model_config: DictConfig, sizes: dict) -> int:
     """Bytes of the parameters of the model `model_config` builds (on the meta device: nothing allocated)."""
     with preserved_rng(), torch.device("meta"):
-        model = MultimodalMMDiT(
-            model_config,
-            vocab_size=int(sizes["vocab_size"]),
-            latent_dim=int(sizes["latent_dim"]),
-            cluster_size=int(sizes.get("cluster_size", 0) or 0),
-        )
+        model = _model_of(model_config, sizes)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -516,7 +521,8 @@ def preserved_rng():
         torch.set_rng_state(cpu)
 
 
-def _fake_draws(names, batch_size: int, seq_len: int, latent_dim: int, device) -> dict[str, torch.Tensor]:
+def _step_draws(names, batch_size: int, seq_len: int, latent_dim: int, device) -> dict[str, torch.Tensor]:
+    """Random values for the draws a trainer takes by name (fake tensors under FakeTensorMode)."""
     shapes = {"B": (batch_size,), "BD": (batch_size, latent_dim), "BS": (batch_size, seq_len)}
     out = {}
     for name in names:
@@ -555,12 +561,7 @@ def _trace_step(setup: StepSetup, depth: int, real: bool) -> StepTrace:
     if real and 4 * _parameter_bytes(model_config, sizes) > REAL_STEP_BYTES:
         raise RealStepTooLarge  # parameters, gradients and AdamW's two moments alone pass the limit
     with preserved_rng(), contextlib.nullcontext() if real else FakeTensorMode(), on_device:
-        model = MultimodalMMDiT(
-            model_config,
-            vocab_size=int(sizes["vocab_size"]),
-            latent_dim=D,
-            cluster_size=int(sizes.get("cluster_size", 0) or 0),
-        ).train()  # the loop trains in train mode (dropout masks are saved)
+        model = _model_of(model_config, sizes).train()  # the loop trains in train mode (dropout masks are saved)
         params = list(model.parameters())
         optimizer = torch.optim.AdamW(
             params,
@@ -580,7 +581,7 @@ def _trace_step(setup: StepSetup, depth: int, real: bool) -> StepTrace:
             "attention_mask": torch.ones(B, S, dtype=torch.long),
             "latent": torch.randn(B, 1, D),
         }
-        draws = _fake_draws(setup.subject.spec.draw_names, B, S, D, device)
+        draws = _step_draws(setup.subject.spec.draw_names, B, S, D, device)
 
         tracer = StepTracer(setup.round_to, limit=(REAL_STEP_BYTES, REAL_STEP_FLOPS) if real else None)
         for p in params:

@@ -39,7 +39,14 @@ class TrainerRuns:
             root_key = key.removeprefix("model.")
             if key.startswith("model.latent_") and config.get(root_key) is not None:  # keep a root spelling in step
                 updates.setdefault(root_key, value)
-        return with_updates(config, updates, "compat row overrides")
+        # Rows run many steps under the same few configs: each is built (and validated) once per
+        # context (`row_configs`). The built config is sealed (read-only): handing it out again is safe.
+        key = (id(config), repr(sorted(updates.items())))
+        base, built = self.row_configs.get(key, (None, None))
+        if base is not config:  # a new base, or another object at a freed one's id
+            built = with_updates(config, updates, "compat row overrides")
+            self.row_configs[key] = (config, built)
+        return built
 
     # -- trainers under test: observed, never asked ---------------------------------------------
     def stable_config_for(

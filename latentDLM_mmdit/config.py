@@ -27,7 +27,9 @@ selects another option of a config group of its defaults list). List items are a
 name (`logging.save_freq` for `logging.save_every`) sets it under that name.
 
 The returned config is validated, typed and in struct mode: reading a key that does not exist raises
-instead of returning None. Nothing passed in is modified.
+instead of returning None. It is sealed (read-only): the trainers, the model factory and the loop it
+is handed to take it as validated without checking it again; `with_updates(config, {...}, source)`
+makes a changed copy. Nothing passed in is modified.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from latentDLM_mmdit.settings import (
     schema_kind,
     unknown_key_message,
     upstream_entry,
+    reseal,
     validate_settings,
 )
 from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
@@ -150,13 +153,13 @@ def resolve_config(
     if folder and vocab:
         vocab = resolve_vocab(resolved.config, tokenizer_dir=tokenizer_dir, owner=f"config file {source}")
         apply_vocab(resolved, vocab)
-    return resolved
+    return reseal(resolved)  # the vocabulary written is checked with the rest; sealed: validated once
 
 
 def with_updates(config: Any, updates: Mapping[str, Any], source: str) -> DictConfig:
     """A validated copy of `config` with `updates` ({dotted key: Python value}) applied; an unknown
     key is a ConfigError naming the nearest valid key, a wrong value is refused by the schema.
-    `config` is only read."""
+    `config` is only read. The copy is sealed (read-only; readers take it as validated)."""
     resolved = validate_settings(config, source, shared=True)
     raw = OmegaConf.to_container(resolved.config, resolve=True, throw_on_missing=False)
     for key, value in updates.items():
@@ -169,7 +172,7 @@ def with_updates(config: Any, updates: Mapping[str, Any], source: str) -> DictCo
         if kind is not None and kind.is_section:
             raise ConfigError(f"{source}: {key} is a section; update its keys ({', '.join(schema_fields(kind.base))})")
         _set(raw, key, value, source)
-    return validate_settings(_drop_missing(raw), source).config
+    return validate_settings(_drop_missing(raw), source, shared=True).config
 
 
 # -- reading files --------------------------------------------------------------------------------

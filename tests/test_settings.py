@@ -4,10 +4,14 @@ loop and the compat harness all read settings through it."""
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from compat.harness import CompatContext
 from cycle_vae_impl.configs import config_path
@@ -19,9 +23,9 @@ from latentDLM_mmdit.config import (
     with_updates,
 )
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
-from latentDLM_mmdit.factory import DTYPES
+from latentDLM_mmdit.factory import DTYPES, build_model, dtype_from_config
 from latentDLM_mmdit.improved_trainer_stable import MultimodalDiffusionTrainer
-from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT
+from latentDLM_mmdit.models.multimodal_mmdit import MultimodalMMDiT, model_settings
 from latentDLM_mmdit.settings import (
     ALIASES,
     DTYPE_NAMES,
@@ -31,6 +35,7 @@ from latentDLM_mmdit.settings import (
     schema_keys,
     validate_settings,
 )
+from latentDLM_mmdit.settings import validation as settings_validation
 from latentDLM_mmdit.training import LoopSettings, TrainingError
 from tests.builders import TINY_VOCAB, tiny_model
 
@@ -271,9 +276,107 @@ def test_validation_of_a_validated_config_changes_nothing():
     assert OmegaConf.to_container(once) == OmegaConf.to_container(twice)
 
 
+# -- validated once, where a config enters ---------------------------------------------------------
+@pytest.fixture
+def validations(monkeypatch):
+    """Counts full validations (what the sealed fast path skips)."""
+    calls: list[str] = []
+    real = settings_validation._validated
+
+    def counting(config, source, given_sources):
+        calls.append(source)
+        return real(config, source, given_sources)
+
+    monkeypatch.setattr(settings_validation, "_validated", counting)
+    return calls
+
+
+def test_a_loaded_config_is_validated_once_and_readers_take_it_as_it_is(validations):
+    config = load_config(config_path("cycle"))
+    assert OmegaConf.is_readonly(config)
+    entered = len(validations)
+    model = build_model(config, seed=0)
+    assert dtype_from_config(config) is torch.float32
+    trainer = CycleVAETrainer(model, VOCAB, MaskedDiffusion(VOCAB), torch.float32, config)
+    LoopSettings.from_config(config)
+    assert validations[entered:] == [], f"readers validated the sealed config again: {validations[entered:]}"
+    assert trainer.settings is config  # the trainer holds the very object, not a copy
+    with pytest.raises(ReadonlyConfigError):
+        config.loss.cycle_text_weight = 5.0
+    changed = with_updates(config, {"loss.cycle_text_weight": 0.5}, "test")
+    assert (changed.loss.cycle_text_weight, config.loss.cycle_text_weight) == (0.5, 0.1)
+
+
+def test_the_resolution_a_config_was_sealed_with_reaches_its_readers():
+    config = load_config(config_path("cycle"), ["loss.cycle_text_weight=0.25"])
+    resolved = validate_settings(config, "a reader", shared=True)
+    assert resolved.config is config and resolved.source == "a reader"
+    assert resolved.sources["loss.cycle_text_weight"] == "override" and resolved.sources["training.seed"] != "override"
+
+
+@pytest.mark.parametrize(
+    "unvalidated",
+    [
+        pytest.param(lambda c: OmegaConf.merge(c, {"loss": {"cycle_text_weight": -1.0}}), id="merged"),
+        pytest.param(lambda c: _unlocked(copy.deepcopy(c)), id="deep-copied"),
+        pytest.param(lambda c: _unlocked(c), id="section-unlocked"),
+        pytest.param(lambda c: OmegaConf.to_container(_unlocked(c), resolve=True), id="as-a-dict"),
+    ],
+)
+def test_anything_but_the_sealed_object_is_validated_where_it_enters(unvalidated):
+    """A merge, a copy, a plain dict, or the sealed config itself after a section was unlocked and
+    changed: each reaches a trainer as a new input and is validated there (here: refused)."""
+    config = unvalidated(load_config(config_path("cycle")))
+    with pytest.raises(ConfigError, match="cycle_text_weight=-1.0"):
+        CycleVAETrainer(_model(), VOCAB, MaskedDiffusion(VOCAB), torch.float32, config)
+
+
+def _unlocked(config):
+    OmegaConf.set_readonly(config.loss, False)
+    config.loss.cycle_text_weight = -1.0
+    return config
+
+
+def test_the_model_takes_the_model_section_of_a_sealed_config_as_it_is(validations):
+    config = load_config(config_path("cycle"))
+    entered = len(validations)
+    model_settings(config.model)
+    assert validations[entered:] == []
+    with pytest.raises(ValueError, match="latent_dim"):  # only the model section passes as a model config
+        model_settings(config.training)
+    OmegaConf.set_readonly(config.model, False)
+    entered = len(validations)
+    model_settings(config.model)  # unlocked: validated again, as any mapping
+    assert validations[entered:] == ["the model config given to MultimodalMMDiT"]
+
+
+def test_sealed_configs_are_forgotten_with_their_objects():
+    gc.collect()
+    before = len(settings_validation._SEALED), len(settings_validation._SEALED_SECTIONS)
+    configs = [with_updates(load_config(config_path("cycle")), {"training.seed": i}, "test") for i in range(3)]
+    assert len(settings_validation._SEALED) >= before[0] + 3
+    del configs
+    gc.collect()
+    assert (len(settings_validation._SEALED), len(settings_validation._SEALED_SECTIONS)) == before
+
+
 # -- the compat harness ----------------------------------------------------------------------------
 def _with_loss(config, overrides):
-    return CompatContext._with_loss(object.__new__(CompatContext), config, overrides)  # reads no instance state
+    ctx = object.__new__(CompatContext)
+    ctx.row_configs = {}  # the only instance state it reads
+    return CompatContext._with_loss(ctx, config, overrides)
+
+
+def test_compat_row_configs_are_built_once_per_context(validations):
+    ctx = object.__new__(CompatContext)
+    ctx.row_configs = {}
+    base = load_config(config_path("cycle"))
+    first = CompatContext._with_loss(ctx, base, {"cycle_text_weight": 0.5})
+    entered = len(validations)
+    assert CompatContext._with_loss(ctx, base, {"cycle_text_weight": 0.5}) is first
+    assert validations[entered:] == []
+    other = CompatContext._with_loss(ctx, base, {"cycle_text_weight": 0.25})
+    assert other.loss.cycle_text_weight == 0.25 and first.loss.cycle_text_weight == 0.5
 
 
 def test_compat_row_overrides_refuse_a_typo():

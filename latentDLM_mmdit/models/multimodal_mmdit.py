@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mmdit.mmdit_generalized_pytorch import MMDiT
 from omegaconf import DictConfig, OmegaConf
 
-from latentDLM_mmdit.settings import ModelSettings, validate_settings
+from latentDLM_mmdit.settings import ModelSettings, is_sealed_section, validate_settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,24 @@ REQUIRED_MODEL_KEYS = ("hidden_size", "n_blocks", "cond_dim", "max_seq_len")
 def model_settings(config: Any) -> ModelSettings:
     """The `model` section validated against the schema (read as `ModelSettings`); `config` is a
     mapping or a DictConfig (only read). Raises ValueError naming unknown, mistyped, out-of-range
-    and missing required keys."""
-    if isinstance(config, DictConfig):
-        config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
-    if not isinstance(config, Mapping):
-        raise TypeError(f"model config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
-    model = validate_settings({"model": config}, "the model config given to MultimodalMMDiT", shared=True).config.model
+    and missing required keys. The `model` section of a sealed validated config (what the factory
+    hands over) is taken as it is."""
+    if is_sealed_section(config, "model"):
+        model = config
+    else:
+        model = _validated_model_section(config)
     missing = [k for k in REQUIRED_MODEL_KEYS if OmegaConf.is_missing(model, k)]
     if missing:
         raise ValueError(f"model config is missing required key(s): {', '.join(missing)}")
     return model
+
+
+def _validated_model_section(config: Any) -> ModelSettings:
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"model config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+    return validate_settings({"model": config}, "the model config given to MultimodalMMDiT", shared=True).config.model
 
 
 class TimestepEmbedder(nn.Module):

@@ -14,7 +14,10 @@ Rules:
   string key a string; null only where the default is null); ranges and choices are checked. The
   problems of a config are reported together: every unknown key and wrong type, else every value
   out of range.
-- Results are memoised by input (`shared=True` readers get one read-only config per input).
+- Validated once where a config enters: `validate_settings(..., shared=True)` seals its result
+  (read-only, registered by identity), and every reader handed that very object (trainers, the model
+  factory, the loop) takes it as validated at no cost; a mapping, a copy or a merge is validated
+  where it enters. A change goes through `config.with_updates` (or `writable_copy` then `reseal`).
 - Keys without a default (`MISSING`: the model sizes, `loss.loss_type`, the run length, batch size
   and learning rate) are required only by what reads them: `require(config, keys, owner)`.
 - `profile: upstream` gives the cycle keys a file leaves out upstream's cycle trainer defaults
@@ -76,8 +79,12 @@ from latentDLM_mmdit.settings.validation import (
     ResolvedConfig,
     UnusedKey,
     is_missing,
+    is_sealed_section,
     require,
+    reseal,
+    sealed_resolution,
     validate_settings,
+    writable_copy,
 )
 
 __all__ = [
@@ -115,8 +122,11 @@ __all__ = [
     "UpstreamKey",
     "VALUE_ALIASES",
     "is_missing",
+    "is_sealed_section",
     "nearest_key",
     "require",
+    "reseal",
+    "sealed_resolution",
     "schema_fields",
     "schema_keys",
     "schema_kind",
@@ -124,4 +134,5 @@ __all__ = [
     "unknown_key_message",
     "upstream_entry",
     "validate_settings",
+    "writable_copy",
 ]

@@ -4,12 +4,12 @@ a `ResolvedConfig`; `require` checks the keys a reader needs that have no defaul
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,10 +338,71 @@ def _range_problems(config: DictConfig, sources: Mapping[str, str], problems: _P
         )
 
 
-# Results of validate_settings by input (trainers, the factory and the compat harness validate the
-# same few configs hundreds of times; a merge with the schema costs ~10 ms).
-_VALIDATED: collections.OrderedDict[str, tuple[Any, dict, list, list]] = collections.OrderedDict()
-_VALIDATED_SIZE = 256
+# -- validated once -------------------------------------------------------------------------------
+# A validated config is sealed (read-only, struct mode) and registered here by identity with its
+# resolution: a reader handed that very object (a trainer, the model factory, the loop) takes it as
+# validated and pays nothing; anything else (a mapping, a copy, a merge, a config a user unlocked) is
+# validated where it enters. Entries leave with their config (weak references).
+@dataclass(frozen=True)
+class _Resolution:
+    config: weakref.ref
+    sources: dict[str, str]
+    unused: tuple[UnusedKey, ...]
+    notes: tuple[str, ...]
+
+
+_SEALED: dict[int, _Resolution] = {}  # id(sealed config) -> its resolution
+_SEALED_SECTIONS: dict[int, tuple[weakref.ref, str]] = {}  # id(section of a sealed config) -> (it, its name)
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    def forget(ref: weakref.ref) -> None:
+        entry = _SEALED.get(key)
+        if entry is not None and entry.config is ref:
+            del _SEALED[key]
+        if _SEALED_SECTIONS.get(key, (None,))[0] is ref:
+            del _SEALED_SECTIONS[key]
+
+    return forget
+
+
+def _still_sealed(node: Any) -> bool:
+    """True when `node` and every section under it are still read-only (nobody unlocked one)."""
+    if not OmegaConf.is_readonly(node):
+        return False
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node)) if isinstance(node, ListConfig) else ()
+    children = (node._get_node(key) for key in keys)
+    return all(_still_sealed(c) for c in children if isinstance(c, (DictConfig, ListConfig)))
+
+
+def _seal(resolved: ResolvedConfig) -> ResolvedConfig:
+    """Registers `resolved.config` (made read-only here) as validated, with its resolution."""
+    config = resolved.config
+    OmegaConf.set_readonly(config, True)
+    key = id(config)
+    _SEALED[key] = _Resolution(
+        weakref.ref(config, _forget(key)), dict(resolved.sources), tuple(resolved.unused), tuple(resolved.notes)
+    )
+    for name in schema_fields(RunSettings):
+        node = config._get_node(name)
+        if isinstance(node, DictConfig):
+            _SEALED_SECTIONS[id(node)] = (weakref.ref(node, _forget(id(node))), name)
+    return resolved
+
+
+def sealed_resolution(config: Any, source: str) -> ResolvedConfig | None:
+    """The resolution of `config` when it is a sealed validated config (this very object, still
+    read-only), named `source`; None for anything else."""
+    entry = _SEALED.get(id(config))
+    if entry is None or entry.config() is not config or not _still_sealed(config):
+        return None
+    return ResolvedConfig(config, source, dict(entry.sources), list(entry.unused), list(entry.notes))
+
+
+def is_sealed_section(node: Any, name: str) -> bool:
+    """True when `node` is the section `name` (e.g. "model") of a sealed validated config, still read-only."""
+    ref, section = _SEALED_SECTIONS.get(id(node), (None, None))
+    return section == name and ref() is node and _still_sealed(node)
 
 
 def validate_settings(
@@ -350,15 +411,33 @@ def validate_settings(
     """Validates `config` (a mapping or a DictConfig; only read) against the schema.
 
     Args:
-        config: the settings; interpolations are resolved first.
+        config: the settings; interpolations are resolved first. A config this function returned
+            with `shared=True` (sealed) is taken as it is, with the resolution it was sealed with.
         source: names what is validated in every error ("config file x.yaml", "the config given to ...").
         given_sources: origin of given keys when not "file" (e.g. "override"), by dotted key.
-        shared: return a read-only config shared with every other validation of the same input
-            (for readers: no copy); else a config of the caller's own.
+        shared: return the sealed config: read-only, and taken as validated by every reader it is
+            handed to (trainers, the model factory, the loop); else a writable copy of the caller's
+            own (which readers validate again, since it may have changed).
 
     Raises ConfigError listing every unknown key (with the nearest valid key), wrong type, value out
     of range and disagreement.
     """
+    known = sealed_resolution(config, source)
+    if known is None:
+        known = _seal(_validated(config, source, given_sources))
+    return known if shared else writable_copy(known)
+
+
+def reseal(resolved: ResolvedConfig) -> ResolvedConfig:
+    """`resolved` after a change made through its writable config (e.g. `tokenizer.apply_vocab`):
+    validated again and sealed, keeping the origins, unused keys and notes recorded so far."""
+    checked = _validated(resolved.config, resolved.source, resolved.sources)
+    return _seal(
+        ResolvedConfig(checked.config, resolved.source, dict(resolved.sources), resolved.unused, resolved.notes)
+    )
+
+
+def _validated(config: Any, source: str, given_sources: Mapping[str, str] | None) -> ResolvedConfig:
     if isinstance(config, (DictConfig, ListConfig)):
         try:
             config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
@@ -368,13 +447,6 @@ def validate_settings(
         raise ConfigError(f"{source}: the config must be a mapping, got {type(config).__name__}")
     problems = _Problems(source)
     flat = {k: v for k, v in _flatten(copy.deepcopy(dict(config))).items() if v != "???"}
-    memo_key = repr((sorted(flat.items(), key=lambda item: item[0]), sorted((given_sources or {}).items())))
-    if memo_key in _VALIDATED:  # validation is a pure function of the input: reuse the result
-        _VALIDATED.move_to_end(memo_key)
-        validated, sources, unused, notes = _VALIDATED[memo_key]
-        return ResolvedConfig(
-            validated if shared else _own_copy(validated), source, dict(sources), list(unused), list(notes)
-        )
     given, origin, unused, notes = _translate(flat, problems)
     _check_leaves(given, problems)
     problems.raise_if_any()
@@ -396,18 +468,14 @@ def validate_settings(
     _range_problems(validated, sources, problems)
     problems.raise_if_any()
     OmegaConf.set_struct(validated, True)
-    kept = copy.deepcopy(validated)
-    OmegaConf.set_readonly(kept, True)
-    _VALIDATED[memo_key] = (kept, dict(sources), list(unused), list(notes))
-    if len(_VALIDATED) > _VALIDATED_SIZE:
-        _VALIDATED.popitem(last=False)
-    return ResolvedConfig(kept if shared else validated, source, sources, unused, notes)
+    return ResolvedConfig(validated, source, sources, unused, notes)
 
 
-def _own_copy(config: DictConfig) -> DictConfig:
-    mine = copy.deepcopy(config)
+def writable_copy(resolved: ResolvedConfig) -> ResolvedConfig:
+    """A copy of `resolved` whose config the caller may change (then `reseal` it to hand it on)."""
+    mine = copy.deepcopy(resolved.config)
     OmegaConf.set_readonly(mine, False)
-    return mine
+    return ResolvedConfig(mine, resolved.source, dict(resolved.sources), list(resolved.unused), list(resolved.notes))
 
 
 def is_missing(config: Any, key: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from latentDLM_mmdit.config import ConfigError
-from latentDLM_mmdit.settings import RunSettings, require, validate_settings
+from latentDLM_mmdit.settings import RunSettings, require, reseal, validate_settings, writable_copy
 from latentDLM_mmdit.tokenizer import apply_vocab, resolve_vocab
 
 
@@ -60,9 +60,11 @@ def validated_config(config: Any) -> DictConfig:
     (`latentDLM_mmdit.settings`), with the vocabulary filled from `tokenizer.path` when the
     tokenizer section does not give it."""
     try:
-        resolved = validate_settings(config, "the run config")
+        resolved = validate_settings(config, "the run config", shared=True)
         if resolved.config.tokenizer.path:
+            resolved = writable_copy(resolved)
             apply_vocab(resolved, resolve_vocab(resolved.config, owner="the run config"))
+            resolved = reseal(resolved)
     except ConfigError as exc:
         raise TrainingError(str(exc)) from exc
     return resolved.config
