@@ -12,7 +12,7 @@ A trainer class needs no adapter and no base class. Required:
 - `text_noise_schedule`: a `MaskedDiffusion` over that tokenizer.
 - `dtype`: the dtype of latents and timesteps it feeds the model (`training.dtype`).
 - `config`: the validated run config (an OmegaConf DictConfig; every `loss.*`, `model.*` key is
-  present, with the schema's defaults).
+  present, with the schema's defaults), a copy of the trainer's own that it may write to.
 - `batch`: `input_ids` [B,S] int64, `attention_mask` [B,S], `latent` [B,1,D].
 - returns the scalar loss (with its autograd graph) and a dict of metrics (any names).
 
@@ -26,6 +26,9 @@ Optional, found by inspection (never by the class name):
   from torch / Python `random` / NumPy are captured and served the same numbers
   (`compat.draw_capture`), and the determinism row reports that it uses the global RNG.
 - a `.model` attribute holding the model: the training loop wraps it in DDP (the DDP row needs it).
+- a class attribute `READS_CONFIG_ONLY = True`: the trainer never writes to its config, so it is
+  handed the sealed (read-only) validated config itself instead of a copy
+  (`latentDLM_mmdit.trainer_base.config_for`); this project's trainers declare it.
 
 Everything the rows check they observe (`compat.observe`, `compat.subjects`): the model passes and
 what each was given, the returned loss, its gradients; never attributes or metric names.

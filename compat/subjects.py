@@ -41,6 +41,7 @@ from compat.observe import (
 from compat.outcomes import expect, incompatible
 from compat.trainer_spec import TrainerSpec
 from latentDLM_mmdit.diffusion_process import MaskedDiffusion
+from latentDLM_mmdit.trainer_base import config_for
 
 # Named draws and the standard draw each stands for in a trainer that draws for itself, in the
 # order such a trainer draws them (see `served_from`).
@@ -169,7 +170,7 @@ class Subject:
 
     def build(self, model: torch.nn.Module, vocab: Any, dtype: torch.dtype, config: Any):
         try:
-            return self.spec.cls(model, vocab, MaskedDiffusion(vocab), dtype, config)
+            return self.spec.cls(model, vocab, MaskedDiffusion(vocab), dtype, config_for(self.spec.cls, config))
         except Exception as exc:  # the trainer's own failure is a verdict, not a crash of the gate
             raise trainer_failure(self.role, self.spec, "constructor", exc) from exc
 

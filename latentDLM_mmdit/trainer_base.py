@@ -4,6 +4,7 @@ batch preparation and the splitting of the model's outputs."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Mapping
 
@@ -14,7 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from latentDLM_mmdit.continuous_diffusion import ContinuousDiffusion
 from latentDLM_mmdit.draws import make_generator
 from latentDLM_mmdit.latent_settings import latent_settings_of
-from latentDLM_mmdit.settings import NONFINITE_POLICIES, RunSettings, validate_settings  # noqa: F401
+from latentDLM_mmdit.settings import (  # noqa: F401
+    NONFINITE_POLICIES,
+    RunSettings,
+    sealed_resolution,
+    validate_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,21 @@ def as_config(config: Any) -> DictConfig:
     if isinstance(config, Mapping):
         return OmegaConf.create(dict(config))
     raise TypeError(f"config must be a mapping or an OmegaConf DictConfig, got {type(config).__name__}")
+
+
+def config_for(trainer_cls: type, config: Any) -> Any:
+    """The config to hand a new `trainer_cls`. A sealed validated config (read-only, see
+    `latentDLM_mmdit.settings`) goes as it is to a class that declares `READS_CONFIG_ONLY = True`
+    (this project's trainers: they take it as validated, at no cost); any other class gets a
+    writable copy of its own, as upstream's protocol hands a trainer its Hydra config (it may write
+    to it). A config that is not sealed is handed over as it is."""
+    if getattr(trainer_cls, "READS_CONFIG_ONLY", False) is True:
+        return config
+    if isinstance(config, DictConfig) and sealed_resolution(config, "the trainer's config") is not None:
+        mine = copy.deepcopy(config)
+        OmegaConf.set_readonly(mine, False)
+        return mine
+    return config
 
 
 def trainer_settings(config: Any, owner: str):
@@ -85,6 +106,10 @@ class DiffusionTrainerBase(nn.Module):
     (`self.settings`, read as `RunSettings`; `self.config` is the same object), the latent diffusion
     of `model.latent_*`, `loss.latent_loss_weight`, `loss.on_nonfinite` and the trainer's own
     generator (seeded from `training.seed`)."""
+
+    # The trainer protocol's declaration (compat/protocol.py): these trainers never write to their
+    # config, so they may be handed the sealed one (`config_for`), validated once where it entered.
+    READS_CONFIG_ONLY = True
 
     def __init__(
         self, model: nn.Module, tokenizer: Any, text_noise_schedule: nn.Module, dtype: torch.dtype, config: Any

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
 from compat.harness import CompatContext
+from compat.subjects import Subject
+from compat.trainer_spec import TrainerSpec
 from cycle_vae_impl.configs import config_path
 from cycle_vae_impl.trainers.cycle_vae_trainer import CycleVAETrainer
 from latentDLM_mmdit.config import (
@@ -36,7 +38,7 @@ from latentDLM_mmdit.settings import (
     validate_settings,
 )
 from latentDLM_mmdit.settings import validation as settings_validation
-from latentDLM_mmdit.training import LoopSettings, TrainingError
+from latentDLM_mmdit.training import LoopSettings, TrainingError, build_trainer
 from tests.builders import TINY_VOCAB, tiny_model
 
 VOCAB = TINY_VOCAB
@@ -358,6 +360,34 @@ def test_sealed_configs_are_forgotten_with_their_objects():
     del configs
     gc.collect()
     assert (len(settings_validation._SEALED), len(settings_validation._SEALED_SECTIONS)) == before
+
+
+class _WritesItsConfig(torch.nn.Module):
+    """A trainer as upstream's protocol allows one: it writes to the config it is handed."""
+
+    def __init__(self, model, tokenizer, text_noise_schedule, dtype, config):
+        super().__init__()
+        config.loss.cycle_text_weight = 0.75
+        self.model, self.config = model, config
+
+    def forward(self, batch):
+        raise NotImplementedError("built, never run")
+
+
+def test_a_trainer_that_writes_its_config_gets_its_own_copy_and_ours_the_sealed_config(validations):
+    """Upstream's protocol hands a trainer a config it may write to: the gate and the loop hand such
+    a class a writable copy; a class declaring READS_CONFIG_ONLY (ours) gets the sealed config itself."""
+    config, model = load_config(config_path("cycle")), _model()
+    entered = len(validations)
+    for build in (
+        lambda cls: Subject(TrainerSpec.of(cls), "cycle").build(model, VOCAB, torch.float32, config),
+        lambda cls: build_trainer(config, cls, model),
+    ):
+        writer = build(_WritesItsConfig)
+        assert writer.config is not config and writer.config.loss.cycle_text_weight == 0.75
+        assert config.loss.cycle_text_weight == 0.1  # the sealed config is untouched
+        assert build(CycleVAETrainer).settings is config
+    assert validations[entered:] == []
 
 
 # -- the compat harness ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from latentDLM_mmdit.checkpoints import load_checkpoint_into
 from latentDLM_mmdit.factory import build_model, build_text_side, dtype_from_config
 from latentDLM_mmdit.precision import LossScaler
 from latentDLM_mmdit.seeding import seed_everything
+from latentDLM_mmdit.trainer_base import config_for
 from latentDLM_mmdit.training.checkpointing import Resumable, read_resume_state, restore, save_train_checkpoint
 from latentDLM_mmdit.training.dataloader import (
     DATA_ORDER_SEED_OFFSET,
@@ -62,7 +63,7 @@ class TrainerEntry:
 def build_trainer(config: DictConfig, trainer_cls: type, model: nn.Module) -> nn.Module:
     """`trainer_cls` over `model`, as upstream builds it: Trainer(model, vocab, MaskedDiffusion(vocab), dtype, config)."""
     vocab, text_noise = build_text_side(config)
-    return trainer_cls(model, vocab, text_noise, dtype_from_config(config), config)
+    return trainer_cls(model, vocab, text_noise, dtype_from_config(config), config_for(trainer_cls, config))
 
 
 @dataclass
