@@ -50,8 +50,25 @@ from bench.results import line
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENT_FILE = REPO / "bench" / "teeth_equivalent.toml"
 TARGET = 0.90
-SMALL_FILE = "latentDLM_mmdit/losses.py"
-SMALL_MUTANTS = [f"latentDLM_mmdit.losses.x_normalized_latent_mse__mutmut_{i}" for i in (1, 2, 3)]
+# What is mutated: "trainer" (the trainers, losses, diffusion and masking code; [tool.mutmut]) or
+# "gate" (the gate's own code: [tool.mutmut] overlaid with [tool.teeth.gate], its own workdir).
+TARGETS = ("trainer", "gate")
+# --small: 3 mutants of one function per target, with a test selection that runs in seconds.
+SMALL = {
+    "trainer": (
+        "latentDLM_mmdit/losses.py",
+        [f"latentDLM_mmdit.losses.x_normalized_latent_mse__mutmut_{i}" for i in (1, 2, 3)],
+        None,  # the target's own selection (pytest compat/)
+    ),
+    "gate": (
+        "compat/gate.py",
+        [f"compat.gate.x_exit_code__mutmut_{i}" for i in (1, 2, 3)],
+        ["tests/test_gate.py", "-m", "not slow"],
+    ),
+}
+SMALL_FILE, SMALL_MUTANTS = SMALL["trainer"][:2]
+# Keys of a target's table that this runner uses and does not pass on to mutmut.
+RUNNER_KEYS = ("also_link",)
 EQUIVALENT_KEYS = ("file", "function", "before", "after", "reason")
 # Keys of [tool.mutmut] this runner needs; any other key is passed on to mutmut as it is.
 REQUIRED_KEYS = ("source_paths", "only_mutate", "pytest_add_cli_args_test_selection")
@@ -112,17 +129,26 @@ class Mutant:
 
 
 # -- configuration -----------------------------------------------------------------------------------
-def read_mutmut_config(project: Path) -> dict:
-    """The [tool.mutmut] table of `project`/pyproject.toml, checked for the keys this runner needs."""
+def read_mutmut_config(project: Path, target: str = "trainer") -> dict:
+    """The [tool.mutmut] table of `project`/pyproject.toml (for `target` "gate", overlaid with
+    [tool.teeth.gate]), checked for the keys this runner needs."""
+    if target not in TARGETS:
+        raise TeethError(f"unknown teeth target {target!r}; valid: {', '.join(TARGETS)}")
     pyproject = project / "pyproject.toml"
     try:
-        table = tomllib.loads(pyproject.read_text())["tool"]["mutmut"]
+        tool = tomllib.loads(pyproject.read_text())["tool"]
+        table = dict(tool["mutmut"])
     except FileNotFoundError:
         raise TeethError(f"{pyproject} does not exist: teeth reads its [tool.mutmut] table") from None
     except KeyError:
         raise TeethError(
             f"{pyproject} has no [tool.mutmut] table: add one (see README, 'Teeth: mutation score')"
         ) from None
+    if target != "trainer":
+        overlay = tool.get("teeth", {}).get(target)
+        if not overlay:
+            raise TeethError(f"{pyproject} has no [tool.teeth.{target}] table: add one (see README)")
+        table.update(overlay)
     missing = [k for k in REQUIRED_KEYS if not table.get(k)]
     if missing:
         raise TeethError(f"{pyproject} [tool.mutmut] lacks {', '.join(missing)}: list them (see README)")
@@ -182,6 +208,7 @@ def workdir_pyproject(project: Path, table: dict, only_mutate: list[str]) -> str
     `only_mutate` and git change detection off (the workdir is a copy, not a checkout)."""
     text = (project / "pyproject.toml").read_text()
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
+    table = {k: v for k, v in table.items() if k not in RUNNER_KEYS}
     table = {**table, "only_mutate": only_mutate, "use_git_change_detection": False}
     lines = ["", "[tool.mutmut]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     return text.rstrip() + "\n" + "\n".join(lines) + "\n"
@@ -202,6 +229,19 @@ def _copy_inputs(project: Path, src: Path, table: dict) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+
+
+def _link_inputs(project: Path, src: Path, table: dict) -> None:
+    """`also_link` paths (relative to the project, e.g. "../shared", fixtures that live beside the
+    repository), linked by name beside the two copies the tests run in: `src/` (the coverage run)
+    and mutmut's `src/mutants/` (a test finds ../shared from its own file)."""
+    for rel in table.get("also_link", []):
+        target = (project / rel).resolve()
+        for link in (src.parent / Path(rel).name, src / Path(rel).name):
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            if target.exists():  # absent (a clone without ../shared): the tests that need it skip, saying so
+                link.symlink_to(target, target_is_directory=target.is_dir())
 
 
 def _fingerprint(root: Path, table: dict, only_mutate: list[str], pyproject_text: str) -> str:
@@ -242,6 +282,7 @@ def prepare_workdir(project: Path, workdir: Path, table: dict, only_mutate: list
         return src
     src.mkdir(parents=True, exist_ok=True)
     _copy_inputs(project, src, table)
+    _link_inputs(project, src, table)
     (src / "pyproject.toml").write_text(pyproject_text)
     fingerprint = _fingerprint(src, table, only_mutate, pyproject_text)
     if not stamp.is_file() or stamp.read_text() != fingerprint:
@@ -484,6 +525,8 @@ def run_teeth(
     run: bool = True,
     sample: int | None = None,
     seed: int = 0,
+    target: str = "trainer",
+    test_selection: list[str] | None = None,
 ) -> dict:
     """Run mutmut over `files` (default: the config's only_mutate) of `project` with its compat
     test selection, and return the result (also written to `workdir`/teeth-result.json).
@@ -500,8 +543,12 @@ def run_teeth(
         `files` with `seed` (see `sample_names`); the result states the sample and the score's 95%
         interval.
     seed: the sample's seed.
+    target: "trainer" ([tool.mutmut]) or "gate" (overlaid with [tool.teeth.gate]).
+    test_selection: replaces the target's pytest test selection (the smoke runs use a fast one).
     """
-    table = read_mutmut_config(project)
+    table = read_mutmut_config(project, target)
+    if test_selection is not None:
+        table["pytest_add_cli_args_test_selection"] = list(test_selection)
     configured = list(table["only_mutate"])
     files = list(files or configured)
     unknown = [f for f in files if f not in configured]
@@ -545,6 +592,7 @@ def run_teeth(
     found = {(m.file, m.function, m.before, m.after) for m in mutants if m.status == "equivalent"}
     stale = [asdict(e) for e in equivalents if e.file in decided and e.key() not in found and not names]
     result = {
+        "code": target,  # what was mutated: the trainer code or the gate's
         "files": files,
         "counts": counts,
         "total": len(mutants),
@@ -606,7 +654,7 @@ def report(result: dict) -> list[str]:
     """The printed lines: counts, score, survivors with file:line and the mutation."""
     c = result["counts"]
     out = [
-        f"teeth: {result['total']} mutants of {', '.join(result['files'])}",
+        f"teeth ({result.get('code', 'trainer')} code): {result['total']} mutants of {', '.join(result['files'])}",
         "  " + ", ".join(f"{s} {c[s]}" for s in STATUSES),
         f"  score = {result['score_formula']} = "
         + ("n/a" if result["score"] is None else f"{result['score']:.3f}")
@@ -628,15 +676,29 @@ def report(result: dict) -> list[str]:
     return out
 
 
+def target_workdir(workdir: Path | None, target: str, small: bool = False) -> Path:
+    """Where a target's run keeps its copy and verdicts: `.teeth/` for the trainer code, `.teeth/gate/`
+    for the gate's (under `workdir` when given); the smoke runs in `small/` below that."""
+    base = workdir or REPO / ".teeth"
+    base = base if target == "trainer" else base / target
+    return base / "small" if small else base
+
+
 def teeth_figure(
-    small: bool, workdir: Path | None, files: list[str] | None = None, sample: int | None = None, seed: int = 0
+    small: bool,
+    workdir: Path | None,
+    files: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    target: str = "trainer",
 ) -> list[str]:
-    """bench's teeth line (after the report lines). `small`: 3 mutants of losses.py (a smoke run)."""
-    workdir = workdir or REPO / ".teeth"
+    """bench's teeth line (after the report lines). `small`: 3 mutants of one function (a smoke run)."""
+    workdir = target_workdir(workdir, target, small)
     if small:
-        result = run_teeth(REPO, workdir / "small", files=[SMALL_FILE], only_mutants=SMALL_MUTANTS)
+        file, names, selection = SMALL[target]
+        result = run_teeth(REPO, workdir, files=[file], only_mutants=names, target=target, test_selection=selection)
     else:
-        result = run_teeth(REPO, workdir, files=files, sample=sample, seed=seed)
+        result = run_teeth(REPO, workdir, files=files, sample=sample, seed=seed, target=target)
     score = result["score"]
     c = result["counts"]
     detail = (
@@ -656,7 +718,7 @@ def teeth_figure(
     return [
         *report(result),
         line(
-            "teeth",
+            "teeth" if target == "trainer" else f"teeth_{target}",
             score if score is not None else float("nan"),
             f"target >= {TARGET:.2f}" + (" (full)" if small else ""),
             detail,
@@ -666,33 +728,48 @@ def teeth_figure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.teeth --report`: the result of the verdicts recorded so far (no mutmut run);
-    without --report the same run as `python -m bench --only teeth`."""
+    """`python -m bench.teeth [--target gate]`: run mutmut over the target's files and print the
+    score; `--report` prints the verdicts recorded so far (nothing run); `--small` runs the target's
+    3-mutant smoke. For the trainer code, the same run as `python -m bench --only teeth`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.teeth", description=main.__doc__)
-    parser.add_argument("--workdir", type=Path, default=REPO / ".teeth", help="the teeth workdir (default .teeth/)")
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="trainer",
+        help="trainer: the trainers, losses, diffusion and masking code ([tool.mutmut]); gate: the gate's "
+        "own code ([tool.teeth.gate], tests/ and compat/ as the test command)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="the teeth workdir (default .teeth/, .teeth/gate/ for the gate)"
+    )
     parser.add_argument(
         "--file",
         action="append",
         default=None,
         metavar="PATH",
-        help="a file of [tool.mutmut] only_mutate (repeatable; default: all)",
+        help="a file of the target's only_mutate (repeatable; default: all)",
     )
     parser.add_argument("--report", action="store_true", help="report the recorded verdicts, run nothing")
+    parser.add_argument("--small", action="store_true", help="the target's smoke: 3 mutants, a fast test selection")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
     parser.add_argument("--sample", type=int, default=None, metavar="N", help="run N mutants drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     args = parser.parse_args(argv)
     try:
+        if args.small:
+            print(*teeth_figure(True, args.workdir, target=args.target), sep="\n")
+            return 0
         result = run_teeth(
             REPO,
-            args.workdir,
+            target_workdir(args.workdir, args.target),
             files=args.file,
             max_children=args.max_children,
             run=not args.report,
             sample=args.sample,
             seed=args.seed,
+            target=args.target,
         )
     except TeethError as error:
         print(f"teeth: {error}", file=sys.stderr)

@@ -188,6 +188,39 @@ def test_project_config_names_real_files():
         assert entry.file in table["only_mutate"], entry
 
 
+def test_project_gate_target_names_the_gate_code_and_the_whole_suite():
+    """The gate's own code (issue 20): [tool.mutmut] overlaid with [tool.teeth.gate]; every path
+    exists, the test command is tests/ and compat/ (planted defects included), and the smoke's
+    mutants are mutants of its file."""
+    table = teeth.read_mutmut_config(teeth.REPO, "gate")
+    selection = table["pytest_add_cli_args_test_selection"]
+    assert selection[:2] == ["tests/", "compat/"] and "--ignore=compat/test_mutants.py" not in selection
+    assert {"compat/gate.py", "compat/observe.py", "latentDLM_mmdit/checkpoints/loading.py"} <= set(
+        table["only_mutate"]
+    )
+    assert not set(table["only_mutate"]) & set(teeth.read_mutmut_config(teeth.REPO)["only_mutate"])
+    written = teeth.tomllib.loads(teeth.workdir_pyproject(teeth.REPO, table, table["only_mutate"]))["tool"]["mutmut"]
+    assert "tests" in written["source_paths"] and "also_link" not in written  # the runner's key, not mutmut's
+    file, names, _ = teeth.SMALL["gate"]
+    assert file in table["only_mutate"] and all(n.startswith("compat.gate.x_exit_code__mutmut_") for n in names)
+
+
+def test_a_target_overlays_the_mutmut_table_and_links_what_lives_beside_the_project(tmp_path):
+    overlay = '[tool.teeth.gate]\nonly_mutate = ["tiny/calc.py"]\nalso_link = ["../fixtures"]\n'
+    root = write_project(tmp_path / "p", pyproject=PYPROJECT + overlay)
+    with pytest.raises(teeth.TeethError, match="unknown teeth target 'gates'; valid: trainer, gate"):
+        teeth.read_mutmut_config(root, "gates")
+    table = teeth.read_mutmut_config(root, "gate")
+    assert table["also_link"] == ["../fixtures"] and table["pytest_add_cli_args_test_selection"] == ["checks/"]
+    (tmp_path / "fixtures").mkdir()
+    src = teeth.prepare_workdir(root, tmp_path / "w", table, table["only_mutate"])
+    # Beside the coverage run's copy (src/) and beside mutmut's (src/mutants/): a test looks from its file.
+    assert (src.parent / "fixtures").resolve() == (src / "fixtures").resolve() == (tmp_path / "fixtures").resolve()
+    bare = write_project(tmp_path / "q")
+    with pytest.raises(teeth.TeethError, match=r"no \[tool.teeth.gate\] table"):
+        teeth.read_mutmut_config(bare, "gate")
+
+
 def test_report_refuses_verdicts_of_other_sources(tmp_path):
     root = write_project(tmp_path / "p")
     table = teeth.read_mutmut_config(root)
