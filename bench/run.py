@@ -33,6 +33,8 @@ Figures:
   teeth            (only with --only teeth) mutants killed by `pytest compat/` / mutants judged,
                    mutmut over the trainers and the loss, diffusion and masking code, see
                    bench/teeth.py                                     (target >= 0.90)
+  teeth_gate       (--only teeth --teeth-target gate) the same over the gate's own code, with
+                   tests/ and compat/ as the test command             (target >= 0.90)
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from omegaconf import OmegaConf
 
 from bench.loader import loader_figures
 from bench.results import FIGURE_INPUTS, Figure, line, record
-from bench.teeth import TeethError, teeth_figure
+from bench.teeth import TARGETS, TeethError, teeth_figure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="PATH",
-        help="teeth: mutate only this file of [tool.mutmut] only_mutate (repeatable)",
+        help="teeth: mutate only this file of the target's only_mutate (repeatable)",
     )
     parser.add_argument(
         "--teeth-sample",
@@ -562,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         help="teeth: run N mutants drawn uniformly at random (seeded) and state the score's 95%% interval",
     )
     parser.add_argument("--teeth-seed", type=int, default=0, help="teeth: the sample's seed (default 0)")
+    parser.add_argument(
+        "--teeth-target",
+        choices=TARGETS,
+        action="append",
+        default=None,
+        help="teeth: the trainer code ([tool.mutmut]) or the gate's own code ([tool.teeth.gate]); repeatable; "
+        "default: trainer, and both with --small (a 3-mutant smoke of each)",
+    )
     parser.add_argument(
         "--report-matrix",
         default=None,
@@ -614,19 +624,21 @@ def main(argv: list[str] | None = None) -> int:
         lines += resources_figures(args.small, workdir)
         print(*lines[-2:], sep="\n", flush=True)
     if "teeth" in selected:
-        try:
-            teeth_lines = teeth_figure(
-                args.small,
-                Path(args.workdir) if args.workdir else None,
-                args.teeth_file,
-                sample=args.teeth_sample,
-                seed=args.teeth_seed,
-            )
-        except TeethError as error:
-            print(f"teeth: {error}", file=sys.stderr)
-            return 2
-        lines += teeth_lines
-        print(*teeth_lines, sep="\n", flush=True)
+        for target in args.teeth_target or (list(TARGETS) if args.small else ["trainer"]):
+            try:
+                teeth_lines = teeth_figure(
+                    args.small,
+                    Path(args.workdir) if args.workdir else None,
+                    args.teeth_file,
+                    sample=args.teeth_sample,
+                    seed=args.teeth_seed,
+                    target=target,
+                )
+            except TeethError as error:
+                print(f"teeth: {error}", file=sys.stderr)
+                return 2
+            lines += teeth_lines
+            print(*teeth_lines, sep="\n", flush=True)
     if not args.small:  # the figure of record for each measured figure (README: python -m bench.results)
         measured = [f for f in lines if isinstance(f, Figure) and f.name in FIGURE_INPUTS]
         if measured:

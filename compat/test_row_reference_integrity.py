@@ -210,6 +210,12 @@ def check_loss_helpers(ctx, measure):
         **tol("float32_oracle"),
         msg=lambda m: f"normalized_latent_mse\n{m}",
     )
+    # A target that cannot be the prediction's per sample is refused, never reshaped into it: one
+    # with other values per sample, and one with as many values in all but another batch size (a
+    # reshape would mix samples silently).
+    for wrong_shape in ((3, 4), (5, 3)):  # pred is [3, 1, 5]: 12 values in all, then 15 in 5 samples
+        with pytest.raises(ValueError, match="different numbers of values per sample"):
+            normalized_latent_mse(pred, torch.randn(wrong_shape, generator=gen))
     measure("loss_helpers", "equal the oracle's (every, partial and one-position masks; ids past 100; accuracy)")
 
 
