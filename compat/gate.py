@@ -203,8 +203,8 @@ class MatrixCollector:
         rows = self.rows()
         html = Path(self.report_folder or DEFAULT_REPORT) / "index.html"
         add_junit_suite_properties(session.config, rows, html if (self.gate_mode or self.report_folder) else None)
-        if self.gate_mode or not self.row_of:
-            return
+        if self.gate_mode or not self.row_of or session.config.option.collectonly:
+            return  # `--collect-only` lists the checks and runs none: no matrix, pytest's exit status
         # Plain `pytest compat/`: its exit status as conftest's pytest_sessionfinish will leave it, or 2
         # when a row that should have run did not (e.g. a failed harness control) and nothing failed.
         self.exit_code = session_exit_status(exitstatus, self.input_error)
@@ -216,7 +216,7 @@ class MatrixCollector:
 
     def pytest_terminal_summary(self, terminalreporter):
         """Plain `pytest compat/`: the gate's summary after pytest's own (the gate prints its own)."""
-        if self.gate_mode or not self.row_of:
+        if self.gate_mode or not self.row_of or terminalreporter.config.option.collectonly:
             return
         matrix = matrix_of(self.rows(), run_context(self, time.perf_counter() - self.started), self, self.exit_code)
         terminalreporter.write_sep("=", "compat matrix")

@@ -116,6 +116,20 @@ def test_exit_code_contract(verdicts, input_error, other, code):
     assert exit_code([_row(v, k) for v, k in verdicts], input_error, other) == code
 
 
+def test_collect_only_lists_the_checks_and_keeps_pytests_exit_status():
+    """`pytest compat/ --collect-only` (IDEs, test listing, mutmut's test discovery) runs no check:
+    it is not a gate run that checked nothing (exit 2), it prints no matrix, and it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "compat/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "compat matrix" not in proc.stdout and "tests collected" in proc.stdout
+
+
 def run_gate(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
     report = tmp_path / "report"
     proc = subprocess.run(
