@@ -66,7 +66,6 @@ SMALL = {
         ["tests/test_gate.py", "-m", "not slow"],
     ),
 }
-SMALL_FILE, SMALL_MUTANTS = SMALL["trainer"][:2]
 # Keys of a target's table that this runner uses and does not pass on to mutmut.
 RUNNER_KEYS = ("also_link",)
 EQUIVALENT_KEYS = ("file", "function", "before", "after", "reason")

@@ -4,7 +4,6 @@ batch preparation and the splitting of the model's outputs."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Mapping
 
@@ -20,6 +19,7 @@ from latentDLM_mmdit.settings import (  # noqa: F401
     RunSettings,
     sealed_resolution,
     validate_settings,
+    writable_copy,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,8 @@ def config_for(trainer_cls: type, config: Any) -> Any:
     to it). A config that is not sealed is handed over as it is."""
     if getattr(trainer_cls, "READS_CONFIG_ONLY", False) is True:
         return config
-    if isinstance(config, DictConfig) and sealed_resolution(config, "the trainer's config") is not None:
-        mine = copy.deepcopy(config)
-        OmegaConf.set_readonly(mine, False)
-        return mine
-    return config
+    sealed = sealed_resolution(config, "the trainer's config")
+    return config if sealed is None else writable_copy(sealed).config
 
 
 def trainer_settings(config: Any, owner: str):
